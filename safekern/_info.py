@@ -1,0 +1,53 @@
+"""``safekern.info()``: versions, device and which backends can run here."""
+from __future__ import annotations
+
+import importlib
+import platform
+from typing import Any, Dict, Optional
+
+import torch
+
+from .ops import dispatch
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception:  # an optional dependency that is absent or broken is just "not there"
+        return None
+
+
+def info(device: Optional[str] = None) -> Dict[str, Any]:
+    """Versions, the device, and per op which backends can run on it.
+
+    Args:
+        device: ``"cpu"``/``"cuda"``; default CUDA when available, else CPU.
+    Returns:
+        A dict with ``versions``, ``device``, ``backends`` (``{op: {backend: None or the
+        reason it cannot run}}``) and ``auto`` (``{op: backend auto picks for fp16/bf16
+        inputs}``, fp32 on CPU).
+    """
+    from . import __version__
+
+    dev = torch.device(device if device is not None else
+                       ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    ctx = dict(device=dev, dtype=dtype, head_dim=128, seqlen_q=1, seqlen_k=1024, batch=1,
+               vocab=32000, hidden=4096, requires_grad=False, sampling=None)
+    backends = {op: dispatch.available(op, **ctx) for op in dispatch.ops()}
+    auto = {}
+    for op in dispatch.ops():
+        try:
+            auto[op] = dispatch.choose(op, "auto", **ctx)[0]
+        except Exception as e:  # report, do not fail: info() is a diagnostic
+            auto[op] = f"error: {e}"
+    return {
+        "versions": {"safekern": __version__, "python": platform.python_version(),
+                     "torch": torch.__version__, "cuda": torch.version.cuda,
+                     "triton": _version("triton"), "transformers": _version("transformers"),
+                     "flash_attn": _version("flash_attn"), "flashinfer": _version("flashinfer")},
+        "device": {"type": dev.type, "name": name},
+        "backends": backends,
+        "auto": auto,
+    }

@@ -1,0 +1,9 @@
+"""Fast kernels, one op per file: jit kernels -> launcher -> public function.
+
+Importing this package registers every backend that ships with safekern.
+"""
+from . import dispatch
+from .attention import ess_attention
+from .head_sample import head_sample
+
+__all__ = ["dispatch", "ess_attention", "head_sample"]

@@ -1,0 +1,144 @@
+"""Reference fused head + safety + sampling step (DESIGN.md §5).
+
+Order: safety score -> state/decision update -> forced token (refusal prefix) or
+temperature -> top-k -> top-p -> min-p -> sample.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..spec import EssConfig, EssState, SamplingParams
+from .controller import forced_tokens, update_state
+
+
+def _row_param(x, B: int, device, dtype) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    return torch.full((B,), x, device=device, dtype=dtype)
+
+
+def safety_score_ref(h_cls: torch.Tensor, safety_weight: torch.Tensor,
+                     safety_bias=None) -> torch.Tensor:
+    """``p_unsafe = sigmoid(w . h + b)`` for a ``(Dm,)`` head, or ``softmax(W h + b)[1]`` for a
+    ``(2, Dm)`` two-class head (the same thing with ``w = W[1] - W[0]``). Returns ``(B,)`` fp32."""
+    cd = torch.float64 if h_cls.dtype == torch.float64 else torch.float32
+    h, w = h_cls.to(cd), safety_weight.to(cd)
+    b = torch.zeros((), dtype=cd, device=h.device) if safety_bias is None else \
+        torch.as_tensor(safety_bias, device=h.device).to(cd)
+    if w.dim() == 2:
+        w = w[1] - w[0]
+        b = b[1] - b[0] if b.dim() == 1 else b
+    return torch.sigmoid(h @ w + b).float()
+
+
+def filter_logits_ref(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """Apply temperature, top-k, top-p and min-p; removed tokens get ``-inf``.
+
+    Greedy rows (temperature 0) are returned unscaled and unfiltered. Computes in float64
+    for float64 input, else float32.
+    """
+    B, V = logits.shape
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(cd)
+    dev = x.device
+    temp = _row_param(sampling.temperature, B, dev, cd)
+    greedy = temp == 0
+    x = x / torch.where(greedy, torch.ones_like(temp), temp)[:, None]
+    neg_inf = torch.tensor(float("-inf"), dtype=cd, device=dev)
+
+    top_k = _row_param(sampling.top_k, B, dev, torch.int64)
+    k_on = (top_k > 0) & (top_k < V)
+    if bool(k_on.any()):
+        sorted_desc = torch.sort(x, dim=-1, descending=True).values
+        kth = sorted_desc.gather(1, (torch.clamp(top_k, 1, V) - 1)[:, None])
+        x = torch.where(k_on[:, None] & (x < kth), neg_inf, x)
+
+    top_p = _row_param(sampling.top_p, B, dev, cd)
+    p_on = top_p < 1
+    if bool(p_on.any()):
+        probs = torch.softmax(x, dim=-1)
+        sp, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = torch.cumsum(sp, dim=-1) - sp
+        keep_sorted = mass_before < top_p[:, None]
+        keep_sorted[:, 0] = True
+        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+        x = torch.where(p_on[:, None] & ~keep, neg_inf, x)
+
+    min_p = _row_param(sampling.min_p, B, dev, cd)
+    m_on = min_p > 0
+    if bool(m_on.any()):
+        probs = torch.softmax(x, dim=-1)
+        pmax = probs.max(dim=-1, keepdim=True).values
+        x = torch.where(m_on[:, None] & (probs < min_p[:, None] * pmax), neg_inf, x)
+
+    return torch.where(greedy[:, None], logits.to(cd), x)
+
+
+def make_generator(sampling: SamplingParams, generator: Optional[torch.Generator],
+                   device) -> Optional[torch.Generator]:
+    """The generator to draw from: the caller's, else one seeded from ``sampling.seed``."""
+    if generator is not None:
+        return generator
+    if sampling.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(sampling.seed)
+
+
+def sample_ref(logits: torch.Tensor, sampling: SamplingParams,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Filter ``logits (B, V)`` and draw one token per row; greedy rows take the argmax."""
+    B = logits.shape[0]
+    x = filter_logits_ref(logits, sampling)
+    greedy = _row_param(sampling.temperature, B, x.device, x.dtype) == 0
+    argmax = x.argmax(dim=-1)
+    if bool(greedy.all()):
+        return argmax
+    probs = torch.softmax(x, dim=-1)
+    probs = torch.where(greedy[:, None], torch.ones_like(probs), probs)
+    drawn = torch.multinomial(probs, 1, generator=make_generator(sampling, generator,
+                                                                 x.device)).squeeze(1)
+    return torch.where(greedy, argmax, drawn)
+
+
+def head_sample_ref(
+    h_tok: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    *,
+    h_cls: Optional[torch.Tensor] = None,
+    safety_weight: Optional[torch.Tensor] = None,
+    safety_bias=None,
+    state: Optional[EssState] = None,
+    ess: Optional[EssConfig] = None,
+    sampling: SamplingParams = SamplingParams(),
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The decode step's tail, defined in plain PyTorch. Inputs are assumed valid.
+
+    Args:
+        h_tok: ``(B, Dm)`` last hidden states of the token rows.
+        lm_head_weight: ``(V, Dm)``.
+        h_cls: ``(B, Dm)`` [CLS] hidden states; read only for rows in ``state.evaluating``
+            (every row when ``state`` is None).
+        safety_weight / safety_bias: the safety head, ``(Dm,)`` + scalar or ``(2, Dm)`` + ``(2,)``.
+        state / ess: the batched ESS state (updated in place) and its config.
+    Returns:
+        ``next_tokens (B,) int64`` and ``p_unsafe (B,) float32`` (NaN where not evaluated).
+    """
+    B = h_tok.shape[0]
+    dev = h_tok.device
+    p_unsafe = torch.full((B,), float("nan"), dtype=torch.float32, device=dev)
+    if h_cls is not None:
+        scores = safety_score_ref(h_cls, safety_weight, safety_bias)
+        p_unsafe = scores if state is None else torch.where(state.evaluating, scores, p_unsafe)
+    forced = None
+    if state is not None:
+        update_state(state, ess, p_unsafe)
+        forced, forced_tok = forced_tokens(state, ess)
+    cd = torch.float64 if h_tok.dtype == torch.float64 else torch.float32
+    logits = h_tok.to(cd) @ lm_head_weight.to(cd).t()
+    tokens = sample_ref(logits, sampling, generator)
+    if forced is not None:
+        tokens = torch.where(forced, forced_tok, tokens)
+    return tokens, p_unsafe

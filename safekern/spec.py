@@ -1,0 +1,285 @@
+"""The ESS semantics as data: configuration of strategic decoding and of sampling.
+
+Defaults follow Li & Kim (ICML 2025): windows r1 = r2 = r3 = 10, threshold 0.5, tau <= 3,
+"medium dependency" policy, refusal prefix "Sorry, I cannot fulfill your request because".
+Everything is validated in ``__post_init__`` so a bad config fails where it is written.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+POLICIES = ("low", "medium", "high")
+SCHEDULES = ("first", "each", "periodic", "annealing")
+
+# Per-sequence controller modes (DESIGN.md §4), stored as int32 in EssState.mode.
+PENDING, BENIGN, SUSPECT, REFUSING = 0, 1, 2, 3
+# Sentinel for "never evaluate again" in EssState.next_eval (fits in int32).
+NEVER = 2**31 - 1
+
+Scalar = Union[float, int, torch.Tensor]
+
+
+def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {rng}, got {value}")
+
+
+def _check_real(name: str, value, lo: float, hi: float, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if math.isnan(value) or value < lo or value > hi or (lo_open and value == lo):
+        lo_s = "(" if lo_open else "["
+        raise ValueError(f"{name} must be in {lo_s}{lo}, {hi}], got {value}")
+
+
+@dataclass(frozen=True)
+class EssConfig:
+    """Strategic decoding configuration (DESIGN.md §4).
+
+    Attributes:
+        r1: response tokens in the first evaluation window (rule 1).
+        r2: latest tokens in the BENIGN window (rule 2) and look-back of the SUSPECT window.
+        r3: look-ahead of the SUSPECT window after the flagged step (rule 3).
+        tau: consecutive flags that trigger the policy for a sequence that started benign.
+        threshold: ``p_unsafe >= threshold`` counts as a flag.
+        policy: ``"low"`` (record only), ``"medium"`` (force the refusal prefix, then sample
+            freely), ``"high"`` (force the refusal prefix, then end the sequence).
+        schedule: when a BENIGN sequence is re-evaluated: ``"first"`` (never), ``"each"``
+            (every step), ``"periodic"`` (every ``period`` tokens), ``"annealing"`` (intervals
+            ``anneal_start * anneal_growth**i`` while the response has at most ``anneal_stop``
+            tokens, then never).
+        first_at: the first evaluation happens at the first step with ``n >= first_at``
+            response tokens (0 = at prefill).
+        refusal_text: the prefix forced by the medium and high policies.
+        cls_bias_scale: scale of the safety-signal key bias on the [CLS] key for response rows
+            (0 = exactly the paper).
+    """
+
+    r1: int = 10
+    r2: int = 10
+    r3: int = 10
+    tau: int = 3
+    threshold: float = 0.5
+    policy: str = "medium"
+    schedule: str = "each"
+    period: int = 10
+    anneal_start: int = 1
+    anneal_growth: float = 2.0
+    anneal_stop: int = 256
+    first_at: int = 0
+    refusal_text: str = "Sorry, I cannot fulfill your request because"
+    cls_bias_scale: float = 0.0
+
+    def __post_init__(self):
+        for name in ("r1", "r2", "r3", "tau", "period", "anneal_start"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("anneal_stop", self.anneal_stop, 0)
+        _check_int("first_at", self.first_at, 0)
+        _check_real("threshold", self.threshold, 0.0, 1.0)
+        _check_real("anneal_growth", self.anneal_growth, 1.0, 1e6)
+        _check_real("cls_bias_scale", self.cls_bias_scale, -1e4, 1e4)
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not isinstance(self.refusal_text, str) or not self.refusal_text.strip():
+            raise ValueError("refusal_text must be a non-empty string")
+
+    @property
+    def label(self) -> str:
+        """Short human-readable name of the schedule, e.g. ``periodic(10)``."""
+        if self.schedule == "periodic":
+            return f"periodic({self.period})"
+        if self.schedule == "annealing":
+            return f"annealing({self.anneal_start},{self.anneal_growth:g},{self.anneal_stop})"
+        return self.schedule
+
+
+def _check_param(name: str, value, lo: float, hi: float, lo_open: bool = False, integer=False):
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{name} as a tensor must be 1-D (one value per row), got shape "
+                             f"{tuple(value.shape)}")
+        if integer and value.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} tensor must be int32 or int64, got {value.dtype}")
+        if not integer and not value.dtype.is_floating_point:
+            raise TypeError(f"{name} tensor must be floating point, got {value.dtype}")
+        v = value.detach().to("cpu", torch.float64)
+        bad = torch.isnan(v) | (v < lo) | (v > hi)
+        if lo_open:
+            bad |= v == lo
+        if bool(bad.any()):
+            raise ValueError(f"{name} values must be in {'(' if lo_open else '['}{lo}, {hi}], "
+                             f"got {v[bad][0].item()}")
+        return
+    if integer:
+        _check_int(name, value, int(lo), int(hi))
+    else:
+        _check_real(name, value, lo, hi, lo_open)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters, applied in the order temperature -> top-k -> top-p -> min-p.
+
+    Each parameter is a Python scalar (all rows) or a 1-D tensor with one value per row.
+
+    Attributes:
+        temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+        top_k: keep the tokens whose logit is >= the k-th largest (0 = off). Ties at the
+            k-th value are all kept.
+        top_p: keep the smallest prefix of the probability-sorted vocabulary whose mass
+            reaches ``top_p`` (a token is kept iff the mass strictly before it is < top_p;
+            1.0 = off). The most likely token is always kept.
+        min_p: keep tokens with ``p >= min_p * p_max`` (0 = off).
+        seed: seeds a private generator, so the same seed gives the same tokens.
+    Default: greedy decoding (the paper evaluates with greedy decoding).
+    """
+
+    temperature: Scalar = 0.0
+    top_k: Union[int, torch.Tensor] = 0
+    top_p: Scalar = 1.0
+    min_p: Scalar = 0.0
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        _check_param("temperature", self.temperature, 0.0, 1e4)
+        _check_param("top_k", self.top_k, 0, 2**31 - 1, integer=True)
+        _check_param("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _check_param("min_p", self.min_p, 0.0, 1.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**63 - 1)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when every row decodes greedily (temperature 0)."""
+        t = self.temperature
+        return bool((t == 0).all()) if isinstance(t, torch.Tensor) else t == 0
+
+
+_STATE_FIELDS = ("prompt_len", "query_start", "query_end", "seq_len", "mode", "flags",
+                 "switch_step", "next_eval", "interval", "forced_idx", "trigger_step")
+
+
+@dataclass
+class EssState:
+    """Batched per-sequence strategic-decoding state (DESIGN.md §4), all tensors on one device.
+
+    Every field is a ``(B,)`` int32 tensor except ``evaluating``/``finished`` (bool) and
+    ``refusal_ids`` (``(R,)`` int64). Kernels read and update it in place, so the decode loop
+    never synchronises with the host.
+
+    Attributes:
+        prompt_len: ``P``, prompt tokens including [CLS]; the response starts at ``P``.
+        query_start, query_end: the user query span ``Q = [query_start, query_end)``.
+        seq_len: ``t``, tokens in the cache once this step's token is written. The caller
+            (the engine) sets it before each step.
+        mode: PENDING (not evaluated yet), BENIGN, SUSPECT or REFUSING.
+        flags: consecutive flagged evaluations.
+        switch_step: ``S``, the value of ``t`` at the evaluation that entered SUSPECT (-1).
+        next_eval: response length ``n`` at which a BENIGN sequence is evaluated next
+            (``NEVER`` = never again).
+        interval: the next annealing interval.
+        forced_idx: index of the next refusal-prefix token to force (-1 = none).
+        trigger_step: ``t`` at the evaluation that triggered the policy (-1 = none).
+        evaluating: rows whose [CLS] row is evaluated this step (set by ``plan_step``).
+        finished: rows the ``high`` policy has ended.
+        refusal_ids: token ids of the refusal prefix.
+    """
+
+    prompt_len: torch.Tensor
+    query_start: torch.Tensor
+    query_end: torch.Tensor
+    seq_len: torch.Tensor
+    mode: torch.Tensor
+    flags: torch.Tensor
+    switch_step: torch.Tensor
+    next_eval: torch.Tensor
+    interval: torch.Tensor
+    forced_idx: torch.Tensor
+    trigger_step: torch.Tensor
+    evaluating: torch.Tensor
+    finished: torch.Tensor
+    refusal_ids: torch.Tensor
+
+    @classmethod
+    def create(cls, prompt_len, query_start, query_end, refusal_ids, ess: EssConfig,
+               device=None) -> "EssState":
+        """Fresh state for a batch whose prompts have been prefilled (``seq_len = P``).
+
+        Args:
+            prompt_len, query_start, query_end: ``(B,)`` ints (tensors or sequences).
+            refusal_ids: token ids of ``ess.refusal_text`` (non-empty).
+            ess: the configuration (its ``anneal_start`` seeds ``interval``).
+        """
+        if not isinstance(ess, EssConfig):
+            raise TypeError(f"ess must be an EssConfig, got {type(ess).__name__}")
+        as_i32 = lambda name, x: _as_vector(name, x, torch.int32, device)  # noqa: E731
+        P = as_i32("prompt_len", prompt_len)
+        qs = as_i32("query_start", query_start)
+        qe = as_i32("query_end", query_end)
+        B = P.shape[0]
+        if qs.shape[0] != B or qe.shape[0] != B:
+            raise ValueError(f"query_start/query_end must have {B} entries like prompt_len, got "
+                             f"{qs.shape[0]} and {qe.shape[0]}")
+        if bool((P < 1).any()):
+            raise ValueError("prompt_len must be >= 1 (the [CLS] token is at index 0)")
+        if bool(((qs < 0) | (qs > qe) | (qe > P)).any()):
+            raise ValueError("query span must satisfy 0 <= query_start <= query_end <= prompt_len")
+        rid = _as_vector("refusal_ids", refusal_ids, torch.int64, P.device)
+        if rid.numel() == 0:
+            raise ValueError("refusal_ids must hold at least one token id")
+        full = lambda v: torch.full((B,), v, dtype=torch.int32, device=P.device)  # noqa: E731
+        return cls(
+            prompt_len=P, query_start=qs, query_end=qe, seq_len=P.clone(),
+            mode=full(PENDING), flags=full(0), switch_step=full(-1), next_eval=full(ess.first_at),
+            interval=full(ess.anneal_start), forced_idx=full(-1), trigger_step=full(-1),
+            evaluating=torch.zeros(B, dtype=torch.bool, device=P.device),
+            finished=torch.zeros(B, dtype=torch.bool, device=P.device),
+            refusal_ids=rid,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.mode.shape[0]
+
+    def clone(self) -> "EssState":
+        return EssState(**{k: v.clone() for k, v in self.__dict__.items()})
+
+    def validate(self, batch_size: Optional[int] = None, device=None) -> None:
+        """Check dtypes, shapes and devices; raise naming the offending field."""
+        B = self.batch_size if batch_size is None else batch_size
+        dev = self.mode.device if device is None else torch.device(device)
+        for name in _STATE_FIELDS + ("evaluating", "finished"):
+            x = getattr(self, name)
+            want = torch.bool if name in ("evaluating", "finished") else torch.int32
+            if not isinstance(x, torch.Tensor) or x.dtype != want or tuple(x.shape) != (B,):
+                got = (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                       else type(x).__name__)
+                raise ValueError(f"state.{name} must be a ({B},) {want} tensor, got {got}")
+            if x.device != dev:
+                raise ValueError(f"state.{name} is on {x.device}, expected {dev}")
+        r = self.refusal_ids
+        if r.dtype != torch.int64 or r.dim() != 1 or r.numel() == 0 or r.device != dev:
+            raise ValueError("state.refusal_ids must be a non-empty 1-D int64 tensor on "
+                             f"{dev}, got {r.dtype} {tuple(r.shape)} on {r.device}")
+
+
+def _as_vector(name, x, dtype, device):
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        vals = [x] if isinstance(x, int) else list(x)
+        t = torch.as_tensor(vals) if vals else torch.zeros(0, dtype=torch.int64)
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got {t.dtype}")
+    return t.to(device=device if device is not None else t.device, dtype=dtype)
