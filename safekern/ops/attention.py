@@ -62,12 +62,21 @@ if triton is not None:
         return vis
 
     @triton.jit
+    def _mma(a, b, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
+        # The Triton interpreter gets bf16 tl.dot wrong; bf16 products are exact in fp32, so
+        # upcasting there matches the GPU's fp32-accumulated bf16 dot.
+        if UPCAST_DOT:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+    @triton.jit
     def _attn_tile(acc, l_i, m_i, q, pos, normal, is_cls, start_n, seqlen, rs,
                    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                    kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IS_ESS: tl.constexpr,
                    HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_2D: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr):
         """One key tile of the online softmax. ``MASKED=False`` tiles are fully visible to
         every ``normal`` row (rows that are not are discarded by the caller), so they skip
         the mask and the key bound."""
@@ -81,7 +90,7 @@ if triton is not None:
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = _mma(q, tl.trans(k), DOT_PREC, UPCAST_DOT) * qk_scale
         if HAS_BIAS:
             if BIAS_2D:
                 kb = tl.load(kb_base[:, None] + offs_n[None, :] * stride_kbn,
@@ -108,7 +117,7 @@ if triton is not None:
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PREC, UPCAST_DOT)
         return acc, l_i, m_new
 
     @triton.jit
@@ -132,6 +141,7 @@ if triton is not None:
         CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
         STORE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
     ):
         """Prefill / chunked prefill: one program per (query tile, batch * query head)."""
         pid_m = tl.program_id(0)
@@ -184,20 +194,23 @@ if triton is not None:
                 acc, l_i, m_i, q, pos, normal, is_cls, 0, seqlen, rs,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
-                True, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+                True, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                UPCAST_DOT)
             start_full = BLOCK_N
         for start_n in range(start_full, full_end, BLOCK_N):
             acc, l_i, m_i = _attn_tile(
                 acc, l_i, m_i, q, pos, normal, is_cls, start_n, seqlen, rs,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
-                False, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+                False, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                UPCAST_DOT)
         for start_n in range(full_end, hi, BLOCK_N):
             acc, l_i, m_i = _attn_tile(
                 acc, l_i, m_i, q, pos, normal, is_cls, start_n, seqlen, rs,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
-                True, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC)
+                True, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                UPCAST_DOT)
         o, lse = _finish(acc, l_i, m_i, normal)
 
         o_ptrs = (O + b * stride_ob + offs_m[:, None] * stride_om + h * stride_oh
@@ -234,7 +247,7 @@ if triton is not None:
                             k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                             kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
                             True, CAUSAL, IS_ESS, True, HAS_BIAS, False, HEAD_DIM, BLOCK_D,
-                            DOT_PREC)
+                            DOT_PREC, UPCAST_DOT)
                 o, lse = _finish(acc, l_i, m_i, is_cls)
                 tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(row_ok & is_cls)[:, None] & d_ok)
                 if STORE_LSE:
@@ -251,6 +264,7 @@ if triton is not None:
         CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
     ):
         """Decode (flash-decoding): one program per (KV split, batch * KV head). Its rows are
         the G query heads x Lq rows that share the KV head, so each K/V tile is read once."""
@@ -306,7 +320,8 @@ if triton is not None:
                 acc, l_i, m_i, q, pos, normal, is_cls, start_n, seqlen, rs,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
-                True, CAUSAL, IS_ESS, IS_ESS, HAS_BIAS, True, HEAD_DIM, BLOCK_D, DOT_PREC)
+                True, CAUSAL, IS_ESS, IS_ESS, HAS_BIAS, True, HEAD_DIM, BLOCK_D, DOT_PREC,
+                UPCAST_DOT)
         o, lse = _finish(acc, l_i, m_i, normal | is_cls)
         # partials: (B, Hq, Lq, num_splits, D) and (B, Hq, Lq, num_splits), always written
         row = (b * Hq + h) * Lq + r
@@ -342,7 +357,8 @@ if triton is not None:
         tl.store(O + b * stride_ob + r * stride_om + h * stride_oh + offs_d * stride_od,
                  o.to(O.dtype.element_ty), mask=d_ok)
         if STORE_LSE:
-            tl.store(LSE + row, tl.where(total > 0, m_safe + tl.log(total), float("-inf")))
+            tl.store(LSE + row, tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)),
+                                         float("-inf")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +444,9 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
             lse.fill_(float("-inf"))
         return (o, lse) if return_lse else o
     block_d = max(16, triton.next_power_of_2(D))
+    # fp32 inputs get full-precision dots (tf32 would miss the reference tolerance)
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    upcast = dev.type != "cuda" and q.dtype == torch.bfloat16
     qk_scale = scale * _LOG2E
     use_decode = path == "decode" or (path == "auto" and Lq <= 2 and G * Lq <= _DECODE_MAX_ROWS)
 
@@ -446,7 +464,7 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
             *q.stride(), *k.stride(), *v.stride(), *kb_strides,
             Lq, Hq, Hkv, G, W, qk_scale, split_len, splits,
             CAUSAL=causal, IS_ESS=is_ess, HAS_BIAS=has_bias, HEAD_DIM=D, BLOCK_D=block_d,
-            BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec,
+            BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec, UPCAST_DOT=upcast,
             num_warps=4, num_stages=3 if dev.type == "cuda" else 1)
         _ess_attn_decode_combine[(B * Hq * Lq,)](
             o_part, l_part, o, lse, Lq, Hq, splits, *o.stride(),
@@ -460,6 +478,7 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
             Lq, Hq, G, W, qk_scale,
             CAUSAL=causal, IS_ESS=is_ess, HAS_BIAS=has_bias, STORE_LSE=return_lse,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec,
+            UPCAST_DOT=upcast,
             num_warps=warps, num_stages=stages)
     return (o, lse) if return_lse else o
 
