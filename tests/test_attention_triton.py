@@ -200,3 +200,47 @@ def test_triton_refuses_autograd_and_fp64():
     qd = torch.randn(1, 4, 2, 32, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64"):
         ess_attention(qd, qd, qd, backend="triton")
+
+
+_COMPILE_FOR_SM90 = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+import safekern.ops.attention as A
+
+PTRS = dict(LSE="*fp32", QPOS="*i32", SEQLENS="*i32", RSTART="*i32", CW="*i32", KB="*fp32",
+            OPART="*fp32", LPART="*fp32", Q="*bf16", K="*bf16", V="*bf16", O="*bf16")
+
+def build(fn, warps, stages, **consts):
+    sig = {n: "constexpr" if n in consts else PTRS.get(n, "fp32" if n == "qk_scale" else "i32")
+           for n in fn.arg_names}
+    src = triton.compiler.ASTSource(fn, sig, consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+common = dict(CAUSAL=True, IS_ESS=True, HAS_BIAS=True, HEAD_DIM=128, BLOCK_D=128,
+              DOT_PREC="tf32", UPCAST_DOT=False)
+fwd = build(A._ess_attn_fwd, 8, 3, STORE_LSE=True, BLOCK_M=128, BLOCK_N=64, **common)
+dec = build(A._ess_attn_decode_split, 4, 3, BLOCK_M=16, BLOCK_N=64, **common)
+build(A._ess_attn_decode_combine, 4, 1, STORE_LSE=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16)
+assert "mma" in fwd.asm["ptx"] and "mma" in dec.asm["ptx"], "dots did not lower to tensor cores"
+print("ok", fwd.metadata.shared, dec.metadata.shared)
+"""
+
+
+def test_kernels_compile_for_h100():
+    """Compile (ptxas, sm_90) the kernels the GPU would run: catches what the interpreter
+    forgives (types across branches, shared memory) on a machine without a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    res = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-3000:]

@@ -465,7 +465,8 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
             Lq, Hq, Hkv, G, W, qk_scale, split_len, splits,
             CAUSAL=causal, IS_ESS=is_ess, HAS_BIAS=has_bias, HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec, UPCAST_DOT=upcast,
-            num_warps=4, num_stages=3 if dev.type == "cuda" else 1)
+            num_warps=4, num_stages=(2 if q.dtype == torch.float32 else 3) if dev.type == "cuda"
+            else 1)
         _ess_attn_decode_combine[(B * Hq * Lq,)](
             o_part, l_part, o, lse, Lq, Hq, splits, *o.stride(),
             STORE_LSE=return_lse, HEAD_DIM=D, BLOCK_D=block_d,
