@@ -155,6 +155,7 @@ def test_single_decode_row_plain(device, Hkv):
     for path in ("decode", "prefill"):
         check(q, k, v, seqlens_k=i32([150, 77], device), path=path,
               key_bias=torch.randn(2, 1, 150, device=device))
+        check(q, k, v, path=path)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -219,7 +220,8 @@ def build(fn, warps, stages, **consts):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
-common = dict(CAUSAL=True, IS_ESS=True, HAS_BIAS=True, HEAD_DIM=128, BLOCK_D=128,
+common = dict(HAS_QPOS=True, HAS_SEQLENS=True, CAUSAL=True, IS_ESS=True, HAS_BIAS=True,
+              HEAD_DIM=128, BLOCK_D=128,
               DOT_PREC="tf32", UPCAST_DOT=False)
 fwd = build(A._ess_attn_fwd, 8, 3, STORE_LSE=True, BLOCK_M=128, BLOCK_N=64, **common)
 dec = build(A._ess_attn_decode_split, 4, 3, BLOCK_M=16, BLOCK_N=64, **common)

@@ -121,6 +121,22 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
+    def _row_positions(QPOS, SEQLENS, b, rows, row_ok, Lq, Lk,
+                       HAS_QPOS: tl.constexpr, HAS_SEQLENS: tl.constexpr):
+        """``(pos, seqlen)``; without tensors: every key valid, bottom-right aligned rows
+        (computed here so the default needs no extra launches)."""
+        if HAS_SEQLENS:
+            seqlen = tl.load(SEQLENS + b)
+        else:
+            seqlen = Lk
+        if HAS_QPOS:
+            pos = tl.load(QPOS + b * Lq + rows, mask=row_ok, other=-1)
+        else:
+            pos = seqlen - Lq + rows
+            pos = tl.where(row_ok & (pos >= 0), pos, -1)
+        return pos, seqlen
+
+    @triton.jit
     def _finish(acc, l_i, m_i, keep):
         """``(o, lse)`` of finished rows; rows not kept or that saw no key give (0, -inf)."""
         ok = keep & (l_i > 0)
@@ -137,7 +153,8 @@ if triton is not None:
         stride_vb, stride_vn, stride_vh, stride_vd,
         stride_ob, stride_om, stride_oh, stride_od,
         stride_kbb, stride_kbh, stride_kbn,
-        Lq, Hq, G, W, qk_scale,
+        Lq, Lk, Hq, G, W, qk_scale,
+        HAS_QPOS: tl.constexpr, HAS_SEQLENS: tl.constexpr,
         CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
         STORE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -153,8 +170,8 @@ if triton is not None:
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < Lq
-        pos = tl.load(QPOS + b * Lq + offs_m, mask=row_ok, other=-1)
-        seqlen = tl.load(SEQLENS + b)
+        pos, seqlen = _row_positions(QPOS, SEQLENS, b, offs_m, row_ok, Lq, Lk, HAS_QPOS,
+                                     HAS_SEQLENS)
         if IS_ESS:
             rs = tl.load(RSTART + b)
             normal = pos > 0
@@ -260,7 +277,8 @@ if triton is not None:
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
         stride_kbb, stride_kbh, stride_kbn,
-        Lq, Hq, Hkv, G, W, qk_scale, split_len, num_splits,
+        Lq, Lk, Hq, Hkv, G, W, qk_scale, split_len, num_splits,
+        HAS_QPOS: tl.constexpr, HAS_SEQLENS: tl.constexpr,
         CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -280,8 +298,8 @@ if triton is not None:
         h = hkv * G + g
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        pos = tl.load(QPOS + b * Lq + r, mask=row_ok, other=-1)
-        seqlen = tl.load(SEQLENS + b)
+        pos, seqlen = _row_positions(QPOS, SEQLENS, b, r, row_ok, Lq, Lk, HAS_QPOS,
+                                     HAS_SEQLENS)
         if IS_ESS:
             rs = tl.load(RSTART + b)
             normal = pos > 0
@@ -414,30 +432,32 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
     G = Hq // Hkv
     dev = q.device
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if seqlens_k is None:
-        seqlens_k = torch.full((B,), Lk, dtype=torch.int32, device=dev)
-    seqlens_k = seqlens_k.to(torch.int32).contiguous()
-    q_pos = default_q_pos(seqlens_k, Lq) if q_pos is None else q_pos
-    q_pos = q_pos.to(torch.int32).contiguous()
+    o = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=dev) if out is None else out
+    # absent optional tensors: the kernels never read the pointer they get (a constexpr says so)
+    dummy = o
+
+    def i32(x):
+        return dummy if x is None else x.to(torch.int32).contiguous()
+
+    seqlens_t, q_pos_t, rstart = i32(seqlens_k), i32(q_pos), i32(response_start)
     is_ess = response_start is not None
-    rstart = response_start.to(torch.int32).contiguous() if is_ess else seqlens_k
     if cls_windows is not None and cls_windows.shape[1] > 0:
-        cw = cls_windows.to(torch.int32).contiguous()
-        W = cw.shape[1]
+        cw, W = i32(cls_windows), cls_windows.shape[1]
     else:
-        cw, W = seqlens_k, 0
+        cw, W = dummy, 0
     has_bias = key_bias is not None
     if has_bias:
         kb = key_bias
         kb_strides = (kb.stride(0), kb.stride(1) if kb.shape[1] > 1 else 0, kb.stride(2))
     else:
-        kb, kb_strides = seqlens_k, (0, 0, 0)
-    o = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=dev) if out is None else out
+        kb, kb_strides = dummy, (0, 0, 0)
     if return_lse:
         lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev) if lse_out is None \
             else lse_out
     else:
-        lse = seqlens_k
+        lse = dummy
+    flags = dict(HAS_QPOS=q_pos is not None, HAS_SEQLENS=seqlens_k is not None, CAUSAL=causal,
+                 IS_ESS=is_ess, HAS_BIAS=has_bias)
     if B * Lq * Hq == 0:
         o.zero_()
         if return_lse:
@@ -460,10 +480,10 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
         o_part = torch.empty(B, Hq, Lq, splits, D, dtype=torch.float32, device=dev)
         l_part = torch.empty(B, Hq, Lq, splits, dtype=torch.float32, device=dev)
         _ess_attn_decode_split[(splits, B * Hkv)](
-            q, k, v, o_part, l_part, q_pos, seqlens_k, rstart, cw, kb,
+            q, k, v, o_part, l_part, q_pos_t, seqlens_t, rstart, cw, kb,
             *q.stride(), *k.stride(), *v.stride(), *kb_strides,
-            Lq, Hq, Hkv, G, W, qk_scale, split_len, splits,
-            CAUSAL=causal, IS_ESS=is_ess, HAS_BIAS=has_bias, HEAD_DIM=D, BLOCK_D=block_d,
+            Lq, Lk, Hq, Hkv, G, W, qk_scale, split_len, splits, **flags,
+            HEAD_DIM=D, BLOCK_D=block_d,
             BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec, UPCAST_DOT=upcast,
             num_warps=4, num_stages=(2 if q.dtype == torch.float32 else 3) if dev.type == "cuda"
             else 1)
@@ -474,10 +494,9 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
     else:
         block_m, block_n, warps, stages = _prefill_config(D, q.dtype, dev)
         _ess_attn_fwd[(triton.cdiv(Lq, block_m), B * Hq)](
-            q, k, v, o, lse, q_pos, seqlens_k, rstart, cw, kb,
+            q, k, v, o, lse, q_pos_t, seqlens_t, rstart, cw, kb,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *kb_strides,
-            Lq, Hq, G, W, qk_scale,
-            CAUSAL=causal, IS_ESS=is_ess, HAS_BIAS=has_bias, STORE_LSE=return_lse,
+            Lq, Lk, Hq, G, W, qk_scale, **flags, STORE_LSE=return_lse,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec,
             UPCAST_DOT=upcast,
             num_warps=warps, num_stages=stages)
