@@ -13,7 +13,10 @@ Questions answered (PERFORMANCE.md P3, P4):
 
 On CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1): CPU numbers say the
 script works, nothing about kernel speed. Timing: ``safekern.benchmarking.time_fn``
-(``triton.testing.do_bench`` on GPU, perf_counter medians on CPU).
+(``triton.testing.do_bench`` on GPU, perf_counter medians on CPU); decode on GPU is timed
+inside a CUDA graph (``do_bench_cudagraph``) as the engine runs it, falling back to do_bench
+for a provider that cannot be captured. safekern is called through its launcher, as the
+engine does (the public function adds value checks that synchronise with the GPU).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ if not torch.cuda.is_available():  # before safekern defines its kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from safekern import ess_attention  # noqa: E402
+from safekern.ops.attention import _attention_triton  # noqa: E402
 from safekern.benchmarking import environment, format_table, time_fn, write_csv  # noqa: E402
 from safekern.reference import ess_attention_ref  # noqa: E402
 
@@ -115,13 +118,27 @@ def flash_attn_providers(q, k, v, decode: bool) -> Dict[str, Callable]:
     return {"flash_attn": lambda: flash_attn.flash_attn_func(q, k, v, causal=True)}
 
 
-def measure(providers: Dict[str, Callable], device, reps: int) -> Dict[str, Optional[float]]:
+def _graph_ms(fn) -> float:
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn)
+    except Exception:  # noqa: BLE001  (not capturable, e.g. a host sync inside)
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn)
+
+
+def measure(providers: Dict[str, Callable], device, reps: int,
+            graph: bool = False) -> Dict[str, Optional[float]]:
     """``{name: ms or None}``; a provider that cannot run on this device prints why."""
     res = {}
     for name, fn in providers.items():
         try:
             fn()
-            res[name] = time_fn(fn, device=device, warmup=1, reps=reps)["ms"]
+            if graph and device.type == "cuda":
+                res[name] = _graph_ms(fn)
+            else:
+                res[name] = time_fn(fn, device=device, warmup=0, reps=reps)["ms"]  # fn() warmed up
         except Exception as e:  # noqa: BLE001  (a baseline missing on this device/shape)
             print(f"  skip {name}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             res[name] = None
@@ -137,10 +154,9 @@ def bench_prefill(device, dtype, shapes, Hq, Hkv, D, reps, ref_max_bytes) -> Lis
         v = torch.randn(B, L, Hkv, D, device=device, dtype=dtype, generator=g)
         meta, kb = ess_metadata(B, L, Hq, device, decode=False)
         providers = {
-            "safekern_ess_off": lambda: ess_attention(q, k, v, backend="triton"),
-            "safekern_ess": lambda: ess_attention(q, k, v, backend="triton", **meta),
-            "safekern_ess_bias": lambda: ess_attention(q, k, v, backend="triton", key_bias=kb,
-                                                       **meta),
+            "safekern_ess_off": lambda: _attention_triton(q, k, v),
+            "safekern_ess": lambda: _attention_triton(q, k, v, **meta),
+            "safekern_ess_bias": lambda: _attention_triton(q, k, v, key_bias=kb, **meta),
         }
         if B * Hq * L * L * 4 * 3 <= ref_max_bytes:  # the dense reference needs (L, L) scores
             providers["reference"] = lambda: ess_attention_ref(q, k, v, key_bias=kb, **meta)
@@ -167,9 +183,8 @@ def bench_decode(device, dtype, ctxs, batches, Hq, Hkv, D, reps) -> List[dict]:
             q1 = q2[:, :1]
             meta, kb = ess_metadata(B, ctx, Hq, device, decode=True)
             providers = {
-                "safekern_ess_off": lambda: ess_attention(q1, k, v, backend="triton"),
-                "safekern_ess": lambda: ess_attention(q2, k, v, backend="triton", key_bias=kb,
-                                                      **meta),
+                "safekern_ess_off": lambda: _attention_triton(q1, k, v),
+                "safekern_ess": lambda: _attention_triton(q2, k, v, key_bias=kb, **meta),
                 "reference": lambda: ess_attention_ref(q2, k, v, key_bias=kb, **meta),
             }
             providers.update(sdpa_providers(q1, k, v, causal=False))
@@ -177,7 +192,7 @@ def bench_decode(device, dtype, ctxs, batches, Hq, Hkv, D, reps) -> List[dict]:
             providers.update(flash_attn_providers(q1, k, v, decode=True))
             print(f"decode B={B} ctx={ctx}")
             kv_bytes = 2 * B * ctx * Hkv * D * k.element_size()
-            res = measure(providers, device, reps)
+            res = measure(providers, device, reps, graph=True)
             for name, ms in res.items():
                 if ms is not None:
                     rows.append({"bench": "decode", "provider": name, "batch": B, "seqlen": ctx,
@@ -186,6 +201,28 @@ def bench_decode(device, dtype, ctxs, batches, Hq, Hkv, D, reps) -> List[dict]:
                 rows.append({"bench": "decode", "provider": "ess_on/ess_off", "batch": B,
                              "seqlen": ctx, "ratio": res["safekern_ess"] / res["safekern_ess_off"]})
     return rows
+
+
+def targets(rows: List[dict]) -> List[dict]:
+    """The PERFORMANCE.md ratios: P3 (prefill vs FA2 and FlexAttention), P4 (decode vs copy
+    bandwidth; ESS on vs off is already a row per shape)."""
+    out = []
+    by = {(r["bench"], r["provider"], r.get("batch"), r.get("seqlen")): r for r in rows}
+    copy = next((r["gbps"] for r in rows if r["bench"] == "copy"), None)
+    for (bench, prov, B, L), r in by.items():
+        if bench == "prefill" and prov in ("safekern_ess_off", "safekern_ess_bias"):
+            fa2 = by.get((bench, "flash_attn", B, L)) or by.get((bench, "sdpa_flash", B, L))
+            flex = by.get((bench, "flex_incl_mask_build", B, L))
+            if fa2 and prov == "safekern_ess_off":
+                out.append({"bench": "P3", "provider": f"{prov}/{fa2['provider']}", "batch": B,
+                            "seqlen": L, "ratio": r["tflops"] / fa2["tflops"]})
+            if flex and prov == "safekern_ess_bias":
+                out.append({"bench": "P3", "provider": f"{prov}/flex", "batch": B, "seqlen": L,
+                            "ratio": r["tflops"] / flex["tflops"]})
+        if bench == "decode" and prov == "safekern_ess" and copy:
+            out.append({"bench": "P4", "provider": "safekern_ess/copy_bw", "batch": B,
+                        "seqlen": L, "ratio": r["gbps"] / copy})
+    return out
 
 
 def copy_bandwidth(device, reps) -> dict:
@@ -251,6 +288,7 @@ def main(argv=None):
     rows = bench_prefill(device, dtype, prefill_shapes, Hq, Hkv, D, reps, ref_max)
     rows += bench_decode(device, dtype, ctxs, batches, Hq, Hkv, D, reps)
     rows.append(copy_bandwidth(device, reps))
+    rows += targets(rows)
     print(format_table(rows, ["bench", "provider", "batch", "seqlen", "ms", "tflops", "gbps",
                               "ratio"]))
     print("csv:", write_csv(args.out + ".csv", rows, env))
