@@ -47,7 +47,6 @@ except ImportError:  # the torch backend still works; can_run reports the missin
     triton = None
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 if triton is not None:
 
@@ -161,7 +160,8 @@ if triton is not None:
         UPCAST_DOT: tl.constexpr,
     ):
         """Prefill / chunked prefill: one program per (query tile, batch * query head)."""
-        pid_m = tl.program_id(0)
+        # causal work grows with the tile index: launch the longest tiles first
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // Hq
         h = pid_bh % Hq
@@ -375,8 +375,8 @@ if triton is not None:
         tl.store(O + b * stride_ob + r * stride_om + h * stride_oh + offs_d * stride_od,
                  o.to(O.dtype.element_ty), mask=d_ok)
         if STORE_LSE:
-            tl.store(LSE + row, tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)),
-                                         float("-inf")))
+            safe_total = tl.where(total > 0, total, 1.0)
+            tl.store(LSE + row, tl.where(total > 0, m_safe + tl.log(safe_total), float("-inf")))
 
 
 # --------------------------------------------------------------------------------------------
