@@ -176,6 +176,12 @@ def test_strided_bhsd_views_and_non_causal(device):
     check(q, k, v, seqlens_k=i32([37, 30], device))
     check(q, k, v, causal=False, seqlens_k=i32([37, 30], device), softmax_scale=0.07)
     check(q[:, :2], k, v, path="decode", seqlens_k=i32([37, 30], device))
+    # non-causal ESS, and a sequence with no valid key at all (every row outputs 0)
+    ess = dict(response_start=i32([9, 3], device), cls_windows=i32([[[20, 37]], [[0, 5]]], device))
+    q_pos = torch.arange(37, dtype=torch.int32, device=device)[None].repeat(2, 1)
+    check(q, k, v, causal=False, q_pos=q_pos, seqlens_k=i32([37, 0], device), **ess)
+    check(q[:, :2], k, v, causal=False, q_pos=q_pos[:, :2].flip(1), seqlens_k=i32([30, 0], device),
+          path="decode", **ess)
 
 
 @pytest.mark.parametrize("device", DEVICES)
