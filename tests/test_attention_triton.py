@@ -167,6 +167,36 @@ def test_head_dims(device, D):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_tiles_the_mask_empties_are_never_read(device):
+    """Key tiles past the causal range of every normal row, and tiles between the [CLS] row's
+    windows, are skipped: K/V there are NaN (a tile read even fully masked gives 0 * NaN)."""
+    from safekern.ops.attention import _prefill_config
+
+    D = 64
+    BN = _prefill_config(D, torch.float32, torch.device(device))[1]
+    Lk = 4 * BN + 5
+    q, k, v = make_qkv(2, BN + 8, Lk, 4, 2, D, torch.float32, device, seed=13)
+    rs = i32([3, 3], device)
+    rows = torch.arange(BN + 8, dtype=torch.int32, device=device)[None].repeat(2, 1)
+    # prompt chunk at positions 0..BN+7 ([CLS] row 0 with a window inside the chunk)
+    kw = dict(q_pos=rows, response_start=rs, cls_windows=i32([[[1, 5]], [[2, BN]]], device),
+              key_bias=torch.randn(2, 4, Lk, device=device))
+    want = ess_attention_ref(q, k, v, **kw)
+    kn, vn = k.clone(), v.clone()
+    kn[:, 2 * BN:], vn[:, 2 * BN:] = float("nan"), float("nan")
+    got, _ = run_triton(q, kn, vn, path="prefill", **kw)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    # a lone [CLS] row whose two windows leave a gap of whole tiles
+    kw = dict(q_pos=torch.zeros(2, 1, dtype=torch.int32, device=device), response_start=rs,
+              cls_windows=i32([[[1, 5], [3 * BN, 4 * BN]], [[3 * BN + 1, Lk], [2, 3]]], device))
+    want = ess_attention_ref(q[:, :1], k, v, **kw)
+    kn, vn = k.clone(), v.clone()
+    kn[:, BN:3 * BN], vn[:, BN:3 * BN] = float("nan"), float("nan")
+    got, _ = run_triton(q[:, :1], kn, vn, path="prefill", **kw)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_bhsd_views_and_non_causal(device):
     g = torch.Generator().manual_seed(11)
     q = torch.randn(2, 4, 37, 64, generator=g).to(device).transpose(1, 2)  # (B, S, H, D) view
