@@ -602,6 +602,8 @@ def ess_attention(
         return_lse: also return the log-sum-exp ``(B, nheads_q, Lq)`` float32.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cuda"`` (env ``SAFEKERN_BACKEND``
             overrides ``auto``). An explicit backend that cannot run raises ``RuntimeError``.
+            ``triton`` is forward-only (inputs that require grad go to ``torch``); it takes
+            the split-KV decode kernel when ``seqlen_q <= 2``.
 
     Returns:
         ``o`` of shape ``(B, Lq, nheads_q, headdim)`` in ``q.dtype`` (and ``lse``). Rows that
