@@ -241,6 +241,11 @@ def safekern_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                          "[CLS] token at index 0 (DESIGN.md §2); this attention_mask has "
                          "padding before valid tokens")
     key_bias = kwargs.get("key_bias")
+    if pad_bias is not None and key_bias is not None:
+        if (not isinstance(key_bias, torch.Tensor) or key_bias.dim() != 3
+                or key_bias.shape[0] != B or key_bias.shape[2] != Lk):
+            raise ValueError(f"key_bias must have shape ({B}, {Hq} or 1, {Lk}), got "
+                             f"{getattr(key_bias, 'shape', type(key_bias).__name__)}")
     if pad_bias is not None:
         key_bias = pad_bias if key_bias is None else key_bias + pad_bias
     o = ess_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
