@@ -249,6 +249,8 @@ def test_unsupported_features_raise():
     ids_l, mask_l = batch("left")
     with pytest.raises(ValueError, match="right-padded"):
         sk(ids_l, attention_mask=mask_l, response_start=torch.full((B,), P, dtype=torch.int32))
+    with pytest.raises(ValueError, match="key_bias"):
+        sk(ids_l, attention_mask=mask_l, key_bias=torch.zeros(1, 1, L))
     with pytest.raises(TypeError, match="response_start"):
         sk(ids, attention_mask=mask, response_start=[P] * B)
     with pytest.raises(TypeError, match="PreTrainedModel"):

@@ -41,6 +41,10 @@ call of Llama, Mistral and Qwen2 (and any model whose layers pass ``**kwargs`` d
 - ``safekern_backend``: ``"auto"`` (default; env ``SAFEKERN_BACKEND``), ``"torch"``,
   ``"triton"``, ``"cuda"``.
 
+These go through ``model(...)`` / ``model.model(...)`` forwards. ``model.generate`` refuses
+keywords it does not know (transformers' ``_validate_model_kwargs``), so it runs plain causal
+attention; ESS decoding with [CLS] re-evaluation is the job of ``safekern.engine``.
+
 Not supported (raises, never computes something else): dropout > 0 (training with
 ``attention_dropout``), logit soft-capping, attention sinks, non-causal/bidirectional or
 packed-sequence masks, custom ``or``/``and`` mask overlays, prepared 4-D masks, static
