@@ -243,6 +243,9 @@ def test_unsupported_features_raise():
     packed = torch.cat([torch.arange(6), torch.arange(7)])[None].expand(B, L)
     with pytest.raises(NotImplementedError, match="packed"):
         sk(ids, position_ids=packed, use_cache=False)
+    with pytest.raises(NotImplementedError, match="Static"):
+        sk.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                    cache_implementation="static")
     dense = torch.zeros(B, 1, L, L)
     with pytest.raises(ValueError, match="4-D|2-D"):
         sk(ids, attention_mask=dense)

@@ -54,11 +54,13 @@ packed-sequence masks, custom ``or``/``and`` mask overlays, prepared 4-D masks, 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Optional, Tuple
 
 import torch
 
+from .._checks import no_value_checks
 from ..ops.attention import ess_attention
 
 ATTN_IMPLEMENTATION = "safekern"
@@ -73,6 +75,7 @@ _UNSUPPORTED_KWARGS = {
     "s_aux": "attention sinks",
     "sinks": "attention sinks",
 }
+_ESS_KWARGS = ("response_start", "cls_windows", "key_bias", "q_pos", "seqlens_k")
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 _registered = False
@@ -252,10 +255,15 @@ def safekern_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                              f"{getattr(key_bias, 'shape', type(key_bias).__name__)}")
     if pad_bias is not None:
         key_bias = pad_bias if key_bias is None else key_bias + pad_bias
-    o = ess_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                      softmax_scale=scaling, causal=True, q_pos=q_pos, seqlens_k=seqlens_k,
-                      response_start=response_start, cls_windows=kwargs.get("cls_windows"),
-                      key_bias=key_bias, backend=kwargs.get("safekern_backend", "auto"))
+    user_metadata = any(kwargs.get(name) is not None for name in _ESS_KWARGS)
+    # q_pos/seqlens_k derived from the padding mask are valid by construction: skip the
+    # host-syncing range checks (one sync per layer per argument); user metadata is checked.
+    checks = contextlib.nullcontext() if user_metadata else no_value_checks()
+    with checks:
+        o = ess_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          softmax_scale=scaling, causal=True, q_pos=q_pos, seqlens_k=seqlens_k,
+                          response_start=response_start, cls_windows=kwargs.get("cls_windows"),
+                          key_bias=key_bias, backend=kwargs.get("safekern_backend", "auto"))
     return o, None
 
 
