@@ -241,7 +241,7 @@ def safekern_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if q_pos is None and seqlens_k is not None:
         # Without padding info the queries are the last Lq cache indices, whatever seqlens_k says.
         q_pos = torch.arange(Lk - Lq, Lk, device=query.device,
-                             dtype=torch.int32).expand(B, Lq)
+                             dtype=torch.int32).expand(B, Lq).contiguous()
     response_start = kwargs.get("response_start")
     if response_start is not None and pad_bias is not None:
         raise ValueError("ESS metadata (response_start) needs right-padded sequences with the "
