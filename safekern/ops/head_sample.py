@@ -108,7 +108,7 @@ if triton is not None:
         B, V, Dm, n_tiles, stride_hb, stride_wv,
         TEMP_PER_ROW: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr,
         MINP_PER_ROW: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
-        NOISE: tl.constexpr, FILTERS: tl.constexpr,
+        NOISE: tl.constexpr, FILTERS: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_b = tl.program_id(0)
@@ -125,6 +125,9 @@ if triton is not None:
             k_ok = (k0 + offs_k) < Dm
             h = tl.load(h_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_FP32:  # bf16 x bf16 is exact in fp32, so this only changes the instruction
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
             acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
 
         temp = _row_param(temp_ptr, temp_val, rows, row_ok, TEMP_PER_ROW, tl.float32)
@@ -404,15 +407,18 @@ def _rng_args(sampling, generator, rng_state, device, needed):
 def _triton_blocks(B: int, V: int, device) -> Tuple[int, int, int]:
     block_b = min(64, max(16, triton.next_power_of_2(B)))
     # The interpreter pays per program, a GPU wants many programs: wider tiles on the CPU.
-    block_v = 128 if device.type == "cuda" else 512
+    block_v = 128 if device.type == "cuda" else 2048
     return block_b, min(block_v, max(16, triton.next_power_of_2(V))), 64
 
 
 def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
                        safety_bias=None, state=None, ess=None, sampling=SamplingParams(),
-                       generator=None, rng_state=None):
+                       generator=None, rng_state=None, out=None):
     """Triton backend of ``head_sample`` (inputs already validated). 2 launches, +1 when the
-    randomness comes from a ``torch.Generator`` (a device-side seed draw)."""
+    randomness comes from a ``torch.Generator`` (a device-side seed draw).
+
+    ``out``: optional ``(tokens (B,) int64, p_unsafe (B,) float32)`` buffers to write into.
+    """
     dev = h_tok.device
     B, Dm = h_tok.shape
     V = lm_head_weight.shape[0]
@@ -442,11 +448,16 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
         h_tok, W, part_val, part_idx, logits, *param_args,
         B, V, Dm, n_tiles, h_tok.stride(0), W.stride(0),
         **param_flags, NOISE=noise, FILTERS=filters,
+        # The interpreter's tl.dot mishandles bf16 operands (triton 3.9); GPUs keep bf16 MMA.
+        DOT_FP32=dev.type != "cuda" and h_tok.dtype == torch.bfloat16,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=4, num_stages=3)
 
-    tokens = torch.empty(B, device=dev, dtype=torch.int64)
-    p_unsafe = torch.full((B,), float("nan"), device=dev, dtype=torch.float32) \
-        if h_cls is None else torch.empty(B, device=dev, dtype=torch.float32)
+    if out is None:
+        out = (torch.empty(B, device=dev, dtype=torch.int64),
+               torch.empty(B, device=dev, dtype=torch.float32))
+    tokens, p_unsafe = out
+    if h_cls is None:
+        p_unsafe.fill_(float("nan"))
     dummy_i32 = torch.empty(0, device=dev, dtype=torch.int32)
     has_safety = h_cls is not None
     if has_safety:
