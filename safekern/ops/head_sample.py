@@ -86,8 +86,9 @@ if triton is not None:
     @triton.jit
     def _gumbel(seed, off_lo, off_hi, cols, rows):
         """Gumbel(0, 1) noise for (row, token) from Philox counters (token, row, offset)."""
-        r, _, _, _ = tl.philox(seed, cols.to(tl.uint32), rows.to(tl.uint32),
-                               off_lo.to(tl.uint32), off_hi.to(tl.uint32))
+        c0 = (cols + rows * 0).to(tl.uint32)  # both counters at the full broadcast shape
+        c1 = (rows + cols * 0).to(tl.uint32)
+        r, _, _, _ = tl.philox(seed, c0, c1, off_lo.to(tl.uint32), off_hi.to(tl.uint32))
         u = tl.uint_to_uniform_float(r)  # [0, 1): u = 0 gives -inf, which is never the max
         return -tl.log(-tl.log(u))
 
@@ -96,8 +97,9 @@ if triton is not None:
         if SEED_FROM_PTR:
             seed = tl.load(seed_ptr)
             offset = tl.load(seed_ptr + 1)
-        seed = seed.to(tl.int64)
-        offset = offset.to(tl.int64)
+        # to_tensor: an int argument equal to 1 may arrive as a constexpr
+        seed = tl.to_tensor(seed).to(tl.int64)
+        offset = tl.to_tensor(offset).to(tl.int64)
         return seed, offset & 0xFFFFFFFF, (offset >> 32) & 0xFFFFFFFF
 
     @triton.jit
