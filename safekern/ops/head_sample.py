@@ -46,17 +46,25 @@ dispatch.register(OP, "torch", _torch_backend, lambda **ctx: None)
 #      Filtered rows (top-k / top-p / min-p) also store their raw logits.
 #      Batch blocks are the fastest grid axis so the programs sharing a weight tile run together
 #      and the LM head is read from HBM about once.
-#   2. _finalize_kernel, grid (B,): reduces the per-tile maxima (ties -> lowest index, as
-#      torch.argmax), computes the safety score, applies update_state + forced_tokens to the
-#      state in place, and for filtered rows runs temperature -> top-k -> top-p -> min-p -> sample
-#      over the stored logits: thresholds are found by bisection over the order-preserving int32
-#      keys of the float logits (exact, <= 32 passes each, no sort), the draw is Gumbel-max over
-#      the surviving tokens.
+#   2. _finalize_kernel, grid (cdiv(B, BLOCK_R),) with BLOCK_R = 1 on a GPU: reduces the
+#      per-tile maxima (ties -> lowest index, as torch.argmax), computes the safety score,
+#      applies update_state + forced_tokens to the state in place, and for filtered rows runs
+#      temperature -> top-k -> top-p -> min-p -> sample over the stored logits. The top-k and
+#      top-p thresholds are searched over the order-preserving int32 keys of the float logits
+#      with 16 pivots per pass (<= 8 passes each: exact, no sort, no extra memory); min-p is a
+#      closed form; the draw is Gumbel-max over the surviving tokens.
+#   The (B, V) logits buffer exists only when a filter can be on; greedy / temperature batches
+#   touch (B, cdiv(V, BLOCK_V)) partial maxima only.
+#   The reduction is a tiny second launch rather than a last-block-done step inside launch 1:
+#   no inter-CTA atomics, fences or counters to reset between CUDA-graph replays, and the ESS
+#   decision (which overrides the token) runs once per row, not once per vocab tile.
 #
 # Randomness: counter-based Philox keyed by (seed, offset), counters (token, row): the same
-# (seed, offset) gives the same tokens. NaN/inf: validated calls reject them; with value checks
-# off, non-finite logits give an unspecified token inside [0, V) (never out of range) and a
-# non-finite [CLS] state gives p_unsafe NaN, which never flags.
+# (seed, offset) gives the same tokens. Draws are equal to the reference's in distribution, not
+# token for token (the reference uses torch.multinomial).
+# NaN/inf: validated calls reject them. With value checks off, non-finite logits give an
+# unspecified token inside [0, V), and a non-finite [CLS] state gives p_unsafe = NaN, which
+# counts as a benign verdict (NaN >= threshold is false), exactly as in the reference.
 # --------------------------------------------------------------------------------------------
 
 try:
@@ -65,7 +73,6 @@ try:
 except ImportError:  # the torch backend still works; can_run reports the missing package
     triton = None
 
-_NEVER = 2**31 - 1
 _SCHEDULE_IDS = {"first": 0, "each": 1, "periodic": 2, "annealing": 3}
 _POLICY_IDS = {"low": 0, "medium": 1, "high": 2}
 
