@@ -289,3 +289,60 @@ def test_dispatch_and_float64():
     h, W = torch.randn(2, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64"):
         head_sample(h, W, backend="triton")
+
+
+# The GPU code path (not the interpreter) compiled for sm_90 through ptxas, which needs no GPU:
+# catches typing and lowering errors a CPU-only CI would otherwise never see.
+_AOT = r"""
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+hs = importlib.import_module("safekern.ops.head_sample")
+
+def build(fn, types, constexprs):
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "*fp32" if n.endswith("_ptr")
+           else "i32") for n in fn.arg_names}
+    cst = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    assert "ld.local" not in k.asm["ptx"], "register spills"
+
+rng = dict(seed_ptr="*i64", seed_val="i64", offset_val="i64", topk_ptr="*i64", topk_val="i64",
+           temp_val="fp32", topp_val="fp32", minp_val="fp32", part_idx_ptr="*i32")
+for dt, per_row, block_b in (("bf16", True, 16), ("fp16", False, 64)):
+    build(hs._lm_head_partial_kernel, dict(rng, h_ptr="*" + dt, w_ptr="*" + dt),
+          dict(TEMP_PER_ROW=per_row, TOPK_PER_ROW=per_row, TOPP_PER_ROW=per_row,
+               MINP_PER_ROW=per_row, SEED_FROM_PTR=per_row, NOISE=True, FILTERS=per_row,
+               DOT_FP32=False, BLOCK_B=block_b, BLOCK_V=128, BLOCK_K=64))
+state = {n: "*i32" for n in ("seq_len_ptr", "prompt_len_ptr", "mode_ptr", "flags_ptr",
+         "switch_ptr", "next_eval_ptr", "interval_ptr", "forced_ptr", "trigger_ptr")}
+state.update(evaluating_ptr="*i1", finished_ptr="*i1", refusal_ptr="*i64", threshold="fp32",
+             growth_bits="i64", tok_ptr="*i64", hcls_ptr="*bf16", sw_ptr="*bf16", sb_val="fp32")
+for sched, policy, two, filters in ((3, 2, True, True), (2, 1, False, False)):
+    build(hs._finalize_kernel, dict(rng, **state),
+          dict(TEMP_PER_ROW=True, TOPK_PER_ROW=False, TOPP_PER_ROW=True, MINP_PER_ROW=False,
+               SEED_FROM_PTR=True, FILTERS=filters, HAS_SAFETY=True, TWO_CLASS=two,
+               BIAS_MODE=2 if two else 0, HAS_STATE=True, SCHEDULE=sched, POLICY=policy,
+               BLOCK_R=1, BLOCK_T=1024, BLOCK_D=1024, BLOCK_F=512))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    import subprocess
+    import sys
+
+    try:
+        import triton
+    except ImportError:
+        pytest.skip("triton is not installed")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's bundled ptxas is missing")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
