@@ -4,6 +4,7 @@ statistical sampling (frequencies, supports of top-k/top-p/min-p), seeds, NaN ha
 On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py); the interpreter pays per
 launch and per op, so statistical draws are batched as many rows of one launch.
 """
+import importlib
 import math
 import os
 
@@ -227,6 +228,38 @@ def test_sampling_statistics_and_supports(device, V, n):
             f = drawn / n
             tol = 5 * torch.sqrt(want * (1 - want) / n) + 2e-3
             assert ((f - want).abs() <= tol).all(), (group, (f - want).abs().max())
+
+
+def test_gpu_block_shapes_in_the_interpreter(monkeypatch):
+    """The GPU launch configuration (128-wide vocab tiles, one row per finalize program) run
+    by the interpreter: greedy, forced tokens, scores without a state, and filter supports."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the GPU runs these shapes in the cuda cases")
+    hs = importlib.import_module("safekern.ops.head_sample")
+    monkeypatch.setattr(hs, "_triton_blocks", lambda B, V, gpu: (16, 128, 64, 1))
+    h, W, h_cls, g = safety_case("cpu", B=5, V=300)
+    sw = torch.randn(h.shape[1], generator=g) * 0.2
+    tok, p = run(h, W, h_cls=h_cls, safety_weight=sw, safety_bias=0.1)   # no state: all rows
+    torch.testing.assert_close(p, safety_score_ref(h_cls, sw, 0.1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(tok, separated_argmax(h @ W.t()))
+    ess = EssConfig(policy="high", tau=1)
+    st = EssState.create([4] * 5, [1] * 5, [3] * 5, REFUSAL, ess)
+    st.evaluating.copy_(torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool))
+    ref = st.clone()
+    tok, p = run(h, W, h_cls=h_cls, safety_weight=sw, safety_bias=0.1, state=st, ess=ess)
+    want_tok, want_p = head_sample_ref(h, W, h_cls=h_cls, safety_weight=sw, safety_bias=0.1,
+                                       state=ref, ess=ess)
+    assert torch.equal(tok, want_tok) and torch.equal(torch.isnan(p), torch.isnan(want_p))
+    for f in STATE_FIELDS:
+        assert torch.equal(getattr(st, f), getattr(ref, f)), f
+    n = 12
+    hb, Wb, sp = sampling_batch(n, 300, 32, "cpu", seed=4)
+    logits = hb[0] @ Wb.t()
+    tok = run(hb, Wb, sampling=sp)[0].view(len(GROUPS), n)
+    for gi, group in enumerate(GROUPS):
+        check_margins(logits, group)
+        want = expected_probs(logits, group)
+        assert (want[tok[gi]] > 0).all(), group
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -413,11 +413,17 @@ def _rng_args(sampling, generator, rng_state, device, needed):
     return torch.randint(0, 2**62, (2,), device=device, dtype=torch.int64), 0, 0, True
 
 
-def _triton_blocks(B: int, V: int, device) -> Tuple[int, int, int]:
+def _triton_blocks(B: int, V: int, gpu: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_V, BLOCK_K) of the LM-head launch and BLOCK_R of the finalize launch.
+
+    A GPU wants many programs: narrow vocab tiles and one row per finalize program (rows are
+    independent, B programs fill the SMs). The interpreter pays per program and per op, so it
+    takes wide tiles and many rows at once.
+    """
     block_b = min(64, max(16, triton.next_power_of_2(B)))
-    # The interpreter pays per program, a GPU wants many programs: wider tiles on the CPU.
-    block_v = 128 if device.type == "cuda" else 2048
-    return block_b, min(block_v, max(16, triton.next_power_of_2(V))), 64
+    block_v = min(128 if gpu else 2048, max(16, triton.next_power_of_2(V)))
+    block_r = 1 if gpu else min(64, triton.next_power_of_2(B))
+    return block_b, block_v, 64, block_r
 
 
 def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
@@ -444,7 +450,7 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
                          or top_p[1] < 1 or min_p[1] > 0)
     seed_ptr, seed_val, offset_val, seed_from_ptr = _rng_args(sampling, generator, rng_state,
                                                               dev, noise)
-    block_b, block_v, block_k = _triton_blocks(B, V, dev)
+    block_b, block_v, block_k, block_r = _triton_blocks(B, V, dev.type == "cuda")
     n_tiles = triton.cdiv(V, block_v)
     part_val = torch.empty(B, n_tiles, device=dev, dtype=torch.float32)
     part_idx = torch.empty(B, n_tiles, device=dev, dtype=torch.int32)
@@ -491,9 +497,6 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
     else:
         st = (dummy_i32,) * 12 + (1,)
         cfg, schedule, policy = (0.5, 1, 1, 0, 0), 0, 0
-    # One row per program on a GPU (rows are independent; B programs fill the SMs); the
-    # interpreter pays per program and per op, so it takes many rows at once.
-    block_r = 1 if dev.type == "cuda" else min(64, triton.next_power_of_2(B))
     _finalize_kernel[(triton.cdiv(B, block_r),)](
         part_val, part_idx, logits, tokens, p_unsafe, *param_args, *safety, *st, *cfg,
         B, V, Dm, n_tiles, **param_flags, FILTERS=filters,
