@@ -298,7 +298,7 @@ if triton is not None:
                 bias = tl.load(sb_ptr + 1).to(tl.float32) - tl.load(sb_ptr).to(tl.float32)
             score = tl.sigmoid(tl.sum(acc, axis=1) + bias)
             p_unsafe = tl.where(ev, score, p_unsafe)
-            tl.store(p_ptr + rows, p_unsafe, mask=row_ok)
+        tl.store(p_ptr + rows, p_unsafe, mask=row_ok)
 
         # ---- ESS state: update_state + forced_tokens (reference/controller.py) -------------
         forced = rows < 0
@@ -471,8 +471,6 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
         out = (torch.empty(B, device=dev, dtype=torch.int64),
                torch.empty(B, device=dev, dtype=torch.float32))
     tokens, p_unsafe = out
-    if h_cls is None:
-        p_unsafe.fill_(float("nan"))
     dummy_i32 = torch.empty(0, device=dev, dtype=torch.int32)
     has_safety = h_cls is not None
     if has_safety:
