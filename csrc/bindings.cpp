@@ -1,7 +1,8 @@
 // The only torch-aware file of the CUDA backend: adapts tensors to the framework-free
 // launchers of ess_decode_attention.cu and head_sample.cu, checks what the kernels assume
 // (device, dtype, shape, strides) with errors that name the argument, runs on the current
-// stream, and registers the ops as torch.ops.safekern.*.
+// stream, and registers torch.ops.safekern.cuda_* (a library fragment, so other safekern ops
+// defined elsewhere, e.g. from Python, never clash with it).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -22,7 +23,8 @@ sk_dtype to_sk_dtype(const at::Tensor& t, const char* name) {
     case at::kFloat: return SK_FLOAT32;
     case at::kHalf: return SK_FLOAT16;
     case at::kBFloat16: return SK_BFLOAT16;
-    default: TORCH_CHECK(false, name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
+    default:
+      TORCH_CHECK(false, name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
   }
 }
 
@@ -265,21 +267,21 @@ std::tuple<at::Tensor, at::Tensor> head_sample(
 
 }  // namespace
 
-TORCH_LIBRARY(safekern, m) {
+TORCH_LIBRARY_FRAGMENT(safekern, m) {
   m.def(
-      "ess_decode_attention(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor seqlens_k, "
+      "cuda_ess_decode_attention(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor seqlens_k, "
       "Tensor? response_start, Tensor? cls_windows, Tensor? key_bias, float softmax_scale, "
       "bool causal, int num_splits) -> (Tensor, Tensor)");
   m.def(
-      "head_sample(Tensor h_tok, Tensor lm_head_weight, Tensor? h_cls, Tensor? safety_weight, "
+      "cuda_head_sample(Tensor h_tok, Tensor lm_head_weight, Tensor? h_cls, Tensor? safety_weight, "
       "Tensor? safety_bias, Tensor temperature, Tensor seed, Tensor(a!)[] state, float threshold, "
       "int tau, int policy, int schedule, int period, int anneal_stop, float anneal_growth) "
       "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(safekern, CUDA, m) {
-  m.impl("ess_decode_attention", &ess_decode_attention);
-  m.impl("head_sample", &head_sample);
+  m.impl("cuda_ess_decode_attention", &ess_decode_attention);
+  m.impl("cuda_head_sample", &head_sample);
 }
 
 // `import safekern._C` loads this library, whose static initialisers register the ops above;

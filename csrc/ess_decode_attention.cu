@@ -205,7 +205,8 @@ __global__ void __launch_bounds__(D) ess_decode_combine_kernel(const sk_decode_a
   const int64_t lse_off = ((int64_t)b * p.heads_q + head) * p.seqlen_q + qi;
   const int64_t o_off = (((int64_t)b * p.seqlen_q + qi) * p.heads_q + head) * D + d;
   float m = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, p.lse_partial[s * split_stride_lse + lse_off]);
+  for (int s = 0; s < p.num_splits; ++s)
+    m = fmaxf(m, p.lse_partial[s * split_stride_lse + lse_off]);
   float sum = 0.f, acc = 0.f;
   if (m != -INFINITY) {
     for (int s = 0; s < p.num_splits; ++s) {

@@ -194,7 +194,8 @@ def test_rows_that_see_nothing_output_zero(ext):
     q, k, v, _ = _decode_case(2, 50, 4, 4, 64, torch.float16, seed=3, Lq=2)
     o, lse = safekern.ess_attention(q, k, v, q_pos=i32([[-1, -1], [-1, 5]]),
                                     seqlens_k=i32([0, 6]), return_lse=True, backend="cuda")
-    assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.equal(o[1, 0], torch.zeros_like(o[1, 0]))
+    assert torch.equal(o[0], torch.zeros_like(o[0]))
+    assert torch.equal(o[1, 0], torch.zeros_like(o[1, 0]))
     assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1, :, 1]).all()
 
 
@@ -203,7 +204,7 @@ def test_rows_that_see_nothing_output_zero(ext):
 def test_split_count_does_not_change_the_result(ext, num_splits):
     q, k, v, kw = _decode_case(2, 2049, 8, 2, 128, torch.float32, seed=11, bias_heads=1)
     scale = 128 ** -0.5
-    o, lse = torch.ops.safekern.ess_decode_attention(
+    o, lse = torch.ops.safekern.cuda_ess_decode_attention(
         q, k, v, kw["q_pos"], kw["seqlens_k"], kw["response_start"], kw["cls_windows"],
         kw["key_bias"], scale, True, num_splits)
     _assert_attention_close(o, q, k, v, **kw)
@@ -214,16 +215,14 @@ def test_bindings_reject_bad_input(ext):
     q = torch.randn(1, 1, 4, 64, device=CUDA)
     k = torch.randn(1, 8, 2, 64, device=CUDA)
     pos, sl = i32([[3]]), i32([8])
+    op = torch.ops.safekern.cuda_ess_decode_attention
+    q48, k48 = q[..., :48].contiguous(), k[..., :48].contiguous()
     with pytest.raises(RuntimeError, match="head_dim"):
-        torch.ops.safekern.ess_decode_attention(q[..., :48].contiguous(), k[..., :48].contiguous(),
-                                                k[..., :48].contiguous(), pos, sl, None, None,
-                                                None, 1.0, True, 0)
+        op(q48, k48, k48, pos, sl, None, None, None, 1.0, True, 0)
     with pytest.raises(RuntimeError, match="q_pos"):
-        torch.ops.safekern.ess_decode_attention(q, k, k, pos.long(), sl, None, None, None, 1.0,
-                                                True, 0)
+        op(q, k, k, pos.long(), sl, None, None, None, 1.0, True, 0)
     with pytest.raises(RuntimeError, match="key_bias"):
-        torch.ops.safekern.ess_decode_attention(q, k, k, pos, sl, None, None,
-                                                torch.zeros(1, 3, 8, device=CUDA), 1.0, True, 0)
+        op(q, k, k, pos, sl, None, None, torch.zeros(1, 3, 8, device=CUDA), 1.0, True, 0)
 
 
 # --------------------------------------------------------------------------- GPU: head_sample

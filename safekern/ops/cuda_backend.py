@@ -7,7 +7,7 @@ Kernels (framework-free CUDA, see the .cu files for the design):
     (Gumbel-max) sampling. top-k / top-p / min-p are declined, so ``auto`` falls back.
 
 The compiled extension ``safekern._C`` (``pip install -e . --no-build-isolation`` with CUDA
-torch and nvcc) registers ``torch.ops.safekern.*``; it is imported lazily, on the first call
+torch and nvcc) registers ``torch.ops.safekern.cuda_*``; it is imported lazily, on the first call
 that could use it. ``load_jit()`` builds the same sources with ``torch.utils.cpp_extension.load``
 for development. Without either, ``can_run`` says how to build it and ``auto`` never picks cuda.
 """
@@ -34,8 +34,8 @@ _load_error: Optional[str] = None
 
 
 def _ops_registered() -> bool:
-    return hasattr(torch.ops, "safekern") and hasattr(torch.ops.safekern, "head_sample") and \
-        hasattr(torch.ops.safekern, "ess_decode_attention")
+    return hasattr(torch.ops, "safekern") and hasattr(torch.ops.safekern, "cuda_head_sample") and \
+        hasattr(torch.ops.safekern, "cuda_ess_decode_attention")
 
 
 def extension_error() -> Optional[str]:
@@ -105,7 +105,7 @@ def _ess_attention_cuda(q, k, v, *, softmax_scale, causal, q_pos, seqlens_k, res
     if q_pos is None:
         q_pos = default_q_pos(seqlens_k, Lq)
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
-    o, lse = torch.ops.safekern.ess_decode_attention(
+    o, lse = torch.ops.safekern.cuda_ess_decode_attention(
         _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v), q_pos.contiguous(),
         seqlens_k.contiguous(), None if response_start is None else response_start.contiguous(),
         None if cls_windows is None else cls_windows.contiguous(), key_bias, scale, causal, 0)
@@ -137,7 +137,8 @@ def head_sample_can_run(device: torch.device, dtype=None, vocab=None, sampling=N
     return extension_error()
 
 
-def _safety_head_f32(safety_weight, safety_bias, device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _safety_head_f32(safety_weight, safety_bias,
+                     device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The head as ``(Dm,)`` fp32 weight and ``(1,)`` fp32 bias, as safety_score_ref computes it."""
     w = safety_weight.to(device=device, dtype=torch.float32)
     b = None
@@ -169,8 +170,10 @@ def _head_sample_cuda(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bia
                       sampling, generator):
     dev, B = h_tok.device, h_tok.shape[0]
     temp = sampling.temperature
-    temperature = temp.to(device=dev, dtype=torch.float32).contiguous() \
-        if isinstance(temp, torch.Tensor) else torch.full((B,), float(temp), dtype=torch.float32, device=dev)
+    if isinstance(temp, torch.Tensor):
+        temperature = temp.to(device=dev, dtype=torch.float32).contiguous()
+    else:
+        temperature = torch.full((B,), float(temp), dtype=torch.float32, device=dev)
     w = b = None
     if h_cls is not None:
         w, b = _safety_head_f32(safety_weight, safety_bias, dev)
@@ -183,7 +186,7 @@ def _head_sample_cuda(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bia
         cfg = dict(threshold=ess.threshold, tau=ess.tau, policy=POLICIES.index(ess.policy),
                    schedule=SCHEDULES.index(ess.schedule), period=ess.period,
                    anneal_stop=ess.anneal_stop, anneal_growth=ess.anneal_growth)
-    return torch.ops.safekern.head_sample(
+    return torch.ops.safekern.cuda_head_sample(
         _unit_stride_last(h_tok), _unit_stride_last(lm_head_weight), h_cls, w, b, temperature,
         _seed_tensor(sampling, generator, dev), state_list, float(cfg["threshold"]), cfg["tau"],
         cfg["policy"], cfg["schedule"], cfg["period"], cfg["anneal_stop"],
