@@ -16,6 +16,7 @@ from safekern.reference.sampling import head_sample_ref, safety_score_ref
 from safekern.spec import EssConfig, EssState, SamplingParams
 
 CUDA = torch.device("cuda")
+DTYPE_ID = dict(ids=lambda d: str(d).replace("torch.", ""))  # -k "float16" selects cases
 
 
 # --------------------------------------------------------------------------- CPU: can_run
@@ -133,7 +134,7 @@ def _decode_case(B, Lk, Hq, Hkv, D, dtype, seed, Lq=2, bias_heads=None, bhsd=Fal
 # --------------------------------------------------------------------------- GPU: attention
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], **DTYPE_ID)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("Hq, Hkv", [(8, 2), (4, 1), (3, 3)])       # GQA 4:1, MQA, MHA
 @pytest.mark.parametrize("Lk", [97, 1000, 5003])                    # odd; several KV splits
@@ -146,7 +147,7 @@ def test_ess_decode_step_matches_reference(ext, dtype, D, Hq, Hkv, Lk):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], **DTYPE_ID)
 def test_strided_bhsd_cache_and_lse(ext, dtype):
     q, k, v, kw = _decode_case(4, 777, 8, 2, 64, dtype, seed=1, bias_heads=8, bhsd=True)
     assert k.stride(-1) == 1 and not k.is_contiguous()
@@ -246,7 +247,7 @@ def _check_greedy(tokens, h, w):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], **DTYPE_ID)
 @pytest.mark.parametrize("B, Dm, V", [(5, 64, 111), (13, 100, 32000), (64, 4096, 128256 // 4)])
 def test_greedy_tokens_and_scores(ext, dtype, B, Dm, V):
     h, w = _head_case(B, Dm, V, dtype, seed=B + V)
@@ -323,7 +324,7 @@ def _sample_counts(h, w, temperature, n_calls, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], **DTYPE_ID)
 def test_temperature_sampling_frequencies(ext, dtype):
     B, Dm, V, n = 32, 64, 111, 500  # 16000 draws per distribution (rows share h)
     g = torch.Generator(device="cpu").manual_seed(0)
