@@ -13,6 +13,7 @@
 #include <math.h>
 
 #include "ess_decode_attention.h"
+#include "ess_logic.cuh"
 #include "sk_common.cuh"
 
 namespace safekern {
@@ -24,20 +25,6 @@ constexpr int kRows = 8;    // query rows per CTA (GQA group x Lq, tiled)
 constexpr int kTileK = 32;  // keys per tile: one lane per key in the softmax step
 constexpr int kMinKeysPerSplit = 256;
 constexpr int kMaxSplits = 64;
-
-// Does a row at absolute position `pos` see key `j`? Mirrors ess_visibility().
-__device__ __forceinline__ bool key_visible(int j, int pos, int seqlen, bool ess, int resp_start,
-                                            bool causal, const int32_t* win, int num_windows) {
-  if (pos < 0 || j >= seqlen) return false;
-  if (ess && pos == 0) {  // the [CLS] row: key 0 plus its windows, causality ignored
-    if (j == 0) return true;
-    for (int w = 0; w < num_windows; ++w)
-      if (j >= win[2 * w] && j < win[2 * w + 1]) return true;
-    return false;
-  }
-  if (causal && j > pos) return false;
-  return !(ess && j == 0 && pos < resp_start);  // prompt rows do not see the [CLS] key
-}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
@@ -87,17 +74,8 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (tid == 0) {  // last key any row of this CTA can see: skips dead tiles (e.g. [CLS]-only)
     int hi = 0;
-    for (int r = 0; r < kRows; ++r) {
-      const int pos = pos_s[r];
-      if (pos < 0) continue;
-      int h = p.causal ? pos + 1 : seqlen;
-      if (ess && pos == 0) {
-        h = 1;
-        for (int w = 0; w < num_windows; ++w)
-          if (win[2 * w] < win[2 * w + 1]) h = max(h, win[2 * w + 1]);
-      }
-      hi = max(hi, h);
-    }
+    for (int r = 0; r < kRows; ++r)
+      hi = max(hi, row_key_end(pos_s[r], seqlen, ess, p.causal, win, num_windows));
     key_hi_s = min(hi, seqlen);
   }
   for (int i = tid; i < kRows * D; i += kThreads) {

@@ -9,12 +9,14 @@
 //      (B, V) logits are never written to memory.
 //   2. head_sample_finalize_kernel: one CTA per row reduces the tile candidates, scores the
 //      [CLS] hidden state, applies the ESS decision and forces the refusal prefix.
-// The noise is a counter-based hash of (seed, row, token): same seed, same tokens, and the
-// seed lives in device memory so a CUDA graph can replay the step with a new seed.
+// The noise (ess_logic.cuh) is a counter-based hash of (seed, row, token): same seed, same
+// tokens, and the seed lives in device memory so a CUDA graph can replay the step with a new
+// seed.
 // top-k / top-p / min-p are not implemented here; the Python backend declines those calls.
 #include <limits.h>
 #include <math.h>
 
+#include "ess_logic.cuh"
 #include "head_sample.h"
 #include "sk_common.cuh"
 
@@ -25,24 +27,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBatchTile = 8;    // batch rows sharing one read of an LM-head tile
 constexpr int kVocabTile = 256;  // LM-head rows per CTA
-constexpr int32_t kNever = INT_MAX;  // safekern.spec.NEVER
-
-__device__ __forceinline__ uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-
-// Gumbel(0, 1) noise for (row, token). -log(E) with E = -log1p(-w) ~ Exp(1): log1pf keeps
-// full precision as w -> 0 (fast-math logf would not), so E > 0 and the noise is finite.
-__device__ __forceinline__ float gumbel(uint64_t seed, int row, int token) {
-  const uint64_t counter = ((uint64_t)(uint32_t)row << 32) | (uint32_t)token;
-  const uint64_t x = mix64(mix64(seed) + 0x9e3779b97f4a7c15ULL * (counter + 1));
-  const float w = ((float)(x >> 40) + 0.5f) * 0x1p-24f;  // uniform in (0, 1)
-  return -__logf(-log1pf(-w));
-}
 
 template <typename T>
 __device__ __forceinline__ void load16(const T* ptr, float* out) {
@@ -141,66 +125,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// int32 arithmetic that wraps like torch's instead of being undefined on overflow.
-__device__ __forceinline__ int32_t add_i32(int32_t a, int32_t b) {
-  return (int32_t)((uint32_t)a + (uint32_t)b);
-}
-
-// safekern.reference.controller.update_state for row b (in place).
-__device__ void update_state(const sk_ess_state& s, const sk_ess_config& c, int b, float p_unsafe) {
-  const bool ev = s.evaluating[b] != 0;
-  const int32_t t = s.seq_len[b];
-  const int32_t n = add_i32(t, -s.prompt_len[b]);
-  const int32_t mode = s.mode[b];
-  const bool flag = ev && p_unsafe >= c.threshold;
-  const bool benign = ev && !flag;
-  int32_t flags = s.flags[b];
-  if (ev) flags = flag ? add_i32(flags, 1) : 0;
-  const bool trigger = flag && (mode == SK_MODE_PENDING || flags >= c.tau);
-  const bool to_suspect = flag && !trigger && mode != SK_MODE_SUSPECT;
-  if (benign) {
-    int32_t nxt = kNever, interval = s.interval[b];
-    switch (c.schedule) {
-      case SK_SCHEDULE_EACH: nxt = add_i32(n, 1); break;
-      case SK_SCHEDULE_PERIODIC: nxt = add_i32(n, c.period); break;
-      case SK_SCHEDULE_ANNEALING: {
-        nxt = add_i32(n, interval);
-        if (nxt > c.anneal_stop) nxt = kNever;
-        // max(interval + 1, floor(interval * growth)), clamped to NEVER // 4. The product is
-        // clamped before the int conversion (out-of-range conversion is undefined in C++).
-        const double grown = fmin(floor((double)interval * c.anneal_growth), (double)(kNever / 4));
-        interval = min(max(add_i32(interval, 1), (int32_t)grown), kNever / 4);
-        break;
-      }
-      default: break;  // SK_SCHEDULE_FIRST: never again, interval unchanged
-    }
-    s.next_eval[b] = nxt;
-    s.interval[b] = interval;
-  }
-  if (to_suspect) s.switch_step[b] = t;
-  else if (benign) s.switch_step[b] = -1;
-  if (trigger) s.mode[b] = SK_MODE_REFUSING;
-  else if (to_suspect) s.mode[b] = SK_MODE_SUSPECT;
-  else if (benign) s.mode[b] = SK_MODE_BENIGN;
-  s.flags[b] = flags;
-  if (trigger) {
-    s.trigger_step[b] = t;
-    if (c.policy != SK_POLICY_LOW) s.forced_idx[b] = 0;
-  }
-}
-
-// safekern.reference.controller.forced_tokens for row b: the forced token or -1.
-__device__ int64_t forced_token(const sk_ess_state& s, int policy, int b) {
-  const int32_t idx = s.forced_idx[b];
-  if (idx < 0) return -1;
-  const int64_t token = s.refusal_ids[min(idx, s.refusal_len - 1)];
-  const int32_t nxt = idx + 1;
-  const bool done = nxt >= s.refusal_len;
-  s.forced_idx[b] = done ? -1 : nxt;
-  if (done && policy == SK_POLICY_HIGH) s.finished[b] = 1;
-  return token;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     head_sample_finalize_kernel(const sk_head_sample_params p, int num_tiles) {
@@ -258,8 +182,8 @@ __global__ void __launch_bounds__(kThreads)
     }
   int64_t token = bi;
   if (has_state) {
-    update_state(p.state, p.ess, b, p_unsafe);
-    const int64_t forced = forced_token(p.state, p.ess.policy, b);
+    ess_update_state(p.state, p.ess, b, p_unsafe);
+    const int64_t forced = ess_forced_token(p.state, p.ess.policy, b);
     if (forced >= 0) token = forced;
   }
   p.p_unsafe[b] = p_unsafe;
