@@ -17,6 +17,7 @@
 #include "sk_common.cuh"
 
 namespace safekern {
+namespace decode_attention {  // named, so a unity build with head_sample.cu has no clashes
 namespace {
 
 constexpr int kThreads = 128;
@@ -208,9 +209,12 @@ cudaError_t launch(const sk_decode_attention_params& p, cudaStream_t stream) {
       (int64_t)p.batch * p.seqlen_q * p.heads_q > 0x7fffffff)
     return cudaErrorInvalidValue;
   const dim3 grid(p.num_splits, p.batch * p.heads_kv, row_blocks);
-  ess_decode_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(p, chunk);
-  if (p.num_splits > 1)
-    ess_decode_combine_kernel<T, D><<<p.batch * p.seqlen_q * p.heads_q, D, 0, stream>>>(p);
+  const auto attention = ess_decode_attention_kernel<T, D>;
+  SK_LAUNCH(attention, grid, kThreads, stream, p, chunk);
+  if (p.num_splits > 1) {
+    const auto combine = ess_decode_combine_kernel<T, D>;
+    SK_LAUNCH(combine, p.batch * p.seqlen_q * p.heads_q, D, stream, p);
+  }
   return cudaGetLastError();
 }
 
@@ -225,6 +229,7 @@ cudaError_t launch_head_dim(const sk_decode_attention_params& p, cudaStream_t st
 }
 
 }  // namespace
+}  // namespace decode_attention
 }  // namespace safekern
 
 extern "C" int sk_decode_attention_supports_head_dim(int head_dim) {
@@ -234,6 +239,7 @@ extern "C" int sk_decode_attention_supports_head_dim(int head_dim) {
 extern "C" int sk_decode_attention_num_splits(int batch, int heads_q, int heads_kv, int seqlen_q,
                                               int seqlen_k, int num_sms) {
   using namespace safekern;
+  using namespace safekern::decode_attention;
   if (heads_kv <= 0 || seqlen_k <= 0) return 1;
   const int ctas = batch * heads_kv * ceil_div(heads_q / heads_kv * seqlen_q, kRows);
   // Two waves of CTAs hide the combine's cost; more splits only add partial-output traffic.
@@ -244,7 +250,7 @@ extern "C" int sk_decode_attention_num_splits(int batch, int heads_q, int heads_
 
 extern "C" cudaError_t sk_ess_decode_attention(const sk_decode_attention_params* params,
                                                cudaStream_t stream) {
-  using namespace safekern;
+  using namespace safekern::decode_attention;
   const sk_decode_attention_params& p = *params;
   if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads_q <= 0) return cudaSuccess;  // empty output
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0 || p.seqlen_k < 0 || p.num_splits < 1 ||

@@ -21,6 +21,7 @@
 #include "sk_common.cuh"
 
 namespace safekern {
+namespace head_sample {  // named, so a unity build with the attention kernels has no clashes
 namespace {
 
 constexpr int kThreads = 256;
@@ -199,17 +200,19 @@ cudaError_t launch(const sk_head_sample_params& p, cudaStream_t stream) {
                      reinterpret_cast<uintptr_t>(p.h_tok) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(p.lm_head) % 16 == 0;
   const dim3 grid(ceil_div(p.batch, kBatchTile), num_tiles);
-  if (vec16) lm_head_argmax_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, num_tiles);
-  else lm_head_argmax_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, num_tiles);
-  head_sample_finalize_kernel<T><<<p.batch, kThreads, 0, stream>>>(p, num_tiles);
+  const auto argmax = vec16 ? lm_head_argmax_kernel<T, true> : lm_head_argmax_kernel<T, false>;
+  SK_LAUNCH(argmax, grid, kThreads, stream, p, num_tiles);
+  const auto finalize = head_sample_finalize_kernel<T>;
+  SK_LAUNCH(finalize, p.batch, kThreads, stream, p, num_tiles);
   return cudaGetLastError();
 }
 
 }  // namespace
+}  // namespace head_sample
 }  // namespace safekern
 
 extern "C" int sk_head_sample_num_tiles(int vocab) {
-  return safekern::ceil_div(vocab, safekern::kVocabTile);
+  return safekern::ceil_div(vocab, safekern::head_sample::kVocabTile);
 }
 
 extern "C" cudaError_t sk_head_sample(const sk_head_sample_params* params, cudaStream_t stream) {
@@ -220,9 +223,9 @@ extern "C" cudaError_t sk_head_sample(const sk_head_sample_params* params, cudaS
       (p.state.mode != nullptr && p.state.refusal_len <= 0))
     return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case SK_FLOAT32: return safekern::launch<float>(p, stream);
-    case SK_FLOAT16: return safekern::launch<__half>(p, stream);
-    case SK_BFLOAT16: return safekern::launch<__nv_bfloat16>(p, stream);
+    case SK_FLOAT32: return safekern::head_sample::launch<float>(p, stream);
+    case SK_FLOAT16: return safekern::head_sample::launch<__half>(p, stream);
+    case SK_BFLOAT16: return safekern::head_sample::launch<__nv_bfloat16>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

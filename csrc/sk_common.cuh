@@ -5,6 +5,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// Kernel launch. tests/cuda_emulator.cpp redefines it to run the kernels on CPU threads.
+#ifndef SK_LAUNCH
+#define SK_LAUNCH(kernel, grid, block, stream, ...) \
+  kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+
 namespace safekern {
 
 template <typename T>
