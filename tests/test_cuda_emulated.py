@@ -20,7 +20,7 @@ from cuda_tools import CSRC, ROOT, build, cuda_include, require_gxx, require_nvc
 from safekern.reference import ess_attention_ref, plan_step
 from safekern.reference.attention import default_q_pos
 from safekern.reference.sampling import head_sample_ref, safety_score_ref
-from safekern.spec import POLICIES, SCHEDULES, EssConfig, EssState, SamplingParams
+from safekern.spec import POLICIES, SCHEDULES, EssConfig, EssState
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPE_ID = dict(ids=lambda d: str(d).replace("torch.", ""))
