@@ -50,8 +50,9 @@ def cuda_extension_kwargs():
         name="safekern._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        # No -std flag: torch adds the standard its headers need (C++20 since torch 2.10).
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                                      "--expt-relaxed-constexpr"] + gencode},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(

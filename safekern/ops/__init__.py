@@ -5,5 +5,6 @@ Importing this package registers every backend that ships with safekern.
 from . import dispatch
 from .attention import ess_attention
 from .head_sample import head_sample
+from . import cuda_backend  # noqa: F401  (registers backend "cuda")
 
 __all__ = ["dispatch", "ess_attention", "head_sample"]
