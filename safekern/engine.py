@@ -150,6 +150,7 @@ class Engine:
         cuda_graph: capture the decode step in a CUDA graph (CUDA, greedy sampling only).
         sync_every: read the device-side "all finished" flag every this many steps (default 1
             on CPU, 16 on CUDA).
+        ignore_eos: decode ``max_new_tokens`` tokens regardless of EOS (benchmarks).
 
     >>> eng = Engine(model, tokenizer)                                     # doctest: +SKIP
     >>> eng.generate(["How do I bake bread?"], max_new_tokens=32)[0].trace  # doctest: +SKIP
@@ -157,7 +158,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_cache_len: Optional[int] = None,
                  backend: str = "auto", cuda_graph: bool = False,
-                 sync_every: Optional[int] = None):
+                 sync_every: Optional[int] = None, ignore_eos: bool = False):
         self.arch = _Arch(model)
         if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got "
@@ -175,6 +176,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_cache_len, self.backend = max_cache_len, backend
         self.cuda_graph, self._sync_every = cuda_graph, sync_every
+        self.ignore_eos = bool(ignore_eos)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
 
@@ -255,9 +257,9 @@ class Engine:
             self._cls_ids = torch.full((B, 1), cfg.cls_id, dtype=torch.int64, device=dev)
         # Resolve the backends once: the decode loop calls them directly, because the public
         # functions validate values (a host sync per call) and the engine builds valid inputs.
-        _, self._attn_fn = dispatch.choose(
+        self._attn_fns = {lq: dispatch.choose(
             "ess_attention", self.backend, device=dev, dtype=self.dtype, head_dim=a.head_dim,
-            seqlen_q=1 if ess is None else 2, seqlen_k=need, requires_grad=False)
+            seqlen_q=lq, seqlen_k=need, requires_grad=False)[1] for lq in (1, 2)}
         _, self._head_fn = dispatch.choose(
             "head_sample", self.backend, device=dev, dtype=self.dtype, batch=B,
             vocab=self._lm_w.shape[0], hidden=self._lm_w.shape[1], sampling=sampling)
@@ -265,6 +267,8 @@ class Engine:
 
     def _eos_ids(self) -> List[int]:
         ids = set()
+        if self.ignore_eos:
+            return []
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         gen = getattr(self.model, "generation_config", None)
@@ -304,25 +308,32 @@ class Engine:
         self._sample(h_tok, h_cls, checked=True)
 
     # ------------------------------------------------------------------ decode
-    def _decode_step(self, kv_len: int):
-        """One step for every sequence; reads and writes only device tensors (graph-safe)."""
+    def _decode_step(self, kv_len: int, host_skip: bool = False):
+        """One step for every sequence; reads and writes only device tensors (graph-safe).
+
+        ``host_skip`` (CPU, where reading a flag costs nothing): when no sequence re-evaluates
+        this step, the token rows run alone. A decode token row sits at ``t - 1 >= P``, so plain
+        causal attention over ``[0, t)`` is exactly its ESS visibility.
+        """
         t_prev = self._lengths + (self._step_idx.int() - 1)              # t - 1 per sequence
-        if self._ess is None:
-            ids = self._tok[:, None]
+        st = self.state if self._ess is not None else None
+        if st is not None:
+            st.seq_len.copy_(t_prev + 1)
+            windows = plan_step(st, self._ess)
+        if st is None or (host_skip and not bool(st.evaluating.any())):
             pos = t_prev.long()[:, None]
-            q_pos = t_prev[:, None]
 
             def write(layer, k, v):
                 self._k[layer, self._bidx, pos[:, 0]] = k[:, 0]
                 self._v[layer, self._bidx, pos[:, 0]] = v[:, 0]
 
-            ess_kw = dict(seqlens_k=t_prev + 1)
-            x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fn, ess_kw)
-            self._sample(self._norm(x[:, 0]), None)
+            ess_kw = dict(seqlens_k=t_prev + 1, key_bias=self._key_bias(kv_len))
+            x = self._forward(self._tok[:, None], pos, t_prev[:, None], kv_len, write,
+                              self._attn_fns[1], ess_kw)
+            h = self._norm(x[:, 0])
+            # No row evaluates: head_sample reads no [CLS] state, only advances the controller.
+            self._sample(h, None if st is None else h)
             return
-        st = self.state
-        st.seq_len.copy_(t_prev + 1)
-        windows = plan_step(st, self._ess)
         ev = st.evaluating
         ids = torch.cat([self._tok[:, None], self._cls_ids], 1)
         pos = torch.stack([t_prev, torch.zeros_like(t_prev)], 1).long()
@@ -339,7 +350,7 @@ class Engine:
 
         ess_kw = dict(seqlens_k=st.seq_len, response_start=st.prompt_len, cls_windows=windows,
                       key_bias=self._key_bias(kv_len))
-        x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fn, ess_kw)
+        x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fns[2], ess_kw)
         h = self._norm(x)
         self._sample(h[:, 0], h[:, 1])
 
@@ -365,8 +376,9 @@ class Engine:
             self._out_p.index_copy_(1, col, p[:, None])
             self._out_ev.index_copy_(1, col, ev[:, None])
             self._out_t.index_copy_(1, col, self.state.seq_len[:, None])
-            pc = p.clamp(1e-6, 1 - 1e-6)
-            self._logit.copy_(torch.where(ev, torch.log(pc) - torch.log1p(-pc), self._logit))
+            if ess.cls_bias_scale != 0:
+                pc = p.clamp(1e-6, 1 - 1e-6)
+                self._logit.copy_(torch.where(ev, torch.log(pc) - torch.log1p(-pc), self._logit))
             self._reason_refusal |= emit & self.state.finished
             done = done | self.state.finished
         self._done.copy_(done)
@@ -455,7 +467,7 @@ class Engine:
             if graph is not None:
                 graph.replay()
             else:
-                self._decode_step(self.Lp + steps)
+                self._decode_step(self.Lp + steps, host_skip=not on_cuda)
             if stream is not None:
                 self._emit_stream(stream, steps)
             steps += 1

@@ -143,9 +143,9 @@ def oracle_generate(model, tok, prompt, prefill, ess, n_new):
     return tokens, evals
 
 
-@pytest.mark.parametrize("arch,bias_scale,policy", [("llama", 0.0, "medium"),
-                                                    ("qwen2", 1.5, "low")])
-def test_cls_slot_semantics_match_row_by_row_reimplementation(arch, bias_scale, policy):
+@pytest.mark.parametrize("arch,bias_scale,policy,schedule", [("llama", 0.0, "medium", "each"),
+                                                             ("qwen2", 1.5, "low", "periodic")])
+def test_cls_slot_semantics_match_row_by_row_reimplementation(arch, bias_scale, policy, schedule):
     model, tok = make_model(arch, seed=1)
     n = 14
     prefill = ["", "Sure", "Once upon"]
@@ -154,7 +154,7 @@ def test_cls_slot_semantics_match_row_by_row_reimplementation(arch, bias_scale, 
                               safety=EssConfig(threshold=1.0))
     ps = sorted(p for r in probe for p in r.trace.p_unsafe)
     ess = EssConfig(threshold=ps[len(ps) // 2], tau=2, r1=4, r2=3, r3=2, policy=policy,
-                    cls_bias_scale=bias_scale)
+                    cls_bias_scale=bias_scale, schedule=schedule, period=3)
     res = safekern.generate(model, tok, PROMPTS, max_new_tokens=n, prefill=prefill, safety=ess)
     modes = set()
     for prompt, pre, r in zip(PROMPTS, prefill, res):
