@@ -51,6 +51,10 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.eval()
     attach(model, tok)
+    # A benign-leaning head: a random one may flag at the first evaluation, and a triggered
+    # sequence is never evaluated again, which would understate every schedule's cost.
+    with torch.no_grad():
+        model.safety_head.bias.fill_(-8.0)
     return model, tok
 
 

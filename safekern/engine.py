@@ -331,8 +331,11 @@ class Engine:
             x = self._forward(self._tok[:, None], pos, t_prev[:, None], kv_len, write,
                               self._attn_fns[1], ess_kw)
             h = self._norm(x[:, 0])
-            # No row evaluates: head_sample reads no [CLS] state, only advances the controller.
-            self._sample(h, None if st is None else h)
+            if st is None or not bool((st.forced_idx >= 0).any()):
+                # Nobody evaluates or takes a refusal token: the controller update is a no-op.
+                self._sample(h, None, controller=False)
+            else:
+                self._sample(h, h)                    # no [CLS] row is read: none evaluates
             return
         ev = st.evaluating
         ids = torch.cat([self._tok[:, None], self._cls_ids], 1)
@@ -354,12 +357,12 @@ class Engine:
         h = self._norm(x)
         self._sample(h[:, 0], h[:, 1])
 
-    def _sample(self, h_tok, h_cls, checked: bool = False):
+    def _sample(self, h_tok, h_cls, checked: bool = False, controller: bool = True):
         """head_sample + per-step bookkeeping in device tensors (no host sync)."""
         ess = self._ess
         kw = dict(h_cls=None, safety_weight=None, safety_bias=None, state=None, ess=None,
                   sampling=self._sampling, generator=self._generator)
-        if ess is not None:
+        if ess is not None and controller:
             kw.update(h_cls=h_cls, safety_weight=self._sw, safety_bias=self._sb,
                       state=self.state, ess=ess)
         if checked:
@@ -371,7 +374,8 @@ class Engine:
         self._out_tok.index_copy_(1, col, torch.where(emit, tok, self._pad)[:, None])
         self._out_emit.index_copy_(1, col, emit[:, None])
         done = self._done | torch.isin(tok, self._eos)
-        if ess is not None:
+        # Without a controller update nothing below changes (outputs start as NaN/False).
+        if ess is not None and controller:
             ev = self.state.evaluating & emit
             self._out_p.index_copy_(1, col, p[:, None])
             self._out_ev.index_copy_(1, col, ev[:, None])
