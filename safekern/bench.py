@@ -73,19 +73,25 @@ def _timer(device):
     return now
 
 
-def _interleaved(fns: Dict[str, callable], reps: int, device, progress) -> Dict[str, float]:
+def _interleaved(fns: Dict[str, callable], reps: int, device, progress):
+    """Round-robin A/B timing: per provider the median wall time and the median process CPU
+    time (with one torch thread on a shared, loaded CPU, CPU time is the steadier measure of
+    the work done; wall time is what PERFORMANCE.md asks for, so both are reported)."""
     now = _timer(device)
     for f in fns.values():                                               # warm-up
         f()
         progress.update(1)
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    wall: Dict[str, List[float]] = {k: [] for k in fns}
+    cpu: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = now()
+            c0, t0 = time.process_time(), now()
             f()
-            samples[k].append(now() - t0)
+            wall[k].append(now() - t0)
+            cpu[k].append(time.process_time() - c0)
             progress.update(1)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return ({k: statistics.median(v) for k, v in wall.items()},
+            {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def _hf_generate(model, tok, prompts, new_tokens, cache):
@@ -119,7 +125,7 @@ def run(args) -> int:
         args.batch or [1, 16, 64]
     prompt_tokens = args.prompt_tokens or (1024 if device.type == "cuda" else 64)
     new_tokens = args.new_tokens or (256 if device.type == "cuda" else (32 if args.quick else 64))
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or (3 if args.quick else 9)
     model, tok = build(args.shape, device, dtype)
     env = environment(device)
     need = max(encode_prompts(tok, make_prompts(tok, 1, prompt_tokens)).lengths) + 1 + new_tokens
@@ -140,20 +146,23 @@ def run(args) -> int:
             fns["transformers"] = _hf_generate(model, tok, prompts, new_tokens,
                                                "static" if device.type == "cuda" else None)
             bar.set_postfix(batch=B)
-            med = _interleaved(fns, reps, device, bar)
+            med, cpu = _interleaved(fns, reps, device, bar)
             off = med["off"]
             for name in providers:
                 ms = med[name] / new_tokens * 1e3
                 row = {"shape": args.shape, "batch": B, "prompt": prompt_tokens,
                        "new_tokens": new_tokens, "provider": name, "ms_per_token": ms,
                        "vs_off": med[name] / off}
+                if device.type == "cpu":
+                    row["vs_off_cpu_time"] = cpu[name] / cpu["off"]
                 if name in ess:
                     row["P1"] = "ok" if row["vs_off"] <= P1_TARGET[device.type] else "MISS"
                 if name == "transformers":
                     row["engine_speedup"] = med[name] / off
                     row["P2"] = "ok" if row["engine_speedup"] >= P2_TARGET[device.type] else "MISS"
                 rows.append(row)
-    cols = ["batch", "provider", "ms_per_token", "vs_off", "P1", "engine_speedup", "P2"]
+    cols = ["batch", "provider", "ms_per_token", "vs_off", "vs_off_cpu_time", "P1",
+            "engine_speedup", "P2"]
     print(f"\n{env['device']} | torch {env['torch']} | shape {args.shape} | prompt "
           f"~{prompt_tokens} tokens | {new_tokens} new tokens | backend {args.backend} | "
           f"median of {reps} | {torch.get_num_threads()} torch threads")
@@ -161,7 +170,8 @@ def run(args) -> int:
     print(f"vs_off: time per token relative to the same engine with safety off. Paper budget "
           f"{PAPER_BUDGET:.2f}x (annealing); P1 target <= {P1_TARGET[device.type]:.2f}x "
           f"({device.type}, schedule each). engine_speedup: transformers generate time / engine "
-          f"(safety off) time; P2 target >= {P2_TARGET[device.type]:.1f}x.")
+          f"(safety off) time; P2 target >= {P2_TARGET[device.type]:.1f}x. P1/P2 are judged on "
+          f"wall time; vs_off_cpu_time is the same ratio in process CPU time.")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"engine_{args.shape}_{device.type}")
     print("csv:", write_csv(stem + ".csv", rows, env))
