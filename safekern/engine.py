@@ -80,11 +80,6 @@ class GenerationResult:
     trace: Optional[Trace]
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class _Arch:
     """The modules of a Llama-family model, checked once; raises for what the engine lacks."""
 
@@ -195,8 +190,9 @@ class Engine:
             q = sa.q_proj(h).view(B, L, a.n_heads, a.head_dim)
             k = sa.k_proj(h).view(B, L, a.n_kv, a.head_dim)
             v = sa.v_proj(h).view(B, L, a.n_kv, a.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            half = a.head_dim // 2
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
             write(i, k, v)
             o = attn(q, self._k[i, :, :kv_len], self._v[i, :, :kv_len], softmax_scale=a.scale,
                      causal=True, q_pos=q_pos, return_lse=False, **kw)
@@ -219,11 +215,18 @@ class Engine:
                              f"({a.max_positions})")
         a.check_length(need)
         self.B, self.Lmax, self.Lp = B, need, Lp
-        shape = (len(a.layers), B, need, a.n_kv, a.head_dim)
+        # One spare slot at index ``need``: the [CLS] K/V of rows that do not re-evaluate are
+        # written there (never read), so each layer stores both rows in one indexed write.
+        shape = (len(a.layers), B, need + 1, a.n_kv, a.head_dim)
         # Zeros, not empty: the reference reads padded key slots (masked, but 0 * NaN = NaN).
         self._k = torch.zeros(shape, device=dev, dtype=self.dtype)
         self._v = torch.zeros(shape, device=dev, dtype=self.dtype)
-        self._cos, self._sin = a.rope_table(need, dev, self.dtype)
+        self._cos, sin = a.rope_table(need, dev, self.dtype)
+        # rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * [-1.., +1..]: fold the sign into sin
+        # (exact: only a negation moves) so RoPE is two multiplies and one roll per tensor.
+        sign = torch.ones(a.head_dim, device=dev, dtype=self.dtype)
+        sign[:a.head_dim // 2] = -1
+        self._sin = sin * sign
         self._lengths = lengths
         self._bidx = torch.arange(B, device=dev)
         self._ess = ess
@@ -341,15 +344,13 @@ class Engine:
         ids = torch.cat([self._tok[:, None], self._cls_ids], 1)
         pos = torch.stack([t_prev, torch.zeros_like(t_prev)], 1).long()
         q_pos = torch.stack([t_prev, torch.where(ev, 0, -1).int()], 1)
-        ev_kv = ev[:, None, None]
+        # The [CLS] slot is refreshed before each layer's attention, for evaluating rows only.
+        slots = torch.stack([pos[:, 0], torch.where(ev, 0, self.Lmax)], 1)
+        rows = self._bidx[:, None]
 
         def write(layer, k, v):
-            kc, vc = self._k[layer], self._v[layer]
-            kc[self._bidx, pos[:, 0]] = k[:, 0]
-            vc[self._bidx, pos[:, 0]] = v[:, 0]
-            # The [CLS] slot is refreshed before this layer's attention, for evaluating rows.
-            kc[:, 0] = torch.where(ev_kv, k[:, 1], kc[:, 0])
-            vc[:, 0] = torch.where(ev_kv, v[:, 1], vc[:, 0])
+            self._k[layer, rows, slots] = k
+            self._v[layer, rows, slots] = v
 
         ess_kw = dict(seqlens_k=st.seq_len, response_start=st.prompt_len, cls_windows=windows,
                       key_bias=self._key_bias(kv_len))
