@@ -260,12 +260,16 @@ class Engine:
             self._cls_ids = torch.full((B, 1), cfg.cls_id, dtype=torch.int64, device=dev)
         # Resolve the backends once: the decode loop calls them directly, because the public
         # functions validate values (a host sync per call) and the engine builds valid inputs.
-        self._attn_fns = {lq: dispatch.choose(
+        attn = {lq: dispatch.choose(
             "ess_attention", self.backend, device=dev, dtype=self.dtype, head_dim=a.head_dim,
-            seqlen_q=lq, seqlen_k=need, requires_grad=False)[1] for lq in (1, 2)}
-        _, self._head_fn = dispatch.choose(
+            seqlen_q=lq, seqlen_k=need, requires_grad=False) for lq in (1, 2)}
+        self._attn_fns = {lq: fn for lq, (_, fn) in attn.items()}
+        head_backend, self._head_fn = dispatch.choose(
             "head_sample", self.backend, device=dev, dtype=self.dtype, batch=B,
             vocab=self._lm_w.shape[0], hidden=self._lm_w.shape[1], sampling=sampling)
+        # The torch reference reads values on the host (e.g. "all rows greedy?"), which a CUDA
+        # graph cannot capture: graphs need fast backends for both ops.
+        self._graphable = head_backend != "torch" and all(b != "torch" for b, _ in attn.values())
         return ids, lengths
 
     def _eos_ids(self) -> List[int]:
@@ -461,8 +465,12 @@ class Engine:
         sync_every = self._sync_every or (16 if on_cuda else 1)
         self._prefill(ids, lengths)
         graph = None
-        if self.cuda_graph and on_cuda and sampling.is_greedy and max_new_tokens > 1:
-            graph = self._capture_graph()
+        if self.cuda_graph and on_cuda and max_new_tokens > 1:
+            if not (sampling.is_greedy and self._graphable):
+                warnings.warn("cuda_graph needs greedy sampling and non-reference backends for "
+                              "ess_attention and head_sample; decoding eagerly")
+            else:
+                graph = self._capture_graph()
         steps = 1
         if stream is not None:
             self._emit_stream(stream, 0)

@@ -350,3 +350,21 @@ def test_errors():
     sw, stok = make_model("mistral", attach=False, sliding_window=8)
     with pytest.raises(ValueError, match="sliding-window attention"):
         safekern.generate(sw, stok, ["hello there"], max_new_tokens=4, safety=None)
+
+
+# ---------------------------------------------------------------- GPU (skipped without CUDA)
+@pytest.mark.gpu
+@pytest.mark.parametrize("safety", [None, EssConfig(schedule="periodic", period=3, tau=2)])
+def test_cuda_engine_matches_cpu_and_graph_matches_eager(safety):
+    model, tok = make_model("llama", seed=4)
+    cpu = safekern.generate(model, tok, PROMPTS, max_new_tokens=12, safety=safety)
+    model.cuda()
+    eager = safekern.Engine(model, tok).generate(PROMPTS, max_new_tokens=12, safety=safety)
+    graph = safekern.Engine(model, tok, cuda_graph=True, sync_every=4).generate(
+        PROMPTS, max_new_tokens=12, safety=safety)
+    for c, e, g in zip(cpu, eager, graph):
+        assert e.token_ids == g.token_ids == c.token_ids
+        if safety is not None:
+            assert e.trace.eval_steps == g.trace.eval_steps == c.trace.eval_steps
+            torch.testing.assert_close(torch.tensor(e.trace.p_unsafe),
+                                       torch.tensor(g.trace.p_unsafe), rtol=0, atol=1e-5)
