@@ -184,13 +184,13 @@ class Engine:
         kw = {"response_start": None, "cls_windows": None, "key_bias": None, **ess_kw}
         x = a.base.embed_tokens(ids)
         cos, sin = self._cos[pos][:, :, None, :], self._sin[pos][:, :, None, :]
+        half = a.head_dim // 2
         for i, layer in enumerate(a.layers):
             h = layer.input_layernorm(x)
             sa = layer.self_attn
             q = sa.q_proj(h).view(B, L, a.n_heads, a.head_dim)
             k = sa.k_proj(h).view(B, L, a.n_kv, a.head_dim)
             v = sa.v_proj(h).view(B, L, a.n_kv, a.head_dim)
-            half = a.head_dim // 2
             q = q * cos + q.roll(half, -1) * sin
             k = k * cos + k.roll(half, -1) * sin
             write(i, k, v)
