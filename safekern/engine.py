@@ -472,6 +472,7 @@ class Engine:
             else:
                 graph = self._capture_graph()
         steps = 1
+        self._stopped = [False] * self.B
         if stream is not None:
             self._emit_stream(stream, 0)
         while steps < max_new_tokens:
@@ -484,7 +485,7 @@ class Engine:
             if stream is not None:
                 self._emit_stream(stream, steps)
             steps += 1
-            if stop and steps % sync_every == 0 and self._all_stopped(stop, enc, steps):
+            if stop and steps % sync_every == 0 and self._all_stopped(stop, steps, sync_every):
                 break
         return self._results(enc, stop, steps)
 
@@ -494,12 +495,20 @@ class Engine:
         p = self._out_p[:, step].tolist() if self._ess is not None else [math.nan] * self.B
         stream(step, [t if e else None for t, e in zip(toks, emit)], p)
 
-    def _all_stopped(self, stop, enc, steps) -> bool:
-        toks = self._out_tok[:, :steps].tolist()
-        emit = self._out_emit[:, :steps].tolist()
-        return all(d or any(s in self.tokenizer.decode([t for t, e in zip(row, em) if e])
-                            for s in stop)
-                   for d, row, em in zip(self._done.tolist(), toks, emit))
+    def _all_stopped(self, stop, steps, sync_every) -> bool:
+        """Host check, every ``sync_every`` steps: has every row ended or written a stop string?
+
+        Only the tail that can hold a new occurrence is decoded (every token is >= 1 byte;
+        a few spare tokens cover characters split across tokens)."""
+        tail = sync_every + max(len(s.encode()) for s in stop) + 4
+        lo = max(0, steps - tail)
+        toks = self._out_tok[:, lo:steps].tolist()
+        emit = self._out_emit[:, lo:steps].tolist()
+        for b, (d, row, em) in enumerate(zip(self._done.tolist(), toks, emit)):
+            if not (d or self._stopped[b]):
+                text = self.tokenizer.decode([t for t, e in zip(row, em) if e])
+                self._stopped[b] = any(s in text for s in stop)
+        return all(d or st for d, st in zip(self._done.tolist(), self._stopped))
 
     def _results(self, enc, stop, steps) -> List[GenerationResult]:
         toks = self._out_tok[:, :steps].tolist()
