@@ -21,6 +21,8 @@ P2_TARGET = {"cpu": 1.0, "cuda": 1.5}
 
 SHAPES = {
     "tiny": {},
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                  num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                       max_position_embeddings=8192, rope_theta=500000.0),

@@ -21,8 +21,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     b = sub.add_parser("bench", help="strategic decoding overhead per token (P1) and engine vs "
                        "transformers generate (P2) on the embedded default model")
     b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    b.add_argument("--shape", default="tiny", choices=["tiny", "llama3-8b"],
-                   help="model shape, random weights (default: the embedded tiny Llama)")
+    b.add_argument("--shape", default="tiny", choices=["tiny", "small", "llama3-8b"],
+                   help="model shape, random weights (default: the embedded tiny Llama; small: "
+                   "hidden 1024, 8 layers, vocab 32000)")
     b.add_argument("--backend", default="auto")
     b.add_argument("--batch", type=int, nargs="+", help="batch sizes (cpu: 1 4, cuda: 1 16 64)")
     b.add_argument("--prompt-tokens", type=int, help="prompt length (cpu: 64, cuda: 1024)")
