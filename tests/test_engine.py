@@ -152,9 +152,10 @@ def oracle_generate(model, tok, prompt, prefill, ess, n_new):
     return tokens, evals
 
 
-@pytest.mark.parametrize("arch,bias_scale,policy,schedule", [("llama", 0.0, "medium", "each"),
-                                                             ("qwen2", 1.5, "low", "periodic")])
-def test_cls_slot_semantics_match_row_by_row_reimplementation(arch, bias_scale, policy, schedule):
+@pytest.mark.parametrize("arch,bias_scale,policy,schedule,first_at", [
+    ("llama", 0.0, "medium", "each", 0), ("qwen2", 1.5, "low", "periodic", 6)])
+def test_cls_slot_semantics_match_row_by_row_reimplementation(arch, bias_scale, policy, schedule,
+                                                              first_at):
     model, tok = make_model(arch, seed=1)
     n = 14
     prefill = ["", "Sure", "Once upon"]
@@ -163,7 +164,7 @@ def test_cls_slot_semantics_match_row_by_row_reimplementation(arch, bias_scale, 
                               safety=EssConfig(threshold=1.0))
     ps = sorted(p for r in probe for p in r.trace.p_unsafe)
     ess = EssConfig(threshold=ps[len(ps) // 2], tau=2, r1=4, r2=3, r3=2, policy=policy,
-                    cls_bias_scale=bias_scale, schedule=schedule, period=3)
+                    cls_bias_scale=bias_scale, schedule=schedule, period=3, first_at=first_at)
     res = safekern.generate(model, tok, PROMPTS, max_new_tokens=n, prefill=prefill, safety=ess)
     modes = set()
     for prompt, pre, r in zip(PROMPTS, prefill, res):
@@ -275,6 +276,17 @@ def test_save_load_roundtrip_reproduces_generation(llama, tmp_path):
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert [r.trace.p_unsafe for r in a] == [r.trace.p_unsafe for r in b]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["safety.json", "safety.safetensors"]
+
+
+def test_tied_embeddings_attach_and_roundtrip(tmp_path):
+    model, tok = make_model("qwen2", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    safekern.save_safety(model, str(tmp_path))
+    fresh, tok2 = make_model("qwen2", attach=False, tie_word_embeddings=True)
+    safekern.load_safety(fresh, tok2, str(tmp_path))
+    a = safekern.generate(model, tok, PROMPTS[:1], max_new_tokens=4)
+    b = safekern.generate(fresh, tok2, PROMPTS[:1], max_new_tokens=4)
+    assert a[0].token_ids == b[0].token_ids and a[0].trace == b[0].trace
 
 
 def test_attach_layout_and_two_class_head():
