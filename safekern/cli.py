@@ -32,8 +32,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("--quick", action="store_true", help="batch 1, 32 tokens, 3 reps")
     b.add_argument("--out", default="bench_out", help="directory for the CSV and PNG")
     b.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the tiny model's matmuls are too small to "
-                   "gain from more, and a loaded machine makes thread pools spin; 0 = torch default)")
+                   help="torch CPU threads (default 1: the tiny model's matmuls are too small "
+                   "to gain from more, and on a loaded machine thread pools spin; 0 = torch "
+                   "default)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="print versions, device and runnable backends as JSON")

@@ -247,7 +247,6 @@ class Engine:
         self._norm = a.base.norm
         if ess is not None:
             cfg = self.model.safekern
-            self._cls_id = cfg.cls_id
             self._sw, self._sb = safety_head_params(self.model)
             refusal = self.tokenizer(ess.refusal_text, add_special_tokens=False)["input_ids"]
             self.state = EssState.create(enc.prompt_len, enc.query_start, enc.query_end,
