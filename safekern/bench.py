@@ -120,6 +120,9 @@ def run(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    if args.shape == "llama3-8b" and device.type == "cpu":
+        raise SystemExit("--shape llama3-8b is a GPU benchmark (~32 GB of fp32 weights on CPU); "
+                         "use --device cuda, or --shape small on a CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
