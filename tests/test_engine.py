@@ -389,3 +389,15 @@ def test_cuda_engine_matches_cpu_and_graph_matches_eager(safety):
             assert e.trace.eval_steps == g.trace.eval_steps == c.trace.eval_steps
             torch.testing.assert_close(torch.tensor(e.trace.p_unsafe),
                                        torch.tensor(g.trace.p_unsafe), rtol=0, atol=1e-5)
+
+
+def test_model_api_is_lazy():
+    """``import safekern`` (and resolving ``safekern.Engine``) does not import transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, safekern; safekern.Engine; safekern.attach; "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
