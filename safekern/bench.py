@@ -130,7 +130,7 @@ def run(args) -> int:
         args.batch or [1, 16, 64]
     prompt_tokens = args.prompt_tokens or (1024 if device.type == "cuda" else 64)
     new_tokens = args.new_tokens or (256 if device.type == "cuda" else (32 if args.quick else 64))
-    reps = args.reps or (3 if args.quick else 9)
+    reps = args.reps or (3 if args.quick else 15)
     model, tok = build(args.shape, device, dtype)
     env = environment(device)
     need = max(encode_prompts(tok, make_prompts(tok, 1, prompt_tokens)).lengths) + 1 + new_tokens

@@ -28,7 +28,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("--batch", type=int, nargs="+", help="batch sizes (cpu: 1 4, cuda: 1 16 64)")
     b.add_argument("--prompt-tokens", type=int, help="prompt length (cpu: 64, cuda: 1024)")
     b.add_argument("--new-tokens", type=int, help="tokens per sequence (cpu: 64, cuda: 256)")
-    b.add_argument("--reps", type=int, help="timed repetitions per provider (default 9, --quick 3)")
+    b.add_argument("--reps", type=int, help="timed repetitions per provider (default 15, --quick 3)")
     b.add_argument("--quick", action="store_true", help="batch 1, 32 tokens, 3 reps")
     b.add_argument("--out", default="bench_out", help="directory for the CSV and PNG")
     b.add_argument("--threads", type=int, default=1,
