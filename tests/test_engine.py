@@ -244,17 +244,24 @@ def _triton_reason():
     return why
 
 
-def test_torch_and_triton_backends_give_identical_streams_and_traces():
+@pytest.mark.parametrize("schedule", ["each", "periodic"])
+def test_torch_and_triton_backends_give_identical_streams_and_traces(schedule):
     why = _triton_reason()
     if why:
         pytest.skip(f"triton backend cannot run here: {why}")
     model, tok = make_model("llama", seed=2, hidden_size=256, num_attention_heads=4,
                             num_key_value_heads=1, num_hidden_layers=2, intermediate_size=256)
-    ess = EssConfig(schedule="each", tau=2, cls_bias_scale=0.5)
     prompts = ["hi", "How are you doing?"]
-    kw = dict(max_new_tokens=5, prefill=["Sure", ""], safety=ess)
-    ref = safekern.generate(model, tok, prompts, backend="torch", **kw)
-    fast = safekern.generate(model, tok, prompts, backend="triton", **kw)
+    kw = dict(max_new_tokens=8, prefill=["Sure", ""])
+    # Threshold at the median verdict, so sequences evaluate, flag, recover and trigger.
+    probe = safekern.generate(model, tok, prompts, backend="torch", **kw,
+                              safety=EssConfig(schedule=schedule, period=2, threshold=1.0))
+    ps = sorted(p for r in probe for p in r.trace.p_unsafe)
+    ess = EssConfig(schedule=schedule, period=2, tau=2, cls_bias_scale=0.5,
+                    threshold=ps[len(ps) // 2])
+    ref = safekern.generate(model, tok, prompts, backend="torch", safety=ess, **kw)
+    fast = safekern.generate(model, tok, prompts, backend="triton", safety=ess, **kw)
+    assert sum(len(r.trace.eval_steps) for r in ref) > 3
     for a, b in zip(ref, fast):
         assert a.token_ids == b.token_ids
         assert a.trace.eval_steps == b.trace.eval_steps
