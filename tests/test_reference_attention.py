@@ -134,3 +134,28 @@ def test_reference_supports_autograd():
     rs = i32([3])
     assert torch.autograd.gradcheck(
         lambda q, k, v: ess_attention(q, k, v, response_start=rs, backend="torch"), (q, k, v))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_torch_backend_fp32_fast_path_matches_reference(name, with_bias):
+    """fp32 inference calls of backend='torch' take SDPA over the visibility mask."""
+    B, Lq, Lk, Hq, Hkv, D = CASES[name]
+    g = torch.Generator().manual_seed(zlib.crc32(f"fast-{name}-{with_bias}".encode()))
+    q, k, v = (torch.randn(B, L, H, D, generator=g)
+               for L, H in ((Lq, Hq), (Lk, Hkv), (Lk, Hkv)))
+    seqlens_k = i32([Lk, Lk - 13, Lk - 40][:B])
+    q_pos = default_q_pos(seqlens_k, Lq)
+    q_pos[:, 0] = 0                                        # a [CLS] row
+    q_pos[0, -1] = -1                                      # a padding row
+    meta = dict(q_pos=q_pos, seqlens_k=seqlens_k, response_start=i32([20, 5, Lk + 10][:B]),
+                cls_windows=i32([[[2, 9], [30, 50]], [[7, 7], [Lk - 20, Lk]],
+                                 [[50, 40], [0, Lk]]][:B]),
+                key_bias=torch.randn(B, Hq, Lk, generator=g) if with_bias else None)
+    got = ess_attention(q, k, v, backend="torch", **meta)
+    want = ess_attention_ref(q.double(), k.double(), v.double(),
+                             **{**meta, "key_bias": meta["key_bias"]})
+    in_dtype = ess_attention_ref(q, k, v, **meta)           # the reference's own fp32 error
+    err, ref_err = (got.double() - want).abs().max(), (in_dtype.double() - want).abs().max()
+    assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+    assert (got[0, -1] == 0).all() and torch.isfinite(got).all()
