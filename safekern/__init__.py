@@ -10,5 +10,17 @@ from ._info import info
 
 __version__ = "0.1.0"
 
+# Model-level API, imported lazily so ``import safekern`` does not import transformers.
+_LAZY = {"attach": "model", "save_safety": "model", "load_safety": "model",
+         "generate": "engine", "Engine": "engine"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["ess_attention", "head_sample", "plan_step", "EssConfig", "EssState",
-           "SamplingParams", "info", "__version__"]
+           "SamplingParams", "info", "__version__", *_LAZY]
