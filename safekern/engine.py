@@ -1,0 +1,565 @@
+"""Batched strategic decoding over Llama-family transformers models (DESIGN.md §2-§5).
+
+One generic forward walks the model's own modules (``embed_tokens``, ``layers[i]`` with
+``input_layernorm``, ``self_attn.{q,k,v,o}_proj`` (Qwen2 biases included),
+``post_attention_layernorm``, ``mlp``; ``norm``, ``rotary_emb``, ``lm_head``) and keeps its own
+preallocated KV cache ``(layers, B, Lmax, Hkv, D)``. Attention goes through
+``safekern.ess_attention`` and the step's tail through ``safekern.head_sample``, so the fastest
+registered backend runs.
+
+Per decode step and sequence, two query rows share one forward pass (Lq = 2):
+
+* the token row: the token sampled last step, at position ``t - 1``;
+* the [CLS] row at ``q_pos = 0`` when the sequence re-evaluates this step (``-1`` otherwise:
+  a padding row that costs nothing and writes nothing). In every layer its fresh K/V overwrite
+  cache slot 0 *before* that layer's attention, so the token row of the same step already sees
+  the refreshed [CLS] (DESIGN.md §3, KV-cache semantics).
+
+Prompts of different lengths are right-padded (never left-padded): padding rows get
+``q_pos = -1`` and ``seqlens_k`` hides padding keys, so RoPE positions equal indices.
+On CUDA the decode loop does not synchronise with the host: EOS/finished bookkeeping lives in
+device tensors and "all finished?" is read every ``sync_every`` steps; the decode step can be
+captured in a CUDA graph (``cuda_graph=True``, greedy sampling).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .model import encode_for_model, safety_config, safety_head_params
+from .ops import dispatch, ess_attention, head_sample
+from .reference.controller import plan_step
+from .spec import REFUSING, EssConfig, EssState, SamplingParams
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+_ACTIONS = {"low": "record", "medium": "refusal_prefix", "high": "refusal_stop"}
+
+
+@dataclass
+class Trace:
+    """What the safety controller did for one sequence.
+
+    Attributes:
+        eval_steps: generation steps at which the [CLS] row was evaluated; a verdict at step
+            ``s`` decides generated token ``s`` (step 0 = prefill).
+        eval_lengths: response length ``n = t - P`` at each evaluation (prefilled tokens count).
+        p_unsafe: ``p_unsafe`` at each evaluation.
+        trigger_step: the step whose verdict triggered the policy (None = never).
+        action: ``"refusal_prefix"`` (medium), ``"refusal_stop"`` (high), ``"record"`` (low) or
+            None when nothing triggered.
+    """
+
+    eval_steps: List[int] = field(default_factory=list)
+    eval_lengths: List[int] = field(default_factory=list)
+    p_unsafe: List[float] = field(default_factory=list)
+    trigger_step: Optional[int] = None
+    action: Optional[str] = None
+
+
+@dataclass
+class GenerationResult:
+    """One sequence's output.
+
+    Attributes:
+        text: the generated text (after the prefill, if any; cut at a stop string).
+        token_ids: the generated token ids (EOS included when it ended the sequence).
+        prefill_ids: the forced response start (part of the response, not generated).
+        finish_reason: ``"eos"``, ``"stop"`` (stop string), ``"refusal"`` (high policy) or
+            ``"length"``.
+        trace: the safety trace (None when decoding without safety).
+    """
+
+    text: str
+    token_ids: List[int]
+    prefill_ids: List[int]
+    finish_reason: str
+    trace: Optional[Trace]
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _Arch:
+    """The modules of a Llama-family model, checked once; raises for what the engine lacks."""
+
+    def __init__(self, model):
+        cfg = getattr(model, "config", None)
+        mtype = getattr(cfg, "model_type", None)
+        if mtype not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported architecture {mtype!r} ({type(model).__name__}); the "
+                             f"engine supports {SUPPORTED_ARCHS}")
+        base = getattr(model, "model", None)
+        missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb")
+                   if not hasattr(base, n)]
+        if missing or not hasattr(model, "lm_head"):
+            raise ValueError(f"{type(model).__name__} lacks the Llama-family modules "
+                             f"{missing or ['lm_head']}")
+        if getattr(model.lm_head, "bias", None) is not None:
+            raise ValueError("an LM head with a bias is not supported by the engine")
+        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        if rope.get("rope_type", "default") == "dynamic":
+            raise ValueError("dynamic RoPE scaling depends on the running length and is not "
+                             "supported by the engine (its RoPE table is precomputed)")
+        if rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("partial rotary embeddings are not supported by the engine")
+        layer0 = base.layers[0]
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn"):
+            if not hasattr(layer0, name):
+                raise ValueError(f"decoder layers lack {name!r}; not a Llama-family layer")
+        for name in ("q_norm", "k_norm"):
+            if hasattr(layer0.self_attn, name):
+                raise ValueError(f"attention with {name} (e.g. Qwen3) is not supported")
+        self.model, self.base, self.config = model, base, cfg
+        self.layers = list(base.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scale = float(getattr(layer0.self_attn, "scaling", self.head_dim ** -0.5))
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+
+    def check_length(self, L: int):
+        types = getattr(self.config, "layer_types", None)
+        window = getattr(self.config, "sliding_window", None)
+        active = ("sliding_attention" in types) if types is not None else window is not None
+        if active and window is not None and window < L:
+            raise ValueError(f"sliding-window attention (window {window}) is active within the "
+                             f"cache length {L}; the engine implements full attention only")
+
+    def rope_table(self, L: int, device, dtype):
+        pos = torch.arange(L, device=device)[None]
+        dummy = torch.zeros(1, device=device, dtype=dtype)
+        cos, sin = self.base.rotary_emb(dummy, pos)
+        return cos[0], sin[0]                                            # (L, D) each
+
+
+class Engine:
+    """Strategic decoding with its own KV cache over a Llama/Mistral/Qwen2 transformers model.
+
+    Args:
+        model: a transformers causal LM; ``safekern.attach`` it first to decode with safety.
+        tokenizer: its tokenizer (the one ``attach`` modified).
+        max_cache_len: longest prompt + new tokens a sequence may reach (default: the model's
+            ``max_position_embeddings``).
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cuda"``, passed to the ops.
+        cuda_graph: capture the decode step in a CUDA graph (CUDA, greedy sampling only).
+        sync_every: read the device-side "all finished" flag every this many steps (default 1
+            on CPU, 16 on CUDA).
+
+    >>> eng = Engine(model, tokenizer)                                     # doctest: +SKIP
+    >>> eng.generate(["How do I bake bread?"], max_new_tokens=32)[0].trace  # doctest: +SKIP
+    """
+
+    def __init__(self, model, tokenizer, *, max_cache_len: Optional[int] = None,
+                 backend: str = "auto", cuda_graph: bool = False,
+                 sync_every: Optional[int] = None):
+        self.arch = _Arch(model)
+        if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got "
+                            f"{type(tokenizer).__name__}")
+        dispatch.resolve_backend(backend)
+        if max_cache_len is None:
+            max_cache_len = self.arch.max_positions or 4096
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or \
+                max_cache_len < 2:
+            raise ValueError(f"max_cache_len must be an int >= 2, got {max_cache_len!r}")
+        if sync_every is not None and (not isinstance(sync_every, int) or sync_every < 1):
+            raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError("cuda_graph must be a bool")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_cache_len, self.backend = max_cache_len, backend
+        self.cuda_graph, self._sync_every = cuda_graph, sync_every
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+
+    # ------------------------------------------------------------------ the generic forward
+    def _forward(self, ids, pos, q_pos, kv_len, write, attn, ess_kw):
+        """Run the decoder on ``ids (B, L)`` at ``pos (B, L)``; ``write(layer, k, v)`` stores
+        this pass's K/V in the cache before ``attn`` reads ``cache[:, :kv_len]``."""
+        a = self.arch
+        B, L = ids.shape
+        kw = {"response_start": None, "cls_windows": None, "key_bias": None, **ess_kw}
+        x = a.base.embed_tokens(ids)
+        cos, sin = self._cos[pos][:, :, None, :], self._sin[pos][:, :, None, :]
+        for i, layer in enumerate(a.layers):
+            h = layer.input_layernorm(x)
+            sa = layer.self_attn
+            q = sa.q_proj(h).view(B, L, a.n_heads, a.head_dim)
+            k = sa.k_proj(h).view(B, L, a.n_kv, a.head_dim)
+            v = sa.v_proj(h).view(B, L, a.n_kv, a.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            write(i, k, v)
+            o = attn(q, self._k[i, :, :kv_len], self._v[i, :, :kv_len], softmax_scale=a.scale,
+                     causal=True, q_pos=q_pos, return_lse=False, **kw)
+            x = x + sa.o_proj(o.reshape(B, L, a.n_heads * a.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
+
+    # ------------------------------------------------------------------ setup per generate
+    def _setup(self, enc, max_new_tokens, ess, sampling):
+        a, dev = self.arch, self.device
+        ids, lengths = enc.padded(self.tokenizer.pad_token_id or 0, dev)
+        B, Lp = ids.shape
+        need = Lp + max_new_tokens
+        if need > self.max_cache_len:
+            raise ValueError(f"the longest prompt ({Lp} tokens incl. prefill) + max_new_tokens "
+                             f"({max_new_tokens}) = {need} exceeds the cache length "
+                             f"{self.max_cache_len}")
+        if a.max_positions is not None and need > a.max_positions:
+            raise ValueError(f"{need} positions exceed the model's max_position_embeddings "
+                             f"({a.max_positions})")
+        a.check_length(need)
+        self.B, self.Lmax, self.Lp = B, need, Lp
+        shape = (len(a.layers), B, need, a.n_kv, a.head_dim)
+        # Zeros, not empty: the reference reads padded key slots (masked, but 0 * NaN = NaN).
+        self._k = torch.zeros(shape, device=dev, dtype=self.dtype)
+        self._v = torch.zeros(shape, device=dev, dtype=self.dtype)
+        self._cos, self._sin = a.rope_table(need, dev, self.dtype)
+        self._lengths = lengths
+        self._bidx = torch.arange(B, device=dev)
+        self._ess = ess
+        self._sampling = sampling
+        self._generator = (torch.Generator(device=dev).manual_seed(sampling.seed)
+                           if sampling.seed is not None else None)
+        eos = self._eos_ids()
+        self._eos = torch.tensor(eos if eos else [-1], device=dev, dtype=torch.int64)
+        self._done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self._reason_refusal = torch.zeros(B, dtype=torch.bool, device=dev)
+        self._step_idx = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._tok = torch.zeros(B, dtype=torch.int64, device=dev)
+        pad = self.tokenizer.pad_token_id
+        self._pad = -1 if pad is None else pad
+        self._out_tok = torch.full((B, max_new_tokens), -1, dtype=torch.int64, device=dev)
+        self._out_emit = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
+        self._lm_w = self.model.lm_head.weight
+        self._norm = a.base.norm
+        if ess is not None:
+            cfg = self.model.safekern
+            self._cls_id = cfg.cls_id
+            self._sw, self._sb = safety_head_params(self.model)
+            refusal = self.tokenizer(ess.refusal_text, add_special_tokens=False)["input_ids"]
+            self.state = EssState.create(enc.prompt_len, enc.query_start, enc.query_end,
+                                         refusal, ess, device=dev)
+            self.state.seq_len.copy_(lengths)
+            self._out_p = torch.full((B, max_new_tokens), float("nan"), device=dev)
+            self._out_ev = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
+            self._out_t = torch.zeros(B, max_new_tokens, dtype=torch.int32, device=dev)
+            self._logit = torch.zeros(B, device=dev)
+            self._cls_ids = torch.full((B, 1), cfg.cls_id, dtype=torch.int64, device=dev)
+        # Resolve the backends once: the decode loop calls them directly, because the public
+        # functions validate values (a host sync per call) and the engine builds valid inputs.
+        _, self._attn_fn = dispatch.choose(
+            "ess_attention", self.backend, device=dev, dtype=self.dtype, head_dim=a.head_dim,
+            seqlen_q=1 if ess is None else 2, seqlen_k=need, requires_grad=False)
+        _, self._head_fn = dispatch.choose(
+            "head_sample", self.backend, device=dev, dtype=self.dtype, batch=B,
+            vocab=self._lm_w.shape[0], hidden=self._lm_w.shape[1], sampling=sampling)
+        return ids, lengths
+
+    def _eos_ids(self) -> List[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen = getattr(self.model, "generation_config", None)
+        e = getattr(gen, "eos_token_id", None)
+        ids.update([e] if isinstance(e, int) else (e or []))
+        return sorted(ids)
+
+    def _key_bias(self, kv_len):
+        """``cls_bias_scale * logit(p_unsafe)`` on key 0 (the [CLS]) — seen by response rows
+        and the [CLS] row itself; prompt rows never see key 0. None when the scale is 0."""
+        if self._ess is None or self._ess.cls_bias_scale == 0:
+            return None
+        kb = torch.zeros(self.B, 1, kv_len, device=self.device)
+        kb[:, 0, 0] = self._ess.cls_bias_scale * self._logit
+        return kb
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, ids, lengths):
+        B, L = ids.shape
+        i = torch.arange(L, device=self.device, dtype=torch.int32)[None]
+        valid = i < lengths[:, None]
+        q_pos = torch.where(valid, i, torch.full_like(i, -1))
+        pos = torch.where(valid, i, torch.zeros_like(i)).long()
+
+        def write(layer, k, v):
+            self._k[layer, :, :L] = k
+            self._v[layer, :, :L] = v
+
+        ess_kw = dict(seqlens_k=lengths, key_bias=self._key_bias(L))
+        if self._ess is not None:
+            windows = plan_step(self.state, self._ess)
+            ess_kw.update(response_start=self.state.prompt_len, cls_windows=windows)
+        attn = lambda *args, **kw: ess_attention(*args, backend=self.backend, **kw)  # noqa: E731
+        x = self._forward(ids, pos, q_pos, L, write, attn, ess_kw)
+        h_tok = self._norm(x[self._bidx, lengths.long() - 1])
+        h_cls = self._norm(x[:, 0]) if self._ess is not None else None
+        self._sample(h_tok, h_cls, checked=True)
+
+    # ------------------------------------------------------------------ decode
+    def _decode_step(self, kv_len: int):
+        """One step for every sequence; reads and writes only device tensors (graph-safe)."""
+        t_prev = self._lengths + (self._step_idx.int() - 1)              # t - 1 per sequence
+        if self._ess is None:
+            ids = self._tok[:, None]
+            pos = t_prev.long()[:, None]
+            q_pos = t_prev[:, None]
+
+            def write(layer, k, v):
+                self._k[layer, self._bidx, pos[:, 0]] = k[:, 0]
+                self._v[layer, self._bidx, pos[:, 0]] = v[:, 0]
+
+            ess_kw = dict(seqlens_k=t_prev + 1)
+            x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fn, ess_kw)
+            self._sample(self._norm(x[:, 0]), None)
+            return
+        st = self.state
+        st.seq_len.copy_(t_prev + 1)
+        windows = plan_step(st, self._ess)
+        ev = st.evaluating
+        ids = torch.cat([self._tok[:, None], self._cls_ids], 1)
+        pos = torch.stack([t_prev, torch.zeros_like(t_prev)], 1).long()
+        q_pos = torch.stack([t_prev, torch.where(ev, 0, -1).int()], 1)
+        ev_kv = ev[:, None, None]
+
+        def write(layer, k, v):
+            kc, vc = self._k[layer], self._v[layer]
+            kc[self._bidx, pos[:, 0]] = k[:, 0]
+            vc[self._bidx, pos[:, 0]] = v[:, 0]
+            # The [CLS] slot is refreshed before this layer's attention, for evaluating rows.
+            kc[:, 0] = torch.where(ev_kv, k[:, 1], kc[:, 0])
+            vc[:, 0] = torch.where(ev_kv, v[:, 1], vc[:, 0])
+
+        ess_kw = dict(seqlens_k=st.seq_len, response_start=st.prompt_len, cls_windows=windows,
+                      key_bias=self._key_bias(kv_len))
+        x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fn, ess_kw)
+        h = self._norm(x)
+        self._sample(h[:, 0], h[:, 1])
+
+    def _sample(self, h_tok, h_cls, checked: bool = False):
+        """head_sample + per-step bookkeeping in device tensors (no host sync)."""
+        ess = self._ess
+        kw = dict(h_cls=None, safety_weight=None, safety_bias=None, state=None, ess=None,
+                  sampling=self._sampling, generator=self._generator)
+        if ess is not None:
+            kw.update(h_cls=h_cls, safety_weight=self._sw, safety_bias=self._sb,
+                      state=self.state, ess=ess)
+        if checked:
+            tok, p = head_sample(h_tok, self._lm_w, backend=self.backend, **kw)
+        else:
+            tok, p = self._head_fn(h_tok, self._lm_w, **kw)
+        emit = ~self._done
+        col = self._step_idx
+        self._out_tok.index_copy_(1, col, torch.where(emit, tok, self._pad)[:, None])
+        self._out_emit.index_copy_(1, col, emit[:, None])
+        done = self._done | torch.isin(tok, self._eos)
+        if ess is not None:
+            ev = self.state.evaluating & emit
+            self._out_p.index_copy_(1, col, p[:, None])
+            self._out_ev.index_copy_(1, col, ev[:, None])
+            self._out_t.index_copy_(1, col, self.state.seq_len[:, None])
+            pc = p.clamp(1e-6, 1 - 1e-6)
+            self._logit.copy_(torch.where(ev, torch.log(pc) - torch.log1p(-pc), self._logit))
+            self._reason_refusal |= emit & self.state.finished
+            done = done | self.state.finished
+        self._done.copy_(done)
+        self._tok.copy_(tok)
+        self._step_idx += 1
+
+    # ------------------------------------------------------------------ CUDA graph
+    def _capture_graph(self):
+        """Capture ``_decode_step`` over the full cache length; None if capture fails."""
+        tensors = [self._tok, self._done, self._step_idx, self._out_tok, self._out_emit,
+                   self._reason_refusal]
+        if self._ess is not None:
+            tensors += [v for v in self.state.__dict__.values()] + [
+                self._out_p, self._out_ev, self._out_t, self._logit]
+        saved = [t.clone() for t in tensors]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._decode_step(self.Lmax)                              # warm-up (allocator)
+            torch.cuda.current_stream().wait_stream(side)
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._decode_step(self.Lmax)
+        except RuntimeError as e:  # e.g. a backend that synchronises (the torch reference)
+            warnings.warn(f"CUDA-graph capture of the decode step failed ({e}); running eagerly")
+            graph = None
+        # Warm-up and capture touched the state; the [CLS]/token cache writes they made are
+        # recomputed identically by the first real step, so restoring the small tensors suffices.
+        for t, s in zip(tensors, saved):
+            t.copy_(s)
+        return graph
+
+    # ------------------------------------------------------------------ public
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int,
+                 safety: Optional[EssConfig] = EssConfig(),
+                 sampling: SamplingParams = SamplingParams(),
+                 prefill: Optional[Sequence[str]] = None,
+                 stream: Optional[Callable[[int, List[Optional[int]], List[float]], None]] = None,
+                 stop: Optional[Sequence[str]] = None,
+                 chat_template: bool = True) -> List[GenerationResult]:
+        """Generate for a batch of user messages; see ``safekern.generate``."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+                max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if safety is not None and not isinstance(safety, EssConfig):
+            raise TypeError(f"safety must be an EssConfig or None, got {type(safety).__name__}")
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if stream is not None and not callable(stream):
+            raise TypeError("stream must be a callable(step, tokens, p_unsafe) or None")
+        if stop is not None and (isinstance(stop, str) or not all(
+                isinstance(s, str) and s for s in stop)):
+            raise TypeError("stop must be a list of non-empty strings or None")
+        if safety is not None:
+            safety_config(self.model, self.tokenizer)
+        enc = encode_for_model(self.model, self.tokenizer, prompts, prefill,
+                               safety=safety is not None, chat_template=chat_template)
+        for name in ("temperature", "top_k", "top_p", "min_p"):
+            x = getattr(sampling, name)
+            if isinstance(x, torch.Tensor) and x.shape[0] != len(enc.ids):
+                raise ValueError(f"sampling.{name} must have one value per prompt "
+                                 f"({len(enc.ids)}), got {x.shape[0]}")
+        if isinstance(sampling.temperature, torch.Tensor):
+            sampling = SamplingParams(**{n: (getattr(sampling, n).to(self.device)
+                                             if isinstance(getattr(sampling, n), torch.Tensor)
+                                             else getattr(sampling, n))
+                                         for n in ("temperature", "top_k", "top_p", "min_p",
+                                                   "seed")})
+        ids, lengths = self._setup(enc, max_new_tokens, safety, sampling)
+        on_cuda = self.device.type == "cuda"
+        sync_every = self._sync_every or (16 if on_cuda else 1)
+        self._prefill(ids, lengths)
+        graph = None
+        if self.cuda_graph and on_cuda and sampling.is_greedy and max_new_tokens > 1:
+            graph = self._capture_graph()
+        steps = 1
+        if stream is not None:
+            self._emit_stream(stream, 0)
+        while steps < max_new_tokens:
+            if steps % sync_every == 0 and bool(self._done.all()):
+                break
+            if graph is not None:
+                graph.replay()
+            else:
+                self._decode_step(self.Lp + steps)
+            if stream is not None:
+                self._emit_stream(stream, steps)
+            steps += 1
+            if stop and steps % sync_every == 0 and self._all_stopped(stop, enc, steps):
+                break
+        return self._results(enc, stop, steps)
+
+    def _emit_stream(self, stream, step):
+        emit = self._out_emit[:, step].tolist()
+        toks = self._out_tok[:, step].tolist()
+        p = self._out_p[:, step].tolist() if self._ess is not None else [math.nan] * self.B
+        stream(step, [t if e else None for t, e in zip(toks, emit)], p)
+
+    def _all_stopped(self, stop, enc, steps) -> bool:
+        toks = self._out_tok[:, :steps].tolist()
+        emit = self._out_emit[:, :steps].tolist()
+        return all(d or any(s in self.tokenizer.decode([t for t, e in zip(row, em) if e])
+                            for s in stop)
+                   for d, row, em in zip(self._done.tolist(), toks, emit))
+
+    def _results(self, enc, stop, steps) -> List[GenerationResult]:
+        toks = self._out_tok[:, :steps].tolist()
+        emit = self._out_emit[:, :steps].tolist()
+        done = self._done.tolist()
+        refused = self._reason_refusal.tolist()
+        eos = set(self._eos.tolist())
+        traces = self._traces(enc, steps) if self._ess is not None else [None] * self.B
+        out = []
+        for b in range(self.B):
+            row = [t for t, e in zip(toks[b], emit[b]) if e]
+            reason = ("refusal" if refused[b] else "eos" if done[b] and row and row[-1] in eos
+                      else "length")
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            for s in stop or ():
+                cut = text.find(s)
+                if cut >= 0:
+                    text, reason = text[:cut], "stop"
+                    row = _ids_covering(self.tokenizer, row, text)
+            prefill_ids = enc.ids[b][enc.prompt_len[b]:]
+            out.append(GenerationResult(text, row, prefill_ids, reason, traces[b]))
+        return out
+
+    def _traces(self, enc, steps) -> List[Trace]:
+        ev = self._out_ev[:, :steps].tolist()
+        p = self._out_p[:, :steps].tolist()
+        t = self._out_t[:, :steps].tolist()
+        trig = self.state.trigger_step.tolist()
+        mode = self.state.mode.tolist()
+        lengths = self._lengths.tolist()
+        out = []
+        for b in range(self.B):
+            tr = Trace()
+            for s in range(steps):
+                if ev[b][s]:
+                    tr.eval_steps.append(s)
+                    tr.eval_lengths.append(t[b][s] - enc.prompt_len[b])
+                    tr.p_unsafe.append(p[b][s])
+            if mode[b] == REFUSING and trig[b] >= 0 and trig[b] - lengths[b] in tr.eval_steps:
+                tr.trigger_step = trig[b] - lengths[b]
+                tr.action = _ACTIONS[self._ess.policy]
+            out.append(tr)
+        return out
+
+
+def _ids_covering(tokenizer, ids: List[int], text: str) -> List[int]:
+    """The shortest prefix of ``ids`` whose decoding starts with ``text``."""
+    for k in range(len(ids) + 1):
+        if tokenizer.decode(ids[:k], skip_special_tokens=True).startswith(text):
+            return ids[:k]
+    return ids
+
+
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+             safety: Optional[EssConfig] = EssConfig(),
+             sampling: SamplingParams = SamplingParams(),
+             prefill: Optional[Sequence[str]] = None,
+             stream: Optional[Callable[[int, List[Optional[int]], List[float]], None]] = None,
+             stop: Optional[Sequence[str]] = None, backend: str = "auto",
+             chat_template: bool = True, **engine_kw) -> List[GenerationResult]:
+    """Strategic decoding (DESIGN.md §4) for a batch of user messages.
+
+    Args:
+        model, tokenizer: a Llama/Mistral/Qwen2 transformers model and its tokenizer, after
+            ``safekern.attach`` (or ``load_safety``) unless ``safety`` is None.
+        prompts: user messages, rendered with the chat template when the tokenizer has one
+            (``chat_template=False``: ``BOS + message``). Different lengths are right-padded.
+        max_new_tokens: tokens to generate per sequence (>= 1).
+        safety: the ``EssConfig``; None = plain decoding without the [CLS] token.
+        sampling: ``SamplingParams`` (default greedy); ``seed`` seeds one generator for the run.
+        prefill: per prompt a forced start of the response (the prefill attack): those tokens
+            are response tokens from position P and the first evaluation covers them (rule 1).
+        stream: ``stream(step, tokens, p_unsafe)`` after every step, with ``tokens[b]`` None for
+            finished sequences and ``p_unsafe[b]`` NaN where not evaluated (syncs every step).
+        stop: stop strings; a sequence ends at the first one (the text is cut before it).
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cuda"`` for the ops.
+        engine_kw: ``Engine`` options (``max_cache_len``, ``cuda_graph``, ``sync_every``).
+
+    Returns:
+        One ``GenerationResult`` per prompt (text, token_ids, finish_reason, trace).
+    """
+    engine = Engine(model, tokenizer, backend=backend, **engine_kw)
+    return engine.generate(prompts, max_new_tokens=max_new_tokens, safety=safety,
+                           sampling=sampling, prefill=prefill, stream=stream, stop=stop,
+                           chat_template=chat_template)
+
+
+__all__ = ["Engine", "generate", "GenerationResult", "Trace", "SUPPORTED_ARCHS"]
