@@ -24,7 +24,7 @@ of the *global* batch, so N processes compute the same update as one process on 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -287,3 +287,131 @@ class EssTrainer(_trainer_base()):
                                  num_items_in_batch=num_items_in_batch, lm_scale=lm_scale,
                                  cls_scale=cls_scale)
         return (loss, out) if return_outputs else loss
+
+
+# --------------------------------------------------------------------------- the tiny default
+
+def default_cache_dir() -> str:
+    """``$SAFEKERN_CACHE`` or ``~/.cache/safekern/tiny``: where ``safekern train --tiny`` saves."""
+    import os
+
+    return os.environ.get("SAFEKERN_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "safekern", "tiny")
+
+
+def train_tiny(out_dir: Optional[str] = None, *, steps: int = 600, batch_size: int = 32,
+               lr: float = 3e-3, pretrain_fraction: float = 0.25,
+               cls_weight: Tuple[float, float] = (0.01, 0.1), vocab_size: int = 1024,
+               seed: int = 0, progress: bool = True, log=print) -> Dict:
+    """Train the embedded tiny Llama with [CLS] + safety head from scratch on the embedded data.
+
+    CPU-sized: a 4-layer, 128-wide Llama (``safekern.tiny``) and a byte-level BPE tokenizer
+    learnt from the train split. The first ``pretrain_fraction`` of the steps run the
+    pretraining phase (LM on every token, [CLS] sees all, nobody sees [CLS]), the rest the
+    alignment phase; ``cls_weight`` is lambda per phase (paper: 0.01, then 0.1).
+    Saves to ``out_dir`` (default :func:`default_cache_dir`): the model and tokenizer
+    (``save_pretrained``) and the safety delta (``safekern.save_safety``) in ``out_dir/safety``.
+
+    Returns a summary dict: steps, seconds, final lm/cls losses, out_dir.
+    """
+    import math
+    import time
+
+    from transformers import LlamaForCausalLM
+
+    from .data import corpus, load_split
+    from .integrations.hf import apply_safekern
+    from .model import attach
+    from .tiny import build_tokenizer, tiny_llama_config
+
+    for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if not 0.0 <= pretrain_fraction < 1.0:
+        raise ValueError(f"pretrain_fraction must be in [0, 1), got {pretrain_fraction}")
+    out_dir = out_dir or default_cache_dir()
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(corpus("train"), vocab_size=vocab_size)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer) + 1))
+    attach(model, tokenizer)
+    apply_safekern(model)
+    wrapped = EssForTraining(model)
+    rows = load_split("train")
+    collate = {ph: EssCollator(tokenizer, phase=ph) for ph in PHASES}
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps)))
+    n_pre = int(steps * pretrain_fraction)
+    gen = torch.Generator().manual_seed(seed)
+    order: List[int] = []
+    bar = _progress(range(steps), progress)
+    wrapped.train()
+    for step in bar:
+        if len(order) < batch_size:
+            order += torch.randperm(len(rows), generator=gen).tolist()
+        batch_rows, order = [rows[i] for i in order[:batch_size]], order[batch_size:]
+        phase = "pretraining" if step < n_pre else "alignment"
+        loss, out = compute_loss(wrapped, collate[phase](batch_rows),
+                                 cls_weight=cls_weight[phase == "alignment"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(phase=phase[:5], lm=f"{out['lm']:.3f}", cls=f"{out['cls']:.3f}")
+    seconds = time.perf_counter() - t0
+    save_tiny(model, tokenizer, out_dir)
+    summary = {"steps": steps, "seconds": round(seconds, 1), "lm": float(out["lm"]),
+               "cls": float(out["cls"]), "out_dir": out_dir}
+    if log is not None:
+        log(f"trained tiny ESS model: {summary}")
+    return summary
+
+
+def _progress(it, enabled: bool):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return it
+    return tqdm(it, desc="safekern train --tiny", unit="step")
+
+
+def save_tiny(model, tokenizer, out_dir: str) -> str:
+    """Save model + tokenizer (``save_pretrained``) and the safety delta to ``out_dir/safety``."""
+    import os
+
+    from .model import save_safety
+
+    os.makedirs(out_dir, exist_ok=True)
+    # The head is saved once, in the delta; the base checkpoint stays a plain causal LM.
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("safety_head.")}
+    model.save_pretrained(out_dir, state_dict=state)
+    tokenizer.save_pretrained(out_dir)
+    save_safety(model, os.path.join(out_dir, "safety"))
+    return out_dir
+
+
+def load_tiny(out_dir: Optional[str] = None):
+    """Load what :func:`save_tiny` wrote: ``(model, tokenizer)`` in eval mode, safety attached,
+    ``attn_implementation="safekern"``. Raises FileNotFoundError when nothing is there."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .integrations.hf import apply_safekern
+    from .model import load_safety
+
+    out_dir = out_dir or default_cache_dir()
+    if not os.path.isfile(os.path.join(out_dir, "safety", "safety.json")):
+        raise FileNotFoundError(f"no trained tiny model in {out_dir!r}: run `safekern train "
+                                "--tiny` first")
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    load_safety(model, tokenizer, os.path.join(out_dir, "safety"))
+    apply_safekern(model)
+    return model.eval(), tokenizer
