@@ -76,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument("--tiny", action="store_true", help="the embedded tiny Llama recipe")
     t.add_argument("--out", default=None, help="output dir (default $SAFEKERN_CACHE or "
                    "~/.cache/safekern/tiny)")
-    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--steps", type=int, default=300)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_train)

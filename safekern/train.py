@@ -299,7 +299,7 @@ def default_cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "safekern", "tiny")
 
 
-def train_tiny(out_dir: Optional[str] = None, *, steps: int = 600, batch_size: int = 32,
+def train_tiny(out_dir: Optional[str] = None, *, steps: int = 300, batch_size: int = 32,
                lr: float = 3e-3, pretrain_fraction: float = 0.25,
                cls_weight: Tuple[float, float] = (0.01, 0.1), vocab_size: int = 1024,
                seed: int = 0, progress: bool = True, log=print) -> Dict:
