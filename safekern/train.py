@@ -277,12 +277,13 @@ class EssTrainer(_trainer_base()):
         self.cls_weight = float(cls_weight)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if num_items_in_batch is None:
-            lm_scale, cls_scale = 1.0, 1.0 / self.current_gradient_accumulation_steps
+        per_micro_batch = 1.0 / self.current_gradient_accumulation_steps
+        if num_items_in_batch is None:          # local token mean: scale like the cls term
+            lm_scale = per_micro_batch
         else:
             lm_scale = float(self.accelerator.num_processes) \
                 if self.args.average_tokens_across_devices else 1.0
-            cls_scale = 1.0 / self.current_gradient_accumulation_steps
+        cls_scale = per_micro_batch
         loss, out = compute_loss(model, inputs, cls_weight=self.cls_weight,
                                  num_items_in_batch=num_items_in_batch, lm_scale=lm_scale,
                                  cls_scale=cls_scale)
