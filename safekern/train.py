@@ -277,7 +277,9 @@ class EssTrainer(_trainer_base()):
         self.cls_weight = float(cls_weight)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        per_micro_batch = 1.0 / self.current_gradient_accumulation_steps
+        # Evaluation (model.eval()) has no accumulation.
+        accum = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+        per_micro_batch = 1.0 / accum
         if num_items_in_batch is None:          # local token mean: scale like the cls term
             lm_scale = per_micro_batch
         else:
