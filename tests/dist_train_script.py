@@ -1,7 +1,7 @@
 """Trains a tiny ESS model a few steps with EssTrainer; run plain or under torchrun (gloo, CPU).
 
     python tests/dist_train_script.py OUT.pt --batch-size 4
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_train_script.py OUT.pt --batch-size 2
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_train_script.py OUT.pt --batch-size 2
 
 Same seeds, sequential sampling and the same global batch in every configuration, so the loss
 per step and the final parameters must agree (tests/test_train.py compares them). Rank 0 saves

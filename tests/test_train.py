@@ -248,8 +248,9 @@ def _run_script(out, *args, nproc=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     script = str(ROOT / "tests" / "dist_train_script.py")
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                               "--master_port", "0"] if nproc else []) + [script, str(out), *args]
+    # --standalone: a private rendezvous on a free port (parallel CI jobs cannot collide).
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               str(nproc)] if nproc else []) + [script, str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return torch.load(out)
