@@ -7,19 +7,37 @@ call the unchecked launchers directly.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+_local = threading.local()
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
 
 
 def value_checks_enabled() -> bool:
-    if os.environ.get("SAFEKERN_SKIP_VALUE_CHECKS", "0") == "1":
+    if getattr(_local, "skip", False) or os.environ.get("SAFEKERN_SKIP_VALUE_CHECKS", "0") == "1":
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+@contextlib.contextmanager
+def no_value_checks():
+    """Skip the host-syncing value checks inside the block (shape/dtype checks still run).
+
+    For internal callers that build the op inputs themselves, e.g. the engine's decode loop.
+    """
+    prev = getattr(_local, "skip", False)
+    _local.skip = True
+    try:
+        yield
+    finally:
+        _local.skip = prev
 
 
 def check_tensor(name: str, x, *, dims: Optional[int] = None, dtypes: Iterable = None,

@@ -9,34 +9,10 @@ from typing import List, Optional
 import torch
 
 
-def _bench_attention(args) -> int:
-    """Time ess_attention (ESS mode: [CLS] row + windows + key bias) vs plain causal."""
-    from . import ess_attention
-    from .benchmarking import environment, format_table, time_fn, write_csv
+def _bench(args) -> int:
+    from .bench import run
 
-    device = torch.device(args.device)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    torch.manual_seed(0)
-    rows = []
-    for L in args.seqlens:
-        B, Hq, Hkv, D = 1, 8, 2, 64
-        q = torch.randn(B, L, Hq, D, device=device, dtype=dtype)
-        k = torch.randn(B, L, Hkv, D, device=device, dtype=dtype)
-        v = torch.randn(B, L, Hkv, D, device=device, dtype=dtype)
-        q_pos = torch.arange(L, device=device, dtype=torch.int32)[None]
-        rs = torch.tensor([L // 2], device=device, dtype=torch.int32)
-        win = torch.tensor([[[1, L // 4], [L // 2, L]]], device=device, dtype=torch.int32)
-        bias = torch.zeros(B, 1, L, device=device)
-        for name, kw in (("causal", {}), ("ess", dict(response_start=rs, cls_windows=win,
-                                                       key_bias=bias))):
-            t = time_fn(lambda: ess_attention(q, k, v, q_pos=q_pos, backend=args.backend, **kw),
-                        device=device, reps=args.reps)
-            flops = 4 * B * Hq * L * L * D / 2
-            rows.append({"seqlen": L, "mode": name, "ms": t["ms"],
-                         "gflops": flops / (t["ms"] * 1e-3) / 1e9})
-    print(format_table(rows, ["seqlen", "mode", "ms", "gflops"]))
-    print("csv:", write_csv(args.csv, rows, environment(device)))
-    return 0
+    return run(args)
 
 
 def _train(args) -> int:
@@ -63,13 +39,25 @@ def _demo(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="safekern", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="time ess_attention on the embedded default shapes")
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b = sub.add_parser("bench", help="strategic decoding overhead per token (P1) and engine vs "
+                       "transformers generate (P2) on the embedded default model")
+    b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    b.add_argument("--shape", default="tiny", choices=["tiny", "small", "llama3-8b"],
+                   help="model shape, random weights (default: the embedded tiny Llama; small: "
+                   "hidden 1024, 8 layers, vocab 32000)")
     b.add_argument("--backend", default="auto")
-    b.add_argument("--seqlens", type=int, nargs="+", default=[128, 512])
-    b.add_argument("--reps", type=int, default=5)
-    b.add_argument("--csv", default="bench_out/attention.csv")
-    b.set_defaults(fn=_bench_attention)
+    b.add_argument("--batch", type=int, nargs="+", help="batch sizes (cpu: 1 4, cuda: 1 16 64)")
+    b.add_argument("--prompt-tokens", type=int, help="prompt length (cpu: 64, cuda: 1024)")
+    b.add_argument("--new-tokens", type=int, help="tokens per sequence (cpu: 64, cuda: 256)")
+    b.add_argument("--reps", type=int, help="timed repetitions per provider (default 15, --quick 3)")
+    b.add_argument("--quick", action="store_true", help="batch 1, 32 tokens, 3 reps")
+    b.add_argument("--out", default="bench_out", help="directory for the CSV and PNG")
+    b.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tiny model's matmuls are too small "
+                   "to gain from more, and on a loaded machine thread pools spin; 0 = torch "
+                   "default)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="print versions, device and runnable backends as JSON")
     i.set_defaults(fn=lambda a: print(json.dumps(__import__("safekern").info(), indent=2)) or 0)
     t = sub.add_parser("train", help="train the tiny ESS model on the embedded data (CPU)")

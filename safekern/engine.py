@@ -80,11 +80,6 @@ class GenerationResult:
     trace: Optional[Trace]
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class _Arch:
     """The modules of a Llama-family model, checked once; raises for what the engine lacks."""
 
@@ -150,6 +145,7 @@ class Engine:
         cuda_graph: capture the decode step in a CUDA graph (CUDA, greedy sampling only).
         sync_every: read the device-side "all finished" flag every this many steps (default 1
             on CPU, 16 on CUDA).
+        ignore_eos: decode ``max_new_tokens`` tokens regardless of EOS (benchmarks).
 
     >>> eng = Engine(model, tokenizer)                                     # doctest: +SKIP
     >>> eng.generate(["How do I bake bread?"], max_new_tokens=32)[0].trace  # doctest: +SKIP
@@ -157,7 +153,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_cache_len: Optional[int] = None,
                  backend: str = "auto", cuda_graph: bool = False,
-                 sync_every: Optional[int] = None):
+                 sync_every: Optional[int] = None, ignore_eos: bool = False):
         self.arch = _Arch(model)
         if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got "
@@ -175,6 +171,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_cache_len, self.backend = max_cache_len, backend
         self.cuda_graph, self._sync_every = cuda_graph, sync_every
+        self.ignore_eos = bool(ignore_eos)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
 
@@ -187,14 +184,15 @@ class Engine:
         kw = {"response_start": None, "cls_windows": None, "key_bias": None, **ess_kw}
         x = a.base.embed_tokens(ids)
         cos, sin = self._cos[pos][:, :, None, :], self._sin[pos][:, :, None, :]
+        half = a.head_dim // 2
         for i, layer in enumerate(a.layers):
             h = layer.input_layernorm(x)
             sa = layer.self_attn
             q = sa.q_proj(h).view(B, L, a.n_heads, a.head_dim)
             k = sa.k_proj(h).view(B, L, a.n_kv, a.head_dim)
             v = sa.v_proj(h).view(B, L, a.n_kv, a.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
             write(i, k, v)
             o = attn(q, self._k[i, :, :kv_len], self._v[i, :, :kv_len], softmax_scale=a.scale,
                      causal=True, q_pos=q_pos, return_lse=False, **kw)
@@ -217,11 +215,18 @@ class Engine:
                              f"({a.max_positions})")
         a.check_length(need)
         self.B, self.Lmax, self.Lp = B, need, Lp
-        shape = (len(a.layers), B, need, a.n_kv, a.head_dim)
+        # One spare slot at index ``need``: the [CLS] K/V of rows that do not re-evaluate are
+        # written there (never read), so each layer stores both rows in one indexed write.
+        shape = (len(a.layers), B, need + 1, a.n_kv, a.head_dim)
         # Zeros, not empty: the reference reads padded key slots (masked, but 0 * NaN = NaN).
         self._k = torch.zeros(shape, device=dev, dtype=self.dtype)
         self._v = torch.zeros(shape, device=dev, dtype=self.dtype)
-        self._cos, self._sin = a.rope_table(need, dev, self.dtype)
+        self._cos, sin = a.rope_table(need, dev, self.dtype)
+        # rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * [-1.., +1..]: fold the sign into sin
+        # (exact: only a negation moves) so RoPE is two multiplies and one roll per tensor.
+        sign = torch.ones(a.head_dim, device=dev, dtype=self.dtype)
+        sign[:a.head_dim // 2] = -1
+        self._sin = sin * sign
         self._lengths = lengths
         self._bidx = torch.arange(B, device=dev)
         self._ess = ess
@@ -242,7 +247,6 @@ class Engine:
         self._norm = a.base.norm
         if ess is not None:
             cfg = self.model.safekern
-            self._cls_id = cfg.cls_id
             self._sw, self._sb = safety_head_params(self.model)
             refusal = self.tokenizer(ess.refusal_text, add_special_tokens=False)["input_ids"]
             self.state = EssState.create(enc.prompt_len, enc.query_start, enc.query_end,
@@ -255,16 +259,22 @@ class Engine:
             self._cls_ids = torch.full((B, 1), cfg.cls_id, dtype=torch.int64, device=dev)
         # Resolve the backends once: the decode loop calls them directly, because the public
         # functions validate values (a host sync per call) and the engine builds valid inputs.
-        _, self._attn_fn = dispatch.choose(
+        attn = {lq: dispatch.choose(
             "ess_attention", self.backend, device=dev, dtype=self.dtype, head_dim=a.head_dim,
-            seqlen_q=1 if ess is None else 2, seqlen_k=need, requires_grad=False)
-        _, self._head_fn = dispatch.choose(
+            seqlen_q=lq, seqlen_k=need, requires_grad=False) for lq in (1, 2)}
+        self._attn_fns = {lq: fn for lq, (_, fn) in attn.items()}
+        head_backend, self._head_fn = dispatch.choose(
             "head_sample", self.backend, device=dev, dtype=self.dtype, batch=B,
             vocab=self._lm_w.shape[0], hidden=self._lm_w.shape[1], sampling=sampling)
+        # The torch reference reads values on the host (e.g. "all rows greedy?"), which a CUDA
+        # graph cannot capture: graphs need fast backends for both ops.
+        self._graphable = head_backend != "torch" and all(b != "torch" for b, _ in attn.values())
         return ids, lengths
 
     def _eos_ids(self) -> List[int]:
         ids = set()
+        if self.ignore_eos:
+            return []
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         gen = getattr(self.model, "generation_config", None)
@@ -304,51 +314,59 @@ class Engine:
         self._sample(h_tok, h_cls, checked=True)
 
     # ------------------------------------------------------------------ decode
-    def _decode_step(self, kv_len: int):
-        """One step for every sequence; reads and writes only device tensors (graph-safe)."""
+    def _decode_step(self, kv_len: int, host_skip: bool = False):
+        """One step for every sequence; reads and writes only device tensors (graph-safe).
+
+        ``host_skip`` (CPU, where reading a flag costs nothing): when no sequence re-evaluates
+        this step, the token rows run alone. A decode token row sits at ``t - 1 >= P``, so plain
+        causal attention over ``[0, t)`` is exactly its ESS visibility.
+        """
         t_prev = self._lengths + (self._step_idx.int() - 1)              # t - 1 per sequence
-        if self._ess is None:
-            ids = self._tok[:, None]
+        st = self.state if self._ess is not None else None
+        if st is not None:
+            st.seq_len.copy_(t_prev + 1)
+            windows = plan_step(st, self._ess)
+        if st is None or (host_skip and not bool(st.evaluating.any())):
             pos = t_prev.long()[:, None]
-            q_pos = t_prev[:, None]
 
             def write(layer, k, v):
                 self._k[layer, self._bidx, pos[:, 0]] = k[:, 0]
                 self._v[layer, self._bidx, pos[:, 0]] = v[:, 0]
 
-            ess_kw = dict(seqlens_k=t_prev + 1)
-            x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fn, ess_kw)
-            self._sample(self._norm(x[:, 0]), None)
+            ess_kw = dict(seqlens_k=t_prev + 1, key_bias=self._key_bias(kv_len))
+            x = self._forward(self._tok[:, None], pos, t_prev[:, None], kv_len, write,
+                              self._attn_fns[1], ess_kw)
+            h = self._norm(x[:, 0])
+            if st is None or not bool((st.forced_idx >= 0).any()):
+                # Nobody evaluates or takes a refusal token: the controller update is a no-op.
+                self._sample(h, None, controller=False)
+            else:
+                self._sample(h, h)                    # no [CLS] row is read: none evaluates
             return
-        st = self.state
-        st.seq_len.copy_(t_prev + 1)
-        windows = plan_step(st, self._ess)
         ev = st.evaluating
         ids = torch.cat([self._tok[:, None], self._cls_ids], 1)
         pos = torch.stack([t_prev, torch.zeros_like(t_prev)], 1).long()
         q_pos = torch.stack([t_prev, torch.where(ev, 0, -1).int()], 1)
-        ev_kv = ev[:, None, None]
+        # The [CLS] slot is refreshed before each layer's attention, for evaluating rows only.
+        slots = torch.stack([pos[:, 0], torch.where(ev, 0, self.Lmax)], 1)
+        rows = self._bidx[:, None]
 
         def write(layer, k, v):
-            kc, vc = self._k[layer], self._v[layer]
-            kc[self._bidx, pos[:, 0]] = k[:, 0]
-            vc[self._bidx, pos[:, 0]] = v[:, 0]
-            # The [CLS] slot is refreshed before this layer's attention, for evaluating rows.
-            kc[:, 0] = torch.where(ev_kv, k[:, 1], kc[:, 0])
-            vc[:, 0] = torch.where(ev_kv, v[:, 1], vc[:, 0])
+            self._k[layer, rows, slots] = k
+            self._v[layer, rows, slots] = v
 
         ess_kw = dict(seqlens_k=st.seq_len, response_start=st.prompt_len, cls_windows=windows,
                       key_bias=self._key_bias(kv_len))
-        x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fn, ess_kw)
+        x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fns[2], ess_kw)
         h = self._norm(x)
         self._sample(h[:, 0], h[:, 1])
 
-    def _sample(self, h_tok, h_cls, checked: bool = False):
+    def _sample(self, h_tok, h_cls, checked: bool = False, controller: bool = True):
         """head_sample + per-step bookkeeping in device tensors (no host sync)."""
         ess = self._ess
         kw = dict(h_cls=None, safety_weight=None, safety_bias=None, state=None, ess=None,
                   sampling=self._sampling, generator=self._generator)
-        if ess is not None:
+        if ess is not None and controller:
             kw.update(h_cls=h_cls, safety_weight=self._sw, safety_bias=self._sb,
                       state=self.state, ess=ess)
         if checked:
@@ -360,13 +378,15 @@ class Engine:
         self._out_tok.index_copy_(1, col, torch.where(emit, tok, self._pad)[:, None])
         self._out_emit.index_copy_(1, col, emit[:, None])
         done = self._done | torch.isin(tok, self._eos)
-        if ess is not None:
+        # Without a controller update nothing below changes (outputs start as NaN/False).
+        if ess is not None and controller:
             ev = self.state.evaluating & emit
             self._out_p.index_copy_(1, col, p[:, None])
             self._out_ev.index_copy_(1, col, ev[:, None])
             self._out_t.index_copy_(1, col, self.state.seq_len[:, None])
-            pc = p.clamp(1e-6, 1 - 1e-6)
-            self._logit.copy_(torch.where(ev, torch.log(pc) - torch.log1p(-pc), self._logit))
+            if ess.cls_bias_scale != 0:
+                pc = p.clamp(1e-6, 1 - 1e-6)
+                self._logit.copy_(torch.where(ev, torch.log(pc) - torch.log1p(-pc), self._logit))
             self._reason_refusal |= emit & self.state.finished
             done = done | self.state.finished
         self._done.copy_(done)
@@ -444,9 +464,14 @@ class Engine:
         sync_every = self._sync_every or (16 if on_cuda else 1)
         self._prefill(ids, lengths)
         graph = None
-        if self.cuda_graph and on_cuda and sampling.is_greedy and max_new_tokens > 1:
-            graph = self._capture_graph()
+        if self.cuda_graph and on_cuda and max_new_tokens > 1:
+            if not (sampling.is_greedy and self._graphable):
+                warnings.warn("cuda_graph needs greedy sampling and non-reference backends for "
+                              "ess_attention and head_sample; decoding eagerly")
+            else:
+                graph = self._capture_graph()
         steps = 1
+        self._stopped = [False] * self.B
         if stream is not None:
             self._emit_stream(stream, 0)
         while steps < max_new_tokens:
@@ -455,11 +480,11 @@ class Engine:
             if graph is not None:
                 graph.replay()
             else:
-                self._decode_step(self.Lp + steps)
+                self._decode_step(self.Lp + steps, host_skip=not on_cuda)
             if stream is not None:
                 self._emit_stream(stream, steps)
             steps += 1
-            if stop and steps % sync_every == 0 and self._all_stopped(stop, enc, steps):
+            if stop and steps % sync_every == 0 and self._all_stopped(stop, steps, sync_every):
                 break
         return self._results(enc, stop, steps)
 
@@ -469,12 +494,20 @@ class Engine:
         p = self._out_p[:, step].tolist() if self._ess is not None else [math.nan] * self.B
         stream(step, [t if e else None for t, e in zip(toks, emit)], p)
 
-    def _all_stopped(self, stop, enc, steps) -> bool:
-        toks = self._out_tok[:, :steps].tolist()
-        emit = self._out_emit[:, :steps].tolist()
-        return all(d or any(s in self.tokenizer.decode([t for t, e in zip(row, em) if e])
-                            for s in stop)
-                   for d, row, em in zip(self._done.tolist(), toks, emit))
+    def _all_stopped(self, stop, steps, sync_every) -> bool:
+        """Host check, every ``sync_every`` steps: has every row ended or written a stop string?
+
+        Only the tail that can hold a new occurrence is decoded (every token is >= 1 byte;
+        a few spare tokens cover characters split across tokens)."""
+        tail = sync_every + max(len(s.encode()) for s in stop) + 4
+        lo = max(0, steps - tail)
+        toks = self._out_tok[:, lo:steps].tolist()
+        emit = self._out_emit[:, lo:steps].tolist()
+        for b, (d, row, em) in enumerate(zip(self._done.tolist(), toks, emit)):
+            if not (d or self._stopped[b]):
+                text = self.tokenizer.decode([t for t, e in zip(row, em) if e])
+                self._stopped[b] = any(s in text for s in stop)
+        return all(d or st for d, st in zip(self._done.tolist(), self._stopped))
 
     def _results(self, enc, stop, steps) -> List[GenerationResult]:
         toks = self._out_tok[:, :steps].tolist()

@@ -79,7 +79,8 @@ def _require_transformers_model(model):
 
 def _require_tokenizer(tokenizer):
     if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
-        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got "
+                        f"{type(tokenizer).__name__}")
 
 
 def template_split(tokenizer) -> Tuple[Optional[str], Optional[str]]:

@@ -128,3 +128,17 @@ def test_ess_state_errors():
         EssState.create([4], [1], [2], [], ess)
     with pytest.raises(TypeError, match="ess must be"):
         EssState.create([4], [1], [2], [1], None)
+
+
+def test_no_value_checks_skips_only_value_checks():
+    from safekern._checks import no_value_checks, value_checks_enabled
+
+    q, k, v = qkv()
+    with no_value_checks():
+        assert not value_checks_enabled()
+        ess_attention(q, k, v, seqlens_k=i32([5, 4]))
+        with pytest.raises(ValueError, match="q must be 4-D"):
+            ess_attention(q[0], k, v)
+    assert value_checks_enabled()
+    with pytest.raises(ValueError, match="seqlens_k values"):
+        ess_attention(q, k, v, seqlens_k=i32([5, 6]))

@@ -41,6 +41,10 @@ call of Llama, Mistral and Qwen2 (and any model whose layers pass ``**kwargs`` d
 - ``safekern_backend``: ``"auto"`` (default; env ``SAFEKERN_BACKEND``), ``"torch"``,
   ``"triton"``, ``"cuda"``.
 
+These go through ``model(...)`` / ``model.model(...)`` forwards. ``model.generate`` refuses
+keywords it does not know (transformers' ``_validate_model_kwargs``), so it runs plain causal
+attention; ESS decoding with [CLS] re-evaluation is the job of ``safekern.engine``.
+
 Not supported (raises, never computes something else): dropout > 0 (training with
 ``attention_dropout``), logit soft-capping, attention sinks, non-causal/bidirectional or
 packed-sequence masks, custom ``or``/``and`` mask overlays, prepared 4-D masks, static
@@ -50,11 +54,13 @@ packed-sequence masks, custom ``or``/``and`` mask overlays, prepared 4-D masks, 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Optional, Tuple
 
 import torch
 
+from .._checks import no_value_checks
 from ..ops.attention import ess_attention
 
 ATTN_IMPLEMENTATION = "safekern"
@@ -69,6 +75,7 @@ _UNSUPPORTED_KWARGS = {
     "s_aux": "attention sinks",
     "sinks": "attention sinks",
 }
+_ESS_KWARGS = ("response_start", "cls_windows", "key_bias", "q_pos", "seqlens_k")
 _SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 _registered = False
@@ -234,19 +241,29 @@ def safekern_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if q_pos is None and seqlens_k is not None:
         # Without padding info the queries are the last Lq cache indices, whatever seqlens_k says.
         q_pos = torch.arange(Lk - Lq, Lk, device=query.device,
-                             dtype=torch.int32).expand(B, Lq)
+                             dtype=torch.int32).expand(B, Lq).contiguous()
     response_start = kwargs.get("response_start")
     if response_start is not None and pad_bias is not None:
         raise ValueError("ESS metadata (response_start) needs right-padded sequences with the "
                          "[CLS] token at index 0 (DESIGN.md §2); this attention_mask has "
                          "padding before valid tokens")
     key_bias = kwargs.get("key_bias")
+    if pad_bias is not None and key_bias is not None:
+        if (not isinstance(key_bias, torch.Tensor) or key_bias.dim() != 3
+                or key_bias.shape[0] != B or key_bias.shape[2] != Lk):
+            raise ValueError(f"key_bias must have shape ({B}, {Hq} or 1, {Lk}), got "
+                             f"{getattr(key_bias, 'shape', type(key_bias).__name__)}")
     if pad_bias is not None:
         key_bias = pad_bias if key_bias is None else key_bias + pad_bias
-    o = ess_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                      softmax_scale=scaling, causal=True, q_pos=q_pos, seqlens_k=seqlens_k,
-                      response_start=response_start, cls_windows=kwargs.get("cls_windows"),
-                      key_bias=key_bias, backend=kwargs.get("safekern_backend", "auto"))
+    user_metadata = any(kwargs.get(name) is not None for name in _ESS_KWARGS)
+    # q_pos/seqlens_k derived from the padding mask are valid by construction: skip the
+    # host-syncing range checks (one sync per layer per argument); user metadata is checked.
+    checks = contextlib.nullcontext() if user_metadata else no_value_checks()
+    with checks:
+        o = ess_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          softmax_scale=scaling, causal=True, q_pos=q_pos, seqlens_k=seqlens_k,
+                          response_start=response_start, cls_windows=kwargs.get("cls_windows"),
+                          key_bias=key_bias, backend=kwargs.get("safekern_backend", "auto"))
     return o, None
 
 

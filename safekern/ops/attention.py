@@ -1,7 +1,10 @@
-"""ESS attention (DESIGN.md §3): validation, backend dispatch and the public function.
+"""ESS attention (DESIGN.md §3): Triton kernels, launchers, validation and the public function.
 
-The math is defined by ``safekern.reference.ess_attention_ref``; fast kernels register
-themselves as backends of the ``"ess_attention"`` op.
+The math is defined by ``safekern.reference.ess_attention_ref`` (the ``torch`` backend). The
+``triton`` backend is a FlashAttention-2-style forward (online softmax over key tiles, no
+(Lq, Lk) matrix): a prefill kernel that skips the tiles the mask empties and masks only the
+boundary tiles, a separate pass for the [CLS] row over key 0 and its windows, and a split-KV
+(flash-decoding) kernel plus a combine kernel for decode steps (Lq <= 2).
 """
 from __future__ import annotations
 
@@ -25,6 +28,497 @@ def _torch_backend(q, k, v, *, softmax_scale, causal, q_pos, seqlens_k, response
 
 
 dispatch.register(OP, "torch", _torch_backend, lambda **ctx: None)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+# Scores live in the log2 domain (scale * log2(e) folded into one multiply) so the online
+# softmax uses exp2. A row's visible keys, in ESS mode, are:
+#   normal row (q_pos = i > 0):  j < seqlens_k, j <= i if causal, j == 0 only if i >= rs
+#   [CLS] row  (q_pos == 0):     (j == 0 or j in a window) and j < seqlens_k
+#   padding row (q_pos == -1):   nothing
+# Without ESS every row with q_pos >= 0 is a normal row and key 0 is an ordinary key.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch backend still works; can_run reports the missing package
+    triton = None
+
+_LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _cls_keys(offs_n, cw_ptr, W):
+        """Keys the [CLS] row sees inside ``offs_n`` (before the seqlens_k bound)."""
+        vis = offs_n == 0
+        for w in range(W):
+            start = tl.load(cw_ptr + 2 * w)
+            end = tl.load(cw_ptr + 2 * w + 1)
+            vis = vis | ((offs_n >= start) & (offs_n < end))
+        return vis
+
+    @triton.jit
+    def _mma(a, b, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
+        # The Triton interpreter gets bf16 tl.dot wrong; bf16 products are exact in fp32, so
+        # upcasting there matches the GPU's fp32-accumulated bf16 dot.
+        if UPCAST_DOT:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+    @triton.jit
+    def _attn_tile(acc, l_i, m_i, q, pos, normal, is_cls, start_n, seqlen, rs,
+                   k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                   kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, IS_ESS: tl.constexpr,
+                   HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_2D: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr):
+        """One key tile of the online softmax. ``MASKED=False`` tiles are fully visible to
+        every ``normal`` row (rows that are not are discarded by the caller), so they skip
+        the mask and the key bound."""
+        offs_n = start_n + offs_n0
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED or BLOCK_D != HEAD_DIM:
+            kv_mask = (offs_n < seqlen)[:, None] & (offs_d < HEAD_DIM)[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = _mma(q, tl.trans(k), DOT_PREC, UPCAST_DOT) * qk_scale
+        if HAS_BIAS:
+            if BIAS_2D:
+                kb = tl.load(kb_base[:, None] + offs_n[None, :] * stride_kbn,
+                             mask=(offs_n < seqlen)[None, :], other=0.0)
+            else:
+                kb = tl.load(kb_base + offs_n * stride_kbn, mask=offs_n < seqlen,
+                             other=0.0)[None, :]
+            qk += kb * 1.4426950408889634
+        if MASKED:
+            j = offs_n[None, :]
+            p_ = pos[:, None]
+            vis = normal[:, None] & (j < seqlen)
+            if CAUSAL:
+                vis = vis & (j <= p_)
+            if IS_ESS:
+                vis = vis & ((j > 0) | (p_ >= rs))
+                if HAS_CLS:
+                    cls_vis = _cls_keys(offs_n, cw_ptr, W) & (offs_n < seqlen)
+                    vis = vis | (is_cls[:, None] & cls_vis[None, :])
+            qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # rows that have seen nothing yet keep m = -inf; subtract 0 instead to avoid inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PREC, UPCAST_DOT)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _row_positions(QPOS, SEQLENS, b, rows, row_ok, Lq, Lk,
+                       HAS_QPOS: tl.constexpr, HAS_SEQLENS: tl.constexpr):
+        """``(pos, seqlen)``; without tensors: every key valid, bottom-right aligned rows
+        (computed here so the default needs no extra launches)."""
+        if HAS_SEQLENS:
+            seqlen = tl.load(SEQLENS + b)
+        else:
+            seqlen = Lk
+        if HAS_QPOS:
+            pos = tl.load(QPOS + b * Lq + rows, mask=row_ok, other=-1)
+        else:
+            pos = seqlen - Lq + rows
+            pos = tl.where(row_ok & (pos >= 0), pos, -1)
+        return pos, seqlen
+
+    @triton.jit
+    def _finish(acc, l_i, m_i, keep):
+        """``(o, lse)`` of finished rows; rows not kept or that saw no key give (0, -inf)."""
+        ok = keep & (l_i > 0)
+        o = tl.where(ok[:, None], acc / tl.where(ok, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(ok, (m_i + tl.math.log2(tl.where(ok, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        return o, lse
+
+    @triton.jit
+    def _ess_attn_fwd(
+        Q, K, V, O, LSE, QPOS, SEQLENS, RSTART, CW, KB,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        stride_vb, stride_vn, stride_vh, stride_vd,
+        stride_ob, stride_om, stride_oh, stride_od,
+        stride_kbb, stride_kbh, stride_kbn,
+        Lq, Lk, Hq, G, W, qk_scale,
+        HAS_QPOS: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+        CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        STORE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+    ):
+        """Prefill / chunked prefill: one program per (query tile, batch * query head)."""
+        # causal work grows with the tile index: launch the longest tiles first
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        hkv = h // G
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < Lq
+        pos, seqlen = _row_positions(QPOS, SEQLENS, b, offs_m, row_ok, Lq, Lk, HAS_QPOS,
+                                     HAS_SEQLENS)
+        if IS_ESS:
+            rs = tl.load(RSTART + b)
+            normal = pos > 0
+            is_cls = pos == 0
+        else:
+            rs = 0
+            normal = pos >= 0
+            is_cls = pos < -1  # no [CLS] rows
+        q_ptrs = (Q + b * stride_qb + offs_m[:, None] * stride_qm + h * stride_qh
+                  + offs_d[None, :] * stride_qd)
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        k_base = K + b * stride_kb + hkv * stride_kh
+        v_base = V + b * stride_vb + hkv * stride_vh
+        kb_base = KB + b * stride_kbb + h * stride_kbh
+        cw_ptr = CW + b * 2 * W
+
+        # Key range of the normal rows: [0, hi) is touched at all, [0, full_hi) is visible to
+        # every normal row, so only the tiles around the diagonal (and, in ESS mode, the tile
+        # holding key 0 while some row is still in the prompt) need the per-element mask.
+        if CAUSAL:
+            row_hi = tl.minimum(pos + 1, seqlen)
+        else:
+            row_hi = tl.zeros_like(pos) + seqlen
+        hi = tl.max(tl.where(normal, row_hi, 0))
+        full_hi = tl.minimum(tl.min(tl.where(normal, row_hi, 2147483647)), hi)
+        full_end = (full_hi // BLOCK_N) * BLOCK_N
+        first_masked = False
+        if IS_ESS:
+            first_masked = (tl.min(tl.where(normal, pos, 2147483647)) < rs) & (full_end > 0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        start_full = 0
+        if first_masked:
+            acc, l_i, m_i = _attn_tile(
+                acc, l_i, m_i, q, pos, normal, is_cls, 0, seqlen, rs,
+                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
+                True, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                UPCAST_DOT)
+            start_full = BLOCK_N
+        for start_n in range(start_full, full_end, BLOCK_N):
+            acc, l_i, m_i = _attn_tile(
+                acc, l_i, m_i, q, pos, normal, is_cls, start_n, seqlen, rs,
+                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
+                False, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                UPCAST_DOT)
+        for start_n in range(full_end, hi, BLOCK_N):
+            acc, l_i, m_i = _attn_tile(
+                acc, l_i, m_i, q, pos, normal, is_cls, start_n, seqlen, rs,
+                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
+                True, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC,
+                UPCAST_DOT)
+        o, lse = _finish(acc, l_i, m_i, normal)
+
+        o_ptrs = (O + b * stride_ob + offs_m[:, None] * stride_om + h * stride_oh
+                  + offs_d[None, :] * stride_od)
+        d_ok = (offs_d < HEAD_DIM)[None, :]
+        lse_ptrs = LSE + (b * Hq + h) * Lq + offs_m
+        # [CLS] rows are written by their own pass below; everything else (normal and padding
+        # rows) is written here.
+        keep_rows = row_ok & ~is_cls
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=keep_rows[:, None] & d_ok)
+        if STORE_LSE:
+            tl.store(lse_ptrs, lse, mask=keep_rows)
+
+        if IS_ESS:
+            if tl.max(is_cls.to(tl.int32)) > 0:
+                # The [CLS] row's own pass: key 0 plus its windows, ignoring causality. It
+                # visits only tiles that hold one of its keys, so normal rows never scan them.
+                cls_hi = tl.minimum(seqlen, 1)
+                for w in range(W):
+                    cls_hi = tl.maximum(cls_hi, tl.minimum(tl.load(cw_ptr + 2 * w + 1), seqlen))
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                none = pos < -1
+                for start_n in range(0, cls_hi, BLOCK_N):
+                    hit = start_n == 0
+                    for w in range(W):
+                        ws = tl.load(cw_ptr + 2 * w)
+                        we = tl.minimum(tl.load(cw_ptr + 2 * w + 1), seqlen)
+                        hit = hit | ((ws < we) & (ws < start_n + BLOCK_N) & (we > start_n))
+                    if hit:
+                        acc, l_i, m_i = _attn_tile(
+                            acc, l_i, m_i, q, pos, none, is_cls, start_n, seqlen, rs,
+                            k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                            kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
+                            True, CAUSAL, IS_ESS, True, HAS_BIAS, False, HEAD_DIM, BLOCK_D,
+                            DOT_PREC, UPCAST_DOT)
+                o, lse = _finish(acc, l_i, m_i, is_cls)
+                tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(row_ok & is_cls)[:, None] & d_ok)
+                if STORE_LSE:
+                    tl.store(lse_ptrs, lse, mask=row_ok & is_cls)
+
+    @triton.jit
+    def _ess_attn_decode_split(
+        Q, K, V, OPART, LPART, QPOS, SEQLENS, RSTART, CW, KB,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        stride_vb, stride_vn, stride_vh, stride_vd,
+        stride_kbb, stride_kbh, stride_kbn,
+        Lq, Lk, Hq, Hkv, G, W, qk_scale, split_len, num_splits,
+        HAS_QPOS: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+        CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+    ):
+        """Decode (flash-decoding): one program per (KV split, batch * KV head). Its rows are
+        the G query heads x Lq rows that share the KV head, so each K/V tile is read once."""
+        split = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hkv
+        hkv = pid_bh % Hkv
+        offs_i = tl.arange(0, BLOCK_M)
+        row_ok = offs_i < G * Lq
+        # clamp so that padded rows still form in-bounds addresses; they are masked by pos
+        g = tl.minimum(offs_i // Lq, G - 1)
+        r = offs_i % Lq
+        h = hkv * G + g
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        pos, seqlen = _row_positions(QPOS, SEQLENS, b, r, row_ok, Lq, Lk, HAS_QPOS,
+                                     HAS_SEQLENS)
+        if IS_ESS:
+            rs = tl.load(RSTART + b)
+            normal = pos > 0
+            is_cls = pos == 0
+        else:
+            rs = 0
+            normal = pos >= 0
+            is_cls = pos < -1
+        q = tl.load(Q + b * stride_qb + r[:, None] * stride_qm + h[:, None] * stride_qh
+                    + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        k_base = K + b * stride_kb + hkv * stride_kh
+        v_base = V + b * stride_vb + hkv * stride_vh
+        kb_base = KB + b * stride_kbb + h * stride_kbh
+        cw_ptr = CW + b * 2 * W
+
+        if CAUSAL:
+            row_hi = tl.minimum(pos + 1, seqlen)
+        else:
+            row_hi = tl.zeros_like(pos) + seqlen
+        hi = tl.max(tl.where(normal, row_hi, 0))
+        if IS_ESS:
+            if tl.max(is_cls.to(tl.int32)) > 0:
+                cls_hi = tl.minimum(seqlen, 1)
+                for w in range(W):
+                    cls_hi = tl.maximum(cls_hi, tl.minimum(tl.load(cw_ptr + 2 * w + 1), seqlen))
+                hi = tl.maximum(hi, cls_hi)
+        lo = split * split_len
+        end = tl.minimum(lo + split_len, hi)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(lo, end, BLOCK_N):
+            acc, l_i, m_i = _attn_tile(
+                acc, l_i, m_i, q, pos, normal, is_cls, start_n, seqlen, rs,
+                k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
+                True, CAUSAL, IS_ESS, IS_ESS, HAS_BIAS, True, HEAD_DIM, BLOCK_D, DOT_PREC,
+                UPCAST_DOT)
+        o, lse = _finish(acc, l_i, m_i, normal | is_cls)
+        # partials: (B, Hq, Lq, num_splits, D) and (B, Hq, Lq, num_splits), always written
+        row = (b * Hq + h) * Lq + r
+        tl.store(OPART + (row * num_splits + split)[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+        tl.store(LPART + row * num_splits + split, lse, mask=row_ok)
+
+    @triton.jit
+    def _ess_attn_decode_combine(
+        OPART, LPART, O, LSE, Lq, Hq, num_splits,
+        stride_ob, stride_om, stride_oh, stride_od,
+        STORE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        """Merge the split partials of one output row with their log-sum-exps."""
+        row = tl.program_id(0)  # (b * Hq + h) * Lq + r
+        r = row % Lq
+        bh = row // Lq
+        b = bh // Hq
+        h = bh % Hq
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_ok = offs_s < num_splits
+        d_ok = offs_d < HEAD_DIM
+        lse = tl.load(LPART + row * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp(lse - m_safe)
+        total = tl.sum(w, 0)
+        o = tl.load(OPART + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(O + b * stride_ob + r * stride_om + h * stride_oh + offs_d * stride_od,
+                 o.to(O.dtype.element_ty), mask=d_ok)
+        if STORE_LSE:
+            safe_total = tl.where(total > 0, total, 1.0)
+            tl.store(LSE + row, tl.where(total > 0, m_safe + tl.log(safe_total), float("-inf")))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+# the decode kernel keeps G * Lq rows of one KV head in a single program
+_DECODE_MAX_ROWS = 64
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device):
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. The interpreter gets small tiles so the
+    odd test shapes cross several tiles; the GPU values follow the Triton tutorial's H100
+    choices (not autotuned: a lookup keeps the first call cheap and CUDA-graph friendly)."""
+    if device.type != "cuda":
+        return 32, 32, 4, 1
+    wide = dtype == torch.float32
+    if head_dim <= 64:
+        return (64, 64, 4, 3) if wide else (128, 64, 4, 3)
+    if head_dim <= 128:
+        return (64, 32, 4, 3) if wide else (128, 64, 8, 3)
+    return (32, 32, 4, 2) if wide else (64, 32, 4, 2)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _decode_splits(B: int, Hkv: int, Lk: int, block_n: int, device: torch.device):
+    """``(num_splits, split_len)``: enough (batch, KV head, split) programs to fill the GPU
+    about twice, each split a whole number of key tiles."""
+    tiles = max(1, triton.cdiv(Lk, block_n))
+    splits = max(1, min(tiles, triton.cdiv(2 * _num_sms(device), B * Hkv)))
+    split_len = triton.cdiv(tiles, splits) * block_n
+    return triton.cdiv(max(Lk, 1), split_len), split_len
+
+
+def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, seqlens_k=None,
+                      response_start=None, cls_windows=None, key_bias=None, return_lse=False,
+                      out=None, lse_out=None, path="auto", num_splits=None):
+    """Launch the Triton kernels; inputs are assumed validated by ``ess_attention``.
+
+    Internal arguments (tests, benchmarks, the engine): ``out`` / ``lse_out`` preallocated
+    outputs (``(B, Lq, Hq, D)`` in ``q.dtype``, ``(B, Hq, Lq)`` fp32); ``path`` "auto" |
+    "prefill" | "decode" (auto takes split-KV decode when ``Lq <= 2``); ``num_splits``
+    overrides the decode split count.
+    """
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    dev = q.device
+    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    o = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=dev) if out is None else out
+    # absent optional tensors: the kernels never read the pointer they get (a constexpr says so)
+    dummy = o
+
+    def i32(x):
+        return dummy if x is None else x.to(torch.int32).contiguous()
+
+    seqlens_t, q_pos_t, rstart = i32(seqlens_k), i32(q_pos), i32(response_start)
+    is_ess = response_start is not None
+    if cls_windows is not None and cls_windows.shape[1] > 0:
+        cw, W = i32(cls_windows), cls_windows.shape[1]
+    else:
+        cw, W = dummy, 0
+    has_bias = key_bias is not None
+    if has_bias:
+        kb = key_bias
+        kb_strides = (kb.stride(0), kb.stride(1) if kb.shape[1] > 1 else 0, kb.stride(2))
+    else:
+        kb, kb_strides = dummy, (0, 0, 0)
+    if return_lse:
+        lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev) if lse_out is None \
+            else lse_out
+    else:
+        lse = dummy
+    flags = dict(HAS_QPOS=q_pos is not None, HAS_SEQLENS=seqlens_k is not None, CAUSAL=causal,
+                 IS_ESS=is_ess, HAS_BIAS=has_bias)
+    if B * Lq * Hq == 0:
+        o.zero_()
+        if return_lse:
+            lse.fill_(float("-inf"))
+        return (o, lse) if return_lse else o
+    block_d = max(16, triton.next_power_of_2(D))
+    # fp32 inputs get full-precision dots (tf32 would miss the reference tolerance)
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    upcast = dev.type != "cuda" and q.dtype == torch.bfloat16
+    qk_scale = scale * _LOG2E
+    use_decode = path == "decode" or (path == "auto" and Lq <= 2 and G * Lq <= _DECODE_MAX_ROWS)
+
+    if use_decode:
+        block_m = max(16, triton.next_power_of_2(G * Lq))
+        block_n = 32 if dev.type != "cuda" else (64 if D <= 128 else 32)
+        splits, split_len = _decode_splits(B, Hkv, Lk, block_n, dev)
+        if num_splits is not None:
+            split_len = triton.cdiv(triton.cdiv(max(Lk, 1), num_splits), block_n) * block_n
+            splits = triton.cdiv(max(Lk, 1), split_len)
+        o_part = torch.empty(B, Hq, Lq, splits, D, dtype=torch.float32, device=dev)
+        l_part = torch.empty(B, Hq, Lq, splits, dtype=torch.float32, device=dev)
+        _ess_attn_decode_split[(splits, B * Hkv)](
+            q, k, v, o_part, l_part, q_pos_t, seqlens_t, rstart, cw, kb,
+            *q.stride(), *k.stride(), *v.stride(), *kb_strides,
+            Lq, Lk, Hq, Hkv, G, W, qk_scale, split_len, splits, **flags,
+            HEAD_DIM=D, BLOCK_D=block_d,
+            BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec, UPCAST_DOT=upcast,
+            num_warps=4, num_stages=(2 if q.dtype == torch.float32 else 3) if dev.type == "cuda"
+            else 1)
+        _ess_attn_decode_combine[(B * Hq * Lq,)](
+            o_part, l_part, o, lse, Lq, Hq, splits, *o.stride(),
+            STORE_LSE=return_lse, HEAD_DIM=D, BLOCK_D=block_d,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    else:
+        block_m, block_n, warps, stages = _prefill_config(D, q.dtype, dev)
+        _ess_attn_fwd[(triton.cdiv(Lq, block_m), B * Hq)](
+            q, k, v, o, lse, q_pos_t, seqlens_t, rstart, cw, kb,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *kb_strides,
+            Lq, Lk, Hq, G, W, qk_scale, **flags, STORE_LSE=return_lse,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec,
+            UPCAST_DOT=upcast,
+            num_warps=warps, num_stages=stages)
+    return (o, lse) if return_lse else o
+
+
+def _triton_can_run(*, device, dtype, head_dim, requires_grad=False, **ctx):
+    why = dispatch.triton_can_run(device, **ctx)
+    if why is not None:
+        return why
+    if dtype not in _SUPPORTED:
+        return f"dtype {dtype} is not supported by the Triton kernels (fp16, bf16, fp32)"
+    if head_dim > _MAX_HEAD_DIM:
+        return f"head dim {head_dim} > {_MAX_HEAD_DIM} is not supported by the Triton kernels"
+    if requires_grad:
+        return ("no autograd through the Triton path; use backend='torch' (the reference) "
+                "for training")
+    return None
+
+
+if triton is not None:
+    dispatch.register(OP, "triton", _attention_triton, _triton_can_run)
 
 
 def _validate(q, k, v, softmax_scale, causal, q_pos, seqlens_k, response_start, cls_windows,
@@ -108,6 +602,8 @@ def ess_attention(
         return_lse: also return the log-sum-exp ``(B, nheads_q, Lq)`` float32.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cuda"`` (env ``SAFEKERN_BACKEND``
             overrides ``auto``). An explicit backend that cannot run raises ``RuntimeError``.
+            ``triton`` is forward-only (inputs that require grad go to ``torch``); it takes
+            the split-KV decode kernel when ``seqlen_q <= 2``.
 
     Returns:
         ``o`` of shape ``(B, Lq, nheads_q, headdim)`` in ``q.dtype`` (and ``lse``). Rows that

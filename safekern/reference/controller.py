@@ -60,9 +60,9 @@ def _schedule_next(state: EssState, ess: EssConfig, n: torch.Tensor):
     if ess.schedule == "periodic":
         return n + ess.period, state.interval
     nxt = n + state.interval
-    grown = torch.maximum(state.interval + 1,
-                          (state.interval.double() * ess.anneal_growth).floor().int())
-    grown = torch.clamp(grown, max=NEVER // 4)
+    # Clamp in float64 before the cast: interval * growth can exceed int32 (e.g. growth 1e6).
+    scaled = torch.clamp((state.interval.double() * ess.anneal_growth).floor(), max=NEVER // 4)
+    grown = torch.clamp(torch.maximum(state.interval + 1, scaled.int()), max=NEVER // 4)
     return torch.where(nxt > ess.anneal_stop, never, nxt), grown
 
 
