@@ -26,11 +26,19 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import math
+import os
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, Trainer
 
-from .model import encode_prompts, template_split
+from .data import corpus, load_split
+from .integrations.hf import apply_safekern
+from .model import attach, encode_prompts, load_safety, save_safety, template_split
+from .tiny import build_tokenizer, tiny_llama_config
 
 PHASES = ("pretraining", "alignment")
 IGNORE = -100
@@ -245,15 +253,7 @@ def compute_loss(model: nn.Module, inputs: Dict[str, torch.Tensor], *, cls_weigh
     return loss, {**out, "lm": lm, "cls": cls}
 
 
-def _trainer_base():
-    try:
-        from transformers import Trainer
-    except ImportError as e:  # pragma: no cover - transformers is a dependency
-        raise ImportError("EssTrainer needs transformers (pip install transformers)") from e
-    return Trainer
-
-
-class EssTrainer(_trainer_base()):
+class EssTrainer(Trainer):
     """``transformers.Trainer`` with the ESS joint loss.
 
     Pass an :class:`EssForTraining` as ``model``, an :class:`EssCollator` as ``data_collator``
@@ -296,8 +296,6 @@ class EssTrainer(_trainer_base()):
 
 def default_cache_dir() -> str:
     """``$SAFEKERN_CACHE`` or ``~/.cache/safekern/tiny``: where ``safekern train --tiny`` saves."""
-    import os
-
     return os.environ.get("SAFEKERN_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "safekern", "tiny")
 
@@ -317,16 +315,6 @@ def train_tiny(out_dir: Optional[str] = None, *, steps: int = 300, batch_size: i
 
     Returns a summary dict: steps, seconds, final lm/cls losses, out_dir.
     """
-    import math
-    import time
-
-    from transformers import LlamaForCausalLM
-
-    from .data import corpus, load_split
-    from .integrations.hf import apply_safekern
-    from .model import attach
-    from .tiny import build_tokenizer, tiny_llama_config
-
     for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -386,10 +374,6 @@ def _progress(it, enabled: bool):
 
 def save_tiny(model, tokenizer, out_dir: str) -> str:
     """Save model + tokenizer (``save_pretrained``) and the safety delta to ``out_dir/safety``."""
-    import os
-
-    from .model import save_safety
-
     os.makedirs(out_dir, exist_ok=True)
     # The head is saved once, in the delta; the base checkpoint stays a plain causal LM.
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("safety_head.")}
@@ -402,13 +386,6 @@ def save_tiny(model, tokenizer, out_dir: str) -> str:
 def load_tiny(out_dir: Optional[str] = None):
     """Load what :func:`save_tiny` wrote: ``(model, tokenizer)`` in eval mode, safety attached,
     ``attn_implementation="safekern"``. Raises FileNotFoundError when nothing is there."""
-    import os
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .integrations.hf import apply_safekern
-    from .model import load_safety
-
     out_dir = out_dir or default_cache_dir()
     if not os.path.isfile(os.path.join(out_dir, "safety", "safety.json")):
         raise FileNotFoundError(f"no trained tiny model in {out_dir!r}: run `safekern train "
