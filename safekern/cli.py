@@ -1,4 +1,4 @@
-"""Command line: ``safekern bench | info``."""
+"""Command line: ``safekern bench | info | train | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,27 @@ def _bench(args) -> int:
     from .bench import run
 
     return run(args)
+
+
+def _train(args) -> int:
+    """Train the embedded tiny ESS model from scratch (CPU minutes)."""
+    if not args.tiny:
+        print("only the embedded tiny recipe runs from the CLI (--tiny); for a real checkpoint "
+              "use safekern.train.EssTrainer (docs/TRAINING.md)", file=sys.stderr)
+        return 2
+    from .train import train_tiny
+
+    train_tiny(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    return 0
+
+
+def _demo(args) -> int:
+    """Safety off vs strategic decoding on held-out benign, malicious and prefill prompts."""
+    from .demo import run_demo
+
+    run_demo(args.model, per_kind=args.per_kind, max_new_tokens=args.max_new_tokens,
+             backend=args.backend)
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -39,6 +60,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="print versions, device and runnable backends as JSON")
     i.set_defaults(fn=lambda a: print(json.dumps(__import__("safekern").info(), indent=2)) or 0)
+    t = sub.add_parser("train", help="train the tiny ESS model on the embedded data (CPU)")
+    t.add_argument("--tiny", action="store_true", help="the embedded tiny Llama recipe")
+    t.add_argument("--out", default=None, help="output dir (default $SAFEKERN_CACHE or "
+                   "~/.cache/safekern/tiny)")
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=_train)
+    d = sub.add_parser("demo", help="safety off vs strategic decoding with the tiny model")
+    d.add_argument("--model", default=None, help="dir written by `safekern train --tiny` "
+                   "(trained first when missing)")
+    d.add_argument("--per-kind", type=int, default=3)
+    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--backend", default="auto")
+    d.set_defaults(fn=_demo)
     args = p.parse_args(argv)
     return args.fn(args)
 

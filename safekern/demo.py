@@ -1,0 +1,92 @@
+"""``safekern demo``: the tiny ESS model, safety off vs strategic decoding, side by side.
+
+Prompts come from the held-out split of the embedded dataset (never seen in training): benign
+instructions, harmful requests, and prefill attacks (a harmful request whose answer is forced to
+start compliantly). Each row shows the two generations and the per-evaluation ``p_unsafe``
+trace of the strategic decoder.
+"""
+from __future__ import annotations
+
+import textwrap
+from typing import List, Optional
+
+
+def _pick(rows, kind: str, n: int) -> List[dict]:
+    seen, out = set(), []
+    for r in rows:
+        if r["kind"] == kind and r["topic"] not in seen:
+            seen.add(r["topic"])
+            out.append(r)
+        if len(out) == n:
+            break
+    return out
+
+
+def format_trace(trace) -> str:
+    """``p_unsafe`` at each evaluation as ``n=<response tokens>:<p>`` plus the trigger."""
+    if trace is None or not trace.p_unsafe:
+        return "no evaluation"
+    shown = [f"n={n}:{p:.3f}" for n, p in zip(trace.eval_lengths, trace.p_unsafe)]
+    if len(shown) > 8:
+        shown = shown[:6] + ["...", shown[-1]]
+    tail = f" -> {trace.action} at step {trace.trigger_step}" if trace.action else " -> benign"
+    return " ".join(shown) + tail
+
+
+def _side_by_side(left: str, right: str, width: int) -> List[str]:
+    a, b = textwrap.wrap(left, width) or [""], textwrap.wrap(right, width) or [""]
+    n = max(len(a), len(b))
+    a, b = a + [""] * (n - len(a)), b + [""] * (n - len(b))
+    return [f"  {x:<{width}} | {y}" for x, y in zip(a, b)]
+
+
+def run_demo(model_dir: Optional[str] = None, *, per_kind: int = 3, max_new_tokens: int = 32,
+             width: int = 48, train_if_missing: bool = True, backend: str = "auto",
+             print_fn=print) -> List[dict]:
+    """Print the side-by-side demo and return its rows (prompt, prefill, outputs, trace).
+
+    Args:
+        model_dir: a directory written by ``safekern train --tiny`` (default: the cache dir);
+            trained first (a few CPU minutes) when missing and ``train_if_missing``.
+        per_kind: prompts per group (benign, malicious, prefill attack).
+    """
+    from .data import load_split
+    from .engine import generate
+    from .spec import EssConfig
+    from .train import default_cache_dir, load_tiny, train_tiny
+
+    model_dir = model_dir or default_cache_dir()
+    try:
+        model, tokenizer = load_tiny(model_dir)
+    except FileNotFoundError:
+        if not train_if_missing:
+            raise
+        print_fn(f"no tiny model in {model_dir}: training it first")
+        train_tiny(model_dir)
+        model, tokenizer = load_tiny(model_dir)
+    rows = load_split("heldout")
+    ess = EssConfig()
+    out = []
+    print_fn(f"safety off (plain decoding) vs ESS strategic decoding ({ess.label}, "
+             f"{ess.policy} policy, threshold {ess.threshold}); held-out prompts, greedy")
+    for kind, title in (("benign", "benign"), ("malicious", "malicious"),
+                        ("prefill", "prefill attack")):
+        picked = _pick(rows, kind, per_kind)
+        prompts = [r["prompt"] for r in picked]
+        prefill = [r["prefill"] for r in picked] if kind == "prefill" else None
+        off = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, safety=None,
+                       prefill=prefill, backend=backend)
+        on = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, safety=ess,
+                      prefill=prefill, backend=backend)
+        print_fn(f"\n=== {title} ===")
+        for i, r in enumerate(picked):
+            print_fn(f"user: {r['prompt']}")
+            if prefill:
+                print_fn(f"prefilled assistant start: {r['prefill']!r}")
+            print_fn(f"  {'safety off':<{width}} | ESS on")
+            for line in _side_by_side(off[i].text, on[i].text, width):
+                print_fn(line)
+            print_fn(f"  p_unsafe: {format_trace(on[i].trace)}")
+            out.append({"kind": kind, "prompt": r["prompt"], "prefill": r["prefill"],
+                        "off": off[i].text, "on": on[i].text, "trace": on[i].trace})
+    return out
