@@ -42,16 +42,22 @@ CASES = {
 }
 
 
+def _safety_and_logits(h, W, h_cls, w_safe, T: float):
+    """The unfused stages every baseline shares: a separate safety head, the LM-head GEMM and
+    the temperature (greedy keeps raw logits)."""
+    p_unsafe = torch.sigmoid(h_cls.float() @ w_safe.float())
+    logits = (h @ W.t()).float()
+    return p_unsafe, (logits if T == 0 else logits / T)
+
+
 def torch_path(h, W, h_cls, w_safe, case: dict, gen) -> Callable:
     """The unfused baseline: every stage its own kernel(s), sort-based top-p."""
     T, k, p = case.get("temperature", 0.0), case.get("top_k", 0), case.get("top_p", 1.0)
 
     def run():
-        p_unsafe = torch.sigmoid(h_cls.float() @ w_safe.float())
-        logits = (h @ W.t()).float()
+        p_unsafe, logits = _safety_and_logits(h, W, h_cls, w_safe, T)
         if T == 0:
             return logits.argmax(-1), p_unsafe
-        logits = logits / T
         if k > 0:
             kth = logits.topk(k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -72,11 +78,9 @@ def flashinfer_path(h, W, h_cls, w_safe, case: dict) -> Optional[Callable]:
     T, k, p = case.get("temperature", 0.0), case.get("top_k", 0), case.get("top_p", 1.0)
 
     def run():
-        p_unsafe = torch.sigmoid(h_cls.float() @ w_safe.float())
-        logits = (h @ W.t()).float()
+        p_unsafe, logits = _safety_and_logits(h, W, h_cls, w_safe, T)
         if T == 0:
             return logits.argmax(-1), p_unsafe
-        logits = logits / T
         if k > 0 and p < 1:
             return fs.top_k_top_p_sampling_from_logits(logits, k, p), p_unsafe
         if p < 1:
