@@ -6,7 +6,6 @@ import json
 import sys
 from typing import List, Optional
 
-import torch
 
 
 def _bench(args) -> int:
