@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from .._checks import FLOAT_DTYPES, INT_DTYPES, check_int_range, check_tensor
-from ..reference.attention import default_q_pos, ess_attention_ref, ess_visibility
+from ..reference.attention import (default_q_pos, ess_attention_ref, ess_visibility,
+                                   resolve_positions)
 from . import dispatch
 
 OP = "ess_attention"
@@ -26,10 +27,7 @@ def _sdpa_masked(q, k, v, *, softmax_scale, causal, q_pos, seqlens_k, response_s
     """SDPA over the reference's dense visibility mask (inference; no LSE, no autograd)."""
     B, Lq, Hq, _ = q.shape
     Lk = k.shape[1]
-    if seqlens_k is None:
-        seqlens_k = torch.full((B,), Lk, dtype=torch.int32, device=q.device)
-    if q_pos is None:
-        q_pos = default_q_pos(seqlens_k, Lq)
+    q_pos, seqlens_k = resolve_positions(q_pos, seqlens_k, B, Lq, Lk, q.device)
     vis = ess_visibility(q_pos, seqlens_k, Lk, causal=causal, response_start=response_start,
                          cls_windows=cls_windows)                        # (B, Lq, Lk)
     mask = vis[:, None]
@@ -162,6 +160,37 @@ if triton is not None:
         return pos, seqlen
 
     @triton.jit
+    def _row_kinds(RSTART, b, pos, IS_ESS: tl.constexpr):
+        """``(response_start, normal, is_cls)`` per row. Without ESS every row with a position
+        is a normal row and there is no [CLS] row."""
+        if IS_ESS:
+            rs = tl.load(RSTART + b)
+            normal = pos > 0
+            is_cls = pos == 0
+        else:
+            rs = 0
+            normal = pos >= 0
+            is_cls = pos < -1
+        return rs, normal, is_cls
+
+    @triton.jit
+    def _row_key_end(pos, seqlen, CAUSAL: tl.constexpr):
+        """One past the last key a normal row can see."""
+        if CAUSAL:
+            row_hi = tl.minimum(pos + 1, seqlen)
+        else:
+            row_hi = tl.zeros_like(pos) + seqlen
+        return row_hi
+
+    @triton.jit
+    def _cls_key_end(cw_ptr, W, seqlen):
+        """One past the last key the [CLS] row can see: key 0 and its windows' ends."""
+        cls_hi = tl.minimum(seqlen, 1)
+        for w in range(W):
+            cls_hi = tl.maximum(cls_hi, tl.minimum(tl.load(cw_ptr + 2 * w + 1), seqlen))
+        return cls_hi
+
+    @triton.jit
     def _finish(acc, l_i, m_i, keep):
         """``(o, lse)`` of finished rows; rows not kept or that saw no key give (0, -inf)."""
         ok = keep & (l_i > 0)
@@ -198,14 +227,7 @@ if triton is not None:
         row_ok = offs_m < Lq
         pos, seqlen = _row_positions(QPOS, SEQLENS, b, offs_m, row_ok, Lq, Lk, HAS_QPOS,
                                      HAS_SEQLENS)
-        if IS_ESS:
-            rs = tl.load(RSTART + b)
-            normal = pos > 0
-            is_cls = pos == 0
-        else:
-            rs = 0
-            normal = pos >= 0
-            is_cls = pos < -1  # no [CLS] rows
+        rs, normal, is_cls = _row_kinds(RSTART, b, pos, IS_ESS)
         q_ptrs = (Q + b * stride_qb + offs_m[:, None] * stride_qm + h * stride_qh
                   + offs_d[None, :] * stride_qd)
         q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
@@ -217,10 +239,7 @@ if triton is not None:
         # Key range of the normal rows: [0, hi) is touched at all, [0, full_hi) is visible to
         # every normal row, so only the tiles around the diagonal (and, in ESS mode, the tile
         # holding key 0 while some row is still in the prompt) need the per-element mask.
-        if CAUSAL:
-            row_hi = tl.minimum(pos + 1, seqlen)
-        else:
-            row_hi = tl.zeros_like(pos) + seqlen
+        row_hi = _row_key_end(pos, seqlen, CAUSAL)
         hi = tl.max(tl.where(normal, row_hi, 0))
         full_hi = tl.minimum(tl.min(tl.where(normal, row_hi, 2147483647)), hi)
         full_end = (full_hi // BLOCK_N) * BLOCK_N
@@ -271,9 +290,7 @@ if triton is not None:
             if tl.max(is_cls.to(tl.int32)) > 0:
                 # The [CLS] row's own pass: key 0 plus its windows, ignoring causality. It
                 # visits only tiles that hold one of its keys, so normal rows never scan them.
-                cls_hi = tl.minimum(seqlen, 1)
-                for w in range(W):
-                    cls_hi = tl.maximum(cls_hi, tl.minimum(tl.load(cw_ptr + 2 * w + 1), seqlen))
+                cls_hi = _cls_key_end(cw_ptr, W, seqlen)
                 m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -326,14 +343,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         pos, seqlen = _row_positions(QPOS, SEQLENS, b, r, row_ok, Lq, Lk, HAS_QPOS,
                                      HAS_SEQLENS)
-        if IS_ESS:
-            rs = tl.load(RSTART + b)
-            normal = pos > 0
-            is_cls = pos == 0
-        else:
-            rs = 0
-            normal = pos >= 0
-            is_cls = pos < -1
+        rs, normal, is_cls = _row_kinds(RSTART, b, pos, IS_ESS)
         q = tl.load(Q + b * stride_qb + r[:, None] * stride_qm + h[:, None] * stride_qh
                     + offs_d[None, :] * stride_qd,
                     mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
@@ -342,17 +352,11 @@ if triton is not None:
         kb_base = KB + b * stride_kbb + h * stride_kbh
         cw_ptr = CW + b * 2 * W
 
-        if CAUSAL:
-            row_hi = tl.minimum(pos + 1, seqlen)
-        else:
-            row_hi = tl.zeros_like(pos) + seqlen
+        row_hi = _row_key_end(pos, seqlen, CAUSAL)
         hi = tl.max(tl.where(normal, row_hi, 0))
         if IS_ESS:
             if tl.max(is_cls.to(tl.int32)) > 0:
-                cls_hi = tl.minimum(seqlen, 1)
-                for w in range(W):
-                    cls_hi = tl.maximum(cls_hi, tl.minimum(tl.load(cw_ptr + 2 * w + 1), seqlen))
-                hi = tl.maximum(hi, cls_hi)
+                hi = tl.maximum(hi, _cls_key_end(cw_ptr, W, seqlen))
         lo = split * split_len
         end = tl.minimum(lo + split_len, hi)
 

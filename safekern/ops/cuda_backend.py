@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..reference.attention import default_q_pos
+from ..reference.attention import resolve_positions
 from ..spec import POLICIES, SCHEDULES
 from . import dispatch
 
@@ -100,10 +100,7 @@ def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
 def _ess_attention_cuda(q, k, v, *, softmax_scale, causal, q_pos, seqlens_k, response_start,
                         cls_windows, key_bias, return_lse):
     B, Lq, _, D = q.shape
-    if seqlens_k is None:
-        seqlens_k = torch.full((B,), k.shape[1], dtype=torch.int32, device=q.device)
-    if q_pos is None:
-        q_pos = default_q_pos(seqlens_k, Lq)
+    q_pos, seqlens_k = resolve_positions(q_pos, seqlens_k, B, Lq, k.shape[1], q.device)
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
     o, lse = torch.ops.safekern.cuda_ess_decode_attention(
         _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v), q_pos.contiguous(),

@@ -20,6 +20,17 @@ def default_q_pos(seqlens_k: torch.Tensor, Lq: int) -> torch.Tensor:
     return torch.where(pos >= 0, pos, torch.full_like(pos, -1))
 
 
+def resolve_positions(q_pos: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+                      batch: int, Lq: int, Lk: int, device):
+    """``(q_pos, seqlens_k)`` with the contract's defaults filled in: every key valid, rows
+    bottom-right aligned (``default_q_pos``)."""
+    if seqlens_k is None:
+        seqlens_k = torch.full((batch,), Lk, dtype=torch.int32, device=device)
+    if q_pos is None:
+        q_pos = default_q_pos(seqlens_k, Lq)
+    return q_pos, seqlens_k
+
+
 def ess_visibility(
     q_pos: torch.Tensor,
     seqlens_k: torch.Tensor,
@@ -97,10 +108,7 @@ def ess_attention_ref(
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
-    if seqlens_k is None:
-        seqlens_k = torch.full((B,), Lk, dtype=torch.int32, device=q.device)
-    if q_pos is None:
-        q_pos = default_q_pos(seqlens_k, Lq)
+    q_pos, seqlens_k = resolve_positions(q_pos, seqlens_k, B, Lq, Lk, q.device)
     vis = ess_visibility(q_pos, seqlens_k, Lk, causal=causal, response_start=response_start,
                          cls_windows=cls_windows)                        # (B, Lq, Lk)
 
