@@ -1,4 +1,5 @@
-"""Finding nvcc, the CUDA headers and g++ for the CPU-side CUDA tests (no GPU involved)."""
+"""Shared by the CUDA tests: finding nvcc, the CUDA headers and g++ (CPU-side checks, no GPU),
+and comparing a kernel's ESS step with the reference controller."""
 import glob
 import os
 import re
@@ -6,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -55,3 +57,18 @@ def cuda_include():
 def build(cmd, what):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
     assert res.returncode == 0, f"{what} failed:\n{' '.join(cmd)}\n{res.stdout}\n{res.stderr[-6000:]}"
+
+
+def assert_state_equal(ours, ref, step):
+    """Every field of an EssState equals the reference controller's after ``step``."""
+    for name, a in ours.__dict__.items():
+        assert torch.equal(a, getattr(ref, name)), f"step {step}: state.{name} differs"
+
+
+def assert_step_matches(ours, ref, tokens, ref_tokens, p, ref_p, step, atol, rtol):
+    """One head_sample step equals the reference: state, which rows scored, scores, tokens."""
+    assert_state_equal(ours, ref, step)
+    assert torch.equal(torch.isnan(p), torch.isnan(ref_p))
+    ev = ~torch.isnan(ref_p)
+    torch.testing.assert_close(p[ev], ref_p[ev], atol=atol, rtol=rtol)
+    assert torch.equal(tokens, ref_tokens), f"step {step}: tokens differ"

@@ -22,21 +22,13 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
 
-    from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
 
-    from safekern.data import corpus, load_split
-    from safekern.integrations.hf import apply_safekern
-    from safekern.model import attach
-    from safekern.tiny import build_tokenizer, tiny_llama_config
+    from safekern.data import load_split
     from safekern.train import EssCollator, EssForTraining, EssTrainer
+    from tiny_ess import make_tiny_ess_model  # beside this script
 
-    torch.manual_seed(0)
-    tok = build_tokenizer(corpus("train"), vocab_size=384)
-    model = LlamaForCausalLM(tiny_llama_config(len(tok) + 1, hidden_size=64, intermediate_size=128,
-                                               num_hidden_layers=2, num_attention_heads=4,
-                                               num_key_value_heads=1))
-    attach(model, tok)
-    apply_safekern(model)
+    model, tok = make_tiny_ess_model(seed=0)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     n_rows = args.steps * args.batch_size * args.grad_accum * world
     rows = load_split("train")[:n_rows]

@@ -17,7 +17,8 @@ import sysconfig
 import pytest
 import torch
 
-from cuda_tools import CSRC, NVCC, ROOT, build, cuda_include, require_gxx, require_nvcc
+from cuda_tools import (CSRC, NVCC, ROOT, assert_state_equal, build, cuda_include,
+                        require_gxx, require_nvcc)
 
 CU_SOURCES = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
 ARCHS = ("80", "90a")
@@ -156,8 +157,7 @@ def test_host_controller_matches_reference_over_random_traces(host_lib, policy, 
                                ess.threshold, ess.tau, POLICIES.index(policy),
                                SCHEDULES.index(schedule), ess.period, ess.anneal_stop,
                                ess.anneal_growth, p.data_ptr(), forced.data_ptr())
-        for name, a in ours.__dict__.items():
-            assert torch.equal(a, getattr(ref, name)), f"step {step}: state.{name} differs"
+        assert_state_equal(ours, ref, step)
         assert torch.equal(forced >= 0, forced_ref)
         assert torch.equal(forced[forced_ref], tok_ref[forced_ref])
 

@@ -16,7 +16,8 @@ import os
 import pytest
 import torch
 
-from cuda_tools import CSRC, ROOT, build, cuda_include, require_gxx, require_nvcc
+from cuda_tools import (CSRC, ROOT, assert_step_matches, build, cuda_include, require_gxx,
+                        require_nvcc)
 from safekern.reference import ess_attention_ref, plan_step
 from safekern.reference.attention import default_q_pos
 from safekern.reference.sampling import head_sample_ref, safety_score_ref
@@ -243,12 +244,7 @@ def test_fused_state_update_matches_reference(emu, policy, schedule):
         h = 10 * w[torch.randint(0, V, (B,), generator=g)]  # one clear greedy token per row
         t_ours, p_ours = emu_head_sample(emu, h, w, h_cls=h_cls, sw=sw, state=ours, ess=ess)
         t_ref, p_ref = head_sample_ref(h, w, h_cls=h_cls, safety_weight=sw, state=ref, ess=ess)
-        for name, a in ours.__dict__.items():
-            assert torch.equal(a, getattr(ref, name)), f"step {step}: state.{name} differs"
-        assert torch.equal(torch.isnan(p_ours), torch.isnan(p_ref))
-        ev = ~torch.isnan(p_ref)
-        torch.testing.assert_close(p_ours[ev], p_ref[ev], atol=1e-6, rtol=1e-5)
-        assert torch.equal(t_ours, t_ref), f"step {step}: tokens differ"
+        assert_step_matches(ours, ref, t_ours, t_ref, p_ours, p_ref, step, atol=1e-6, rtol=1e-5)
 
 
 def test_temperature_sampling_across_vocab_tiles(emu):

@@ -8,28 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from safekern.data import KINDS, corpus, is_refusal, load_split
+from safekern.data import KINDS, is_refusal, load_split
 from safekern.train import IGNORE, EssCollator, EssForTraining, compute_loss, ess_loss
+from tiny_ess import make_tiny_ess_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import LlamaForCausalLM
-
-    from safekern.integrations.hf import apply_safekern
-    from safekern.model import attach
-    from safekern.tiny import build_tokenizer, tiny_llama_config
-
-    torch.manual_seed(0)
-    tok = build_tokenizer(corpus("train"), vocab_size=384)
-    model = LlamaForCausalLM(tiny_llama_config(len(tok) + 1, hidden_size=64,
-                                               intermediate_size=128, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=1))
-    attach(model, tok)
-    apply_safekern(model)
-    return model, tok
+    return make_tiny_ess_model(seed=0)
 
 
 def _rows():
@@ -215,19 +203,7 @@ def test_wrapper_validation(tiny):
 
 
 def test_loss_decreases():
-    from transformers import LlamaForCausalLM
-
-    from safekern.integrations.hf import apply_safekern
-    from safekern.model import attach
-    from safekern.tiny import build_tokenizer, tiny_llama_config
-
-    torch.manual_seed(1)
-    tok = build_tokenizer(corpus("train"), vocab_size=384)
-    model = LlamaForCausalLM(tiny_llama_config(len(tok) + 1, hidden_size=64, intermediate_size=128,
-                                               num_hidden_layers=2, num_attention_heads=4,
-                                               num_key_value_heads=1))
-    attach(model, tok)
-    apply_safekern(model)
+    model, tok = make_tiny_ess_model(seed=1)
     wrapped = EssForTraining(model)
     batch = EssCollator(tok)(load_split("train")[:16])
     opt = torch.optim.AdamW(wrapped.parameters(), lr=3e-3)

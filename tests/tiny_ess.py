@@ -1,0 +1,22 @@
+"""The tiny ESS model the training tests and tests/dist_train_script.py share."""
+import torch
+
+
+def make_tiny_ess_model(seed: int):
+    """A 2-layer GQA Llama with [CLS] + safety head attached and safekern attention, and its BPE
+    tokenizer learnt from the embedded train split; ``torch.manual_seed(seed)`` first."""
+    from transformers import LlamaForCausalLM
+
+    from safekern.data import corpus
+    from safekern.integrations.hf import apply_safekern
+    from safekern.model import attach
+    from safekern.tiny import build_tokenizer, tiny_llama_config
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(corpus("train"), vocab_size=384)
+    model = LlamaForCausalLM(tiny_llama_config(len(tok) + 1, hidden_size=64,
+                                               intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=1))
+    attach(model, tok)
+    apply_safekern(model)
+    return model, tok
