@@ -33,7 +33,7 @@ import torch
 from .model import encode_for_model, safety_config, safety_head_params
 from .ops import dispatch, ess_attention, head_sample
 from .reference.controller import plan_step
-from .spec import REFUSING, EssConfig, EssState, SamplingParams
+from .spec import NEVER, REFUSING, EssConfig, EssState, SamplingParams
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 _ACTIONS = {"low": "record", "medium": "refusal_prefix", "high": "refusal_stop"}
@@ -257,6 +257,10 @@ class Engine:
             self._out_t = torch.zeros(B, max_new_tokens, dtype=torch.int32, device=dev)
             self._logit = torch.zeros(B, device=dev)
             self._cls_ids = torch.full((B, 1), cfg.cls_id, dtype=torch.int64, device=dev)
+            # Where rows start to see the [CLS] key: the response (the paper), or never (a
+            # delta trained on a frozen LM, SafetyConfig.response_sees_cls=False).
+            self._cls_visible_from = (self.state.prompt_len if cfg.response_sees_cls else
+                                      torch.full_like(self.state.prompt_len, NEVER))
         # Resolve the backends once: the decode loop calls them directly, because the public
         # functions validate values (a host sync per call) and the engine builds valid inputs.
         attn = {lq: dispatch.choose(
@@ -306,7 +310,7 @@ class Engine:
         ess_kw = dict(seqlens_k=lengths, key_bias=self._key_bias(L))
         if self._ess is not None:
             windows = plan_step(self.state, self._ess)
-            ess_kw.update(response_start=self.state.prompt_len, cls_windows=windows)
+            ess_kw.update(response_start=self._cls_visible_from, cls_windows=windows)
         attn = lambda *args, **kw: ess_attention(*args, backend=self.backend, **kw)  # noqa: E731
         x = self._forward(ids, pos, q_pos, L, write, attn, ess_kw)
         h_tok = self._norm(x[self._bidx, lengths.long() - 1])
@@ -334,6 +338,8 @@ class Engine:
                 self._v[layer, self._bidx, pos[:, 0]] = v[:, 0]
 
             ess_kw = dict(seqlens_k=t_prev + 1, key_bias=self._key_bias(kv_len))
+            if st is not None and not self.model.safekern.response_sees_cls:
+                ess_kw["response_start"] = self._cls_visible_from     # token rows skip key 0
             x = self._forward(self._tok[:, None], pos, t_prev[:, None], kv_len, write,
                               self._attn_fns[1], ess_kw)
             h = self._norm(x[:, 0])
@@ -355,7 +361,8 @@ class Engine:
             self._k[layer, rows, slots] = k
             self._v[layer, rows, slots] = v
 
-        ess_kw = dict(seqlens_k=st.seq_len, response_start=st.prompt_len, cls_windows=windows,
+        ess_kw = dict(seqlens_k=st.seq_len, response_start=self._cls_visible_from,
+                      cls_windows=windows,
                       key_bias=self._key_bias(kv_len))
         x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fns[2], ess_kw)
         h = self._norm(x)

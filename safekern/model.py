@@ -34,6 +34,11 @@ class SafetyConfig:
         num_classes: 1 (sigmoid head) or 2 (two-class head, class 1 = unsafe).
         template_prefix / template_suffix: the chat template rendered around a user message
             (the query goes between them); ``None`` when the tokenizer has no chat template.
+        response_sees_cls: whether response rows attend to the [CLS] key (the paper: yes, so
+            the safety signal flows into the answer). A delta trained on a *frozen* LM sets it
+            False: then no row but the [CLS] row itself ever sees the [CLS] key, and every other
+            hidden state is the base model's own (RoPE is relative, so the shift by one
+            position changes nothing), i.e. benign outputs stay the base model's (docs/DESIGN.md §1).
     """
 
     cls_token: str
@@ -41,6 +46,7 @@ class SafetyConfig:
     num_classes: int = 1
     template_prefix: Optional[str] = None
     template_suffix: Optional[str] = None
+    response_sees_cls: bool = True
     version: int = field(default=_FORMAT_VERSION)
 
 
@@ -170,7 +176,8 @@ def _make_head(model, head) -> nn.Module:
 
 
 @torch.no_grad()
-def attach(model, tokenizer, *, head: Optional[nn.Linear] = None, cls_token: str = "[CLS]"):
+def attach(model, tokenizer, *, head: Optional[nn.Linear] = None, cls_token: str = "[CLS]",
+           response_sees_cls: bool = True):
     """Add the [CLS] token and a safety head to ``model`` (in place) and return it.
 
     The token is added to ``tokenizer`` as a special token; the embedding matrix grows if needed
@@ -184,8 +191,11 @@ def attach(model, tokenizer, *, head: Optional[nn.Linear] = None, cls_token: str
         head: an ``nn.Linear(hidden, 1)`` (sigmoid) or ``nn.Linear(hidden, 2)`` (two-class);
             default a fresh ``nn.Linear(hidden, 1)``.
         cls_token: the token string.
+        response_sees_cls: see ``SafetyConfig`` (False for a delta trained on a frozen LM).
     """
     _require_transformers_model(model)
+    if not isinstance(response_sees_cls, bool):
+        raise TypeError(f"response_sees_cls must be a bool, got {type(response_sees_cls).__name__}")
     _require_tokenizer(tokenizer)
     if not isinstance(cls_token, str) or not cls_token:
         raise ValueError(f"cls_token must be a non-empty string, got {cls_token!r}")
@@ -209,7 +219,8 @@ def attach(model, tokenizer, *, head: Optional[nn.Linear] = None, cls_token: str
     prefix, suffix = template_split(tokenizer)
     model.safekern = SafetyConfig(cls_token=cls_token, cls_id=int(cls_id),
                                   num_classes=model.safety_head.out_features,
-                                  template_prefix=prefix, template_suffix=suffix)
+                                  template_prefix=prefix, template_suffix=suffix,
+                                  response_sees_cls=response_sees_cls)
     return model
 
 
@@ -299,7 +310,8 @@ def load_safety(model, tokenizer, directory: str):
     head.weight.copy_(w)
     if head.bias is not None:
         head.bias.copy_(tensors["head.bias"])
-    attach(model, tokenizer, head=head, cls_token=meta["cls_token"])
+    attach(model, tokenizer, head=head, cls_token=meta["cls_token"],
+           response_sees_cls=bool(meta.get("response_sees_cls", True)))
     cls_id = model.safekern.cls_id
     emb = model.get_input_embeddings().weight
     emb[cls_id] = tensors["cls_embedding"].to(emb)

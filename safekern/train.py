@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import math
 import os
+import random
 import time
 
 import torch
@@ -37,7 +38,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 
 from .data import corpus, load_split
 from .integrations.hf import apply_safekern
+from .eval_judge import is_refusal
 from .model import attach, encode_prompts, load_safety, save_safety, template_split
+from .recipe import example_windows
 from .tiny import build_tokenizer, tiny_llama_config
 
 PHASES = ("pretraining", "alignment")
@@ -57,6 +60,13 @@ class EssCollator:
         cls_token: the [CLS] token string.
         max_length: rows longer than this are truncated from the right (the [CLS], prompt and
             query span are kept; an over-long prompt raises).
+        response_windows: alignment phase only: the probability that a row's [CLS] sees a
+            *response window* (the latest ``r2`` response tokens at a random point, or a
+            SUSPECT-style ``r2 + r3`` window; the inference rules of docs/DESIGN.md §4) instead
+            of the query span, labelled by the response's content: ``response_label`` of the
+            example (1 = harmful continuation; default: the request label, 0 when the response
+            is a refusal). 0 = the paper's recipe ([CLS] sees the query only).
+        seed: seeds the window choice (the same batch gives the same windows).
 
     Examples are dicts with ``prompt`` (user message), ``response`` (target), optional
     ``prefill`` (assistant text before the response: part of the response span, never an LM
@@ -66,11 +76,11 @@ class EssCollator:
     Returns a dict of CPU tensors:
         ``input_ids (B, L) int64``, ``labels (B, L) int64`` (-100 = not a target),
         ``safety_labels (B,) float32``, ``response_start (B,) int32``,
-        ``cls_windows (B, 1, 2) int32``, ``query_span (B, 2) int32``, ``seqlens (B,) int32``.
+        ``cls_windows (B, W, 2) int32`` (W = 1 unless response windows), ``query_span (B, 2) int32``, ``seqlens (B,) int32``.
     """
 
     def __init__(self, tokenizer, phase: str = "alignment", cls_token: str = "[CLS]",
-                 max_length: int = 1024):
+                 max_length: int = 1024, response_windows: float = 0.0, seed: int = 0):
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         cls_id = tokenizer.convert_tokens_to_ids(cls_token)
@@ -81,7 +91,15 @@ class EssCollator:
             raise ValueError("tokenizer needs pad_token and eos_token")
         if not isinstance(max_length, int) or max_length < 4:
             raise ValueError(f"max_length must be an int >= 4, got {max_length!r}")
+        if isinstance(response_windows, bool) or not isinstance(response_windows, (int, float)) \
+                or not 0.0 <= response_windows <= 1.0:
+            raise ValueError(f"response_windows must be a probability in [0, 1], got "
+                             f"{response_windows!r}")
+        if response_windows and phase != "alignment":
+            raise ValueError("response_windows applies to the alignment phase only")
         self.tokenizer, self.phase, self.cls_id, self.max_length = tokenizer, phase, cls_id, max_length
+        self.response_windows = float(response_windows)
+        self._rng = random.Random(seed)
         self.template = template_split(tokenizer)
         # The end-of-turn marker of the embedded chat template, when the tokenizer has one.
         self.end_text = "<|end|>" if "<|end|>" in tokenizer.get_vocab() else ""
@@ -122,7 +140,21 @@ class EssCollator:
             labels = [IGNORE] * (P + len(prefill)) + ids[P + len(prefill):]
         else:
             labels = [IGNORE] + ids[1:]
-        return ids, labels[:len(ids)], P, span, float(label)
+        windows, cls_label = [span], label
+        if self.response_windows and self._rng.random() < self.response_windows:
+            z = ex.get("response_label")
+            if z is None:
+                z = 0 if label == 0 or is_refusal(ex.get("response", "")) else label
+            if z not in (0, 1):
+                raise ValueError(f"example response_label must be 0 or 1, got {z!r}")
+            n_resp = len(ids) - P
+            choices = [w for w in example_windows(P, span, n_resp, label, z,
+                                                  n_prefill=len(prefill))
+                       if w[2] in ("response", "suspect")]
+            if choices:
+                spans, cls_label, _kind = self._rng.choice(choices)
+                windows = list(spans)
+        return ids, labels[:len(ids)], P, windows, float(cls_label)
 
     def __call__(self, examples: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         if len(examples) == 0:
@@ -135,10 +167,14 @@ class EssCollator:
             input_ids[b, :len(ids)] = torch.tensor(ids)
             labels[b, :len(lab)] = torch.tensor(lab)
         seqlens = torch.tensor([len(r[0]) for r in rows], dtype=torch.int32)
-        span = torch.tensor([r[3] for r in rows], dtype=torch.int32)
+        span = torch.tensor([r[3][0] for r in rows], dtype=torch.int32)
         if self.phase == "alignment":
             response_start = torch.tensor([r[2] for r in rows], dtype=torch.int32)
-            windows = span[:, None, :]
+            W = max(len(r[3]) for r in rows)
+            # Unused window slots are empty ([0, 0)); a response window replaces the query.
+            windows = torch.zeros(B, W, 2, dtype=torch.int32)
+            for b, r in enumerate(rows):
+                windows[b, :len(r[3])] = torch.tensor(r[3], dtype=torch.int32)
         else:
             response_start = torch.full((B,), L, dtype=torch.int32)
             windows = torch.stack([torch.ones_like(seqlens), seqlens], -1)[:, None, :]

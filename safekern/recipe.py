@@ -1,0 +1,325 @@
+"""The frozen-LM ESS recipe for a pretrained model (docs/DESIGN.md §1, "a delta on a frozen LM").
+
+What trains: the safety head (and, optionally, the [CLS] embedding row). Nothing else: the LM's
+weights stay the base model's, and ``SafetyConfig.response_sees_cls = False`` keeps every row but
+the [CLS] row from attending to the [CLS] key, so with safety on every token row computes exactly
+what the base model computes (the [CLS] shifts positions by one; RoPE is relative). Benign
+outputs are the base model's by construction; the [CLS] verdict and strategic decoding do all the
+safety work.
+
+Why it is cheap. Nobody sees the [CLS], so the K/V of every other token is independent of what
+trains. One no-grad forward per training sequence (prompt + response, without the [CLS])
+gives every layer's K/V; each training row is then ONE query row — the [CLS] at position 0 —
+through the layers, attending to its own K/V and to the K/V of its window, exactly what the engine
+computes for an evaluation (tested against the engine). Many windows share one sequence forward.
+
+Windows (the inference rules, docs/DESIGN.md §4), per example with request label ``y`` and
+response label ``z`` (harmful continuation 1; benign answer or refusal 0):
+
+* the query span Q (rule 1 at prefill, no response yet) -> ``y``;
+* Q + the first ``min(n, r1)`` response tokens (rule 1 with prefilled tokens) -> ``y``;
+* response windows of the latest ``r2`` tokens ending at several points, and ``r2 + r3`` long
+  SUSPECT-style windows (rules 2-3) -> ``z`` (``response_windows=True``, the default; the paper
+  trains on Q only, ``response_windows=False``). Harmful continuations shorter than
+  ``min_harmful_window`` tokens carry too little evidence and are skipped, so very short windows
+  are learnt as benign (the tau rule catches a harmful answer a few tokens later).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import encode_prompts, safety_config, save_safety, template_split
+
+
+@dataclass
+class Window:
+    """One training row: the [CLS] of sequence ``seq`` sees key 0 and ``spans``; label 0/1."""
+
+    seq: int
+    spans: Tuple[Tuple[int, int], ...]
+    label: int
+    kind: str
+
+
+def example_windows(P: int, q_span: Tuple[int, int], n_resp: int, y: int, z: int, *,
+                    n_prefill: int = 0, r1: int = 10, r2: int = 10, r3: int = 10,
+                    response_windows: bool = True, min_harmful_window: int = 3,
+                    ends: Sequence[int] = (1, 2, 4, 7, 10, 14, 19, 25, 32)) -> List[Tuple]:
+    """``[(spans, label, kind)]`` for one sequence laid out as docs/DESIGN.md §2.
+
+    Args:
+        P: prompt length incl. [CLS]; q_span: ``[q_start, q_end)``; n_resp: response tokens
+            (prefill + generated) present in the sequence; y / z: request / response labels;
+        n_prefill: prefilled tokens (a prefill attack): rule 1 covers ``min(n_prefill, r1)``.
+    """
+    qs, qe = q_span
+    out = [(((qs, qe),), y, "query")]
+    first = min(n_prefill if n_prefill else n_resp, r1)
+    if first > 0:
+        out.append((((qs, qe), (P, P + first)), y, "query+response"))
+    if not response_windows:
+        return out
+    for e in ends:
+        if e > n_resp:
+            break
+        start = max(0, e - r2)
+        if z == 1 and e - start < min_harmful_window:
+            continue
+        out.append((((P + start, P + e),), z, "response"))
+        if e >= r2 + r3:                              # a SUSPECT window: S - r2 .. S + r3
+            out.append((((P + e - r2 - r3, P + e),), z, "suspect"))
+    return out
+
+
+# ----------------------------------------------------------------------------- the forward
+
+class _Layers:
+    """The decoder modules of a Llama-family model (the engine's ``_Arch`` view)."""
+
+    def __init__(self, model):
+        from .engine import _Arch
+
+        self.arch = _Arch(model)
+
+    @torch.no_grad()
+    def sequence_kv(self, ids: torch.Tensor, lengths: torch.Tensor):
+        """K/V of every layer for right-padded ``ids (B, L)`` WITHOUT the [CLS] (positions
+        1..L: what they are in an ESS sequence, where no row sees the [CLS]).
+
+        Returns ``[(k, v)]`` per layer, each ``(B, L + 1, Hkv, D)`` with slot 0 empty (the
+        [CLS] slot), RoPE applied.
+        """
+        a = self.arch
+        B, L = ids.shape
+        pos = torch.arange(1, L + 1, device=ids.device)[None].expand(B, L)
+        cos, sin = a.rope_table(L + 1, ids.device, a.model.lm_head.weight.dtype)
+        cos, sin = cos[pos][:, :, None], sin[pos][:, :, None]
+        valid = torch.arange(L, device=ids.device)[None] < lengths[:, None]
+        mask = valid[:, None, None, :] & torch.ones(L, L, dtype=torch.bool,
+                                                    device=ids.device).tril()[None, None]
+        x = a.base.embed_tokens(ids)
+        out = []
+        for layer in a.layers:
+            h = layer.input_layernorm(x)
+            sa = layer.self_attn
+            q = sa.q_proj(h).view(B, L, a.n_heads, a.head_dim)
+            k = sa.k_proj(h).view(B, L, a.n_kv, a.head_dim)
+            v = sa.v_proj(h).view(B, L, a.n_kv, a.head_dim)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), attn_mask=mask, scale=a.scale,
+                                               enable_gqa=a.n_heads != a.n_kv).transpose(1, 2)
+            x = x + sa.o_proj(o.reshape(B, L, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            pad = torch.zeros(B, 1, a.n_kv, a.head_dim, dtype=k.dtype, device=k.device)
+            out.append((torch.cat([pad, k], 1), torch.cat([pad, v], 1)))
+        return out
+
+    def cls_rows(self, cls_emb: torch.Tensor, kv: List[Tuple[torch.Tensor, torch.Tensor]],
+                 keys: torch.Tensor, nkeys: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden state of N [CLS] rows (position 0), differentiable in ``cls_emb``.
+
+        Args:
+            cls_emb: ``(Dm,)`` the [CLS] embedding row.
+            kv: per layer ``(k, v)`` of shape ``(N, K, Hkv, D)``: the window keys of each row
+                (slot 0 is overwritten by the row's own fresh [CLS] K/V).
+            nkeys: ``(N,)`` valid keys per row (slot 0 included).
+        """
+        from .ops import ess_attention
+
+        a = self.arch
+        N = nkeys.shape[0]
+        x = cls_emb[None, None].expand(N, 1, -1)
+        zero = torch.zeros(N, 1, dtype=torch.int32, device=nkeys.device)
+        for layer, (kc, vc) in zip(a.layers, kv):
+            h = layer.input_layernorm(x)
+            sa = layer.self_attn
+            q = sa.q_proj(h).view(N, 1, a.n_heads, a.head_dim)          # RoPE at 0: identity
+            k = sa.k_proj(h).view(N, 1, a.n_kv, a.head_dim)
+            v = sa.v_proj(h).view(N, 1, a.n_kv, a.head_dim)
+            kk, vv = torch.cat([k, kc[:, 1:]], 1), torch.cat([v, vc[:, 1:]], 1)
+            # Every listed key is visible to the [CLS] row: plain attention over nkeys keys.
+            o = ess_attention(q, kk, vv, softmax_scale=a.scale, causal=False, q_pos=zero,
+                              seqlens_k=nkeys, backend="torch")
+            x = x + sa.o_proj(o.reshape(N, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return a.base.norm(x[:, 0])
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rot * sin
+
+
+def gather_windows(kv_seq, windows: Sequence[Window], seq_offset: int):
+    """Per layer ``(N, 1 + max_window, Hkv, D)`` K/V of each window's keys (slot 0 left for
+    the [CLS]) and ``(N,)`` key counts."""
+    idx = [[j for s, e in w.spans for j in range(s, e)] for w in windows]
+    width = 1 + max(len(i) for i in idx)
+    dev = kv_seq[0][0].device
+    rows = torch.tensor([w.seq - seq_offset for w in windows], device=dev)
+    cols = torch.zeros(len(windows), width, dtype=torch.long, device=dev)
+    for r, i in enumerate(idx):
+        cols[r, 1:1 + len(i)] = torch.tensor(i, dtype=torch.long)
+    nkeys = torch.tensor([1 + len(i) for i in idx], dtype=torch.int32, device=dev)
+    return [(k[rows[:, None], cols], v[rows[:, None], cols]) for k, v in kv_seq], nkeys
+
+
+# ----------------------------------------------------------------------------- data
+
+def training_rows(split: str = "train", *, include: Sequence[str] = ("harmful", "benign",
+                                                                     "borderline")) -> List[Dict]:
+    """Rows ``{prompt, prefill, response, label, response_label, kind}`` from the shipped real
+    data (``safekern/data/real``) and the model's own responses (``responses.jsonl``)."""
+    from .data import real
+
+    return real.training_rows(split, include=include)
+
+
+def encode_rows(tokenizer, rows: Sequence[Dict], cls_id: int):
+    enc = encode_prompts(tokenizer, [r["prompt"] for r in rows],
+                         [r.get("prefill", "") + r.get("response", "") for r in rows],
+                         cls_id=cls_id, template=template_split(tokenizer))
+    n_prefill = [len(tokenizer(r["prefill"], add_special_tokens=False)["input_ids"])
+                 if r.get("prefill") else 0 for r in rows]
+    return enc, n_prefill
+
+
+@torch.no_grad()
+def cls_features(model, tokenizer, rows: Sequence[Dict], *, batch_size: int = 16,
+                 response_windows: bool = True, cls_emb: Optional[torch.Tensor] = None,
+                 progress=None) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """[CLS] final hidden states ``(N, Dm)``, labels ``(N,)`` and window kinds of every
+    training window of ``rows`` (no grad; the [CLS] embedding is the model's own)."""
+    cfg = safety_config(model, tokenizer)
+    layers = _Layers(model)
+    emb = model.get_input_embeddings().weight[cfg.cls_id] if cls_emb is None else cls_emb
+    feats, labels, kinds = [], [], []
+    for b0 in range(0, len(rows), batch_size):
+        chunk = rows[b0:b0 + batch_size]
+        enc, n_pre = encode_rows(tokenizer, chunk, cfg.cls_id)
+        wins = []
+        for i, r in enumerate(chunk):
+            P = enc.prompt_len[i]
+            n = len(enc.ids[i]) - P
+            for spans, lab, kind in example_windows(
+                    P, (enc.query_start[i], enc.query_end[i]), n, r["label"],
+                    r.get("response_label", r["label"]), n_prefill=n_pre[i],
+                    response_windows=response_windows):
+                wins.append(Window(b0 + i, spans, lab, kind))
+        ids, lengths = enc.padded(tokenizer.pad_token_id or 0, model.device)
+        kv = layers.sequence_kv(ids[:, 1:], lengths - 1)
+        kvw, nkeys = gather_windows(kv, wins, b0)
+        feats.append(layers.cls_rows(emb, kvw, None, nkeys))
+        labels += [w.label for w in wins]
+        kinds += [w.kind for w in wins]
+        if progress is not None:
+            progress.update(len(chunk))
+    return torch.cat(feats), torch.tensor(labels, dtype=torch.float32), kinds
+
+
+def fit_head(feats: torch.Tensor, labels: torch.Tensor, *, weight_decay: float = 1e-3,
+             steps: int = 300, balance: bool = True) -> nn.Linear:
+    """Logistic regression ``p = sigmoid(w . h + b)`` on fixed features (L-BFGS, L2), with
+    classes weighted to balance (an over-represented class would move the 0.5 threshold)."""
+    torch.manual_seed(0)
+    D = feats.shape[1]
+    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    x = (feats - mu) / sd
+    w = torch.zeros(D, requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    pos = labels.mean().clamp(1e-3, 1 - 1e-3)
+    wt = torch.where(labels > 0.5, 0.5 / pos, 0.5 / (1 - pos)) if balance else None
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, labels, weight=wt) + \
+            weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    head = nn.Linear(D, 1)
+    with torch.no_grad():                      # fold the standardisation into the head
+        head.weight.copy_((w / sd)[None])
+        head.bias.copy_(b - (w * mu / sd).sum())
+    return head
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve (ties count one half)."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def train_frozen(model, tokenizer, rows: Sequence[Dict], *, response_windows: bool = True,
+                 weight_decay: float = 1e-3, batch_size: int = 16, progress: bool = True,
+                 log=print) -> Dict:
+    """Fit the safety head of an attached ``model`` on ``rows`` (frozen LM); returns a summary.
+
+    Sets ``model.safety_head`` and ``response_sees_cls = False`` on ``model.safekern``.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    with tqdm(total=len(rows), desc="safekern train: [CLS] features", unit="seq",
+              disable=not progress) as bar:
+        feats, labels, kinds = cls_features(model, tokenizer, rows, batch_size=batch_size,
+                                            response_windows=response_windows, progress=bar)
+    head = fit_head(feats, labels, weight_decay=weight_decay)
+    ref = model.get_input_embeddings().weight
+    model.safety_head = head.to(device=ref.device, dtype=ref.dtype)
+    model.safekern.response_sees_cls = False
+    with torch.no_grad():
+        p = torch.sigmoid(model.safety_head(feats.to(ref)).float()[:, 0]).cpu()
+    acc = float(((p >= 0.5).float() == labels).float().mean())
+    summary = {"sequences": len(rows), "windows": int(labels.numel()),
+               "positive_fraction": round(float(labels.mean()), 3), "train_accuracy": round(acc, 4),
+               "train_auc": round(roc_auc(p.tolist(), labels.tolist()), 4),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    if log is not None:
+        log(f"trained the safety head: {summary}")
+    return summary
+
+
+def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
+               response_windows: bool = True, progress: bool = True, log=print) -> Dict:
+    """``safekern train --model NAME``: load the model, attach, fit, save the delta only."""
+    from . import models
+    from .model import attach
+
+    model, tok = models.load(name)
+    attach(model, tok, response_sees_cls=False)
+    rows = training_rows("train")
+    summary = train_frozen(model, tok, rows, response_windows=response_windows,
+                           progress=progress, log=log)
+    out_dir = out_dir or default_delta_dir(name)
+    save_safety(model, out_dir)
+    summary["out_dir"] = out_dir
+    return summary
+
+
+def default_delta_dir(name: str) -> str:
+    """Where ``safekern train --model NAME`` writes by default (the shipped delta is read-only)."""
+    base = os.environ.get("SAFEKERN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                            "safekern")
+    return os.path.join(base, f"{name}-ess")
+
+
+__all__ = ["example_windows", "cls_features", "fit_head", "train_frozen", "train_real",
+           "roc_auc", "training_rows", "default_delta_dir"]
