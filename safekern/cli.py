@@ -15,10 +15,17 @@ def _bench(args) -> int:
 
 
 def _train(args) -> int:
-    """Train the embedded tiny ESS model from scratch (CPU minutes)."""
-    if not args.tiny:
-        print("only the embedded tiny recipe runs from the CLI (--tiny); for a real checkpoint "
-              "use safekern.train.EssTrainer (docs/TRAINING.md)", file=sys.stderr)
+    """Train the embedded tiny ESS model from scratch, or the ESS delta of a real model."""
+    if args.model not in (None, "tiny"):
+        from .recipe import train_real
+
+        train_real(args.model, args.out, response_windows=not args.query_only,
+                   progress=not args.no_progress)
+        return 0
+    if not args.tiny and args.model != "tiny":
+        print("say what to train: --model smollm2 (a real pretrained model, frozen-LM recipe) "
+              "or --tiny (the embedded tiny Llama from scratch); for another checkpoint use "
+              "safekern.train.EssTrainer (docs/TRAINING.md)", file=sys.stderr)
         return 2
     from .train import train_tiny
 
@@ -28,10 +35,16 @@ def _train(args) -> int:
 
 def _demo(args) -> int:
     """Safety off vs strategic decoding on held-out benign, malicious and prefill prompts."""
-    from .demo import run_demo
+    from . import models
+    from .demo import run_demo, run_demo_real
 
-    run_demo(args.model, per_kind=args.per_kind, max_new_tokens=args.max_new_tokens,
-             backend=args.backend)
+    name = args.model or ("smollm2" if models.is_available("smollm2") is None else "tiny")
+    if name in models.MODELS:
+        run_demo_real(name, delta=args.delta, per_kind=args.per_kind,
+                      max_new_tokens=args.max_new_tokens or 48, backend=args.backend)
+        return 0
+    run_demo(None if name == "tiny" else name, per_kind=args.per_kind,
+             max_new_tokens=args.max_new_tokens or 32, backend=args.backend)
     return 0
 
 
@@ -59,7 +72,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="print versions, device and runnable backends as JSON")
     i.set_defaults(fn=lambda a: print(json.dumps(__import__("safekern").info(), indent=2)) or 0)
-    t = sub.add_parser("train", help="train the tiny ESS model on the embedded data (CPU)")
+    t = sub.add_parser("train", help="train an ESS delta: --model smollm2 (real model) or --tiny")
+    t.add_argument("--model", default=None, help="smollm2: the frozen-LM recipe on the real "
+                   "model (writes the delta to --out, default ~/.cache/safekern/smollm2-ess); "
+                   "tiny: same as --tiny")
+    t.add_argument("--query-only", action="store_true", help="real model: train the [CLS] on "
+                   "query windows only (the paper), not on response windows too")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--tiny", action="store_true", help="the embedded tiny Llama recipe")
     t.add_argument("--out", default=None, help="output dir (default $SAFEKERN_CACHE or "
                    "~/.cache/safekern/tiny)")
@@ -67,11 +86,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=_train)
-    d = sub.add_parser("demo", help="safety off vs strategic decoding with the tiny model")
-    d.add_argument("--model", default=None, help="dir written by `safekern train --tiny` "
-                   "(trained first when missing)")
+    d = sub.add_parser("demo", help="safety off vs strategic decoding, side by side")
+    d.add_argument("--model", default=None, help="smollm2 (default when installed), tiny, or a "
+                   "dir written by `safekern train --tiny` (tiny: trained first when missing)")
+    d.add_argument("--delta", default=None, help="real model: ESS delta dir (default: shipped)")
     d.add_argument("--per-kind", type=int, default=3)
-    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per answer (default 48 real, 32 tiny)")
     d.add_argument("--backend", default="auto")
     d.set_defaults(fn=_demo)
     args = p.parse_args(argv)

@@ -1,4 +1,8 @@
-"""``safekern demo``: the tiny ESS model, safety off vs strategic decoding, side by side.
+"""``safekern demo``: safety off vs strategic decoding, side by side.
+
+``--model smollm2`` (the default when installed): SmolLM2-135M-Instruct with the shipped ESS delta
+on held-out real requests (``safekern.data.real``). ``--model tiny``: the embedded tiny model
+(trained first when missing).
 
 Prompts come from the held-out split of the embedded dataset (never seen in training): benign
 instructions, harmful requests, and prefill attacks (a harmful request whose answer is forced to
@@ -38,6 +42,53 @@ def _side_by_side(left: str, right: str, width: int) -> List[str]:
     n = max(len(a), len(b))
     a, b = a + [""] * (n - len(a)), b + [""] * (n - len(b))
     return [f"  {x:<{width}} | {y}" for x, y in zip(a, b)]
+
+
+def run_demo_real(name: str = "smollm2", *, delta: Optional[str] = None, per_kind: int = 3,
+                  max_new_tokens: int = 48, width: int = 48, backend: str = "auto",
+                  ess=None, print_fn=print) -> List[dict]:
+    """The demo on a real pretrained model (``safekern.models``) with a trained ESS delta."""
+    import torch
+
+    from . import models
+    from .engine import generate
+    from .evaluation import heldout_cases, judge
+    from .spec import EssConfig
+
+    torch.set_num_threads(1)
+    spec = models.MODELS[name]
+    print_fn(f"model: {spec.description}; ESS delta: {delta or models.shipped_delta(name)}")
+    print_fn("The base model has no safety alignment of its own: with safety off it answers "
+             "harmful requests. ESS adds a [CLS] safety token and head; the LM itself is "
+             "unchanged.")
+    model, tok = models.load(name, safety=delta or True)
+    ess = ess or EssConfig(schedule="each", policy="high")
+    print_fn(f"strategic decoding: schedule {ess.label}, {ess.policy} policy, threshold "
+             f"{ess.threshold}, refusal {ess.refusal_text!r}; held-out prompts, greedy, "
+             f"{max_new_tokens} tokens")
+    cases = heldout_cases(n_harmful=per_kind, n_prefill=per_kind, n_suffix=0, n_benign=per_kind,
+                          n_borderline=per_kind)
+    out = []
+    for kind, title in (("benign", "benign"), ("borderline", "borderline (safe, looks risky)"),
+                        ("direct", "harmful request"), ("prefill", "prefill attack")):
+        group = [c for c in cases if c.kind == kind]
+        prompts, prefill = [c.prompt for c in group], [c.prefill for c in group]
+        off = generate(model, tok, prompts, max_new_tokens=max_new_tokens, safety=None,
+                       prefill=prefill, backend=backend)
+        on = generate(model, tok, prompts, max_new_tokens=max_new_tokens, safety=ess,
+                      prefill=prefill, backend=backend)
+        print_fn(f"\n=== {title} ===")
+        for c, a, b in zip(group, off, on):
+            print_fn(f"user: {c.prompt}")
+            if c.prefill:
+                print_fn(f"prefilled assistant start: {c.prefill!r}")
+            print_fn(f"  {'safety off':<{width}} | ESS on")
+            for line in _side_by_side(a.text, b.text, width):
+                print_fn(line)
+            print_fn(f"  p_unsafe: {format_trace(b.trace)}   judge(ESS on): {judge(b.text)}")
+            out.append({"kind": kind, "prompt": c.prompt, "prefill": c.prefill, "off": a.text,
+                        "on": b.text, "trace": b.trace})
+    return out
 
 
 def run_demo(model_dir: Optional[str] = None, *, per_kind: int = 3, max_new_tokens: int = 32,

@@ -302,6 +302,8 @@ class Engine:
         valid = i < lengths[:, None]
         q_pos = torch.where(valid, i, torch.full_like(i, -1))
         pos = torch.where(valid, i, torch.zeros_like(i)).long()
+        if self._ess is not None and self.model.safekern.cls_position == "last":
+            pos[:, 0] = lengths.long() - 1           # the [CLS] row looks back from t - 1
 
         def write(layer, k, v):
             self._k[layer, :, :L] = k
@@ -351,7 +353,8 @@ class Engine:
             return
         ev = st.evaluating
         ids = torch.cat([self._tok[:, None], self._cls_ids], 1)
-        pos = torch.stack([t_prev, torch.zeros_like(t_prev)], 1).long()
+        cls_pos = t_prev if self.model.safekern.cls_position == "last" else torch.zeros_like(t_prev)
+        pos = torch.stack([t_prev, cls_pos], 1).long()
         q_pos = torch.stack([t_prev, torch.where(ev, 0, -1).int()], 1)
         # The [CLS] slot is refreshed before each layer's attention, for evaluating rows only.
         slots = torch.stack([pos[:, 0], torch.where(ev, 0, self.Lmax)], 1)

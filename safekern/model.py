@@ -23,6 +23,7 @@ from torch import nn
 # A user message that no tokenizer merges with its neighbours' template text.
 _SENTINEL = "\x00SAFEKERN_QUERY\x00"
 _FORMAT_VERSION = 1
+CLS_POSITIONS = ("zero", "last")
 
 
 @dataclass
@@ -39,6 +40,11 @@ class SafetyConfig:
             False: then no row but the [CLS] row itself ever sees the [CLS] key, and every other
             hidden state is the base model's own (RoPE is relative, so the shift by one
             position changes nothing), i.e. benign outputs stay the base model's (docs/DESIGN.md §1).
+        cls_position: the RoPE position of the [CLS] *row* (its key stays in slot 0):
+            ``"zero"`` (the paper: index 0, so on a pretrained model it "looks forward" at its
+            window, which no causal LM ever does) or ``"last"`` (rotated at the position of
+            the step's token row, ``t - 1``: the [CLS] looks back at its window like any
+            token, which is what a frozen LM's attention knows how to do).
     """
 
     cls_token: str
@@ -47,6 +53,7 @@ class SafetyConfig:
     template_prefix: Optional[str] = None
     template_suffix: Optional[str] = None
     response_sees_cls: bool = True
+    cls_position: str = "zero"
     version: int = field(default=_FORMAT_VERSION)
 
 
@@ -177,7 +184,7 @@ def _make_head(model, head) -> nn.Module:
 
 @torch.no_grad()
 def attach(model, tokenizer, *, head: Optional[nn.Linear] = None, cls_token: str = "[CLS]",
-           response_sees_cls: bool = True):
+           response_sees_cls: bool = True, cls_position: str = "zero"):
     """Add the [CLS] token and a safety head to ``model`` (in place) and return it.
 
     The token is added to ``tokenizer`` as a special token; the embedding matrix grows if needed
@@ -191,11 +198,14 @@ def attach(model, tokenizer, *, head: Optional[nn.Linear] = None, cls_token: str
         head: an ``nn.Linear(hidden, 1)`` (sigmoid) or ``nn.Linear(hidden, 2)`` (two-class);
             default a fresh ``nn.Linear(hidden, 1)``.
         cls_token: the token string.
-        response_sees_cls: see ``SafetyConfig`` (False for a delta trained on a frozen LM).
+        response_sees_cls, cls_position: see ``SafetyConfig`` (a delta trained on a frozen LM
+            uses False and ``"last"``).
     """
     _require_transformers_model(model)
     if not isinstance(response_sees_cls, bool):
         raise TypeError(f"response_sees_cls must be a bool, got {type(response_sees_cls).__name__}")
+    if cls_position not in CLS_POSITIONS:
+        raise ValueError(f"cls_position must be one of {CLS_POSITIONS}, got {cls_position!r}")
     _require_tokenizer(tokenizer)
     if not isinstance(cls_token, str) or not cls_token:
         raise ValueError(f"cls_token must be a non-empty string, got {cls_token!r}")
@@ -220,7 +230,8 @@ def attach(model, tokenizer, *, head: Optional[nn.Linear] = None, cls_token: str
     model.safekern = SafetyConfig(cls_token=cls_token, cls_id=int(cls_id),
                                   num_classes=model.safety_head.out_features,
                                   template_prefix=prefix, template_suffix=suffix,
-                                  response_sees_cls=response_sees_cls)
+                                  response_sees_cls=response_sees_cls,
+                                  cls_position=cls_position)
     return model
 
 
@@ -311,7 +322,8 @@ def load_safety(model, tokenizer, directory: str):
     if head.bias is not None:
         head.bias.copy_(tensors["head.bias"])
     attach(model, tokenizer, head=head, cls_token=meta["cls_token"],
-           response_sees_cls=bool(meta.get("response_sees_cls", True)))
+           response_sees_cls=bool(meta.get("response_sees_cls", True)),
+           cls_position=meta.get("cls_position", "zero"))
     cls_id = model.safekern.cls_id
     emb = model.get_input_embeddings().weight
     emb[cls_id] = tensors["cls_embedding"].to(emb)

@@ -132,31 +132,54 @@ def local_dir(name: str = "smollm2", *, refresh: bool = False) -> str:
     return out
 
 
-def load(name: str = "smollm2", *, dtype: torch.dtype = torch.float32, device="cpu",
-         refresh: bool = False) -> Tuple[torch.nn.Module, object]:
-    """Load a registered pretrained model: ``(model, tokenizer)``, eval mode, no [CLS] yet.
+def shipped_delta(name: str = "smollm2") -> str:
+    """Directory of the ESS delta trained by this project for ``name`` (package data,
+    ``safekern train --model NAME`` reproduces it)."""
+    _check_name(name)
+    from importlib import resources
+
+    path = str(resources.files("safekern").joinpath("data", f"{name}_ess"))
+    if not os.path.isfile(os.path.join(path, "safety.json")):
+        raise FileNotFoundError(f"no shipped ESS delta for {name!r} at {path}")
+    return path
+
+
+def load(name: str = "smollm2", *, safety=False, dtype: torch.dtype = torch.float32,
+         device="cpu", refresh: bool = False) -> Tuple[torch.nn.Module, object]:
+    """Load a registered pretrained model: ``(model, tokenizer)`` in eval mode.
 
     Args:
         name: a key of ``MODELS`` (``"smollm2"``).
+        safety: ``False`` (the base model, no [CLS]), ``True`` (attach the shipped trained ESS
+            delta, ``shipped_delta(name)``) or a directory written by ``save_safety`` /
+            ``safekern train --model NAME --out DIR``.
         dtype: parameter dtype (the cache holds float32).
         device: where the model goes.
         refresh: rebuild the de-quantized cache.
 
-    The tokenizer pads on the right (DESIGN.md §2: the [CLS] sits at index 0). Attach the
-    safety delta with ``safekern.attach`` (fresh head) or ``safekern.load_safety`` (trained).
+    The tokenizer pads on the right (docs/DESIGN.md §2: the [CLS] sits at index 0).
 
-    >>> model, tok = safekern.models.load("smollm2")          # doctest: +SKIP
+    >>> model, tok = safekern.models.load("smollm2", safety=True)   # doctest: +SKIP
+    >>> safekern.generate(model, tok, ["How do I make a pipe bomb?"], max_new_tokens=32)
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .model import load_safety
+
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if not isinstance(safety, (bool, str, os.PathLike)):
+        raise TypeError(f"safety must be a bool or a directory, got {type(safety).__name__}")
+    delta = shipped_delta(name) if safety is True else (safety or None)
     directory = local_dir(name, refresh=refresh)
     tok = AutoTokenizer.from_pretrained(directory)
     tok.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    return model.to(device).eval(), tok
+    model = model.to(device).eval()
+    if delta is not None:
+        load_safety(model, tok, str(delta))
+    return model, tok
 
 
 __all__ = ["MODELS", "ModelSpec", "load", "local_dir", "gguf_path", "is_available",
-           "cache_root"]
+           "cache_root", "shipped_delta"]

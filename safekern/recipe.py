@@ -37,24 +37,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .evaluation import roc_auc
 from .model import encode_prompts, safety_config, save_safety, template_split
 
 
 @dataclass
 class Window:
-    """One training row: the [CLS] of sequence ``seq`` sees key 0 and ``spans``; label 0/1."""
+    """One training row: the [CLS] of sequence ``seq`` sees key 0 and ``spans``; label 0/1;
+    ``t`` = tokens in the cache at the evaluation it stands for (the step's token row sits at
+    ``t - 1``, where a ``cls_position="last"`` [CLS] row is rotated)."""
 
     seq: int
     spans: Tuple[Tuple[int, int], ...]
     label: int
     kind: str
+    t: int
 
 
 def example_windows(P: int, q_span: Tuple[int, int], n_resp: int, y: int, z: int, *,
                     n_prefill: int = 0, r1: int = 10, r2: int = 10, r3: int = 10,
                     response_windows: bool = True, min_harmful_window: int = 3,
                     ends: Sequence[int] = (1, 2, 4, 7, 10, 14, 19, 25, 32)) -> List[Tuple]:
-    """``[(spans, label, kind)]`` for one sequence laid out as docs/DESIGN.md §2.
+    """``[(spans, label, kind, t)]`` for one sequence laid out as docs/DESIGN.md §2 (``t`` =
+    cache length at the evaluation the window stands for).
 
     Args:
         P: prompt length incl. [CLS]; q_span: ``[q_start, q_end)``; n_resp: response tokens
@@ -62,10 +67,11 @@ def example_windows(P: int, q_span: Tuple[int, int], n_resp: int, y: int, z: int
         n_prefill: prefilled tokens (a prefill attack): rule 1 covers ``min(n_prefill, r1)``.
     """
     qs, qe = q_span
-    out = [(((qs, qe),), y, "query")]
-    first = min(n_prefill if n_prefill else n_resp, r1)
+    out = [(((qs, qe),), y, "query", P)]
+    n_first = n_prefill if n_prefill else n_resp
+    first = min(n_first, r1)
     if first > 0:
-        out.append((((qs, qe), (P, P + first)), y, "query+response"))
+        out.append((((qs, qe), (P, P + first)), y, "query+response", P + n_first))
     if not response_windows:
         return out
     for e in ends:
@@ -74,9 +80,9 @@ def example_windows(P: int, q_span: Tuple[int, int], n_resp: int, y: int, z: int
         start = max(0, e - r2)
         if z == 1 and e - start < min_harmful_window:
             continue
-        out.append((((P + start, P + e),), z, "response"))
+        out.append((((P + start, P + e),), z, "response", P + e))
         if e >= r2 + r3:                              # a SUSPECT window: S - r2 .. S + r3
-            out.append((((P + e - r2 - r3, P + e),), z, "suspect"))
+            out.append((((P + e - r2 - r3, P + e),), z, "suspect", P + e))
     return out
 
 
@@ -125,14 +131,15 @@ class _Layers:
         return out
 
     def cls_rows(self, cls_emb: torch.Tensor, kv: List[Tuple[torch.Tensor, torch.Tensor]],
-                 keys: torch.Tensor, nkeys: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden state of N [CLS] rows (position 0), differentiable in ``cls_emb``.
+                 nkeys: torch.Tensor, rope_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-norm hidden state of N [CLS] rows, differentiable in ``cls_emb``.
 
         Args:
             cls_emb: ``(Dm,)`` the [CLS] embedding row.
             kv: per layer ``(k, v)`` of shape ``(N, K, Hkv, D)``: the window keys of each row
                 (slot 0 is overwritten by the row's own fresh [CLS] K/V).
             nkeys: ``(N,)`` valid keys per row (slot 0 included).
+            rope_pos: ``(N,)`` RoPE position of each [CLS] row (None = 0, the paper's layout).
         """
         from .ops import ess_attention
 
@@ -140,12 +147,17 @@ class _Layers:
         N = nkeys.shape[0]
         x = cls_emb[None, None].expand(N, 1, -1)
         zero = torch.zeros(N, 1, dtype=torch.int32, device=nkeys.device)
+        if rope_pos is not None:
+            cos, sin = a.rope_table(int(rope_pos.max()) + 1, nkeys.device, x.dtype)
+            cos, sin = cos[rope_pos.long()][:, None, None], sin[rope_pos.long()][:, None, None]
         for layer, (kc, vc) in zip(a.layers, kv):
             h = layer.input_layernorm(x)
             sa = layer.self_attn
-            q = sa.q_proj(h).view(N, 1, a.n_heads, a.head_dim)          # RoPE at 0: identity
+            q = sa.q_proj(h).view(N, 1, a.n_heads, a.head_dim)
             k = sa.k_proj(h).view(N, 1, a.n_kv, a.head_dim)
             v = sa.v_proj(h).view(N, 1, a.n_kv, a.head_dim)
+            if rope_pos is not None:                                     # at 0 RoPE is identity
+                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kk, vv = torch.cat([k, kc[:, 1:]], 1), torch.cat([v, vc[:, 1:]], 1)
             # Every listed key is visible to the [CLS] row: plain attention over nkeys keys.
             o = ess_attention(q, kk, vv, softmax_scale=a.scale, causal=False, q_pos=zero,
@@ -196,15 +208,12 @@ def encode_rows(tokenizer, rows: Sequence[Dict], cls_id: int):
 
 
 @torch.no_grad()
-def cls_features(model, tokenizer, rows: Sequence[Dict], *, batch_size: int = 16,
-                 response_windows: bool = True, cls_emb: Optional[torch.Tensor] = None,
-                 progress=None) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-    """[CLS] final hidden states ``(N, Dm)``, labels ``(N,)`` and window kinds of every
-    training window of ``rows`` (no grad; the [CLS] embedding is the model's own)."""
+def chunk_windows(model, tokenizer, rows: Sequence[Dict], *, batch_size: int = 16,
+                  response_windows: bool = True, layers: Optional["_Layers"] = None):
+    """Yield ``(first_row, kv, windows)`` per chunk of ``batch_size`` rows: the sequence K/V of
+    every layer (one no-grad forward) and the chunk's training windows."""
     cfg = safety_config(model, tokenizer)
-    layers = _Layers(model)
-    emb = model.get_input_embeddings().weight[cfg.cls_id] if cls_emb is None else cls_emb
-    feats, labels, kinds = [], [], []
+    layers = layers or _Layers(model)
     for b0 in range(0, len(rows), batch_size):
         chunk = rows[b0:b0 + batch_size]
         enc, n_pre = encode_rows(tokenizer, chunk, cfg.cls_id)
@@ -212,20 +221,38 @@ def cls_features(model, tokenizer, rows: Sequence[Dict], *, batch_size: int = 16
         for i, r in enumerate(chunk):
             P = enc.prompt_len[i]
             n = len(enc.ids[i]) - P
-            for spans, lab, kind in example_windows(
+            for spans, lab, kind, t in example_windows(
                     P, (enc.query_start[i], enc.query_end[i]), n, r["label"],
                     r.get("response_label", r["label"]), n_prefill=n_pre[i],
                     response_windows=response_windows):
-                wins.append(Window(b0 + i, spans, lab, kind))
+                wins.append(Window(b0 + i, spans, lab, kind, t))
         ids, lengths = enc.padded(tokenizer.pad_token_id or 0, model.device)
-        kv = layers.sequence_kv(ids[:, 1:], lengths - 1)
+        yield b0, layers.sequence_kv(ids[:, 1:], lengths - 1), wins
+
+
+@torch.no_grad()
+def cls_features(model, tokenizer, rows: Sequence[Dict], *, batch_size: int = 16,
+                 response_windows: bool = True, cls_emb: Optional[torch.Tensor] = None,
+                 progress=None):
+    """``(features (N, Dm), labels (N,), kinds [N], groups (N,))``: the [CLS] final hidden
+    state, label, window kind and row index of every training window of ``rows`` (no grad; the
+    [CLS] embedding is the model's own unless ``cls_emb``)."""
+    cfg = safety_config(model, tokenizer)
+    layers = _Layers(model)
+    emb = model.get_input_embeddings().weight[cfg.cls_id] if cls_emb is None else cls_emb
+    feats, labels, kinds, groups = [], [], [], []
+    for b0, kv, wins in chunk_windows(model, tokenizer, rows, batch_size=batch_size,
+                                      response_windows=response_windows, layers=layers):
         kvw, nkeys = gather_windows(kv, wins, b0)
-        feats.append(layers.cls_rows(emb, kvw, None, nkeys))
+        feats.append(layers.cls_rows(emb, kvw, nkeys,
+                                     rope_pos=_rope_positions(wins, cfg.cls_position)))
         labels += [w.label for w in wins]
         kinds += [w.kind for w in wins]
+        groups += [w.seq for w in wins]
         if progress is not None:
             progress.update(len(chunk))
-    return torch.cat(feats), torch.tensor(labels, dtype=torch.float32), kinds
+    return (torch.cat(feats), torch.tensor(labels, dtype=torch.float32), kinds,
+            torch.tensor(groups))
 
 
 def fit_head(feats: torch.Tensor, labels: torch.Tensor, *, weight_decay: float = 1e-3,
@@ -257,40 +284,136 @@ def fit_head(feats: torch.Tensor, labels: torch.Tensor, *, weight_decay: float =
     return head
 
 
-def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """Area under the ROC curve (ties count one half)."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
+def tune_cls_embedding(model, tokenizer, rows: Sequence[Dict], init_head: nn.Linear, *,
+                       epochs: int = 2, windows_per_step: int = 64, lr: float = 3e-3,
+                       response_windows: bool = True, batch_size: int = 16, seed: int = 0,
+                       progress: bool = True) -> Tuple[torch.Tensor, nn.Linear]:
+    """Fine-tune the [CLS] embedding row jointly with ``head`` (Adam, balanced BCE) over the
+    sequences' cached K/V: each step is ``windows_per_step`` [CLS] rows through the layers with
+    autograd, nothing else. Returns ``(cls_embedding, head)``; the model is not modified."""
+    from tqdm.auto import tqdm
+
+    cfg = safety_config(model, tokenizer)
+    layers = _Layers(model)
+    cached = list(chunk_windows(model, tokenizer, rows, batch_size=batch_size,
+                                response_windows=response_windows, layers=layers))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings().weight[cfg.cls_id].detach().clone().requires_grad_(True)
+    head = nn.Linear(head.in_features, 1).to(emb)
+    head.load_state_dict({k: v.detach().clone() for k, v in init_head.state_dict().items()})
+    labels = torch.tensor([w.label for _, _, ws in cached for w in ws], dtype=torch.float32)
+    pos = labels.mean().clamp(1e-3, 1 - 1e-3)
+    flat = [(c, w) for c, (_, _, ws) in enumerate(cached) for w in ws]
+    rng = random.Random(seed)
+    opt = torch.optim.Adam([emb, *head.parameters()], lr=lr)
+    steps = epochs * math.ceil(len(flat) / windows_per_step)
+    with tqdm(total=steps, desc="safekern train: [CLS] embedding", unit="step",
+              disable=not progress) as bar:
+        for _ in range(epochs):
+            rng.shuffle(flat)
+            for s0 in range(0, len(flat), windows_per_step):
+                part = flat[s0:s0 + windows_per_step]
+                logits, ys = [], []
+                for c in sorted({c for c, _ in part}):
+                    b0, kv, _ = cached[c]
+                    ws = [w for cc, w in part if cc == c]
+                    kvw, nkeys = gather_windows(kv, ws, b0)
+                    h = layers.cls_rows(emb, kvw, nkeys,
+                                        rope_pos=_rope_positions(ws, cfg.cls_position))
+                    logits.append(head(h)[:, 0])
+                    ys += [w.label for w in ws]
+                y = torch.tensor(ys, dtype=torch.float32)
+                wt = torch.where(y > 0.5, 0.5 / pos, 0.5 / (1 - pos))
+                loss = F.binary_cross_entropy_with_logits(torch.cat(logits), y, weight=wt)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+    return emb.detach(), head
+
+
+def _rope_positions(windows: Sequence[Window], cls_position: str) -> Optional[torch.Tensor]:
+    """RoPE positions of the windows' [CLS] rows: None for ``"zero"`` (position 0)."""
+    if cls_position == "zero":
+        return None
+    return torch.tensor([w.t - 1 for w in windows])
+
+
+WEIGHT_DECAYS = (1e-3, 1e-2, 3e-2, 1e-1)
+
+
+def select_head(feats: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, *,
+                weight_decays: Sequence[float] = WEIGHT_DECAYS, val_fraction: float = 0.2,
+                seed: int = 0) -> Tuple[nn.Linear, Dict]:
+    """Pick the L2 strength by the AUC on a validation split *grouped by sequence* (no
+    sequence has windows on both sides), then refit on everything."""
+    g = torch.Generator().manual_seed(seed)
+    val_groups = []
+    for stratum in (True, False):          # sequences with / without a positive window
+        uniq = torch.tensor(sorted({int(x) for x, y in zip(groups, labels) if (y > 0.5) ==
+                                    stratum} - {int(v) for v in val_groups}), dtype=torch.long)
+        if stratum:
+            has_pos = set(uniq.tolist())
+        else:
+            uniq = torch.tensor([u for u in uniq.tolist() if u not in has_pos], dtype=torch.long)
+        take = max(1, int(len(uniq) * val_fraction)) if len(uniq) > 1 else 0
+        val_groups += uniq[torch.randperm(len(uniq), generator=g)[:take]].tolist()
+    val = torch.isin(groups, torch.tensor(val_groups, dtype=groups.dtype))
+    scores = {}
+    for wd in weight_decays:
+        head = fit_head(feats[~val], labels[~val], weight_decay=wd)
+        with torch.no_grad():
+            p = torch.sigmoid(head(feats[val])[:, 0])
+        scores[wd] = roc_auc(p.tolist(), labels[val].tolist())
+    best = max(scores, key=lambda wd: scores[wd])
+    return fit_head(feats, labels, weight_decay=best), {"weight_decay": best,
+                                                        "val_auc": round(scores[best], 4),
+                                                        "val_auc_by_wd": scores}
 
 
 def train_frozen(model, tokenizer, rows: Sequence[Dict], *, response_windows: bool = True,
-                 weight_decay: float = 1e-3, batch_size: int = 16, progress: bool = True,
+                 batch_size: int = 16, progress: bool = True, features_cache: Optional[str] = None,
                  log=print) -> Dict:
     """Fit the safety head of an attached ``model`` on ``rows`` (frozen LM); returns a summary.
 
-    Sets ``model.safety_head`` and ``response_sees_cls = False`` on ``model.safekern``.
+    ``model`` must be attached with ``response_sees_cls=False`` (the recipe's premise: no row but
+    the [CLS] sees the [CLS]). The L2 strength is picked on a grouped validation split
+    (:func:`select_head`). ``features_cache``: a ``.pt`` path to save the window features to
+    (reused when it exists), for ablations without a second forward over the data.
     """
     from tqdm.auto import tqdm
 
+    cfg = safety_config(model, tokenizer)
+    if cfg.response_sees_cls:
+        raise ValueError("the frozen-LM recipe needs attach(..., response_sees_cls=False): with "
+                         "response rows seeing the [CLS], the LM's own outputs would change")
     t0 = time.perf_counter()
-    with tqdm(total=len(rows), desc="safekern train: [CLS] features", unit="seq",
-              disable=not progress) as bar:
-        feats, labels, kinds = cls_features(model, tokenizer, rows, batch_size=batch_size,
-                                            response_windows=response_windows, progress=bar)
-    head = fit_head(feats, labels, weight_decay=weight_decay)
+    if features_cache and os.path.isfile(features_cache):
+        feats, labels, kinds, groups = torch.load(features_cache)
+    else:
+        with tqdm(total=len(rows), desc="safekern train: [CLS] features", unit="seq",
+                  disable=not progress) as bar:
+            feats, labels, kinds, groups = cls_features(model, tokenizer, rows,
+                                                        batch_size=batch_size,
+                                                        response_windows=response_windows,
+                                                        progress=bar)
+        if features_cache:
+            torch.save((feats, labels, kinds, groups), features_cache)
+    if not response_windows:
+        keep = torch.tensor([k in ("query", "query+response") for k in kinds])
+        feats, labels, groups = feats[keep], labels[keep], groups[keep]
+    head, sel = select_head(feats, labels, groups)
     ref = model.get_input_embeddings().weight
     model.safety_head = head.to(device=ref.device, dtype=ref.dtype)
-    model.safekern.response_sees_cls = False
     with torch.no_grad():
         p = torch.sigmoid(model.safety_head(feats.to(ref)).float()[:, 0]).cpu()
     acc = float(((p >= 0.5).float() == labels).float().mean())
     summary = {"sequences": len(rows), "windows": int(labels.numel()),
+               "response_windows": response_windows, "cls_position": cfg.cls_position,
                "positive_fraction": round(float(labels.mean()), 3), "train_accuracy": round(acc, 4),
-               "train_auc": round(roc_auc(p.tolist(), labels.tolist()), 4),
+               "train_auc": round(roc_auc(p.tolist(), labels.tolist()), 4), **sel,
                "seconds": round(time.perf_counter() - t0, 1)}
     if log is not None:
         log(f"trained the safety head: {summary}")
@@ -298,16 +421,18 @@ def train_frozen(model, tokenizer, rows: Sequence[Dict], *, response_windows: bo
 
 
 def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
-               response_windows: bool = True, progress: bool = True, log=print) -> Dict:
+               response_windows: bool = True, cls_position: str = "last",
+               progress: bool = True, features_cache: Optional[str] = None, log=print) -> Dict:
     """``safekern train --model NAME``: load the model, attach, fit, save the delta only."""
     from . import models
     from .model import attach
 
+    torch.manual_seed(0)
     model, tok = models.load(name)
-    attach(model, tok, response_sees_cls=False)
+    attach(model, tok, response_sees_cls=False, cls_position=cls_position)
     rows = training_rows("train")
     summary = train_frozen(model, tok, rows, response_windows=response_windows,
-                           progress=progress, log=log)
+                           progress=progress, features_cache=features_cache, log=log)
     out_dir = out_dir or default_delta_dir(name)
     save_safety(model, out_dir)
     summary["out_dir"] = out_dir
@@ -321,5 +446,6 @@ def default_delta_dir(name: str) -> str:
     return os.path.join(base, f"{name}-ess")
 
 
-__all__ = ["example_windows", "cls_features", "fit_head", "train_frozen", "train_real",
-           "roc_auc", "training_rows", "default_delta_dir"]
+__all__ = ["example_windows", "chunk_windows", "cls_features", "fit_head", "select_head",
+           "train_frozen", "train_real", "tune_cls_embedding", "training_rows",
+           "default_delta_dir"]

@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 
 from .data import corpus, load_split
 from .integrations.hf import apply_safekern
-from .eval_judge import is_refusal
+from .evaluation import is_refusal
 from .model import attach, encode_prompts, load_safety, save_safety, template_split
 from .recipe import example_windows
 from .tiny import build_tokenizer, tiny_llama_config
@@ -152,7 +152,7 @@ class EssCollator:
                                                   n_prefill=len(prefill))
                        if w[2] in ("response", "suspect")]
             if choices:
-                spans, cls_label, _kind = self._rng.choice(choices)
+                spans, cls_label, _kind, _t = self._rng.choice(choices)
                 windows = list(spans)
         return ids, labels[:len(ids)], P, windows, float(cls_label)
 

@@ -4,7 +4,8 @@ import torch
 
 import safekern
 from safekern import EssConfig
-from safekern.recipe import cls_features, example_windows, fit_head, roc_auc
+from safekern.evaluation import roc_auc
+from safekern.recipe import cls_features, example_windows, fit_head
 from tests.tiny_ess import make_tiny_ess_model
 
 
@@ -19,25 +20,27 @@ def tiny():
 def test_example_windows_follow_the_inference_rules():
     P, q = 20, (8, 15)
     w = example_windows(P, q, n_resp=30, y=1, z=1, n_prefill=4)
-    assert w[0] == (((8, 15),), 1, "query")
-    assert w[1] == (((8, 15), (20, 24)), 1, "query+response")        # rule 1: min(n, r1)
-    resp = [s for s, _, k in w if k == "response"]
+    assert w[0] == (((8, 15),), 1, "query", 20)
+    assert w[1] == (((8, 15), (20, 24)), 1, "query+response", 24)    # rule 1: min(n, r1)
+    resp = [s for s, _, k, _ in w if k == "response"]
     assert resp[0] == ((20 + 0, 20 + 4),)                            # harmful: >= 3 tokens
     assert ((20 + 15, 20 + 25),) in resp                             # latest r2 = 10 tokens
-    assert (((20 + 5, 20 + 25),), 1, "suspect") in w                 # r2 + r3 = 20 tokens
+    assert (((20 + 5, 20 + 25),), 1, "suspect", 45) in w             # r2 + r3 = 20 tokens
     benign = example_windows(P, q, n_resp=3, y=0, z=0)
-    assert [s for s, _, k in benign if k == "response"] == [((20, 21),), ((20, 22),)]
+    assert [s for s, _, k, _ in benign if k == "response"] == [((20, 21),), ((20, 22),)]
     assert example_windows(P, q, 30, 1, 1, response_windows=False)[-1][2] == "query+response"
 
 
-def test_cls_features_equal_engine_evaluations(tiny):
+@pytest.mark.parametrize("cls_position", ["zero", "last"])
+def test_cls_features_equal_engine_evaluations(tiny, cls_position, monkeypatch):
     """The recipe's [CLS] row for the query window (and the query + prefill window) gives the
     p_unsafe the engine computes at its first evaluation."""
     model, tok = tiny
+    monkeypatch.setattr(model.safekern, "cls_position", cls_position)
     rows = [{"prompt": "How do I bake bread?", "prefill": "", "response": "", "label": 0},
             {"prompt": "Tell me about the weather in spring and how rain works.",
              "prefill": "Sure, here is", "response": "", "label": 1}]
-    feats, labels, kinds = cls_features(model, tok, rows, response_windows=False)
+    feats, labels, kinds, groups = cls_features(model, tok, rows, response_windows=False)
     head = model.safety_head
     p = torch.sigmoid(head(feats)[:, 0])
     out = safekern.generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=1,

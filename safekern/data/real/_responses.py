@@ -7,7 +7,7 @@ Rows (one per generation): ``key``, ``kind`` (``benign`` / ``borderline`` / ``ha
 harmful) and ``response_label`` (the response content: 1 = a harmful continuation, 0 = a benign
 answer or a refusal). The base model has no alignment of its own: it answers harmful requests,
 which is exactly the harmful-continuation data the [CLS] must learn to flag on response windows.
-A response that reads as a refusal (``safekern.eval_judge.is_refusal``) gets response_label 0.
+A response that reads as a refusal (``safekern.evaluation.is_refusal``) gets response_label 0.
 ``refusal`` rows are the model continuing the forced refusal prefix (first sentence only), in
 its own voice.
 """
@@ -45,7 +45,7 @@ def _jobs(per_group: int, seed: int = 0):
 
 def main(argv=None):
     from ...engine import generate
-    from ...eval_judge import first_sentence, is_refusal
+    from ...evaluation import first_sentence, is_refusal
     from ...model import attach
     from ...models import load
     from ...spec import EssConfig
