@@ -169,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor> head_sample(
     const at::Tensor& h_tok, const at::Tensor& lm_head_weight,
     const std::optional<at::Tensor>& h_cls, const std::optional<at::Tensor>& safety_weight,
     const std::optional<at::Tensor>& safety_bias, const at::Tensor& temperature,
-    const at::Tensor& seed, at::TensorList state, double threshold, int64_t tau, int64_t policy,
+    const at::Tensor& seed, at::TensorList state, int64_t refusal_skip, double threshold,
+    int64_t tau, int64_t policy,
     int64_t schedule, int64_t period, int64_t anneal_stop, double anneal_growth) {
   const at::Device device = h_tok.device();
   check_cuda(h_tok, "h_tok", device);
@@ -211,7 +212,11 @@ std::tuple<at::Tensor, at::Tensor> head_sample(
       check_vector(state[i], kStateNames[i], is_bool ? at::kBool : at::kInt, B, device);
     }
   }
-  if (!state.empty()) TORCH_CHECK(h_cls.has_value(), "state requires h_cls");
+  if (!state.empty()) {
+    TORCH_CHECK(h_cls.has_value(), "state requires h_cls");
+    TORCH_CHECK(refusal_skip >= 0 && refusal_skip < state[kStateSize - 1].numel(),
+                "refusal_skip must be in [0, len(refusal_ids)), got ", refusal_skip);
+  }
 
   const c10::cuda::CUDAGuard guard(device);
   const int num_tiles = sk_head_sample_num_tiles((int)V);
@@ -250,6 +255,7 @@ std::tuple<at::Tensor, at::Tensor> head_sample(
     s.finished = reinterpret_cast<uint8_t*>(state[10].data_ptr<bool>());
     s.refusal_ids = state[11].data_ptr<int64_t>();
     s.refusal_len = (int)state[11].numel();
+    s.refusal_skip = (int)refusal_skip;
   }
   p.ess.threshold = (float)threshold;
   p.ess.tau = (int)tau;
@@ -274,7 +280,8 @@ TORCH_LIBRARY_FRAGMENT(safekern, m) {
       "bool causal, int num_splits) -> (Tensor, Tensor)");
   m.def(
       "cuda_head_sample(Tensor h_tok, Tensor lm_head_weight, Tensor? h_cls, Tensor? safety_weight, "
-      "Tensor? safety_bias, Tensor temperature, Tensor seed, Tensor(a!)[] state, float threshold, "
+      "Tensor? safety_bias, Tensor temperature, Tensor seed, Tensor(a!)[] state, int refusal_skip, "
+      "float threshold, "
       "int tau, int policy, int schedule, int period, int anneal_stop, float anneal_growth) "
       "-> (Tensor, Tensor)");
 }

@@ -30,8 +30,9 @@ typedef struct {
   int32_t* trigger_step;
   const uint8_t* evaluating;  // torch.bool
   uint8_t* finished;          // torch.bool
-  const int64_t* refusal_ids; // (R,)
+  const int64_t* refusal_ids; // (R,): the ids of "\n" + refusal text
   int refusal_len;
+  int refusal_skip;           // leading ids skipped when the response is empty (the newline)
 } sk_ess_state;
 
 // safekern.spec.EssConfig fields the decision reads.

@@ -162,7 +162,8 @@ extern "C" int emu_head_sample(const void* h_tok, const void* lm_head, const voi
                                const float* temperature, const int64_t* seed,
                                int64_t* next_tokens, float* p_unsafe, float* cand_val,
                                int32_t* cand_idx, void** state /* 11 fields or NULL */,
-                               const int64_t* refusal_ids, int refusal_len, float threshold,
+                               const int64_t* refusal_ids, int refusal_len, int refusal_skip,
+                               float threshold,
                                int tau, int policy, int schedule, int period, int anneal_stop,
                                double anneal_growth, int batch, int hidden, int vocab,
                                int dtype) {
@@ -176,7 +177,7 @@ extern "C" int emu_head_sample(const void* h_tok, const void* lm_head, const voi
                            (int32_t*)state[2], (int32_t*)state[3], (int32_t*)state[4],
                            (int32_t*)state[5], (int32_t*)state[6], (int32_t*)state[7],
                            (int32_t*)state[8], (const uint8_t*)state[9], (uint8_t*)state[10],
-                           refusal_ids, refusal_len};
+                           refusal_ids, refusal_len, refusal_skip};
   }
   p.ess = sk_ess_config{threshold, tau, policy, schedule, period, anneal_stop, anneal_growth};
   p.batch = batch, p.hidden = hidden, p.vocab = vocab, p.dtype = (sk_dtype)dtype;

@@ -48,7 +48,8 @@ def emu(tmp_path_factory):
     lib = ctypes.CDLL(so)
     lib.emu_ess_decode_attention.argtypes = [ctypes.c_void_p] * 14 + [
         ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    lib.emu_head_sample.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_float] + \
+    lib.emu_head_sample.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_int,
+                                                             ctypes.c_float] + \
         [ctypes.c_int] * 5 + [ctypes.c_double] + [ctypes.c_int] * 4
     return lib
 
@@ -191,7 +192,8 @@ def emu_head_sample(lib, h, w, *, h_cls=None, sw=None, sb=None, temperature=0.0,
         _p(tokens), _p(p_unsafe), _p(cand_v), _p(cand_i),
         ctypes.cast(fields, ctypes.c_void_p) if fields is not None else None,
         _p(state.refusal_ids) if state is not None else None,
-        state.refusal_ids.numel() if state is not None else 0, *cfg, B, Dm, V,
+        state.refusal_ids.numel() if state is not None else 0,
+        state.refusal_skip if state is not None else 0, *cfg, B, Dm, V,
         DTYPE_CODE[h.dtype])
     assert rc == 0, f"launcher returned cudaError {rc}"
     return tokens, p_unsafe

@@ -348,17 +348,19 @@ for dt, per_row, block_b in (("bf16", True, 16), ("fp16", False, 64)):
     build(hs._lm_head_partial_kernel, dict(rng, h_ptr="*" + dt, w_ptr="*" + dt),
           dict(TEMP_PER_ROW=per_row, TOPK_PER_ROW=per_row, TOPP_PER_ROW=per_row,
                MINP_PER_ROW=per_row, SEED_FROM_PTR=per_row, NOISE=True, FILTERS=per_row,
-               DOT_FP32=False, BLOCK_B=block_b, BLOCK_V=128, BLOCK_K=64))
+               DOT_FP32=False, LOGPROBS=per_row, STORE_LOGITS=per_row, BLOCK_B=block_b,
+               BLOCK_V=128, BLOCK_K=64))
 state = {n: "*i32" for n in ("seq_len_ptr", "prompt_len_ptr", "mode_ptr", "flags_ptr",
          "switch_ptr", "next_eval_ptr", "interval_ptr", "forced_ptr", "trigger_ptr")}
 state.update(evaluating_ptr="*i1", finished_ptr="*i1", refusal_ptr="*i64", threshold="fp32",
-             growth_bits="i64", tok_ptr="*i64", hcls_ptr="*bf16", sw_ptr="*bf16", sb_val="fp32")
+             growth_bits="i64", tok_ptr="*i64", hcls_ptr="*bf16", sw_ptr="*bf16", sb_val="fp32",
+             h_ptr="*bf16", w_ptr="*bf16")
 for sched, policy, two, filters in ((3, 2, True, True), (2, 1, False, False)):
     build(hs._finalize_kernel, dict(rng, **state),
           dict(TEMP_PER_ROW=True, TOPK_PER_ROW=False, TOPP_PER_ROW=True, MINP_PER_ROW=False,
                SEED_FROM_PTR=True, FILTERS=filters, HAS_SAFETY=True, TWO_CLASS=two,
                BIAS_MODE=2 if two else 0, HAS_STATE=True, SCHEDULE=sched, POLICY=policy,
-               BLOCK_R=1, BLOCK_T=1024, BLOCK_D=1024, BLOCK_F=512))
+               LOGPROBS=filters, BLOCK_R=1, BLOCK_T=1024, BLOCK_D=1024, BLOCK_F=512))
 print("compiled")
 """
 
