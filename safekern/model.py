@@ -272,7 +272,8 @@ def as_prompt_list(prompts) -> list:
     xs = list(prompts)
     if not xs:
         raise ValueError("prompts must hold at least one prompt")
-    if all(_is_int(x) for x in xs) or all(isinstance(x, dict) for x in xs):
+    if all(_is_int(x) for x in xs) or all(isinstance(x, dict) and _token_ids_of(x) is None
+                                          for x in xs):
         return [xs]                     # one id prompt / one conversation
     xs = [x if _token_ids_of(x) is None else _token_ids_of(x) for x in xs]
     for i, x in enumerate(xs):

@@ -134,7 +134,8 @@ def test_host_controller_matches_reference_over_random_traces(host_lib, policy, 
     g = torch.Generator().manual_seed(sum(map(ord, policy + schedule)))
     B = 64
     P = torch.randint(3, 12, (B,), generator=g)
-    ref = EssState.create(P.tolist(), [1] * B, (P - 1).tolist(), [11, 12, 13, 14], ess)
+    ref = EssState.create(P.tolist(), [1] * B, (P - 1).tolist(), [11, 12, 13, 14], ess,
+                          refusal_skip=1)
     ours = ref.clone()
     rate = torch.rand(B, generator=g)
     for step in range(120):

@@ -231,7 +231,7 @@ def test_fused_state_update_matches_reference(emu, policy, schedule):
     ess = EssConfig(policy=policy, schedule=schedule, tau=2, period=3, anneal_stop=20)
     g = torch.Generator().manual_seed(len(policy + schedule))
     P = torch.randint(4, 10, (B,), generator=g)
-    ours = EssState.create(P.tolist(), [1] * B, (P - 1).tolist(), [7, 8, 9], ess)
+    ours = EssState.create(P.tolist(), [1] * B, (P - 1).tolist(), [7, 8, 9], ess, refusal_skip=1)
     ref = ours.clone()
     w = torch.randn(V, Dm, generator=g) / math.sqrt(Dm)
     sw = torch.randn(Dm, generator=g)
