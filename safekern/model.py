@@ -266,7 +266,7 @@ def as_prompt_list(prompts) -> list:
         return [prompts]
     if _token_ids_of(prompts) is not None:
         return [_token_ids_of(prompts)]
-    if not isinstance(prompts, Sequence):
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
         raise TypeError(f"prompts must be a string, a list of strings, token-id lists or chat "
                         f"message lists, got {type(prompts).__name__}")
     xs = list(prompts)
@@ -279,7 +279,7 @@ def as_prompt_list(prompts) -> list:
     for i, x in enumerate(xs):
         if isinstance(x, str):
             continue
-        if not isinstance(x, Sequence) or not x or not (
+        if not isinstance(x, Sequence) or isinstance(x, (bytes, bytearray)) or not x or not (
                 all(_is_int(v) for v in x) or all(isinstance(v, dict) for v in x)):
             raise TypeError(f"prompts[{i}] must be a string, a non-empty list of token ids or a "
                             f"non-empty list of chat messages, got {_describe(x)}")

@@ -376,8 +376,8 @@ def test_errors():
         EssConfig(r1=0)
     with pytest.raises(ValueError, match="prefill must hold 2"):
         safekern.generate(model, tok, ["a", "b"], max_new_tokens=2, prefill=["x"])
-    with pytest.raises(TypeError, match="prompts must be a list"):
-        safekern.generate(model, tok, "hi", max_new_tokens=2)
+    with pytest.raises(TypeError, match="prompts must be a string, a list"):
+        safekern.generate(model, tok, b"hi", max_new_tokens=2)
     with pytest.raises(ValueError, match="backend must be one of"):
         safekern.generate(model, tok, ["hi"], max_new_tokens=2, backend="tpu")
     with pytest.raises(ValueError, match="head must map hidden size 128"):
