@@ -288,3 +288,53 @@ def test_bhsd_mixed_with_bshd_is_named():
     with pytest.raises(ValueError, match="multiple") as e:   # not a layout mix: no hint
         ess_attention(q, torch.randn(B, S, 3, D), torch.randn(B, S, 3, D))
     assert "transpose" not in str(e.value)
+
+
+# ---------------------------------------------------------------- varlen (flash-attn layout)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    "triton" not in safekern.info()["backends"]["ess_attention"], reason="no triton"))])
+@pytest.mark.parametrize("ess", [False, True])
+def test_varlen_equals_one_call_per_sequence(backend, ess):
+    from safekern import ess_attention_varlen
+
+    g = torch.Generator().manual_seed(int(ess))
+    Hq, Hkv, D = 4, 1, 64
+    lens_k, lens_q = [9, 1, 14, 5], [9, 1, 2, 5]            # prefill, decode-like, chunk
+    cu = lambda ls: torch.tensor([0] + torch.tensor(ls).cumsum(0).tolist(),  # noqa: E731
+                                 dtype=torch.int32)
+    q = torch.randn(sum(lens_q), Hq, D, generator=g)
+    k, v = torch.randn(2, sum(lens_k), Hkv, D, generator=g)
+    kw = {}
+    if ess:
+        kw = dict(response_start=torch.tensor([4, 1, 6, 9], dtype=torch.int32),
+                  cls_windows=torch.tensor([[[1, 3]], [[0, 0]], [[2, 12]], [[1, 5]]],
+                                           dtype=torch.int32))
+    o, lse = ess_attention_varlen(q, k, v, cu(lens_q), cu(lens_k), return_lse=True,
+                                  backend=backend, **kw)
+    assert o.shape == q.shape and lse.shape == (Hq, q.shape[0])
+    cq, ck = cu(lens_q).tolist(), cu(lens_k).tolist()
+    for b in range(4):
+        one = {n: t[b:b + 1] for n, t in kw.items()}
+        o_b, lse_b = ess_attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]],
+                                   v[None, ck[b]:ck[b + 1]], return_lse=True, backend="torch",
+                                   **one)
+        torch.testing.assert_close(o[cq[b]:cq[b + 1]], o_b[0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse[:, cq[b]:cq[b + 1]], lse_b[0], atol=2e-5, rtol=1e-4)
+
+
+def test_varlen_errors_name_the_argument():
+    from safekern import ess_attention_varlen
+
+    q, k = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    ok = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        ess_attention_varlen(q[None], k, k, ok, ok)
+    with pytest.raises(ValueError, match="cu_seqlens_k must start at 0 and end at"):
+        ess_attention_varlen(q, k, k, ok, torch.tensor([0, 2, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens_q differences"):
+        ess_attention_varlen(q, k, k, torch.tensor([0, 3, 2, 5], dtype=torch.int32),
+                             torch.tensor([0, 1, 2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="len_k - len_q"):
+        ess_attention_varlen(q, k, k, ok, torch.tensor([0, 1, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        ess_attention_varlen(q, k, k, ok, ok, 3, 2)
