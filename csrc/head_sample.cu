@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int bb = 0; bb < kBatchTile; ++bb) {
       if (bb >= nb) break;  // nb is uniform across the CTA: the shuffles stay converged
       const float logit = warp_sum(acc[bb]);
-      if (logprobs) lse_merge(lse_m[bb], lse_s[bb], temp[bb] == 0.f ? logit : logit / temp[bb], 1.f);
+      if (logprobs)
+        lse_merge(lse_m[bb], lse_s[bb], temp[bb] == 0.f ? logit : logit / temp[bb], 1.f);
       const float val = temp[bb] == 0.f ? logit : logit / temp[bb] + gumbel(seed, b0 + bb, v);
       if (val > best_v[bb]) {
         best_v[bb] = val;
@@ -147,7 +148,8 @@ __global__ void __launch_bounds__(kThreads)
     p.cand_idx[off] = bi;
     if (logprobs) {
       float m = -INFINITY, s = 0.f;
-      for (int w = 0; w < kWarps; ++w) lse_merge(m, s, warp_m[w][threadIdx.x], warp_s[w][threadIdx.x]);
+      for (int w = 0; w < kWarps; ++w)
+        lse_merge(m, s, warp_m[w][threadIdx.x], warp_s[w][threadIdx.x]);
       p.lse_max[off] = m;
       p.lse_sum[off] = s;
     }

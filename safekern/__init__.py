@@ -22,5 +22,6 @@ def __getattr__(name):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["ess_attention", "ess_attention_varlen", "head_sample", "plan_step", "EssConfig", "EssState",
+__all__ = ["ess_attention", "ess_attention_varlen", "head_sample", "plan_step", "EssConfig",
+           "EssState",
            "SamplingParams", "info", "__version__", *_LAZY]

@@ -662,7 +662,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int,
         One ``GenerationResult`` per prompt (text, token_ids, finish_reason, trace, logprobs).
 
     A refusal forced after the response has begun (generated or prefilled tokens) starts on a
-    new line: ``"\n" + refusal_text``; one that opens the response is the text alone.
+    new line: ``"\\n" + refusal_text``; one that opens the response is the text alone.
     """
     for name in engine_kw:
         if name not in _ENGINE_OPTIONS:

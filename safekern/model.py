@@ -409,8 +409,8 @@ def encode_inputs(model, tokenizer, prompts, prefill=None, *, safety: bool = Tru
 
 def refusal_token_ids(tokenizer, text: str) -> Tuple[List[int], int]:
     """``(ids, skip)``: the ids of the refusal as inserted mid-response, on a new line
-    (``"\n" + text``), and how many leading ids (the newline) to skip when it opens the
-    response. ``"\n" + text`` is tokenized as one string when that ends in the ids of
+    (``"\\n" + text``), and how many leading ids (the newline) to skip when it opens the
+    response. ``"\\n" + text`` is tokenized as one string when that ends in the ids of
     ``text`` alone (so both variants are exact tokenizations); else the newline's and the
     text's ids are concatenated."""
     plain = _encode(tokenizer, text)

@@ -205,7 +205,7 @@ class EssState:
         evaluating: rows whose [CLS] row is evaluated this step (set by ``plan_step``).
         finished: rows the ``high`` policy has ended.
         refusal_ids: token ids of the refusal prefix as inserted mid-response, on a new line
-            (the ids of ``"\n" + refusal_text``; DESIGN.md §4).
+            (the ids of ``"\\n" + refusal_text``; DESIGN.md §4).
         refusal_skip: how many leading ``refusal_ids`` (the newline) a trigger skips when the
             response is still empty (``n = t - P == 0``), so a refusal that opens the response
             starts with the text itself. A Python int: the per-row choice is made on the device
@@ -236,7 +236,7 @@ class EssState:
         Args:
             prompt_len, query_start, query_end: ``(B,)`` ints (tensors or sequences).
             refusal_ids: token ids of the refusal prefix as forced mid-response (non-empty;
-                the engine passes the ids of ``"\n" + ess.refusal_text``).
+                the engine passes the ids of ``"\\n" + ess.refusal_text``).
             ess: the configuration (its ``anneal_start`` seeds ``interval``).
             refusal_skip: leading ``refusal_ids`` skipped when the response is empty
                 (``0 <= refusal_skip < len(refusal_ids)``; 0 = always force them all).

@@ -5,7 +5,7 @@ temperature -> top-k -> top-p -> min-p -> sample.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
