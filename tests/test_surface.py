@@ -341,3 +341,21 @@ def test_varlen_errors_name_the_argument():
         ess_attention_varlen(q, k, k, ok, torch.tensor([0, 1, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="max_seqlen_k"):
         ess_attention_varlen(q, k, k, ok, ok, 3, 2)
+
+
+# ---------------------------------------------------------------- the README's example
+def test_readme_strategic_decoding_example_is_deterministic_and_shows_the_refusal(
+        tmp_path, monkeypatch, capsys):
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                 if "safekern.generate(" in b and "torch.manual_seed" in b)
+    monkeypatch.chdir(tmp_path)                          # it saves the delta to ess_delta/
+    outputs = []
+    for _ in range(2):
+        exec(compile(block, "README.md", "exec"), {})
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert repr("\n" + EssConfig().refusal_text)[1:-1] in outputs[0]   # the whole prefix
