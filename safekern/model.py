@@ -8,6 +8,9 @@ training recipe share::
     index:  0      1     ...                 P-1 | P ...
             [CLS]  BOS   template  query  template | response (prefill) tokens
 
+``encode_inputs`` extends it to the other prompt forms ``generate`` takes (token ids, chat
+message lists) without changing how a user message is tokenized.
+
 Only the delta (head, [CLS] embedding row, [CLS] LM-head row when untied, config) is saved.
 """
 from __future__ import annotations
