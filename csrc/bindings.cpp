@@ -165,12 +165,13 @@ constexpr const char* kStateNames[] = {"prompt_len", "seq_len", "mode", "flags",
                                        "evaluating", "finished", "refusal_ids"};
 constexpr size_t kStateSize = sizeof(kStateNames) / sizeof(kStateNames[0]);
 
-std::tuple<at::Tensor, at::Tensor> head_sample(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_sample(
     const at::Tensor& h_tok, const at::Tensor& lm_head_weight,
     const std::optional<at::Tensor>& h_cls, const std::optional<at::Tensor>& safety_weight,
     const std::optional<at::Tensor>& safety_bias, const at::Tensor& temperature,
-    const at::Tensor& seed, at::TensorList state, double threshold, int64_t tau, int64_t policy,
-    int64_t schedule, int64_t period, int64_t anneal_stop, double anneal_growth) {
+    const at::Tensor& seed, at::TensorList state, int64_t refusal_skip, double threshold,
+    int64_t tau, int64_t policy,
+    int64_t schedule, int64_t period, int64_t anneal_stop, double anneal_growth, bool logprobs) {
   const at::Device device = h_tok.device();
   check_cuda(h_tok, "h_tok", device);
   check_cuda(lm_head_weight, "lm_head_weight", device);
@@ -211,7 +212,11 @@ std::tuple<at::Tensor, at::Tensor> head_sample(
       check_vector(state[i], kStateNames[i], is_bool ? at::kBool : at::kInt, B, device);
     }
   }
-  if (!state.empty()) TORCH_CHECK(h_cls.has_value(), "state requires h_cls");
+  if (!state.empty()) {
+    TORCH_CHECK(h_cls.has_value(), "state requires h_cls");
+    TORCH_CHECK(refusal_skip >= 0 && refusal_skip < state[kStateSize - 1].numel(),
+                "refusal_skip must be in [0, len(refusal_ids)), got ", refusal_skip);
+  }
 
   const c10::cuda::CUDAGuard guard(device);
   const int num_tiles = sk_head_sample_num_tiles((int)V);
@@ -219,6 +224,11 @@ std::tuple<at::Tensor, at::Tensor> head_sample(
   at::Tensor p_unsafe = at::empty({B}, h_tok.options().dtype(at::kFloat));
   at::Tensor cand_val = at::empty({B, num_tiles}, h_tok.options().dtype(at::kFloat));
   at::Tensor cand_idx = at::empty({B, num_tiles}, h_tok.options().dtype(at::kInt));
+  // Logprobs: the emitted token's logprob (B,) and the (max, sum exp) workspaces.
+  const int64_t nlp = logprobs ? B : 0, nlt = logprobs ? num_tiles : 0;
+  at::Tensor token_logprob = at::empty({nlp}, h_tok.options().dtype(at::kFloat));
+  at::Tensor lse_max = at::empty({nlp, nlt}, h_tok.options().dtype(at::kFloat));
+  at::Tensor lse_sum = at::empty({nlp, nlt}, h_tok.options().dtype(at::kFloat));
 
   sk_head_sample_params p{};
   p.h_tok = h_tok.data_ptr();
@@ -235,6 +245,9 @@ std::tuple<at::Tensor, at::Tensor> head_sample(
   p.p_unsafe = p_unsafe.data_ptr<float>();
   p.cand_val = cand_val.data_ptr<float>();
   p.cand_idx = cand_idx.data_ptr<int32_t>();
+  p.token_logprob = logprobs ? token_logprob.data_ptr<float>() : nullptr;
+  p.lse_max = logprobs ? lse_max.data_ptr<float>() : nullptr;
+  p.lse_sum = logprobs ? lse_sum.data_ptr<float>() : nullptr;
   if (!state.empty()) {
     sk_ess_state& s = p.state;
     s.prompt_len = state[0].data_ptr<int32_t>();
@@ -250,6 +263,7 @@ std::tuple<at::Tensor, at::Tensor> head_sample(
     s.finished = reinterpret_cast<uint8_t*>(state[10].data_ptr<bool>());
     s.refusal_ids = state[11].data_ptr<int64_t>();
     s.refusal_len = (int)state[11].numel();
+    s.refusal_skip = (int)refusal_skip;
   }
   p.ess.threshold = (float)threshold;
   p.ess.tau = (int)tau;
@@ -262,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> head_sample(
   p.dtype = dtype;
   check_cuda_status(sk_head_sample(&p, c10::cuda::getCurrentCUDAStream(device.index())),
                     "head_sample");
-  return {next_tokens, p_unsafe};
+  return {next_tokens, p_unsafe, token_logprob};
 }
 
 }  // namespace
@@ -274,9 +288,10 @@ TORCH_LIBRARY_FRAGMENT(safekern, m) {
       "bool causal, int num_splits) -> (Tensor, Tensor)");
   m.def(
       "cuda_head_sample(Tensor h_tok, Tensor lm_head_weight, Tensor? h_cls, Tensor? safety_weight, "
-      "Tensor? safety_bias, Tensor temperature, Tensor seed, Tensor(a!)[] state, float threshold, "
-      "int tau, int policy, int schedule, int period, int anneal_stop, float anneal_growth) "
-      "-> (Tensor, Tensor)");
+      "Tensor? safety_bias, Tensor temperature, Tensor seed, Tensor(a!)[] state, int refusal_skip, "
+      "float threshold, "
+      "int tau, int policy, int schedule, int period, int anneal_stop, float anneal_growth, "
+      "bool logprobs) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(safekern, CUDA, m) {

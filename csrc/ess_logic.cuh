@@ -87,7 +87,8 @@ SK_HD void ess_update_state(const sk_ess_state& s, const sk_ess_config& c, int b
   s.flags[b] = flags;
   if (trigger) {
     s.trigger_step[b] = t;
-    if (c.policy != SK_POLICY_LOW) s.forced_idx[b] = 0;
+    // Mid-response the refusal starts on a new line (all ids); an empty response skips it.
+    if (c.policy != SK_POLICY_LOW) s.forced_idx[b] = n > 0 ? 0 : s.refusal_skip;
   }
 }
 

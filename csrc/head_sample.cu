@@ -9,10 +9,14 @@
 //      (B, V) logits are never written to memory.
 //   2. head_sample_finalize_kernel: one CTA per row reduces the tile candidates, scores the
 //      [CLS] hidden state, applies the ESS decision and forces the refusal prefix.
+// Logprobs (optional): launch 1 also keeps each tile's online (max, sum exp) of logit / T, and
+// launch 2 merges them into the row's logsumexp and recomputes the emitted token's logit (one
+// dot product of h_tok with its LM-head row), so the step stays two launches.
 // The noise (ess_logic.cuh) is a counter-based hash of (seed, row, token): same seed, same
 // tokens, and the seed lives in device memory so a CUDA graph can replay the step with a new
 // seed.
-// top-k / top-p / min-p are not implemented here; the Python backend declines those calls.
+// top-k / top-p / min-p and top-k logprobs are not implemented here; the Python backend
+// declines those calls.
 #include <limits.h>
 #include <math.h>
 
@@ -42,6 +46,17 @@ __device__ __forceinline__ bool better(float v, int i, float bv, int bi) {
   return v > bv || (v == bv && i < bi);  // ties: the lowest token id, as torch.argmax
 }
 
+// Merge (m2, s2) into the running logsumexp pair (m, s): s * exp(m) accumulates sum exp(x).
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+  if (m2 == -INFINITY) return;
+  if (m2 > m) {
+    s = s * expf(m - m2) + s2;  // expf(-inf) = 0 for the empty start
+    m = m2;
+  } else {
+    s += s2 * expf(m2 - m);
+  }
+}
+
 template <typename T, bool kVec16>
 __global__ void __launch_bounds__(kThreads)
     lm_head_argmax_kernel(const sk_head_sample_params p, int num_tiles) {
@@ -53,13 +68,16 @@ __global__ void __launch_bounds__(kThreads)
   const int v_end = min((tile + 1) * kVocabTile, p.vocab);
   const uint64_t seed = (uint64_t)*p.seed;
 
-  float temp[kBatchTile], best_v[kBatchTile];
+  const bool logprobs = p.lse_max != nullptr;
+  float temp[kBatchTile], best_v[kBatchTile], lse_m[kBatchTile], lse_s[kBatchTile];
   int best_i[kBatchTile];
 #pragma unroll
   for (int bb = 0; bb < kBatchTile; ++bb) {
     temp[bb] = bb < nb ? p.temperature[b0 + bb] : 0.f;
     best_v[bb] = -INFINITY;
     best_i[bb] = INT_MAX;
+    lse_m[bb] = -INFINITY;
+    lse_s[bb] = 0.f;
   }
   // Rows go to warps round-robin, so each warp visits its rows in increasing token order.
   for (int v = tile * kVocabTile + warp; v < v_end; v += kWarps) {
@@ -95,6 +113,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int bb = 0; bb < kBatchTile; ++bb) {
       if (bb >= nb) break;  // nb is uniform across the CTA: the shuffles stay converged
       const float logit = warp_sum(acc[bb]);
+      if (logprobs)
+        lse_merge(lse_m[bb], lse_s[bb], temp[bb] == 0.f ? logit : logit / temp[bb], 1.f);
       const float val = temp[bb] == 0.f ? logit : logit / temp[bb] + gumbel(seed, b0 + bb, v);
       if (val > best_v[bb]) {
         best_v[bb] = val;
@@ -104,11 +124,14 @@ __global__ void __launch_bounds__(kThreads)
   }
   __shared__ float warp_v[kWarps][kBatchTile];
   __shared__ int warp_i[kWarps][kBatchTile];
+  __shared__ float warp_m[kWarps][kBatchTile], warp_s[kWarps][kBatchTile];
   if (lane == 0) {
 #pragma unroll
     for (int bb = 0; bb < kBatchTile; ++bb) {
       warp_v[warp][bb] = best_v[bb];
       warp_i[warp][bb] = best_i[bb];
+      warp_m[warp][bb] = lse_m[bb];
+      warp_s[warp][bb] = lse_s[bb];
     }
   }
   __syncthreads();
@@ -123,6 +146,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t off = (int64_t)(b0 + threadIdx.x) * num_tiles + tile;
     p.cand_val[off] = bv;
     p.cand_idx[off] = bi;
+    if (logprobs) {
+      float m = -INFINITY, s = 0.f;
+      for (int w = 0; w < kWarps; ++w)
+        lse_merge(m, s, warp_m[w][threadIdx.x], warp_s[w][threadIdx.x]);
+      p.lse_max[off] = m;
+      p.lse_sum[off] = s;
+    }
   }
 }
 
@@ -175,20 +205,55 @@ __global__ void __launch_bounds__(kThreads)
     red_i[warp] = bi;
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  for (int w = 1; w < kWarps; ++w)
-    if (better(red_v[w], red_i[w], bv, bi)) {
-      bv = red_v[w];
-      bi = red_i[w];
+  __shared__ int64_t chosen;
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w)
+      if (better(red_v[w], red_i[w], bv, bi)) {
+        bv = red_v[w];
+        bi = red_i[w];
+      }
+    int64_t token = bi;
+    if (has_state) {
+      ess_update_state(p.state, p.ess, b, p_unsafe);
+      const int64_t forced = ess_forced_token(p.state, p.ess.policy, b);
+      if (forced >= 0) token = forced;
     }
-  int64_t token = bi;
-  if (has_state) {
-    ess_update_state(p.state, p.ess, b, p_unsafe);
-    const int64_t forced = ess_forced_token(p.state, p.ess.policy, b);
-    if (forced >= 0) token = forced;
+    p.p_unsafe[b] = p_unsafe;
+    p.next_tokens[b] = token;
+    chosen = token;
   }
-  p.p_unsafe[b] = p_unsafe;
-  p.next_tokens[b] = token;
+  if (p.token_logprob == nullptr) return;  // uniform across the CTA
+
+  // logprob = logit(token) / T - logsumexp(logit / T): merge the tiles' (max, sum) pairs and
+  // recompute the emitted token's logit (forced tokens included) with the whole CTA.
+  float m = -INFINITY, s = 0.f, dot = 0.f;
+  for (int t = threadIdx.x; t < num_tiles; t += kThreads)
+    lse_merge(m, s, p.lse_max[(int64_t)b * num_tiles + t], p.lse_sum[(int64_t)b * num_tiles + t]);
+  __syncthreads();  // `chosen` is written
+  const T* h = static_cast<const T*>(p.h_tok) + (int64_t)b * p.h_stride;
+  const T* w = static_cast<const T*>(p.lm_head) + chosen * p.w_stride;
+  for (int d = threadIdx.x; d < p.hidden; d += kThreads) dot += to_float(h[d]) * to_float(w[d]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float om = __shfl_xor_sync(0xffffffffu, m, o);
+    const float os = __shfl_xor_sync(0xffffffffu, s, o);
+    lse_merge(m, s, om, os);
+  }
+  dot = warp_sum(dot);
+  __shared__ float red_m[kWarps], red_s[kWarps], red_d[kWarps];
+  if (lane == 0) {
+    red_m[warp] = m;
+    red_s[warp] = s;
+    red_d[warp] = dot;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int w2 = 1; w2 < kWarps; ++w2) {
+    lse_merge(m, s, red_m[w2], red_s[w2]);
+    dot += red_d[w2];
+  }
+  const float temp = p.temperature[b];
+  p.token_logprob[b] = (temp == 0.f ? dot : dot / temp) - (m + logf(s));
 }
 
 template <typename T>
@@ -220,7 +285,9 @@ extern "C" cudaError_t sk_head_sample(const sk_head_sample_params* params, cudaS
   if (p.batch == 0) return cudaSuccess;
   if (p.batch < 0 || p.vocab <= 0 || p.hidden <= 0 ||
       (p.h_cls != nullptr && p.safety_w == nullptr) ||
-      (p.state.mode != nullptr && p.state.refusal_len <= 0))
+      (p.state.mode != nullptr && p.state.refusal_len <= 0) ||
+      (p.token_logprob != nullptr) != (p.lse_max != nullptr) ||
+      (p.lse_max != nullptr) != (p.lse_sum != nullptr))
     return cudaErrorInvalidValue;
   switch (p.dtype) {
     case SK_FLOAT32: return safekern::head_sample::launch<float>(p, stream);

@@ -30,8 +30,9 @@ typedef struct {
   int32_t* trigger_step;
   const uint8_t* evaluating;  // torch.bool
   uint8_t* finished;          // torch.bool
-  const int64_t* refusal_ids; // (R,)
+  const int64_t* refusal_ids; // (R,): the ids of "\n" + refusal text
   int refusal_len;
+  int refusal_skip;           // leading ids skipped when the response is empty (the newline)
 } sk_ess_state;
 
 // safekern.spec.EssConfig fields the decision reads.
@@ -55,6 +56,11 @@ typedef struct {
   float* p_unsafe;            // (B,) out, NaN where not scored
   float* cand_val;            // workspace (B, num_tiles)
   int32_t* cand_idx;          // workspace (B, num_tiles)
+  // Optional logprobs (all NULL = off): the emitted token's log_softmax(logit / T) (T = 0:
+  // raw logits), before filtering, from per-tile (max, sum exp) pairs of logit / T.
+  float* token_logprob;       // (B,) out
+  float* lse_max;             // workspace (B, num_tiles)
+  float* lse_sum;             // workspace (B, num_tiles)
   sk_ess_state state;
   sk_ess_config ess;
   int batch, hidden, vocab;

@@ -3,7 +3,7 @@
 >>> import safekern
 >>> safekern.info()["backends"]["ess_attention"]      # which backends can run here
 """
-from .ops import ess_attention, head_sample
+from .ops import ess_attention, ess_attention_varlen, head_sample
 from .reference.controller import plan_step
 from .spec import EssConfig, EssState, SamplingParams
 from ._info import info
@@ -22,5 +22,6 @@ def __getattr__(name):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["ess_attention", "head_sample", "plan_step", "EssConfig", "EssState",
+__all__ = ["ess_attention", "ess_attention_varlen", "head_sample", "plan_step", "EssConfig",
+           "EssState",
            "SamplingParams", "info", "__version__", *_LAZY]

@@ -23,14 +23,15 @@ captured in a CUDA graph (``cuda_graph=True``, greedy sampling).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .model import encode_for_model, safety_config, safety_head_params
+from .model import encode_inputs, refusal_token_ids, safety_config, safety_head_params
 from .ops import dispatch, ess_attention, head_sample
 from .reference.controller import plan_step
 from .spec import NEVER, REFUSING, EssConfig, EssState, SamplingParams
@@ -61,6 +62,23 @@ class Trace:
 
 
 @dataclass
+class TokenLogprob:
+    """The log-probability of one generated token (``SamplingParams(logprobs=k)``).
+
+    Attributes:
+        token_id: the generated token (a forced refusal token included).
+        logprob: its ``log_softmax(logits / T)`` (T = 0: of the raw logits), before
+            top-k/top-p/min-p filtering, as vLLM reports by default.
+        top: the ``k`` most likely ``(token_id, logprob)`` pairs, most likely first (empty for
+            ``logprobs=0``).
+    """
+
+    token_id: int
+    logprob: float
+    top: List[Tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class GenerationResult:
     """One sequence's output.
 
@@ -71,6 +89,8 @@ class GenerationResult:
         finish_reason: ``"eos"``, ``"stop"`` (stop string), ``"refusal"`` (high policy) or
             ``"length"``.
         trace: the safety trace (None when decoding without safety).
+        logprobs: one ``TokenLogprob`` per entry of ``token_ids`` when
+            ``SamplingParams.logprobs`` is set, else None.
     """
 
     text: str
@@ -78,6 +98,7 @@ class GenerationResult:
     prefill_ids: List[int]
     finish_reason: str
     trace: Optional[Trace]
+    logprobs: Optional[List[TokenLogprob]] = None
 
 
 class _Arch:
@@ -243,14 +264,21 @@ class Engine:
         self._pad = -1 if pad is None else pad
         self._out_tok = torch.full((B, max_new_tokens), -1, dtype=torch.int64, device=dev)
         self._out_emit = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
+        if sampling.logprobs is not None:
+            k = sampling.logprobs
+            self._out_lp = torch.full((B, max_new_tokens), float("nan"), device=dev)
+            self._out_top_ids = torch.zeros(B, max_new_tokens, k, dtype=torch.int64, device=dev)
+            self._out_top_lp = torch.zeros(B, max_new_tokens, k, device=dev)
         self._lm_w = self.model.lm_head.weight
         self._norm = a.base.norm
         if ess is not None:
             cfg = self.model.safekern
             self._sw, self._sb = safety_head_params(self.model)
-            refusal = self.tokenizer(ess.refusal_text, add_special_tokens=False)["input_ids"]
+            # Forced after a mid-response trigger as "\n" + refusal (DESIGN.md §4); a trigger on
+            # an empty response skips the newline ids (the per-row choice happens on device).
+            refusal, skip = refusal_token_ids(self.tokenizer, ess.refusal_text)
             self.state = EssState.create(enc.prompt_len, enc.query_start, enc.query_end,
-                                         refusal, ess, device=dev)
+                                         refusal, ess, device=dev, refusal_skip=skip)
             self.state.seq_len.copy_(lengths)
             self._out_p = torch.full((B, max_new_tokens), float("nan"), device=dev)
             self._out_ev = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
@@ -380,11 +408,17 @@ class Engine:
             kw.update(h_cls=h_cls, safety_weight=self._sw, safety_bias=self._sb,
                       state=self.state, ess=ess)
         if checked:
-            tok, p = head_sample(h_tok, self._lm_w, backend=self.backend, **kw)
+            res = head_sample(h_tok, self._lm_w, backend=self.backend, **kw)
         else:
-            tok, p = self._head_fn(h_tok, self._lm_w, **kw)
+            res = self._head_fn(h_tok, self._lm_w, **kw)
+        tok, p = res[0], res[1]
         emit = ~self._done
         col = self._step_idx
+        if self._sampling.logprobs is not None:
+            lp = res[2]
+            self._out_lp.index_copy_(1, col, lp.token[:, None])
+            self._out_top_ids.index_copy_(1, col, lp.top_ids[:, None])
+            self._out_top_lp.index_copy_(1, col, lp.top[:, None])
         self._out_tok.index_copy_(1, col, torch.where(emit, tok, self._pad)[:, None])
         self._out_emit.index_copy_(1, col, emit[:, None])
         done = self._done | torch.isin(tok, self._eos)
@@ -408,8 +442,10 @@ class Engine:
         """Capture ``_decode_step`` over the full cache length; None if capture fails."""
         tensors = [self._tok, self._done, self._step_idx, self._out_tok, self._out_emit,
                    self._reason_refusal]
+        if self._sampling.logprobs is not None:
+            tensors += [self._out_lp, self._out_top_ids, self._out_top_lp]
         if self._ess is not None:
-            tensors += [v for v in self.state.__dict__.values()] + [
+            tensors += self.state.tensors() + [
                 self._out_p, self._out_ev, self._out_t, self._logit]
         saved = [t.clone() for t in tensors]
         try:
@@ -434,14 +470,15 @@ class Engine:
 
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int,
+    def generate(self, prompts, *, max_new_tokens: int,
                  safety: Optional[EssConfig] = EssConfig(),
                  sampling: SamplingParams = SamplingParams(),
                  prefill: Optional[Sequence[str]] = None,
                  stream: Optional[Callable[[int, List[Optional[int]], List[float]], None]] = None,
                  stop: Optional[Sequence[str]] = None,
                  chat_template: bool = True) -> List[GenerationResult]:
-        """Generate for a batch of user messages; see ``safekern.generate``."""
+        """Generate for a batch of prompts (strings, token ids or chats); see
+        ``safekern.generate``."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -456,19 +493,20 @@ class Engine:
             raise TypeError("stop must be a list of non-empty strings or None")
         if safety is not None:
             safety_config(self.model, self.tokenizer)
-        enc = encode_for_model(self.model, self.tokenizer, prompts, prefill,
-                               safety=safety is not None, chat_template=chat_template)
+        enc = encode_inputs(self.model, self.tokenizer, prompts, prefill,
+                            safety=safety is not None, chat_template=chat_template)
         for name in ("temperature", "top_k", "top_p", "min_p"):
             x = getattr(sampling, name)
             if isinstance(x, torch.Tensor) and x.shape[0] != len(enc.ids):
                 raise ValueError(f"sampling.{name} must have one value per prompt "
                                  f"({len(enc.ids)}), got {x.shape[0]}")
-        if isinstance(sampling.temperature, torch.Tensor):
-            sampling = SamplingParams(**{n: (getattr(sampling, n).to(self.device)
-                                             if isinstance(getattr(sampling, n), torch.Tensor)
-                                             else getattr(sampling, n))
-                                         for n in ("temperature", "top_k", "top_p", "min_p",
-                                                   "seed")})
+        if sampling.logprobs is not None and sampling.logprobs > self._lm_vocab():
+            raise ValueError(f"sampling.logprobs={sampling.logprobs} exceeds the vocabulary "
+                             f"size {self._lm_vocab()}")
+        sampling = dataclasses.replace(sampling, **{
+            n: getattr(sampling, n).to(self.device) for n in ("temperature", "top_k", "top_p",
+                                                              "min_p")
+            if isinstance(getattr(sampling, n), torch.Tensor)})
         ids, lengths = self._setup(enc, max_new_tokens, safety, sampling)
         on_cuda = self.device.type == "cuda"
         sync_every = self._sync_every or (16 if on_cuda else 1)
@@ -498,6 +536,9 @@ class Engine:
                 break
         return self._results(enc, stop, steps)
 
+    def _lm_vocab(self) -> int:
+        return self.model.lm_head.weight.shape[0]
+
     def _emit_stream(self, stream, step):
         emit = self._out_emit[:, step].tolist()
         toks = self._out_tok[:, step].tolist()
@@ -526,6 +567,7 @@ class Engine:
         refused = self._reason_refusal.tolist()
         eos = set(self._eos.tolist())
         traces = self._traces(enc, steps) if self._ess is not None else [None] * self.B
+        logprobs = self._logprobs(steps, emit)
         out = []
         for b in range(self.B):
             row = [t for t, e in zip(toks[b], emit[b]) if e]
@@ -538,8 +580,19 @@ class Engine:
                     text, reason = text[:cut], "stop"
                     row = _ids_covering(self.tokenizer, row, text)
             prefill_ids = enc.ids[b][enc.prompt_len[b]:]
-            out.append(GenerationResult(text, row, prefill_ids, reason, traces[b]))
+            lp = None if logprobs is None else logprobs[b][:len(row)]
+            out.append(GenerationResult(text, row, prefill_ids, reason, traces[b], lp))
         return out
+
+    def _logprobs(self, steps, emit) -> Optional[List[List[TokenLogprob]]]:
+        if self._sampling.logprobs is None:
+            return None
+        toks = self._out_tok[:, :steps].tolist()
+        lp = self._out_lp[:, :steps].tolist()
+        top_ids = self._out_top_ids[:, :steps].tolist()
+        top_lp = self._out_top_lp[:, :steps].tolist()
+        return [[TokenLogprob(toks[b][s], lp[b][s], list(zip(top_ids[b][s], top_lp[b][s])))
+                 for s in range(steps) if emit[b][s]] for b in range(self.B)]
 
     def _traces(self, enc, steps) -> List[Trace]:
         ev = self._out_ev[:, :steps].tolist()
@@ -571,7 +624,10 @@ def _ids_covering(tokenizer, ids: List[int], text: str) -> List[int]:
     return ids
 
 
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+_ENGINE_OPTIONS = ("max_cache_len", "cuda_graph", "sync_every", "ignore_eos")
+
+
+def generate(model, tokenizer, prompts, *, max_new_tokens: int,
              safety: Optional[EssConfig] = EssConfig(),
              sampling: SamplingParams = SamplingParams(),
              prefill: Optional[Sequence[str]] = None,
@@ -583,11 +639,27 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     Args:
         model, tokenizer: a Llama/Mistral/Qwen2 transformers model and its tokenizer, after
             ``safekern.attach`` (or ``load_safety``) unless ``safety`` is None.
-        prompts: user messages, rendered with the chat template when the tokenizer has one
-            (``chat_template=False``: ``BOS + message``). Different lengths are right-padded.
+        prompts: one prompt or a list of them, each in one of three forms (mixed freely):
+
+            * a string: the user message, rendered with the chat template when the tokenizer
+              has one (``chat_template=False``: ``BOS + message``); the query span is the
+              message's tokens.
+            * token ids (``list[int]``, vLLM's ``prompt_token_ids``): the whole prompt as the
+              model reads it, template included; safekern only prepends [CLS]. The query span
+              is exact when the ids are the chat template around a message (the tokens between
+              the template's prefix and suffix ids, e.g. from
+              ``tokenizer.apply_chat_template(msgs, add_generation_prompt=True)``); otherwise
+              every token after a leading BOS.
+            * a chat (``list[dict]`` with ``"role"``/``"content"``, transformers' format): system
+              messages and earlier turns are welcome; the last message must be the user's, and
+              it alone is the query span. Needs a tokenizer with a chat template.
+
+            A bare ``list[int]`` or ``list[dict]`` is one prompt. Different lengths are
+            right-padded.
         max_new_tokens: tokens to generate per sequence (>= 1).
         safety: the ``EssConfig``; None = plain decoding without the [CLS] token.
-        sampling: ``SamplingParams`` (default greedy); ``seed`` seeds one generator for the run.
+        sampling: ``SamplingParams`` (default greedy); ``seed`` seeds one generator for the run;
+            ``logprobs=k`` fills ``GenerationResult.logprobs``.
         prefill: per prompt a forced start of the response (the prefill attack): those tokens
             are response tokens from position P and the first evaluation covers them (rule 1).
         stream: ``stream(step, tokens, p_unsafe)`` after every step, with ``tokens[b]`` None for
@@ -597,12 +669,19 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
         engine_kw: ``Engine`` options (``max_cache_len``, ``cuda_graph``, ``sync_every``).
 
     Returns:
-        One ``GenerationResult`` per prompt (text, token_ids, finish_reason, trace).
+        One ``GenerationResult`` per prompt (text, token_ids, finish_reason, trace, logprobs).
+
+    A refusal forced after the response has begun (generated or prefilled tokens) starts on a
+    new line: ``"\\n" + refusal_text``; one that opens the response is the text alone.
     """
+    for name in engine_kw:
+        if name not in _ENGINE_OPTIONS:
+            raise TypeError(f"safekern.generate() got an unexpected keyword argument {name!r} "
+                            f"(Engine options: {', '.join(_ENGINE_OPTIONS)})")
     engine = Engine(model, tokenizer, backend=backend, **engine_kw)
     return engine.generate(prompts, max_new_tokens=max_new_tokens, safety=safety,
                            sampling=sampling, prefill=prefill, stream=stream, stop=stop,
                            chat_template=chat_template)
 
 
-__all__ = ["Engine", "generate", "GenerationResult", "Trace", "SUPPORTED_ARCHS"]
+__all__ = ["Engine", "generate", "GenerationResult", "TokenLogprob", "Trace", "SUPPORTED_ARCHS"]

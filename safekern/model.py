@@ -8,6 +8,9 @@ training recipe share::
     index:  0      1     ...                 P-1 | P ...
             [CLS]  BOS   template  query  template | response (prefill) tokens
 
+``encode_inputs`` extends it to the other prompt forms ``generate`` takes (token ids, chat
+message lists) without changing how a user message is tokenized.
+
 Only the delta (head, [CLS] embedding row, [CLS] LM-head row when untied, config) is saved.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -271,6 +274,178 @@ def encode_for_model(model, tokenizer, prompts, prefill=None, *, safety: bool = 
                           chat_template=chat_template, template=template)
 
 
+# ---------------------------------------------------------------- prompt forms beyond strings
+# Kept outside encode_prompts/_encode: each form is reduced to what those already take (a user
+# message and the template text around it) or to ids laid out directly.
+
+def as_prompt_list(prompts) -> list:
+    """The prompts ``generate`` accepts, as one entry per sequence.
+
+    Accepted: a string; a list of strings; one prompt as token ids (``list[int]``, or a mapping
+    with ``"prompt_token_ids"`` (vLLM's ``TokensPrompt``) or ``"input_ids"`` (a transformers
+    ``BatchEncoding``)) or a list of them; one chat (``list[dict]`` with ``role``/``content``)
+    or a list of chats; any mix of these in one list. Raises ``TypeError``/``ValueError``
+    naming ``prompts``.
+    """
+    if isinstance(prompts, str):
+        return [prompts]
+    if _token_ids_of(prompts) is not None:
+        return [_token_ids_of(prompts)]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
+        raise TypeError(f"prompts must be a string, a list of strings, token-id lists or chat "
+                        f"message lists, got {type(prompts).__name__}")
+    xs = list(prompts)
+    if not xs:
+        raise ValueError("prompts must hold at least one prompt")
+    if all(_is_int(x) for x in xs) or all(isinstance(x, dict) and _token_ids_of(x) is None
+                                          for x in xs):
+        return [xs]                     # one id prompt / one conversation
+    xs = [x if _token_ids_of(x) is None else _token_ids_of(x) for x in xs]
+    for i, x in enumerate(xs):
+        if isinstance(x, str):
+            continue
+        if not isinstance(x, Sequence) or isinstance(x, (bytes, bytearray)) or not x or not (
+                all(_is_int(v) for v in x) or all(isinstance(v, dict) for v in x)):
+            raise TypeError(f"prompts[{i}] must be a string, a non-empty list of token ids or a "
+                            f"non-empty list of chat messages, got {_describe(x)}")
+    return [x if isinstance(x, str) else list(x) for x in xs]
+
+
+def _token_ids_of(x) -> Optional[list]:
+    """The ids of a ``{"prompt_token_ids": ...}`` / ``{"input_ids": ...}`` mapping, else None."""
+    if isinstance(x, Mapping) and "role" not in x:
+        for key in ("prompt_token_ids", "input_ids"):
+            if key in x:
+                ids = x[key]
+                return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    return None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _describe(x) -> str:
+    if isinstance(x, Sequence) and not isinstance(x, str) and x:
+        return f"a {type(x).__name__} of {sorted({type(v).__name__ for v in x})}"
+    return repr(x) if isinstance(x, Sequence) else type(x).__name__
+
+
+def chat_template_split(tokenizer, messages, index: int = 0) -> Tuple[str, str, str]:
+    """``(prefix, query, suffix)`` texts of a chat whose last message is the user's query.
+
+    The chat is rendered with the tokenizer's chat template (generation prompt added) with a
+    sentinel in place of the last user message, and split there: system messages and earlier
+    turns land in ``prefix``, so the query span is exactly the last user message (rule 4).
+    """
+    where = f"prompts[{index}]"
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where} is a chat message list, but the tokenizer has no chat "
+                         "template to render it; pass the user message as a string")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
+                not isinstance(m.get("content"), str):
+            raise TypeError(f"{where}[{j}] must be a dict with string 'role' and 'content', got "
+                            f"{m!r}")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"the last message of {where} must have role 'user' (the query the "
+                         f"[CLS] token judges), got {messages[-1]['role']!r}")
+    framed = [*messages[:-1], {**messages[-1], "content": _SENTINEL}]
+    text = tokenizer.apply_chat_template(framed, tokenize=False, add_generation_prompt=True)
+    if text.count(_SENTINEL) != 1:
+        raise ValueError("the tokenizer's chat template does not render the last user message "
+                         "verbatim exactly once; cannot locate the query span")
+    prefix, suffix = text.split(_SENTINEL)
+    return prefix, messages[-1]["content"], suffix
+
+
+def encode_token_ids(ids: Sequence[int], *, cls_id: Optional[int], vocab_size: int,
+                     bos_id: Optional[int], template_ids: Tuple[List[int], List[int]],
+                     prefill_ids: Sequence[int] = (), index: int = 0) -> EncodedPrompts:
+    """The layout of one prompt given as token ids (vLLM's ``prompt_token_ids``).
+
+    The ids are the *whole* prompt, template included, as fed to the model; the [CLS] id is
+    prepended (a leading [CLS] already in ``ids`` is not doubled). The query span is exact when
+    the ids are the chat template around a message (they start with the template prefix ids and
+    end with the suffix ids, as ``encode_prompts`` would lay them out): the tokens in between.
+    Otherwise the prompt counts as untemplated and the query is every token after a leading BOS.
+    """
+    where = f"prompts[{index}]"
+    ids = [int(x) for x in ids]
+    bad = [x for x in ids if not 0 <= x < vocab_size]
+    if bad:
+        raise ValueError(f"{where} holds token id {bad[0]} outside the vocabulary "
+                         f"[0, {vocab_size})")
+    head = [] if cls_id is None else [cls_id]
+    if cls_id is not None and ids and ids[0] == cls_id:
+        ids = ids[1:]
+    if not ids:
+        raise ValueError(f"{where} must hold at least one token id besides [CLS]")
+    pre, suf = template_ids
+    n = len(ids)
+    if (pre or suf) and n >= len(pre) + len(suf) and ids[:len(pre)] == pre and \
+            ids[n - len(suf):] == suf:
+        qs, qe = len(pre), n - len(suf)
+    else:
+        qs, qe = (1 if bos_id is not None and ids[0] == bos_id else 0), n
+    k = len(head)
+    return EncodedPrompts([head + ids + list(prefill_ids)], [k + n], [k + qs], [k + qe])
+
+
+def encode_inputs(model, tokenizer, prompts, prefill=None, *, safety: bool = True,
+                  chat_template: bool = True) -> EncodedPrompts:
+    """``encode_for_model`` for every prompt form ``as_prompt_list`` accepts.
+
+    Strings go through ``encode_prompts`` unchanged; a chat is reduced to its last user message
+    framed by the rendered conversation (``chat_template_split``); token ids are laid out by
+    ``encode_token_ids``. ``prefill`` (strings, one per prompt) works with every form.
+    """
+    _require_tokenizer(tokenizer)
+    items = as_prompt_list(prompts)
+    prefill = None if prefill is None else _check_strings("prefill", prefill, len(items))
+    if all(isinstance(x, str) for x in items):
+        return encode_for_model(model, tokenizer, items, prefill, safety=safety,
+                                chat_template=chat_template)
+    cls_id, template = None, None
+    if safety:
+        cfg = safety_config(model, tokenizer)
+        cls_id, template = cfg.cls_id, (cfg.template_prefix, cfg.template_suffix)
+    template = (template or template_split(tokenizer)) if chat_template else (None, None)
+    template_ids = ([], []) if template[0] is None else \
+        (_encode(tokenizer, template[0]), _encode(tokenizer, template[1]))
+    out = EncodedPrompts([], [], [], [])
+    for i, x in enumerate(items):
+        pf = None if prefill is None else [prefill[i]]
+        if isinstance(x, str):
+            enc = encode_prompts(tokenizer, [x], pf, cls_id=cls_id, chat_template=chat_template,
+                                 template=template)
+        elif isinstance(x[0], dict):
+            prefix, query, suffix = chat_template_split(tokenizer, x, i)
+            enc = encode_prompts(tokenizer, [query], pf, cls_id=cls_id, template=(prefix, suffix))
+        else:
+            enc = encode_token_ids(x, cls_id=cls_id, vocab_size=len(tokenizer),
+                                   bos_id=getattr(tokenizer, "bos_token_id", None),
+                                   template_ids=template_ids, index=i,
+                                   prefill_ids=_encode(tokenizer, pf[0]) if pf else ())
+        for name in ("ids", "prompt_len", "query_start", "query_end"):
+            getattr(out, name).extend(getattr(enc, name))
+    return out
+
+
+def refusal_token_ids(tokenizer, text: str) -> Tuple[List[int], int]:
+    """``(ids, skip)``: the ids of the refusal as inserted mid-response, on a new line
+    (``"\\n" + text``), and how many leading ids (the newline) to skip when it opens the
+    response. ``"\\n" + text`` is tokenized as one string when that ends in the ids of
+    ``text`` alone (so both variants are exact tokenizations); else the newline's and the
+    text's ids are concatenated."""
+    plain = _encode(tokenizer, text)
+    joined = _encode(tokenizer, "\n" + text)
+    if len(joined) > len(plain) and joined[len(joined) - len(plain):] == plain:
+        return joined, len(joined) - len(plain)
+    newline = _encode(tokenizer, "\n")
+    return newline + plain, len(newline)
+
+
 def save_safety(model, directory: str) -> str:
     """Write only the ESS delta to ``directory``: ``safety.safetensors`` (head, [CLS] embedding
     row, [CLS] LM-head row when untied) and ``safety.json`` (config). Returns the directory."""
@@ -334,4 +509,6 @@ def load_safety(model, tokenizer, directory: str):
 
 
 __all__ = ["SafetyConfig", "EncodedPrompts", "attach", "encode_prompts", "encode_for_model",
+           "encode_inputs", "as_prompt_list", "chat_template_split", "encode_token_ids",
+           "refusal_token_ids",
            "template_split", "safety_config", "safety_head_params", "save_safety", "load_safety"]

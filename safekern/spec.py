@@ -140,22 +140,35 @@ class SamplingParams:
             1.0 = off). The most likely token is always kept.
         min_p: keep tokens with ``p >= min_p * p_max`` (0 = off).
         seed: seeds a private generator, so the same seed gives the same tokens.
+        logprobs: per-token log-probabilities on request (None = off). ``0``: the sampled
+            token's logprob; ``k > 0``: also the ``k`` most likely tokens and their logprobs.
+            Logprobs are ``log_softmax(logits / temperature)`` (temperature 0: of the raw
+            logits), taken *before* top-k / top-p / min-p filtering (vLLM's default). A forced
+            refusal token gets its logprob under the model.
+    ``top_k``, ``top_p`` and ``min_p`` accept None for "off", as in transformers.
     Default: greedy decoding (the paper evaluates with greedy decoding).
     """
 
     temperature: Scalar = 0.0
-    top_k: Union[int, torch.Tensor] = 0
-    top_p: Scalar = 1.0
-    min_p: Scalar = 0.0
+    top_k: Union[int, torch.Tensor, None] = 0
+    top_p: Union[Scalar, None] = 1.0
+    min_p: Union[Scalar, None] = 0.0
     seed: Optional[int] = None
+    logprobs: Optional[int] = None
 
     def __post_init__(self):
+        # transformers spells "off" as None; store the neutral value so kernels see one form.
+        for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, off)
         _check_param("temperature", self.temperature, 0.0, 1e4)
         _check_param("top_k", self.top_k, 0, 2**31 - 1, integer=True)
         _check_param("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_param("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, 2**31 - 1)
 
     @property
     def is_greedy(self) -> bool:
@@ -191,7 +204,12 @@ class EssState:
         trigger_step: ``t`` at the evaluation that triggered the policy (-1 = none).
         evaluating: rows whose [CLS] row is evaluated this step (set by ``plan_step``).
         finished: rows the ``high`` policy has ended.
-        refusal_ids: token ids of the refusal prefix.
+        refusal_ids: token ids of the refusal prefix as inserted mid-response, on a new line
+            (the ids of ``"\\n" + refusal_text``; DESIGN.md §4).
+        refusal_skip: how many leading ``refusal_ids`` (the newline) a trigger skips when the
+            response is still empty (``n = t - P == 0``), so a refusal that opens the response
+            starts with the text itself. A Python int: the per-row choice is made on the device
+            from ``n`` (``forced_idx`` starts at 0 or at ``refusal_skip``), no host sync.
     """
 
     prompt_len: torch.Tensor
@@ -208,16 +226,20 @@ class EssState:
     evaluating: torch.Tensor
     finished: torch.Tensor
     refusal_ids: torch.Tensor
+    refusal_skip: int = 0
 
     @classmethod
     def create(cls, prompt_len, query_start, query_end, refusal_ids, ess: EssConfig,
-               device=None) -> "EssState":
+               device=None, refusal_skip: int = 0) -> "EssState":
         """Fresh state for a batch whose prompts have been prefilled (``seq_len = P``).
 
         Args:
             prompt_len, query_start, query_end: ``(B,)`` ints (tensors or sequences).
-            refusal_ids: token ids of ``ess.refusal_text`` (non-empty).
+            refusal_ids: token ids of the refusal prefix as forced mid-response (non-empty;
+                the engine passes the ids of ``"\\n" + ess.refusal_text``).
             ess: the configuration (its ``anneal_start`` seeds ``interval``).
+            refusal_skip: leading ``refusal_ids`` skipped when the response is empty
+                (``0 <= refusal_skip < len(refusal_ids)``; 0 = always force them all).
         """
         if not isinstance(ess, EssConfig):
             raise TypeError(f"ess must be an EssConfig, got {type(ess).__name__}")
@@ -236,6 +258,7 @@ class EssState:
         rid = _as_vector("refusal_ids", refusal_ids, torch.int64, P.device)
         if rid.numel() == 0:
             raise ValueError("refusal_ids must hold at least one token id")
+        _check_refusal_skip(refusal_skip, rid.numel())
         full = lambda v: torch.full((B,), v, dtype=torch.int32, device=P.device)  # noqa: E731
         return cls(
             prompt_len=P, query_start=qs, query_end=qe, seq_len=P.clone(),
@@ -243,7 +266,7 @@ class EssState:
             interval=full(ess.anneal_start), forced_idx=full(-1), trigger_step=full(-1),
             evaluating=torch.zeros(B, dtype=torch.bool, device=P.device),
             finished=torch.zeros(B, dtype=torch.bool, device=P.device),
-            refusal_ids=rid,
+            refusal_ids=rid, refusal_skip=refusal_skip,
         )
 
     @property
@@ -251,7 +274,12 @@ class EssState:
         return self.mode.shape[0]
 
     def clone(self) -> "EssState":
-        return EssState(**{k: v.clone() for k, v in self.__dict__.items()})
+        return EssState(**{k: v.clone() if isinstance(v, torch.Tensor) else v
+                           for k, v in self.__dict__.items()})
+
+    def tensors(self):
+        """The state's tensors (every field but ``refusal_skip``)."""
+        return [v for v in self.__dict__.values() if isinstance(v, torch.Tensor)]
 
     def validate(self, batch_size: Optional[int] = None, device=None) -> None:
         """Check dtypes, shapes and devices; raise naming the offending field."""
@@ -270,6 +298,13 @@ class EssState:
         if r.dtype != torch.int64 or r.dim() != 1 or r.numel() == 0 or r.device != dev:
             raise ValueError("state.refusal_ids must be a non-empty 1-D int64 tensor on "
                              f"{dev}, got {r.dtype} {tuple(r.shape)} on {r.device}")
+        _check_refusal_skip(self.refusal_skip, r.numel(), "state.refusal_skip")
+
+
+def _check_refusal_skip(skip, R: int, name: str = "refusal_skip") -> None:
+    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < R:
+        raise ValueError(f"{name} must be an int in [0, {R}) (fewer than the {R} refusal ids), "
+                         f"got {skip!r}")
 
 
 def _as_vector(name, x, dtype, device):

@@ -162,21 +162,24 @@ extern "C" int emu_head_sample(const void* h_tok, const void* lm_head, const voi
                                const float* temperature, const int64_t* seed,
                                int64_t* next_tokens, float* p_unsafe, float* cand_val,
                                int32_t* cand_idx, void** state /* 11 fields or NULL */,
-                               const int64_t* refusal_ids, int refusal_len, float threshold,
+                               const int64_t* refusal_ids, int refusal_len, int refusal_skip,
+                               float threshold,
                                int tau, int policy, int schedule, int period, int anneal_stop,
                                double anneal_growth, int batch, int hidden, int vocab,
-                               int dtype) {
+                               int dtype, float* token_logprob, float* lse_max,
+                               float* lse_sum) {
   sk_head_sample_params p{};
   p.h_tok = h_tok, p.lm_head = lm_head, p.h_stride = hidden, p.w_stride = hidden;
   p.h_cls = h_cls, p.cls_stride = hidden, p.safety_w = safety_w, p.safety_b = safety_b;
   p.temperature = temperature, p.seed = seed, p.next_tokens = next_tokens;
   p.p_unsafe = p_unsafe, p.cand_val = cand_val, p.cand_idx = cand_idx;
+  p.token_logprob = token_logprob, p.lse_max = lse_max, p.lse_sum = lse_sum;
   if (state != nullptr) {
     p.state = sk_ess_state{(const int32_t*)state[0], (const int32_t*)state[1],
                            (int32_t*)state[2], (int32_t*)state[3], (int32_t*)state[4],
                            (int32_t*)state[5], (int32_t*)state[6], (int32_t*)state[7],
                            (int32_t*)state[8], (const uint8_t*)state[9], (uint8_t*)state[10],
-                           refusal_ids, refusal_len};
+                           refusal_ids, refusal_len, refusal_skip};
   }
   p.ess = sk_ess_config{threshold, tau, policy, schedule, period, anneal_stop, anneal_growth};
   p.batch = batch, p.hidden = hidden, p.vocab = vocab, p.dtype = (sk_dtype)dtype;

@@ -30,11 +30,13 @@ extern "C" void host_ess_step(int B, const int32_t* prompt_len, const int32_t* s
                               int32_t* mode, int32_t* flags, int32_t* switch_step,
                               int32_t* next_eval, int32_t* interval, int32_t* forced_idx,
                               int32_t* trigger_step, const uint8_t* evaluating, uint8_t* finished,
-                              const int64_t* refusal_ids, int refusal_len, float threshold,
+                              const int64_t* refusal_ids, int refusal_len, int refusal_skip,
+                              float threshold,
                               int tau, int policy, int schedule, int period, int anneal_stop,
                               double anneal_growth, const float* p_unsafe, int64_t* forced) {
   const sk_ess_state s{prompt_len, seq_len, mode, flags, switch_step, next_eval, interval,
-                       forced_idx, trigger_step, evaluating, finished, refusal_ids, refusal_len};
+                       forced_idx, trigger_step, evaluating, finished, refusal_ids, refusal_len,
+                       refusal_skip};
   const sk_ess_config c{threshold, tau, policy, schedule, period, anneal_stop, anneal_growth};
   for (int b = 0; b < B; ++b) {
     ess_update_state(s, c, b, p_unsafe[b]);

@@ -84,7 +84,7 @@ def host_lib(tmp_path_factory):
     build(cmd, "nvcc tests/cuda_host_check.cu")
     lib = ctypes.CDLL(str(so))
     lib.host_ess_step.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 12 + [
-        ctypes.c_int, ctypes.c_float] + [ctypes.c_int] * 5 + [ctypes.c_double] + \
+        ctypes.c_int, ctypes.c_int, ctypes.c_float] + [ctypes.c_int] * 5 + [ctypes.c_double] + \
         [ctypes.c_void_p] * 2
     lib.host_gumbel_argmax.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                        ctypes.c_float, ctypes.c_uint64, ctypes.c_void_p]
@@ -134,7 +134,8 @@ def test_host_controller_matches_reference_over_random_traces(host_lib, policy, 
     g = torch.Generator().manual_seed(sum(map(ord, policy + schedule)))
     B = 64
     P = torch.randint(3, 12, (B,), generator=g)
-    ref = EssState.create(P.tolist(), [1] * B, (P - 1).tolist(), [11, 12, 13, 14], ess)
+    ref = EssState.create(P.tolist(), [1] * B, (P - 1).tolist(), [11, 12, 13, 14], ess,
+                          refusal_skip=1)
     ours = ref.clone()
     rate = torch.rand(B, generator=g)
     for step in range(120):
@@ -154,6 +155,7 @@ def test_host_controller_matches_reference_over_random_traces(host_lib, policy, 
                   ours.next_eval, ours.interval, ours.forced_idx, ours.trigger_step,
                   ours.evaluating, ours.finished, ours.refusal_ids]
         host_lib.host_ess_step(B, *[f.data_ptr() for f in fields], ours.refusal_ids.numel(),
+                               ours.refusal_skip,
                                ess.threshold, ess.tau, POLICIES.index(policy),
                                SCHEDULES.index(schedule), ess.period, ess.anneal_stop,
                                ess.anneal_growth, p.data_ptr(), forced.data_ptr())

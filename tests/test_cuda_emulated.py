@@ -48,8 +48,9 @@ def emu(tmp_path_factory):
     lib = ctypes.CDLL(so)
     lib.emu_ess_decode_attention.argtypes = [ctypes.c_void_p] * 14 + [
         ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    lib.emu_head_sample.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_float] + \
-        [ctypes.c_int] * 5 + [ctypes.c_double] + [ctypes.c_int] * 4
+    lib.emu_head_sample.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_int,
+                                                             ctypes.c_float] + \
+        [ctypes.c_int] * 5 + [ctypes.c_double] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3
     return lib
 
 
@@ -169,13 +170,17 @@ def test_num_splits_heuristic(emu):
 # --------------------------------------------------------------------------- head_sample
 
 def emu_head_sample(lib, h, w, *, h_cls=None, sw=None, sb=None, temperature=0.0, seed=0,
-                    state=None, ess=None):
+                    state=None, ess=None, logprobs=False):
+    """The emulated launcher; with ``logprobs`` returns the emitted tokens' logprobs too."""
     B, Dm = h.shape
     V = w.shape[0]
     tiles = -(-V // 256)
     tokens = torch.full((B,), -7, dtype=torch.int64)
     p_unsafe = torch.full((B,), -7.0)
     cand_v, cand_i = torch.full((B, tiles), NAN), torch.full((B, tiles), -7, dtype=torch.int32)
+    lp = torch.full((B,), NAN) if logprobs else None
+    lse_m, lse_s = (torch.full((B, tiles), NAN), torch.full((B, tiles), NAN)) if logprobs \
+        else (None, None)
     temp = temperature if isinstance(temperature, torch.Tensor) else torch.full((B,), temperature)
     seed_t = torch.tensor([seed], dtype=torch.int64)
     fields, keep = None, []
@@ -191,10 +196,11 @@ def emu_head_sample(lib, h, w, *, h_cls=None, sw=None, sb=None, temperature=0.0,
         _p(tokens), _p(p_unsafe), _p(cand_v), _p(cand_i),
         ctypes.cast(fields, ctypes.c_void_p) if fields is not None else None,
         _p(state.refusal_ids) if state is not None else None,
-        state.refusal_ids.numel() if state is not None else 0, *cfg, B, Dm, V,
-        DTYPE_CODE[h.dtype])
+        state.refusal_ids.numel() if state is not None else 0,
+        state.refusal_skip if state is not None else 0, *cfg, B, Dm, V,
+        DTYPE_CODE[h.dtype], _p(lp), _p(lse_m), _p(lse_s))
     assert rc == 0, f"launcher returned cudaError {rc}"
-    return tokens, p_unsafe
+    return (tokens, p_unsafe, lp) if logprobs else (tokens, p_unsafe)
 
 
 def assert_greedy(tokens, h, w):
@@ -229,7 +235,7 @@ def test_fused_state_update_matches_reference(emu, policy, schedule):
     ess = EssConfig(policy=policy, schedule=schedule, tau=2, period=3, anneal_stop=20)
     g = torch.Generator().manual_seed(len(policy + schedule))
     P = torch.randint(4, 10, (B,), generator=g)
-    ours = EssState.create(P.tolist(), [1] * B, (P - 1).tolist(), [7, 8, 9], ess)
+    ours = EssState.create(P.tolist(), [1] * B, (P - 1).tolist(), [7, 8, 9], ess, refusal_skip=1)
     ref = ours.clone()
     w = torch.randn(V, Dm, generator=g) / math.sqrt(Dm)
     sw = torch.randn(Dm, generator=g)
@@ -266,3 +272,29 @@ def test_temperature_sampling_across_vocab_tiles(emu):
     assert ((counts.double() / n - probs).abs() <= bound).all()
     again, _ = emu_head_sample(emu, h, w, temperature=temps, seed=3)
     assert torch.equal(again, emu_head_sample(emu, h, w, temperature=temps, seed=3)[0])
+
+
+@pytest.mark.parametrize("dtype", full_only(torch.float32, torch.bfloat16), **DTYPE_ID)
+def test_token_logprobs_match_log_softmax_after_temperature(emu, dtype):
+    """logprob = log_softmax(logits / T)[token] (raw logits for greedy rows), over 3 vocab tiles,
+    for sampled and for forced refusal tokens (rows 0 and 1 trigger at the first evaluation)."""
+    B, Dm, V = 5, 64, 700
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(B, Dm, generator=g).to(dtype)
+    w = (torch.randn(V, Dm, generator=g) / 4).to(dtype)
+    temps = torch.tensor([0.0, 0.7, 0.0, 1.5, 0.3])
+    ess = EssConfig(threshold=0.5)
+    state = EssState.create([4] * B, [1] * B, [3] * B, [7, 8, 9], ess, refusal_skip=1)
+    state.seq_len.copy_(torch.tensor([4, 6, 4, 4, 4], dtype=torch.int32))
+    plan_step(state, ess)
+    sw = torch.zeros(Dm)
+    sw[0] = 1.0
+    h_cls = torch.zeros(B, Dm).to(dtype)
+    h_cls[:2, 0] = 5.0                                   # p_unsafe ~ 0.99: rows 0, 1 trigger
+    tokens, _, lp = emu_head_sample(emu, h, w, h_cls=h_cls, sw=sw, temperature=temps, seed=2,
+                                    state=state, ess=ess, logprobs=True)
+    assert tokens[:2].tolist() == [8, 7]                 # newline id only mid-response (row 1)
+    logits = h.double() @ w.double().t()
+    ref = torch.log_softmax(logits / torch.where(temps > 0, temps, 1.0).double()[:, None], -1)
+    want = ref.gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(lp.double(), want, atol=1e-4, rtol=1e-4)

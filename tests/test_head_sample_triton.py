@@ -88,7 +88,8 @@ def test_safety_score_and_forced_tokens_match_reference(device, head, policy):
         sw = (torch.randn(Dm, generator=g) * 0.3).to(device)
         sb = 0.25 if head == "sigmoid-float" else torch.tensor(0.25, device=device)
     ess = EssConfig(policy=policy, tau=2, schedule="each")
-    st = EssState.create([4] * B, [1] * B, [3] * B, REFUSAL, ess, device=device)
+    st = EssState.create([4] * B, [1] * B, [3] * B, REFUSAL, ess, device=device, refusal_skip=1)
+    st.seq_len.copy_(torch.tensor([4, 6, 4, 5, 4, 4], dtype=torch.int32))  # n = 0 and n > 0
     st.evaluating.copy_(torch.tensor([1, 1, 0, 1, 1, 0], dtype=torch.bool))
     st.forced_idx[5] = 1                                # mid-prefix row, not evaluating
     st.mode[5] = 3
@@ -102,6 +103,33 @@ def test_safety_score_and_forced_tokens_match_reference(device, head, policy):
     assert torch.equal(tok, want_tok)
     for f in STATE_FIELDS:
         assert torch.equal(getattr(st, f), getattr(ref, f)), f
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refusal_starts_on_a_new_line_only_mid_response(device):
+    """A trigger with response tokens (n > 0) forces every refusal id (the newline first); one
+    on an empty response starts after the refusal_skip newline ids. Same on the kernel."""
+    need(device)
+    h, W, h_cls, _ = safety_case(device, B=4)
+    B, Dm = h_cls.shape
+    ess = EssConfig(policy="high", threshold=0.0)         # every first evaluation triggers
+    st = EssState.create([4] * B, [1] * B, [3] * B, REFUSAL, ess, device=device, refusal_skip=1)
+    st.seq_len.copy_(torch.tensor([4, 5, 4, 9], dtype=torch.int32))
+    st.evaluating.fill_(True)
+    ref = st.clone()
+    sw = torch.zeros(Dm, device=device)
+    outs, finished = [], []
+    for _ in range(3):
+        outs.append(run(h, W, h_cls=h_cls, safety_weight=sw, state=st, ess=ess)[0].tolist())
+        want, _ = head_sample_ref(h, W, h_cls=h_cls, safety_weight=sw, state=ref, ess=ess)
+        assert outs[-1] == want.tolist() and torch.equal(st.finished, ref.finished)
+        finished.append(st.finished.tolist())
+        st.evaluating.fill_(False)
+        ref.evaluating.fill_(False)
+    rows = list(zip(*outs))
+    assert rows[1] == rows[3] == tuple(REFUSAL)                 # mid-response: "\n" + refusal
+    assert rows[0][:2] == rows[2][:2] == tuple(REFUSAL[1:])     # empty response: no newline
+    assert finished[1:] == [[True, False, True, False], [True] * 4]  # high: ends after it
 
 
 def trace_configs():
@@ -128,7 +156,8 @@ def test_state_trace_matches_controller(device, ess):
     sw[0] = 1.0                                          # score logit = h_cls[:, 0] + bias
     sw, bias = sw.to(device), -0.05
     P = torch.randint(3, 9, (B,), generator=g)
-    st = EssState.create(P, torch.ones(B, dtype=torch.long), P - 1, REFUSAL, ess, device=device)
+    st = EssState.create(P, torch.ones(B, dtype=torch.long), P - 1, REFUSAL, ess, device=device,
+                         refusal_skip=1)
     ref = st.clone()
     logit_thr = math.log(ess.threshold / (1 - ess.threshold)) - bias
     seen = set()
@@ -348,17 +377,19 @@ for dt, per_row, block_b in (("bf16", True, 16), ("fp16", False, 64)):
     build(hs._lm_head_partial_kernel, dict(rng, h_ptr="*" + dt, w_ptr="*" + dt),
           dict(TEMP_PER_ROW=per_row, TOPK_PER_ROW=per_row, TOPP_PER_ROW=per_row,
                MINP_PER_ROW=per_row, SEED_FROM_PTR=per_row, NOISE=True, FILTERS=per_row,
-               DOT_FP32=False, BLOCK_B=block_b, BLOCK_V=128, BLOCK_K=64))
+               DOT_FP32=False, LOGPROBS=per_row, STORE_LOGITS=per_row, BLOCK_B=block_b,
+               BLOCK_V=128, BLOCK_K=64))
 state = {n: "*i32" for n in ("seq_len_ptr", "prompt_len_ptr", "mode_ptr", "flags_ptr",
          "switch_ptr", "next_eval_ptr", "interval_ptr", "forced_ptr", "trigger_ptr")}
 state.update(evaluating_ptr="*i1", finished_ptr="*i1", refusal_ptr="*i64", threshold="fp32",
-             growth_bits="i64", tok_ptr="*i64", hcls_ptr="*bf16", sw_ptr="*bf16", sb_val="fp32")
+             growth_bits="i64", tok_ptr="*i64", hcls_ptr="*bf16", sw_ptr="*bf16", sb_val="fp32",
+             h_ptr="*bf16", w_ptr="*bf16")
 for sched, policy, two, filters in ((3, 2, True, True), (2, 1, False, False)):
     build(hs._finalize_kernel, dict(rng, **state),
           dict(TEMP_PER_ROW=True, TOPK_PER_ROW=False, TOPP_PER_ROW=True, MINP_PER_ROW=False,
                SEED_FROM_PTR=True, FILTERS=filters, HAS_SAFETY=True, TWO_CLASS=two,
                BIAS_MODE=2 if two else 0, HAS_STATE=True, SCHEDULE=sched, POLICY=policy,
-               BLOCK_R=1, BLOCK_T=1024, BLOCK_D=1024, BLOCK_F=512))
+               LOGPROBS=filters, BLOCK_R=1, BLOCK_T=1024, BLOCK_D=1024, BLOCK_F=512))
 print("compiled")
 """
 

@@ -551,18 +551,50 @@ if triton is not None:
     dispatch.register(OP, "triton", _attention_triton, _triton_can_run)
 
 
+def _consistent(q_shape, k_shape, v_shape) -> bool:
+    """Do the shapes fit q (B, Lq, Hq, D), k = v (B, Lk, Hkv, D) with Hq % Hkv == 0?"""
+    return (tuple(k_shape) == tuple(v_shape) and q_shape[0] == k_shape[0]
+            and q_shape[3] == k_shape[3] and k_shape[2] > 0 and q_shape[2] % k_shape[2] == 0)
+
+
+def _layout_hint(q, k, v) -> str:
+    """Which tensors look like (B, H, S, D) when the others are (B, S, H, D), or ''.
+
+    Only a mix is detectable: when *all* three are (B, H, S, D) the shapes are self-consistent
+    (``Hq % Hkv`` is then ``Lq % Lk``), so pass (B, S, H, D) views, e.g. ``x.transpose(1, 2)``.
+    """
+    shapes = {"q": tuple(q.shape), "k": tuple(k.shape), "v": tuple(v.shape)}
+    swap = lambda s: (s[0], s[2], s[1], s[3])  # noqa: E731
+    fixes = []
+    for names in (("q",), ("k",), ("v",), ("k", "v"), ("q", "k"), ("q", "v")):
+        fixed = {n: swap(s) if n in names else s for n, s in shapes.items()}
+        if _consistent(fixed["q"], fixed["k"], fixed["v"]):
+            fixes.append(", ".join(n + ".transpose(1, 2)" for n in names))
+    if not fixes:
+        return ""
+    return (f"; ess_attention takes (batch, seqlen, nheads, headdim) tensors and these shapes "
+            f"(q {shapes['q']}, k {shapes['k']}, v {shapes['v']}) look like a mix with "
+            f"(batch, nheads, seqlen, headdim): they fit with {' or with '.join(fixes)} "
+            "(a view, no copy)")
+
+
 def _validate(q, k, v, softmax_scale, causal, q_pos, seqlens_k, response_start, cls_windows,
               key_bias):
     check_tensor("q", q, dims=4, dtypes=FLOAT_DTYPES)
     dev = q.device
     B, Lq, Hq, D = q.shape
     check_tensor("k", k, dims=4, dtypes=(q.dtype,), device=dev)
+    check_tensor("v", v, dims=4, dtypes=(q.dtype,), device=dev)
     Lk, Hkv = k.shape[1], k.shape[2]
-    check_tensor("k", k, shape=(B, None, None, D))
-    check_tensor("v", v, dims=4, dtypes=(q.dtype,), device=dev, shape=(B, Lk, Hkv, D))
+    hint = "" if _consistent(q.shape, k.shape, v.shape) else _layout_hint(q, k, v)
+    try:
+        check_tensor("k", k, shape=(B, None, None, D))
+        check_tensor("v", v, shape=(B, Lk, Hkv, D))
+    except ValueError as e:
+        raise ValueError(f"{e}{hint}") from None
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"number of query heads ({Hq}) must be a multiple of the number of "
-                         f"key/value heads ({Hkv})")
+                         f"key/value heads ({Hkv}){hint}")
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(
             softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0):
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")

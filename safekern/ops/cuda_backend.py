@@ -4,7 +4,8 @@ Kernels (framework-free CUDA, see the .cu files for the design):
   * ``ess_attention``: split-KV decode attention with the ESS masks, key bias and GQA, for
     up to ``MAX_DECODE_ROWS`` query rows per sequence (the token row and the [CLS] row).
   * ``head_sample``: LM head + safety score + ESS state update + greedy or temperature
-    (Gumbel-max) sampling. top-k / top-p / min-p are declined, so ``auto`` falls back.
+    (Gumbel-max) sampling, and the emitted token's logprob (``logprobs=0``). top-k / top-p /
+    min-p and top-k logprobs (``logprobs > 0``) are declined, so ``auto`` falls back.
 
 The compiled extension ``safekern._C`` (``pip install -e . --no-build-isolation`` with CUDA
 torch and nvcc) registers ``torch.ops.safekern.cuda_*``; it is imported lazily, on the first call
@@ -21,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..reference.attention import resolve_positions
+from ..reference.sampling import Logprobs
 from ..spec import POLICIES, SCHEDULES
 from . import dispatch
 
@@ -119,6 +121,9 @@ def head_sample_can_run(device: torch.device, dtype=None, vocab=None, sampling=N
         return f"the cuda backend supports float16, bfloat16 and float32, not {dtype}"
     if vocab is not None and vocab >= 2**31 - 1:
         return f"vocab {vocab} exceeds int32 token ids"
+    if sampling is not None and sampling.logprobs:
+        return ("the cuda backend computes the sampled token's logprob only (logprobs=0); "
+                f"top-{sampling.logprobs} logprobs need the triton or torch backend")
     if sampling is not None:
         # Filters are off only for these values; a per-row tensor would need a host sync to
         # tell, so tensors are declined outright.
@@ -183,11 +188,16 @@ def _head_sample_cuda(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bia
         cfg = dict(threshold=ess.threshold, tau=ess.tau, policy=POLICIES.index(ess.policy),
                    schedule=SCHEDULES.index(ess.schedule), period=ess.period,
                    anneal_stop=ess.anneal_stop, anneal_growth=ess.anneal_growth)
-    return torch.ops.safekern.cuda_head_sample(
+    tokens, p_unsafe, token_lp = torch.ops.safekern.cuda_head_sample(
         _unit_stride_last(h_tok), _unit_stride_last(lm_head_weight), h_cls, w, b, temperature,
-        _seed_tensor(sampling, generator, dev), state_list, float(cfg["threshold"]), cfg["tau"],
+        _seed_tensor(sampling, generator, dev), state_list,
+        0 if state is None else state.refusal_skip, float(cfg["threshold"]), cfg["tau"],
         cfg["policy"], cfg["schedule"], cfg["period"], cfg["anneal_stop"],
-        float(cfg["anneal_growth"]))
+        float(cfg["anneal_growth"]), sampling.logprobs is not None)
+    if sampling.logprobs is None:
+        return tokens, p_unsafe
+    return tokens, p_unsafe, Logprobs(token_lp, torch.zeros(B, 0, dtype=torch.int64, device=dev),
+                                      torch.zeros(B, 0, device=dev))
 
 
 # --------------------------------------------------------------------------- auto order

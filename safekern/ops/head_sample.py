@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .._checks import FLOAT_DTYPES, check_finite, check_tensor, value_checks_enabled
-from ..reference.sampling import head_sample_ref
+from ..reference.sampling import Logprobs, head_sample_ref
 from ..spec import EssConfig, EssState, SamplingParams
 from . import dispatch
 
@@ -111,13 +111,14 @@ if triton is not None:
 
     @triton.jit
     def _lm_head_partial_kernel(
-        h_ptr, w_ptr, part_val_ptr, part_idx_ptr, logits_ptr,
+        h_ptr, w_ptr, part_val_ptr, part_idx_ptr, logits_ptr, part_m_ptr, part_s_ptr,
         temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
         seed_ptr, seed_val, offset_val,
         B, V, Dm, n_tiles, stride_hb, stride_wv,
         TEMP_PER_ROW: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr,
         MINP_PER_ROW: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
         NOISE: tl.constexpr, FILTERS: tl.constexpr, DOT_FP32: tl.constexpr,
+        LOGPROBS: tl.constexpr, STORE_LOGITS: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_b = tl.program_id(0)
@@ -142,6 +143,16 @@ if triton is not None:
         temp = _row_param(temp_ptr, temp_val, rows, row_ok, TEMP_PER_ROW, tl.float32)
         inv_t = tl.where(temp > 0, 1.0 / tl.where(temp > 0, temp, 1.0), 1.0)
         z = acc * inv_t[:, None]
+        if LOGPROBS:  # the tile's share of logsumexp(logit / T), before noise and filters
+            zl = tl.where(col_ok[None, :], z, float("-inf"))
+            m_t = tl.max(zl, axis=1)
+            s_t = tl.sum(tl.exp(zl - m_t[:, None]), axis=1)
+            t_out = rows.to(tl.int64) * n_tiles + pid_v
+            tl.store(part_m_ptr + t_out, m_t, mask=row_ok)
+            tl.store(part_s_ptr + t_out, s_t, mask=row_ok)
+        if STORE_LOGITS:  # every row: top-k logprobs read them (filtered rows too)
+            tl.store(logits_ptr + rows[:, None].to(tl.int64) * V + cols[None, :], acc,
+                     mask=row_ok[:, None] & col_ok[None, :])
         if NOISE:
             seed, off_lo, off_hi = _rng(seed_ptr, seed_val, offset_val, SEED_FROM_PTR)
             noisy = temp > 0
@@ -151,8 +162,9 @@ if triton is not None:
                 min_p = _row_param(minp_ptr, minp_val, rows, row_ok, MINP_PER_ROW, tl.float32)
                 filtered = _is_filtered(temp, top_k, top_p, min_p, V)
                 noisy = noisy & ~filtered
-                tl.store(logits_ptr + rows[:, None].to(tl.int64) * V + cols[None, :], acc,
-                         mask=(row_ok & filtered)[:, None] & col_ok[None, :])
+                if not STORE_LOGITS:
+                    tl.store(logits_ptr + rows[:, None].to(tl.int64) * V + cols[None, :], acc,
+                             mask=(row_ok & filtered)[:, None] & col_ok[None, :])
             g = _gumbel(seed, off_lo, off_hi, cols[None, :], rows[:, None])
             z = tl.where(noisy[:, None], z + g, z)
         z = tl.where(col_ok[None, :], z, float("-inf"))
@@ -253,17 +265,19 @@ if triton is not None:
     @triton.jit
     def _finalize_kernel(
         part_val_ptr, part_idx_ptr, logits_ptr, tok_ptr, p_ptr,
+        part_m_ptr, part_s_ptr, lp_ptr, lse_ptr, h_ptr, w_ptr, stride_hb, stride_wv,
         temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
         seed_ptr, seed_val, offset_val,
         hcls_ptr, stride_hcls, sw_ptr, stride_sw, sb_ptr, sb_val,
         seq_len_ptr, prompt_len_ptr, mode_ptr, flags_ptr, switch_ptr, next_eval_ptr,
         interval_ptr, forced_ptr, trigger_ptr, evaluating_ptr, finished_ptr, refusal_ptr, R,
-        threshold, tau, period, anneal_stop, growth_bits,
+        refusal_skip, threshold, tau, period, anneal_stop, growth_bits,
         B, V, Dm, n_tiles,
         TEMP_PER_ROW: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr,
         MINP_PER_ROW: tl.constexpr, SEED_FROM_PTR: tl.constexpr, FILTERS: tl.constexpr,
         HAS_SAFETY: tl.constexpr, TWO_CLASS: tl.constexpr, BIAS_MODE: tl.constexpr,
         HAS_STATE: tl.constexpr, SCHEDULE: tl.constexpr, POLICY: tl.constexpr,
+        LOGPROBS: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_F: tl.constexpr,
     ):
@@ -345,7 +359,8 @@ if triton is not None:
             tl.store(trigger_ptr + rows, tl.where(trigger, t, trig_step), mask=row_ok)
             fidx = tl.load(forced_ptr + rows, mask=row_ok, other=-1)
             if POLICY != 0:
-                fidx = tl.where(trigger, 0, fidx)
+                # Mid-response (n > 0) force "\n" + refusal; an empty response skips the newline.
+                fidx = tl.where(trigger, tl.where(n > 0, 0, refusal_skip), fidx)
             forced = fidx >= 0
             forced_tok = tl.load(refusal_ptr + tl.minimum(tl.maximum(fidx, 0), R - 1),
                                  mask=row_ok, other=0)
@@ -387,7 +402,37 @@ if triton is not None:
                                        seed, off_lo, off_hi, 16, BLOCK_F)
                 tok = tl.where(filtered, drawn, tok)
         tok = tl.minimum(tl.maximum(tok, 0), V - 1)
-        tl.store(tok_ptr + rows, tl.where(forced, forced_tok, tok), mask=row_ok)
+        tok = tl.where(forced, forced_tok, tok)
+        tl.store(tok_ptr + rows, tok, mask=row_ok)
+        if LOGPROBS:
+            # logsumexp(logit / T) from the tiles' (max, sum exp) pairs, and the chosen token's
+            # logit recomputed from h_tok and its LM-head row (forced tokens included).
+            lse_m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+            lse_s = tl.zeros((BLOCK_R,), tl.float32)
+            for t0 in range(0, n_tiles, BLOCK_T):
+                offs = t0 + tl.arange(0, BLOCK_T)
+                ok = row_ok[:, None] & (offs < n_tiles)[None, :]
+                m_t = tl.load(part_m_ptr + part_row + offs[None, :], mask=ok, other=float("-inf"))
+                s_t = tl.load(part_s_ptr + part_row + offs[None, :], mask=ok, other=0.0)
+                m_new = tl.maximum(lse_m, tl.max(m_t, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                lse_s = lse_s * tl.exp(lse_m - m_safe) + \
+                    tl.sum(s_t * tl.exp(m_t - m_safe[:, None]), axis=1)
+                lse_m = m_new
+            lse = lse_m + tl.log(tl.where(row_ok, lse_s, 1.0))
+            temp = _row_param(temp_ptr, temp_val, rows, row_ok, TEMP_PER_ROW, tl.float32)
+            inv_t = tl.where(temp > 0, 1.0 / tl.where(temp > 0, temp, 1.0), 1.0)
+            dot = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+            for d0 in range(0, Dm, BLOCK_D):
+                offs = d0 + tl.arange(0, BLOCK_D)
+                m = row_ok[:, None] & (offs < Dm)[None, :]
+                h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_hb + offs[None, :],
+                            mask=m, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + tok[:, None] * stride_wv + offs[None, :], mask=m,
+                            other=0.0).to(tl.float32)
+                dot += h * w
+            tl.store(lp_ptr + rows, tl.sum(dot, axis=1) * inv_t - lse, mask=row_ok)
+            tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
 def _param_args(value, device, dtype):
@@ -433,6 +478,10 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
     randomness comes from a ``torch.Generator`` (a device-side seed draw).
 
     ``out``: optional ``(tokens (B,) int64, p_unsafe (B,) float32)`` buffers to write into.
+    ``sampling.logprobs``: the LM-head launch also keeps each tile's (max, sum exp) of
+    ``logit / T`` and the finalize launch reduces them to the row logsumexp and the chosen
+    token's logprob (still 2 launches); ``logprobs = k > 0`` stores the logits and adds a
+    ``torch.topk`` over them.
     """
     dev = h_tok.device
     B, Dm = h_tok.shape
@@ -454,15 +503,19 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
     n_tiles = triton.cdiv(V, block_v)
     part_val = torch.empty(B, n_tiles, device=dev, dtype=torch.float32)
     part_idx = torch.empty(B, n_tiles, device=dev, dtype=torch.int32)
-    logits = torch.empty(B, V, device=dev, dtype=torch.float32) if filters else part_val
+    n_top = sampling.logprobs or 0
+    want_lp = sampling.logprobs is not None
+    logits = torch.empty(B, V, device=dev, dtype=torch.float32) if filters or n_top else part_val
+    part_m = torch.empty(B, n_tiles, device=dev, dtype=torch.float32) if want_lp else part_val
+    part_s = torch.empty(B, n_tiles, device=dev, dtype=torch.float32) if want_lp else part_val
     param_args = (temp[0], temp[1], top_k[0], top_k[1], top_p[0], top_p[1], min_p[0], min_p[1],
                   seed_ptr, seed_val, offset_val)
     param_flags = dict(TEMP_PER_ROW=temp[2], TOPK_PER_ROW=top_k[2], TOPP_PER_ROW=top_p[2],
                        MINP_PER_ROW=min_p[2], SEED_FROM_PTR=seed_from_ptr)
     _lm_head_partial_kernel[(triton.cdiv(B, block_b), n_tiles)](
-        h_tok, W, part_val, part_idx, logits, *param_args,
+        h_tok, W, part_val, part_idx, logits, part_m, part_s, *param_args,
         B, V, Dm, n_tiles, h_tok.stride(0), W.stride(0),
-        **param_flags, NOISE=noise, FILTERS=filters,
+        **param_flags, NOISE=noise, FILTERS=filters, LOGPROBS=want_lp, STORE_LOGITS=n_top > 0,
         # The interpreter's tl.dot mishandles bf16 operands (triton 3.9); GPUs keep bf16 MMA.
         DOT_FP32=dev.type != "cuda" and h_tok.dtype == torch.bfloat16,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=4, num_stages=3)
@@ -488,22 +541,35 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
     if state is not None:
         st = (state.seq_len, state.prompt_len, state.mode, state.flags, state.switch_step,
               state.next_eval, state.interval, state.forced_idx, state.trigger_step,
-              state.evaluating, state.finished, state.refusal_ids, state.refusal_ids.numel())
+              state.evaluating, state.finished, state.refusal_ids, state.refusal_ids.numel(),
+              state.refusal_skip)
         cfg = (float(ess.threshold), ess.tau, ess.period, ess.anneal_stop,
                struct.unpack("<q", struct.pack("<d", float(ess.anneal_growth)))[0])
         schedule, policy = _SCHEDULE_IDS[ess.schedule], _POLICY_IDS[ess.policy]
     else:
-        st = (dummy_i32,) * 12 + (1,)
+        st = (dummy_i32,) * 12 + (1, 0)
         cfg, schedule, policy = (0.5, 1, 1, 0, 0), 0, 0
+    lp = torch.empty(B, device=dev, dtype=torch.float32) if want_lp else p_unsafe
+    lse = torch.empty(B, device=dev, dtype=torch.float32) if want_lp else p_unsafe
     _finalize_kernel[(triton.cdiv(B, block_r),)](
-        part_val, part_idx, logits, tokens, p_unsafe, *param_args, *safety, *st, *cfg,
+        part_val, part_idx, logits, tokens, p_unsafe, part_m, part_s, lp, lse,
+        h_tok, W, h_tok.stride(0), W.stride(0), *param_args, *safety, *st, *cfg,
         B, V, Dm, n_tiles, **param_flags, FILTERS=filters,
         HAS_SAFETY=has_safety, TWO_CLASS=two_class, BIAS_MODE=bias_mode,
-        HAS_STATE=state is not None, SCHEDULE=schedule, POLICY=policy, BLOCK_R=block_r,
-        BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)),
+        HAS_STATE=state is not None, SCHEDULE=schedule, POLICY=policy, LOGPROBS=want_lp,
+        BLOCK_R=block_r, BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)),
         BLOCK_D=min(1024, triton.next_power_of_2(Dm)),
         BLOCK_F=min(512, triton.next_power_of_2(V)), num_warps=4)
-    return tokens, p_unsafe
+    if not want_lp:
+        return tokens, p_unsafe
+    top_ids = torch.zeros(B, 0, device=dev, dtype=torch.int64)
+    top_lp = torch.zeros(B, 0, device=dev, dtype=torch.float32)
+    if n_top:
+        t = temp[0] if temp[2] else torch.full((B,), float(temp[1]), device=dev)
+        inv_t = torch.where(t > 0, 1.0 / torch.where(t > 0, t, 1.0), 1.0)
+        top = torch.topk(logits * inv_t[:, None], min(n_top, V), dim=-1)
+        top_ids, top_lp = top.indices, top.values - lse[:, None]
+    return tokens, p_unsafe, Logprobs(lp, top_ids, top_lp)
 
 
 def _triton_can_run(device, dtype, **ctx):
@@ -590,6 +656,10 @@ def _validate(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, state, e
             raise ValueError(f"generator is on {generator.device}, inputs on {dev}")
     if rng_state is not None:
         check_tensor("rng_state", rng_state, dtypes=(torch.int64,), device=dev, shape=(2,))
+    V = lm_head_weight.shape[0]
+    if sampling.logprobs is not None and sampling.logprobs > V:
+        raise ValueError(f"sampling.logprobs asks for the top {sampling.logprobs} tokens, more "
+                         f"than the vocabulary size {V}")
 
 
 def head_sample(
@@ -605,7 +675,7 @@ def head_sample(
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
     rng_state: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+):
     """Next tokens and safety scores from the last hidden states of a decode step.
 
     Order: safety score -> ESS state update -> refusal-prefix token or
@@ -631,6 +701,11 @@ def head_sample(
 
     Returns:
         ``next_tokens (B,) int64`` and ``p_unsafe (B,) float32`` (NaN where not evaluated).
+        When ``sampling.logprobs`` is not None, a third element ``Logprobs(token, top_ids,
+        top)``: ``(B,)`` fp32 logprob of each emitted token (a forced refusal token included)
+        and the ``(B, k)`` top-k ids/logprobs, from ``log_softmax(logits / T)`` (raw logits
+        for greedy rows) before top-k/top-p/min-p filtering. The torch and triton backends
+        compute them (triton: fused into its two launches for k = 0); cuda declines.
 
     Raises ``ValueError`` for NaN/inf in ``h_tok``, in the weights (checked once per weight
     version) or in ``h_cls`` rows that evaluate.

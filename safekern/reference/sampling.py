@@ -5,12 +5,42 @@ temperature -> top-k -> top-p -> min-p -> sample.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..spec import EssConfig, EssState, SamplingParams
 from .controller import forced_tokens, update_state
+
+
+class Logprobs(NamedTuple):
+    """Per-row log-probabilities of one step (``SamplingParams.logprobs``), all on the device.
+
+    ``log_softmax(logits / T)`` (T = 0: of the raw logits), before top-k/top-p/min-p filtering.
+
+    Attributes:
+        token: ``(B,) float32``, the logprob of the token emitted this step (a forced refusal
+            token included).
+        top_ids: ``(B, k) int64``, the ``k = sampling.logprobs`` most likely tokens, most
+            likely first (``(B, 0)`` for k = 0).
+        top: ``(B, k) float32``, their logprobs.
+    """
+
+    token: torch.Tensor
+    top_ids: torch.Tensor
+    top: torch.Tensor
+
+
+def logprobs_ref(logits: torch.Tensor, tokens: torch.Tensor, temperature, k: int) -> Logprobs:
+    """``Logprobs`` of ``tokens (B,)`` and the top ``k`` under ``log_softmax(logits / T)``
+    (rows with T = 0 use the raw logits). Computes in float64 for float64 input, else fp32."""
+    B, V = logits.shape
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    t = _row_param(temperature, B, logits.device, cd)
+    lp = torch.log_softmax(logits.to(cd) / torch.where(t > 0, t, torch.ones_like(t))[:, None], -1)
+    top = torch.topk(lp, min(k, V), dim=-1)
+    return Logprobs(lp.gather(1, tokens[:, None]).squeeze(1).float(), top.indices,
+                    top.values.float())
 
 
 def _row_param(x, B: int, device, dtype) -> torch.Tensor:
@@ -113,7 +143,7 @@ def head_sample_ref(
     ess: Optional[EssConfig] = None,
     sampling: SamplingParams = SamplingParams(),
     generator: Optional[torch.Generator] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+):
     """The decode step's tail, defined in plain PyTorch. Inputs are assumed valid.
 
     Args:
@@ -124,7 +154,8 @@ def head_sample_ref(
         safety_weight / safety_bias: the safety head, ``(Dm,)`` + scalar or ``(2, Dm)`` + ``(2,)``.
         state / ess: the batched ESS state (updated in place) and its config.
     Returns:
-        ``next_tokens (B,) int64`` and ``p_unsafe (B,) float32`` (NaN where not evaluated).
+        ``next_tokens (B,) int64`` and ``p_unsafe (B,) float32`` (NaN where not evaluated);
+        with ``sampling.logprobs`` not None, a third element: the step's ``Logprobs``.
     """
     B = h_tok.shape[0]
     dev = h_tok.device
@@ -141,4 +172,7 @@ def head_sample_ref(
     tokens = sample_ref(logits, sampling, generator)
     if forced is not None:
         tokens = torch.where(forced, forced_tok, tokens)
-    return tokens, p_unsafe
+    if sampling.logprobs is None:
+        return tokens, p_unsafe
+    return tokens, p_unsafe, logprobs_ref(logits, tokens, sampling.temperature,
+                                          sampling.logprobs)
