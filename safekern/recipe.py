@@ -250,7 +250,7 @@ def cls_features(model, tokenizer, rows: Sequence[Dict], *, batch_size: int = 16
         kinds += [w.kind for w in wins]
         groups += [w.seq for w in wins]
         if progress is not None:
-            progress.update(len(chunk))
+            progress.update(min(batch_size, len(rows) - b0))
     return (torch.cat(feats), torch.tensor(labels, dtype=torch.float32), kinds,
             torch.tensor(groups))
 
