@@ -100,6 +100,19 @@ def template_split(tokenizer) -> Tuple[Optional[str], Optional[str]]:
 
 
 def _encode(tokenizer, text: str) -> List[int]:
+    """Ids of untrusted text (a user message, a prefill, a training response) as plain text.
+
+    Special-token strings inside it (``[CLS]``, ``<|end|>``, ``<|im_start|>``, ...) are split
+    like any other text, so a user cannot forge the safety token or the chat template."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False,
+                          split_special_tokens=True)["input_ids"])
+
+
+def _encode_template(tokenizer, text: str) -> List[int]:
+    """Ids of trusted template text (the chat template around the query, end-of-turn markers):
+    its special-token strings become the special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
@@ -123,7 +136,10 @@ def encode_prompts(tokenizer, prompts: Sequence[str], prefill: Optional[Sequence
     """Token ids, prompt lengths and query spans for a batch of user messages.
 
     The template prefix, the query and the suffix are tokenized separately so the query span is
-    exact (no BPE merge across the boundary). Without a chat template (or with
+    exact (no BPE merge across the boundary). The template keeps its special tokens; the user
+    message and the prefill are untrusted and tokenized as plain text (special-token strings in
+    them are split), so the [CLS] at index 0 is the only one and the template cannot be forged
+    from inside the query. Without a chat template (or with
     ``chat_template=False``) the prompt is ``BOS + query`` and the query is every token after BOS.
 
     Args:
@@ -139,7 +155,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], prefill: Optional[Sequence
         bos = getattr(tokenizer, "bos_token_id", None)
         pre_ids, suf_ids = ([] if bos is None else [bos]), []
     else:
-        pre_ids, suf_ids = _encode(tokenizer, prefix), _encode(tokenizer, suffix)
+        pre_ids = _encode_template(tokenizer, prefix)
+        suf_ids = _encode_template(tokenizer, suffix)
     head = [] if cls_id is None else [cls_id]
     out = EncodedPrompts([], [], [], [])
     for i, text in enumerate(prompts):
