@@ -149,3 +149,177 @@ def test_injection_p_unsafe_equals_escaped_message():
     want = torch.sigmoid(out["cls_logits"].double()).item()
     assert got.trace.eval_steps[0] == 0
     assert abs(got.trace.p_unsafe[0] - want) < 2e-5
+
+
+# ============================================================== attention: no leak, one NaN rule
+AB, AL, AHQ, AHKV, AD = 2, 10, 4, 2, 16
+AG = AHQ // AHKV
+NAN, INF = float("nan"), float("inf")
+
+
+def i32(x):
+    return torch.tensor(x, dtype=torch.int32)
+
+
+def _attn_inputs(Lq):
+    g = torch.Generator().manual_seed(Lq)
+    return (torch.randn(AB, Lq, AHQ, AD, generator=g), torch.randn(AB, AL, AHKV, AD, generator=g),
+            torch.randn(AB, AL, AHKV, AD, generator=g))
+
+
+ESS = dict(response_start=i32([5, 6]), cls_windows=i32([[[2, 4]], [[1, 3]]]))
+DECODE = dict(q_pos=i32([[9, 0], [8, 0]]), seqlens_k=i32([10, 9]), response_start=i32([4, 4]),
+              cls_windows=i32([[[4, 7]], [[5, 9]]]))
+
+
+def _vis(Lq, kw, Lk=AL):
+    from safekern.reference.attention import ess_visibility, resolve_positions
+    q_pos, seqlens = resolve_positions(kw.get("q_pos"), kw.get("seqlens_k"), AB, Lq, Lk, "cpu")
+    return ess_visibility(q_pos, seqlens, Lk, response_start=kw.get("response_start"),
+                          cls_windows=kw.get("cls_windows"))             # (B, Lq, Lk)
+
+
+def _poison(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+# Each case: (Lq, ess_attention kwargs, poison(q, k, v, kw) -> (q, k, v, kw),
+#             expected NaN mask (B, Lq, Hq, D) from the visibility, or "zero" / "ref").
+def _nan_at_value(key, kv_head, d):
+    """A non-finite v[:, key, kv_head, d]: NaN at element d of the rows that see the key."""
+    def mask(vis):
+        m = torch.zeros(AB, vis.shape[1], AHQ, AD, dtype=torch.bool)
+        m[:, :, kv_head * AG:(kv_head + 1) * AG, d] = vis[:, :, key, None]
+        return m
+    return mask
+
+
+def _nan_rows(key, heads):
+    """A NaN logit at ``key``: the whole output of the rows (and heads) that see it."""
+    def mask(vis):
+        m = torch.zeros(AB, vis.shape[1], AHQ, AD, dtype=torch.bool)
+        m[:, :, heads, :] = vis[:, :, key, None, None]
+        return m
+    return mask
+
+
+def _no_nan(vis):
+    return torch.zeros(AB, vis.shape[1], AHQ, AD, dtype=torch.bool)
+
+
+def _kb(fill=0.0):
+    return torch.full((AB, 1, AL), fill)
+
+
+ATTN_CASES = {
+    # ---- no leak: hidden keys hold NaN/inf; only rows that see them may change
+    "no_leak/causal_v_key7": (AL, {}, lambda q, k, v, kw: (q, k, _poison(v, (slice(None), 7, 0, 3),
+                                                                          NAN), kw),
+                              _nan_at_value(7, 0, 3)),
+    "no_leak/ess_cls_key0_v": (AL, ESS, lambda q, k, v, kw: (q, k, _poison(
+        v, (slice(None), 0, 1, 5), NAN), kw), _nan_at_value(0, 1, 5)),
+    "no_leak/ess_outside_cls_window_k": (AL, ESS, lambda q, k, v, kw: (q, _poison(
+        k, (slice(None), 6, 0), NAN), v, kw), _nan_rows(6, slice(0, AG))),
+    "no_leak/ess_cls_key0_bias": (AL, ESS, lambda q, k, v, kw: (q, k, v, {
+        **kw, "key_bias": _poison(_kb(), (slice(None), 0, 0), NAN)}), _nan_rows(0, slice(None))),
+    "no_leak/beyond_seqlens_k": (AL, {"seqlens_k": i32([7, 9])}, lambda q, k, v, kw: (
+        q, _poison(_poison(k, (0, slice(7, None)), NAN), (1, 9), -INF),
+        _poison(_poison(v, (0, slice(7, None)), INF), (1, 9), NAN),
+        {**kw, "key_bias": _poison(_kb(), (0, 0, slice(7, None)), NAN)}), _no_nan),
+    "no_leak/decode_cls_row_v_k": (2, DECODE, lambda q, k, v, kw: (
+        q, _poison(k, (slice(None), 3, 1), NAN), _poison(v, (slice(None), 2, 0, 7), NAN), kw),
+        lambda vis: _nan_at_value(2, 0, 7)(vis) | _nan_rows(3, slice(AG, AHQ))(vis)),
+    "no_leak/padding_row_q": (2, {**DECODE, "q_pos": i32([[9, -1], [8, -1]])},
+                              lambda q, k, v, kw: (_poison(q, (slice(None), 1), NAN), k, v, kw),
+                              _no_nan),
+    # ---- one NaN rule for what a row does see
+    "nonfinite/nan_q_visible": (AL, ESS, lambda q, k, v, kw: (_poison(q, (0, 4, 1), NAN), k, v,
+                                                              kw), "nan_q"),
+    "nonfinite/inf_v_visible": (AL, ESS, lambda q, k, v, kw: (q, k, _poison(v, (slice(None), 2, 1, 0),
+                                                                          INF), kw),
+                                _nan_at_value(2, 1, 0)),
+    "nonfinite/pos_inf_bias_visible": (AL, ESS, lambda q, k, v, kw: (q, k, v, {
+        **kw, "key_bias": _poison(_kb(), (slice(None), 0, 3), INF)}), _nan_rows(3, slice(None))),
+    "nonfinite/all_neg_inf_bias": (AL, ESS, lambda q, k, v, kw: (q, k, v, {
+        **kw, "key_bias": _kb(-INF)}), "zero"),
+    "nonfinite/decode_all_neg_inf_bias": (2, DECODE, lambda q, k, v, kw: (q, k, v, {
+        **kw, "key_bias": _kb(-INF)}), "zero"),
+    "legal/neg_inf_bias_removes_cls_key": (AL, ESS, lambda q, k, v, kw: (q, k, v, {
+        **kw, "key_bias": _poison(_kb(), (slice(None), 0, 0), -INF)}), "ref"),
+}
+
+
+def _attn_backends():
+    out = [("reference", torch.float32), ("torch", torch.float32), ("torch", torch.float16)]
+    if "triton" in dispatch.available("ess_attention", device=torch.device("cpu"),
+                                      dtype=torch.float32, head_dim=AD):
+        out += [("triton", torch.float32), ("triton", torch.float16)]
+    return out
+
+
+def _run_attn(backend, q, k, v, kw, return_lse=False):
+    if backend == "reference":
+        return ess_attention_ref(q, k, v, return_lse=return_lse, **kw)
+    return ess_attention(q, k, v, backend=backend, return_lse=return_lse, **kw)
+
+
+@pytest.mark.parametrize("backend,dtype", _attn_backends(), ids=lambda x: str(x).replace(
+    "torch.", ""))
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_attention_hidden_keys_never_leak_and_nan_rule(case, backend, dtype):
+    """Outcome: no leak / same non-finite semantics / legal edge case, per ``case``. The
+    expectation is the float64 reference on the *clean* inputs with NaN exactly where the row
+    sees the poisoned value (from the visibility rules), zeros for rows that see no key."""
+    Lq, kw, poison, expect = ATTN_CASES[case]
+    if backend == "triton" and dispatch.available(
+            "ess_attention", device=torch.device("cpu"), dtype=dtype, head_dim=AD)["triton"]:
+        pytest.skip("triton cannot run here")
+    q, k, v = _attn_inputs(Lq)
+    pq, pk, pv, pkw = poison(q, k, v, dict(kw))
+    cast = (lambda t: t.to(dtype)) if dtype != torch.float32 else (lambda t: t)
+    clean = ess_attention_ref(*(cast(t).double() for t in (q, k, v)), **kw)
+    vis = _vis(Lq, pkw)
+    if expect == "zero":
+        want = torch.zeros_like(clean)
+    elif expect == "ref":
+        want = ess_attention_ref(*(cast(t).double() for t in (pq, pk, pv)), **pkw)
+    elif expect == "nan_q":
+        want = clean.masked_fill(_nan_rows(0, [])(vis), 0)
+        want[0, 4, 1] = NAN
+    else:
+        want = clean.masked_fill(expect(vis), NAN)
+    out, lse = _run_attn(backend, cast(pq), cast(pk), cast(pv), pkw, return_lse=True)
+    outs = [out]
+    if backend == "torch":  # without lse, fp32 takes the SDPA fast path
+        outs.append(_run_attn(backend, cast(pq), cast(pk), cast(pv), pkw))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=4e-3, rtol=4e-3)
+    for o in outs:
+        assert torch.equal(o.isnan(), want.isnan()), case
+        torch.testing.assert_close(o.double(), want, equal_nan=True, **tol)
+    row_nan = want.isnan().all(-1).permute(0, 2, 1)                    # (B, Hq, Lq)
+    assert torch.equal(lse.isnan(), row_nan), "a NaN row has a NaN lse, and only those"
+    if expect == "zero":
+        assert bool((lse == -INF).all()), "rows that see no key have lse = -inf"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_triton_unmasked_tiles_follow_the_same_rule(dtype):
+    """Outcome: same non-finite semantics. 70 keys cross the interpreter's 32-key tiles, so
+    rows 32.. read keys 0..31 through the unmasked fast tiles (a plain p @ v, where an inf value
+    is inf, not NaN) and key 50 through a masked diagonal tile."""
+    if dispatch.available("ess_attention", device=torch.device("cpu"), dtype=dtype,
+                          head_dim=AD)["triton"]:
+        pytest.skip("triton cannot run here")
+    L = 70
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(AB, L, h, AD, generator=g).to(dtype) for h in (AHQ, AHKV, AHKV))
+    clean = ess_attention_ref(q.double(), k.double(), v.double())
+    pv = _poison(_poison(v, (slice(None), 3, 0, 2), INF), (slice(None), 50, 1, 4), NAN)
+    vis = _vis(L, {}, L)
+    want = clean.masked_fill(_nan_at_value(3, 0, 2)(vis) | _nan_at_value(50, 1, 4)(vis), NAN)
+    for backend in ("triton", "torch"):
+        out = ess_attention(q, k, pv, backend=backend)
+        assert torch.equal(out.isnan(), want.isnan()), backend
+        torch.testing.assert_close(out.double(), want, equal_nan=True, atol=4e-3, rtol=4e-3)
