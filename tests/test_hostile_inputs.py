@@ -323,3 +323,158 @@ def test_attention_triton_unmasked_tiles_follow_the_same_rule(dtype):
         out = ess_attention(q, k, pv, backend=backend)
         assert torch.equal(out.isnan(), want.isnan()), backend
         torch.testing.assert_close(out.double(), want, equal_nan=True, atol=4e-3, rtol=4e-3)
+
+
+# ============================================================== clear errors: load_safety
+def _tiny_model(tok, seed=0):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(tiny_llama_config(
+        len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=1)).eval()
+
+
+@pytest.fixture(scope="module")
+def saved_delta(tmp_path_factory):
+    tok = build_tokenizer()
+    model = safekern.attach(_tiny_model(tok), tok)
+    return safekern.save_safety(model, str(tmp_path_factory.mktemp("delta")))
+
+
+def _edit_json(**changes):
+    def edit(d):
+        path = os.path.join(d, "safety.json")
+        meta = json.load(open(path))
+        for key, value in changes.items():
+            if value is None:
+                meta.pop(key)
+            else:
+                meta[key] = value
+        json.dump(meta, open(path, "w"))
+    return edit
+
+
+def _write(name, data):
+    def edit(d):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data(open(os.path.join(d, name), "rb").read()) if callable(data) else data)
+    return edit
+
+
+def _edit_tensors(**changes):
+    def edit(d):
+        from safetensors.torch import load_file, save_file
+        path = os.path.join(d, "safety.safetensors")
+        tensors = load_file(path)
+        for key, value in changes.items():
+            if value is None:
+                tensors.pop(key)
+            else:
+                tensors[key] = value(tensors[key])
+        save_file(tensors, path)
+    return edit
+
+
+LOAD_CASES = {
+    "truncated_safetensors": (_write("safety.safetensors", lambda b: b[:len(b) // 2]),
+                              ValueError, "safety.safetensors is not a readable safetensors"),
+    "corrupted_safetensors": (_write("safety.safetensors", lambda b: b"\xff" * len(b)),
+                              ValueError, "safety.safetensors is not a readable safetensors"),
+    "missing_safetensors": (lambda d: os.remove(os.path.join(d, "safety.safetensors")),
+                            FileNotFoundError, "no safety.safetensors"),
+    "invalid_json": (_write("safety.json", b"{\"version\": 1, "), ValueError,
+                     "safety.json is not valid JSON"),
+    "json_not_an_object": (_write("safety.json", b"[1, 2]"), ValueError,
+                           "safety.json must hold a JSON object"),
+    "json_missing_field": (_edit_json(hidden_size=None), ValueError,
+                           r"safety.json is incomplete: missing \['hidden_size'\]"),
+    "json_wrong_type": (_edit_json(hidden_size="64"), ValueError,
+                        "safety.json: 'hidden_size' must be a JSON int"),
+    "json_bad_version": (_edit_json(version=7), ValueError,
+                         "safety.json: unsupported safety format version 7"),
+    "json_bad_num_classes": (_edit_json(num_classes=3), ValueError,
+                             "safety.json: num_classes must be 1 or 2"),
+    "head_shape_vs_json": (_edit_tensors(**{"head.weight": lambda w: w[:, :32].contiguous()}),
+                           ValueError, r"'head.weight' has shape \(1, 32\), but safety.json"),
+    "num_classes_vs_head": (_edit_json(num_classes=2), ValueError,
+                            r"'head.weight' has shape \(1, 64\).*needs \(2, 64\)"),
+    "missing_tensor": (_edit_tensors(cls_embedding=None), ValueError,
+                       "has no 'cls_embedding' tensor"),
+    "nan_head": (_edit_tensors(**{"head.weight": lambda w: torch.full_like(w, NAN)}),
+                 ValueError, "'head.weight' must hold finite floats"),
+    "model_hidden_size": (_edit_json(hidden_size=32), ValueError,
+                          r"'head.weight' has shape \(1, 64\).*needs \(1, 32\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_CASES))
+def test_load_safety_clear_errors(case, saved_delta, tmp_path):
+    """Outcome: clear error naming the file and what is wrong; the model and tokenizer are
+    left as they were."""
+    import shutil
+    edit, exc, match = LOAD_CASES[case]
+    d = str(tmp_path / "delta")
+    shutil.copytree(saved_delta, d)
+    edit(d)
+    tok = build_tokenizer()
+    model = _tiny_model(tok, seed=1)
+    n_tok = len(tok)
+    with pytest.raises(exc, match=match):
+        safekern.load_safety(model, tok, d)
+    assert len(tok) == n_tok and not hasattr(model, "safety_head")
+
+
+def test_load_safety_roundtrip_still_works(saved_delta):
+    """Outcome: legal case (the checks accept what save_safety writes)."""
+    tok = build_tokenizer()
+    model = safekern.load_safety(_tiny_model(tok, seed=1), tok, saved_delta)
+    assert model.safekern.cls_id == tok.convert_tokens_to_ids("[CLS]")
+
+
+# ============================================================== clear errors / legal edges: ops
+def _triton_or_skip(op="ess_attention", **ctx):
+    why = dispatch.available(op, device=torch.device("cpu"), dtype=torch.float32, **ctx)
+    if why.get("triton", "not registered"):
+        pytest.skip(f"triton cannot run here: {why.get('triton', 'not registered')}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_head_dim_0_is_a_clear_error(backend):
+    """Outcome: clear error (was ZeroDivisionError on triton)."""
+    if backend == "triton":
+        _triton_or_skip(head_dim=0)
+    q, k = torch.randn(1, 4, 2, 0), torch.randn(1, 4, 2, 0)
+    with pytest.raises(ValueError, match="head dim"):
+        ess_attention(q, k, k, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("Lq", [1, 2, 5])
+def test_attention_empty_batch_is_legal(backend, Lq):
+    """Outcome: legal edge case: an empty batch returns an empty output (and lse)."""
+    if backend == "triton":
+        _triton_or_skip(head_dim=16)
+    q, k = torch.randn(0, Lq, 4, 16), torch.randn(0, 6, 2, 16)
+    o, lse = ess_attention(q, k, k, backend=backend, return_lse=True,
+                           response_start=torch.zeros(0, dtype=torch.int32))
+    assert o.shape == (0, Lq, 4, 16) and lse.shape == (0, 4, Lq)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_head_sample_empty_batch_is_legal_and_hidden_0_an_error(backend):
+    """Outcome: legal edge case (B = 0, was ZeroDivisionError on triton) and clear error
+    (hidden size 0, was token 0 from all-zero logits)."""
+    if backend == "triton":
+        _triton_or_skip("head_sample")
+    tok, p = head_sample(torch.randn(0, 8), torch.randn(11, 8), backend=backend)
+    assert tok.shape == (0,) and tok.dtype == torch.int64 and p.shape == (0,)
+    with pytest.raises(ValueError, match="h_tok must have a hidden size >= 1"):
+        head_sample(torch.randn(2, 0), torch.randn(11, 0), backend=backend)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_k", "top_p", "min_p"])
+def test_sampling_tensor_on_meta_device_is_a_clear_error(name):
+    """Outcome: clear error naming the parameter (was NotImplementedError 'Cannot copy out of
+    meta tensor')."""
+    dtype = torch.int64 if name == "top_k" else torch.float32
+    with pytest.raises(ValueError, match=f"{name} tensor is on the meta device"):
+        SamplingParams(**{name: torch.ones(2, dtype=dtype, device="meta")})

@@ -576,6 +576,9 @@ def _validate(q, k, v, softmax_scale, causal, q_pos, seqlens_k, response_start, 
     Lk, Hkv = k.shape[1], k.shape[2]
     check_tensor("k", k, shape=(B, None, None, D))
     check_tensor("v", v, dims=4, dtypes=(q.dtype,), device=dev, shape=(B, Lk, Hkv, D))
+    if D == 0:
+        raise ValueError(f"q, k and v must have a head dim (last axis) >= 1, got shape "
+                         f"{tuple(q.shape)}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"number of query heads ({Hq}) must be a multiple of the number of "
                          f"key/value heads ({Hkv})")

@@ -437,6 +437,11 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
     dev = h_tok.device
     B, Dm = h_tok.shape
     V = lm_head_weight.shape[0]
+    if out is None:
+        out = (torch.empty(B, device=dev, dtype=torch.int64),
+               torch.empty(B, device=dev, dtype=torch.float32))
+    if B == 0:  # an empty batch is legal (as for the reference); there is nothing to launch
+        return out
     h_tok = h_tok if h_tok.stride(1) == 1 else h_tok.contiguous()
     W = lm_head_weight if lm_head_weight.stride(1) == 1 else lm_head_weight.contiguous()
     temp = _param_args(sampling.temperature, dev, torch.float32)
@@ -467,9 +472,6 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
         DOT_FP32=dev.type != "cuda" and h_tok.dtype == torch.bfloat16,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=4, num_stages=3)
 
-    if out is None:
-        out = (torch.empty(B, device=dev, dtype=torch.int64),
-               torch.empty(B, device=dev, dtype=torch.float32))
     tokens, p_unsafe = out
     dummy_i32 = torch.empty(0, device=dev, dtype=torch.int32)
     has_safety = h_cls is not None
@@ -536,6 +538,8 @@ def _validate(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, state, e
               generator, rng_state=None):
     check_tensor("h_tok", h_tok, dims=2, dtypes=FLOAT_DTYPES)
     dev, (B, Dm) = h_tok.device, h_tok.shape
+    if Dm == 0:
+        raise ValueError(f"h_tok must have a hidden size >= 1, got shape {tuple(h_tok.shape)}")
     check_tensor("lm_head_weight", lm_head_weight, dims=2, dtypes=(h_tok.dtype,), device=dev,
                  shape=(None, Dm))
     if lm_head_weight.shape[0] == 0:
