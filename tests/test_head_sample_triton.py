@@ -352,7 +352,8 @@ for dt, per_row, block_b in (("bf16", True, 16), ("fp16", False, 64)):
 state = {n: "*i32" for n in ("seq_len_ptr", "prompt_len_ptr", "mode_ptr", "flags_ptr",
          "switch_ptr", "next_eval_ptr", "interval_ptr", "forced_ptr", "trigger_ptr")}
 state.update(evaluating_ptr="*i1", finished_ptr="*i1", refusal_ptr="*i64", threshold="fp32",
-             growth_bits="i64", tok_ptr="*i64", hcls_ptr="*bf16", sw_ptr="*bf16", sb_val="fp32")
+             growth_bits="i64", tok_ptr="*i64", hcls_ptr="*bf16", sw_ptr="*bf16", sb_val="fp32",
+             nonfinite_ptr="*i32")
 for sched, policy, two, filters in ((3, 2, True, True), (2, 1, False, False)):
     build(hs._finalize_kernel, dict(rng, **state),
           dict(TEMP_PER_ROW=True, TOPK_PER_ROW=False, TOPP_PER_ROW=True, MINP_PER_ROW=False,

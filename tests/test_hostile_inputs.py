@@ -28,6 +28,10 @@ from safekern.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
 from safekern.train import EssCollator, EssForTraining  # noqa: E402
 
 
+def i32(x):
+    return torch.tensor(x, dtype=torch.int32)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     n = torch.get_num_threads()
@@ -144,8 +148,8 @@ def test_injection_p_unsafe_equals_escaped_message():
     qs = 1 + len(pre)
     apply_safekern(model)
     with torch.no_grad():
-        out = EssForTraining(model)(torch.tensor([ids]), torch.tensor([len(ids)], dtype=torch.int32),
-                                    torch.tensor([[[qs, qs + len(escaped)]]], dtype=torch.int32))
+        out = EssForTraining(model)(torch.tensor([ids]), i32([len(ids)]),
+                                    i32([[[qs, qs + len(escaped)]]]))
     want = torch.sigmoid(out["cls_logits"].double()).item()
     assert got.trace.eval_steps[0] == 0
     assert abs(got.trace.p_unsafe[0] - want) < 2e-5
@@ -155,10 +159,6 @@ def test_injection_p_unsafe_equals_escaped_message():
 AB, AL, AHQ, AHKV, AD = 2, 10, 4, 2, 16
 AG = AHQ // AHKV
 NAN, INF = float("nan"), float("inf")
-
-
-def i32(x):
-    return torch.tensor(x, dtype=torch.int32)
 
 
 def _attn_inputs(Lq):
@@ -237,9 +237,8 @@ ATTN_CASES = {
     # ---- one NaN rule for what a row does see
     "nonfinite/nan_q_visible": (AL, ESS, lambda q, k, v, kw: (_poison(q, (0, 4, 1), NAN), k, v,
                                                               kw), "nan_q"),
-    "nonfinite/inf_v_visible": (AL, ESS, lambda q, k, v, kw: (q, k, _poison(v, (slice(None), 2, 1, 0),
-                                                                          INF), kw),
-                                _nan_at_value(2, 1, 0)),
+    "nonfinite/inf_v_visible": (AL, ESS, lambda q, k, v, kw: (q, k, _poison(
+        v, (slice(None), 2, 1, 0), INF), kw), _nan_at_value(2, 1, 0)),
     "nonfinite/pos_inf_bias_visible": (AL, ESS, lambda q, k, v, kw: (q, k, v, {
         **kw, "key_bias": _poison(_kb(), (slice(None), 0, 3), INF)}), _nan_rows(3, slice(None))),
     "nonfinite/all_neg_inf_bias": (AL, ESS, lambda q, k, v, kw: (q, k, v, {
@@ -478,3 +477,89 @@ def test_sampling_tensor_on_meta_device_is_a_clear_error(name):
     dtype = torch.int64 if name == "top_k" else torch.float32
     with pytest.raises(ValueError, match=f"{name} tensor is on the meta device"):
         SamplingParams(**{name: torch.ones(2, dtype=dtype, device="meta")})
+
+
+# ============================================================== clear errors: NaN before sampling
+def _head_case(seed=0, B=3, Dm=16, V=37):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Dm, generator=g), torch.randn(V, Dm, generator=g),
+            torch.randn(B, Dm, generator=g), torch.randn(Dm, generator=g))
+
+
+def _head_backends():
+    out = ["torch"]
+    if "triton" in dispatch.available("head_sample", device=torch.device("cpu"),
+                                      dtype=torch.float32):
+        if dispatch.available("head_sample", device=torch.device("cpu"),
+                              dtype=torch.float32)["triton"] is None:
+            out.append("triton")
+    return out
+
+
+SAMPLINGS = {"greedy": SamplingParams(), "temperature": SamplingParams(temperature=0.7, seed=1),
+             "top_k_top_p": SamplingParams(temperature=1.0, top_k=5, top_p=0.9, seed=1)}
+
+
+@pytest.mark.parametrize("backend", _head_backends())
+@pytest.mark.parametrize("sampling", list(SAMPLINGS))
+def test_head_sample_weight_nan_through_data_after_first_call(backend, sampling):
+    """Outcome: clear error (was token 0, silently). ``.data`` writes do not bump the weight's
+    version, so the once-per-version check passes; the kernels' own flag catches it."""
+    h, W, _, _ = _head_case()
+    sp = SAMPLINGS[sampling]
+    head_sample(h, W, sampling=sp, backend=backend)                  # checks W once
+    W.data[5, 2] = NAN
+    with pytest.raises(ValueError, match=r"non-finite logits in rows \[0, 1, 2\].*lm_head_weight"):
+        head_sample(h, W, sampling=sp, backend=backend)
+
+
+@pytest.mark.parametrize("backend", _head_backends())
+def test_head_sample_safety_weight_nan_through_data(backend):
+    """Outcome: clear error (a NaN score would read as a benign verdict); rows that do not
+    evaluate are not read, so they cannot raise."""
+    from safekern.spec import EssState
+    h, W, h_cls, sw = _head_case()
+    ess = EssConfig()
+    st = EssState.create([4] * 3, [1] * 3, [3] * 3, [7, 8], ess)
+    st.evaluating.copy_(torch.tensor([False, True, False]))
+    head_sample(h, W, h_cls=h_cls, safety_weight=sw, state=st.clone(), ess=ess,
+                backend=backend)
+    sw.data[0] = NAN
+    with pytest.raises(ValueError, match=r"non-finite p_unsafe in rows \[1\].*safety head"):
+        head_sample(h, W, h_cls=h_cls, safety_weight=sw, state=st.clone(), ess=ess,
+                    backend=backend)
+    st.evaluating.fill_(False)
+    tok, p = head_sample(h, W, h_cls=h_cls, safety_weight=sw, state=st, ess=ess,
+                         backend=backend)
+    assert bool(p.isnan().all())
+    assert torch.equal(tok, head_sample_ref(h, W)[0])
+
+
+def test_head_sample_triton_flag_buffer_defers_the_check():
+    """Outcome: no silent garbage, no host sync: with a caller's buffer the kernel only flags
+    (the engine's decode path), and ``raise_non_finite`` raises at the caller's sync point."""
+    _triton_or_skip("head_sample")
+    from safekern.ops.head_sample import head_sample_triton, raise_non_finite
+    h, W, h_cls, sw = _head_case()
+    h[1, 0], h[2, 3] = NAN, INF                                        # unchecked: rows 1, 2
+    flags = torch.zeros(3, dtype=torch.int32)
+    tok, _ = head_sample_triton(h, W, h_cls=h_cls, safety_weight=sw, nonfinite=flags)
+    assert flags.tolist() == [0, 1, 1] and bool(((tok >= 0) & (tok < W.shape[0])).all())
+    sw[3] = NAN
+    head_sample_triton(h, W, h_cls=h_cls, safety_weight=sw, nonfinite=flags)
+    assert flags.tolist() == [2, 3, 3]
+    with pytest.raises(ValueError, match=r"non-finite logits in rows \[1, 2\]"):
+        raise_non_finite(flags)
+
+
+@pytest.mark.parametrize("backend", _head_backends())
+def test_generate_nan_mid_decode_raises_instead_of_tokens(backend):
+    """Outcome: clear error, end to end: the first generated token's embedding is NaN, so the
+    prefill is finite and the first decode step is not; no result is returned."""
+    tok = build_tokenizer()
+    model = safekern.attach(_tiny_model(tok, seed=2), tok)
+    first = safekern.generate(model, tok, ["hi there"], max_new_tokens=1, backend=backend)
+    model.model.embed_tokens.weight.data[first[0].token_ids[0]] = NAN
+    with pytest.raises(ValueError, match="non-finite"):
+        safekern.generate(model, tok, ["hi there"], max_new_tokens=4, backend=backend,
+                          ignore_eos=True)

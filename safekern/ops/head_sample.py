@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .._checks import FLOAT_DTYPES, check_finite, check_tensor, value_checks_enabled
-from ..reference.sampling import head_sample_ref
+from ..reference.sampling import _raise_non_finite, head_sample_ref
 from ..spec import EssConfig, EssState, SamplingParams
 from . import dispatch
 
@@ -62,9 +62,14 @@ dispatch.register(OP, "torch", _torch_backend, lambda **ctx: None)
 # Randomness: counter-based Philox keyed by (seed, offset), counters (token, row): the same
 # (seed, offset) gives the same tokens. Draws are equal to the reference's in distribution, not
 # token for token (the reference uses torch.multinomial).
-# NaN/inf: validated calls reject them. With value checks off, non-finite logits give an
-# unspecified token inside [0, V), and a non-finite [CLS] state gives p_unsafe = NaN, which
-# counts as a benign verdict (NaN >= threshold is false), exactly as in the reference.
+# NaN/inf: validated calls reject non-finite inputs up front; weights are checked once per
+# version, so a weight changed through .data later is caught by the kernels themselves: a tile
+# with a NaN/inf logit reports a NaN maximum, and the finalize ORs per-row flags (non-finite
+# logits, NaN score of an evaluating row) into a (B,) int32 buffer. Cost: one elementwise test
+# per logit tile, no extra memory pass. head_sample reads the buffer after the launch and raises
+# like the reference; the engine passes its own buffer and reads it when it syncs anyway. With
+# value checks off nothing is read on the host: tokens stay inside [0, V), and a NaN score is a
+# benign verdict (NaN >= threshold is false).
 # --------------------------------------------------------------------------------------------
 
 try:
@@ -155,8 +160,11 @@ if triton is not None:
                          mask=(row_ok & filtered)[:, None] & col_ok[None, :])
             g = _gumbel(seed, off_lo, off_hi, cols[None, :], rows[:, None])
             z = tl.where(noisy[:, None], z + g, z)
-        z = tl.where(col_ok[None, :], z, float("-inf"))
+        z = tl.where(col_ok[None, :] & (z == z), z, float("-inf"))
         best, arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        # A tile with a NaN/inf logit reports NaN as its maximum (the finalize flags the row).
+        bad = ((acc != acc) | (tl.abs(acc) == float("inf"))) & col_ok[None, :]
+        best = tl.where(tl.max(bad.to(tl.int32), axis=1) > 0, float("nan"), best)
         out = rows.to(tl.int64) * n_tiles + pid_v
         tl.store(part_val_ptr + out, best, mask=row_ok)
         tl.store(part_idx_ptr + out, pid_v * BLOCK_V + arg, mask=row_ok)
@@ -252,7 +260,7 @@ if triton is not None:
 
     @triton.jit
     def _finalize_kernel(
-        part_val_ptr, part_idx_ptr, logits_ptr, tok_ptr, p_ptr,
+        part_val_ptr, part_idx_ptr, logits_ptr, tok_ptr, p_ptr, nonfinite_ptr,
         temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
         seed_ptr, seed_val, offset_val,
         hcls_ptr, stride_hcls, sw_ptr, stride_sw, sb_ptr, sb_val,
@@ -298,6 +306,9 @@ if triton is not None:
                 bias = tl.load(sb_ptr + 1).to(tl.float32) - tl.load(sb_ptr).to(tl.float32)
             score = tl.sigmoid(tl.sum(acc, axis=1) + bias)
             p_unsafe = tl.where(ev, score, p_unsafe)
+            bad_score = ev & (score != score)
+        else:
+            bad_score = rows < 0
         tl.store(p_ptr + rows, p_unsafe, mask=row_ok)
 
         # ---- ESS state: update_state + forced_tokens (reference/controller.py) -------------
@@ -359,11 +370,15 @@ if triton is not None:
         # ---- token: reduce the per-tile maxima; filtered rows sample from stored logits ----
         best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         tok = tl.zeros((BLOCK_R,), tl.int64)
+        bad_logits = rows < 0
         part_row = rows[:, None].to(tl.int64) * n_tiles
         for t0 in range(0, n_tiles, BLOCK_T):
             offs = t0 + tl.arange(0, BLOCK_T)
             ok = row_ok[:, None] & (offs < n_tiles)[None, :]
             vals = tl.load(part_val_ptr + part_row + offs[None, :], mask=ok, other=float("-inf"))
+            nan = vals != vals
+            bad_logits = bad_logits | (tl.max(nan.to(tl.int32), axis=1) > 0)
+            vals = tl.where(nan, float("-inf"), vals)  # never the max (as before), flagged
             idxs = tl.load(part_idx_ptr + part_row + offs[None, :], mask=ok, other=0)
             m, a = tl.max(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
             idx = tl.sum(tl.where(tl.arange(0, BLOCK_T)[None, :] == a[:, None], idxs, 0), axis=1)
@@ -388,6 +403,11 @@ if triton is not None:
                 tok = tl.where(filtered, drawn, tok)
         tok = tl.minimum(tl.maximum(tok, 0), V - 1)
         tl.store(tok_ptr + rows, tl.where(forced, forced_tok, tok), mask=row_ok)
+        # Non-finite logits (bit 1) or a NaN score of an evaluating row (bit 2), accumulated
+        # over calls; each row belongs to one program, so a plain load/store suffices.
+        seen = tl.load(nonfinite_ptr + rows, mask=row_ok, other=0)
+        tl.store(nonfinite_ptr + rows,
+                 seen | tl.where(bad_logits, 1, 0) | tl.where(bad_score, 2, 0), mask=row_ok)
 
 
 def _param_args(value, device, dtype):
@@ -426,13 +446,27 @@ def _triton_blocks(B: int, V: int, gpu: bool) -> Tuple[int, int, int, int]:
     return block_b, block_v, 64, block_r
 
 
+def raise_non_finite(nonfinite: torch.Tensor) -> None:
+    """Raise the reference's error if a ``nonfinite`` flag buffer of ``head_sample_triton``
+    holds a flag (one host read)."""
+    flags = nonfinite.cpu()
+    for bit, what, source in ((1, "logits", "h_tok or lm_head_weight"),
+                              (2, "p_unsafe", "h_cls or the safety head (safety_weight, "
+                                              "safety_bias)")):
+        _raise_non_finite(what, (flags & bit) != 0, source)
+
+
 def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
                        safety_bias=None, state=None, ess=None, sampling=SamplingParams(),
-                       generator=None, rng_state=None, out=None):
+                       generator=None, rng_state=None, out=None, nonfinite=None):
     """Triton backend of ``head_sample`` (inputs already validated). 2 launches, +1 when the
     randomness comes from a ``torch.Generator`` (a device-side seed draw).
 
     ``out``: optional ``(tokens (B,) int64, p_unsafe (B,) float32)`` buffers to write into.
+    ``nonfinite``: optional ``(B,)`` int32 buffer the kernel ORs flags into (1: a NaN/inf
+    logit, 2: a NaN score of an evaluating row) without a host sync; the caller checks it at
+    its own sync points (``raise_non_finite``). Without it the flags are checked here, after
+    the launch (one host read, skipped while value checks are off), and raise as the reference.
     """
     dev = h_tok.device
     B, Dm = h_tok.shape
@@ -442,6 +476,9 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
                torch.empty(B, device=dev, dtype=torch.float32))
     if B == 0:  # an empty batch is legal (as for the reference); there is nothing to launch
         return out
+    check_here = nonfinite is None
+    if check_here:
+        nonfinite = torch.zeros(B, device=dev, dtype=torch.int32)
     h_tok = h_tok if h_tok.stride(1) == 1 else h_tok.contiguous()
     W = lm_head_weight if lm_head_weight.stride(1) == 1 else lm_head_weight.contiguous()
     temp = _param_args(sampling.temperature, dev, torch.float32)
@@ -498,13 +535,15 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
         st = (dummy_i32,) * 12 + (1,)
         cfg, schedule, policy = (0.5, 1, 1, 0, 0), 0, 0
     _finalize_kernel[(triton.cdiv(B, block_r),)](
-        part_val, part_idx, logits, tokens, p_unsafe, *param_args, *safety, *st, *cfg,
+        part_val, part_idx, logits, tokens, p_unsafe, nonfinite, *param_args, *safety, *st, *cfg,
         B, V, Dm, n_tiles, **param_flags, FILTERS=filters,
         HAS_SAFETY=has_safety, TWO_CLASS=two_class, BIAS_MODE=bias_mode,
         HAS_STATE=state is not None, SCHEDULE=schedule, POLICY=policy, BLOCK_R=block_r,
         BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)),
         BLOCK_D=min(1024, triton.next_power_of_2(Dm)),
         BLOCK_F=min(512, triton.next_power_of_2(V)), num_warps=4)
+    if check_here and value_checks_enabled():
+        raise_non_finite(nonfinite)
     return tokens, p_unsafe
 
 
