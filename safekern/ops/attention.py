@@ -658,6 +658,15 @@ def ess_attention(
         ``o`` of shape ``(B, Lq, nheads_q, headdim)`` in ``q.dtype`` (and ``lse``). Rows that
         see no key output 0.
 
+    Non-finite inputs (the same on every backend; NaN propagates like flash-attn and SDPA):
+        * keys a row cannot see (causality, the ESS rules, ``seqlens_k``) contribute nothing,
+          whatever their ``k``, ``v`` and ``key_bias`` hold;
+        * NaN in the row's ``q`` or in a visible ``k`` / ``key_bias`` (or a ``+inf`` logit)
+          makes the row's output and lse NaN;
+        * NaN/inf in ``v`` at a visible key makes that output element NaN;
+        * a ``-inf`` ``key_bias`` removes a key; a row whose visible keys all have a ``-inf``
+          logit sees no key: output 0, lse ``-inf``.
+
     >>> q = torch.randn(1, 5, 4, 64); k = v = torch.randn(1, 5, 2, 64)
     >>> ess_attention(q, k, v, response_start=torch.tensor([3], dtype=torch.int32)).shape
     torch.Size([1, 5, 4, 64])

@@ -676,7 +676,14 @@ def head_sample(
         ``next_tokens (B,) int64`` and ``p_unsafe (B,) float32`` (NaN where not evaluated).
 
     Raises ``ValueError`` for NaN/inf in ``h_tok``, in the weights (checked once per weight
-    version) or in ``h_cls`` rows that evaluate.
+    version) or in ``h_cls`` rows that evaluate, and, after the step, for NaN/inf logits or a
+    NaN score of an evaluating row (a weight changed in place through ``.data`` keeps its
+    version): no token is drawn from NaN logits and no NaN verdict reads as benign. The
+    torch backend always checks the logits it computes (it reads values on the host anyway);
+    the Triton kernels flag rows on the device (one compare per logit, no extra pass), read
+    once after the launch, or not at all with value checks off (``SAFEKERN_SKIP_VALUE_CHECKS=1``,
+    CUDA-graph capture): then tokens stay in ``[0, V)`` and a NaN score counts as benign. The
+    engine reads the Triton flags once per ``generate``. The cuda backend does not flag.
     """
     _validate(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, state, ess, sampling,
               generator, rng_state)
