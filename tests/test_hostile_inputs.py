@@ -23,6 +23,10 @@ from safekern.model import encode_prompts
 from safekern.ops import dispatch
 from safekern.reference import ess_attention_ref, head_sample_ref
 
+# NaN-poisoned inputs make the Triton interpreter's numpy warn; that is the point here.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:All-NaN slice encountered:RuntimeWarning")
+
 transformers = pytest.importorskip("transformers")
 from safekern.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
 from safekern.train import EssCollator, EssForTraining  # noqa: E402
@@ -563,3 +567,92 @@ def test_generate_nan_mid_decode_raises_instead_of_tokens(backend):
     with pytest.raises(ValueError, match="non-finite"):
         safekern.generate(model, tok, ["hi there"], max_new_tokens=4, backend=backend,
                           ignore_eos=True)
+
+
+# ============================================================== clear errors: the public surface
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """An attached tiny model and a plain one sharing the embedded tokenizer."""
+    tok = build_tokenizer()
+    plain = _tiny_model(tok, seed=3)
+    return safekern.attach(_tiny_model(tok, seed=4), tok), plain, tok
+
+
+def _gen(**kw):
+    def call(model, plain, tok):
+        args = dict(prompts=["hi"], max_new_tokens=2, backend="torch")
+        args.update(kw)
+        return safekern.generate(model, tok, **args)
+    return call
+
+
+SURFACE_CASES = {
+    "generate/prompts_str": (_gen(prompts="hi"), TypeError, "prompts must be a list"),
+    "generate/prompts_empty": (_gen(prompts=[]), ValueError, "prompts must hold at least one"),
+    "generate/prompts_int": (_gen(prompts=[1]), TypeError, "prompts must hold only strings"),
+    "generate/max_new_tokens_0": (_gen(max_new_tokens=0), ValueError, "max_new_tokens"),
+    "generate/max_new_tokens_float": (_gen(max_new_tokens=2.0), ValueError, "max_new_tokens"),
+    "generate/safety_dict": (_gen(safety={}), TypeError, "safety must be an EssConfig"),
+    "generate/sampling_dict": (_gen(sampling={}), TypeError, "sampling must be a SamplingParams"),
+    "generate/prefill_count": (_gen(prefill=["a", "b"]), ValueError, "prefill must hold 1"),
+    "generate/stop_str": (_gen(stop="x"), TypeError, "stop must be a list"),
+    "generate/stop_empty": (_gen(stop=[""]), TypeError, "stop must be a list of non-empty"),
+    "generate/stream_int": (_gen(stream=3), TypeError, "stream must be a callable"),
+    "generate/backend": (_gen(backend="gpu"), ValueError, "backend must be one of"),
+    "generate/temperature_rows": (_gen(sampling=SamplingParams(temperature=torch.ones(3))),
+                                  ValueError, "sampling.temperature must have one value per"),
+    "generate/cache_too_small": (_gen(max_cache_len=3), ValueError, "exceeds the cache length"),
+    "generate/unattached": (lambda m, p, t: safekern.generate(p, t, ["hi"], max_new_tokens=2),
+                            ValueError, "model has no safety head"),
+    "attach/head_shape": (lambda m, p, t: safekern.attach(p, t, head=torch.nn.Linear(3, 1)),
+                          ValueError, "head must map hidden size 64"),
+    "attach/cls_token_empty": (lambda m, p, t: safekern.attach(p, t, cls_token=""), ValueError,
+                               "cls_token must be a non-empty string"),
+    "save_safety/unattached": (lambda m, p, t: safekern.save_safety(p, "unused"), ValueError,
+                               "model has no safety head"),
+    "load_safety/no_directory": (lambda m, p, t: safekern.load_safety(p, t, "/nonexistent/x"),
+                                 FileNotFoundError, "no safety.json in '/nonexistent/x'"),
+    "encode_prompts/tokenizer": (lambda m, p, t: encode_prompts("tok", ["hi"]), TypeError,
+                                 "tokenizer must be a transformers tokenizer"),
+    "collator/no_cls": (lambda m, p, t: EssCollator(build_tokenizer()), ValueError,
+                        "cls_token '\\[CLS\\]' is not in the tokenizer vocabulary"),
+    "collator/prompt_int": (lambda m, p, t: EssCollator(t)([{"prompt": 1, "response": "x"}]),
+                            ValueError, "example needs a str 'prompt'"),
+    "collator/label": (lambda m, p, t: EssCollator(t)([{"prompt": "a", "response": "x",
+                                                        "label": 2}]),
+                       ValueError, "example label must be 0 or 1"),
+    "collator/empty": (lambda m, p, t: EssCollator(t)([]), ValueError, "examples must not be"),
+    "EssConfig/tau_0": (lambda m, p, t: EssConfig(tau=0), ValueError, "tau must be >= 1"),
+    "SamplingParams/top_p_0": (lambda m, p, t: SamplingParams(top_p=0.0), ValueError, "top_p"),
+    "SamplingParams/temperature_nan": (lambda m, p, t: SamplingParams(temperature=NAN),
+                                       ValueError, "temperature must be in"),
+    "SamplingParams/tensor_nan": (lambda m, p, t: SamplingParams(temperature=torch.tensor([NAN])),
+                                  ValueError, "temperature values must be in"),
+    "SamplingParams/tensor_2d": (lambda m, p, t: SamplingParams(temperature=torch.ones(2, 2)),
+                                 ValueError, "temperature as a tensor must be 1-D"),
+}
+
+
+@pytest.mark.parametrize("case", list(SURFACE_CASES))
+def test_public_surface_clear_errors(case, tiny_pair):
+    """Outcome: clear error (type + a fragment naming the argument)."""
+    call, exc, match = SURFACE_CASES[case]
+    with pytest.raises(exc, match=match):
+        call(*tiny_pair)
+
+
+def test_engine_reusable_after_an_exception_in_stream_and_seeds_reproduce(tiny_pair):
+    """Outcome: legal edge case: a raising ``stream`` callback propagates and leaves the engine
+    usable; the same seed gives the same tokens."""
+    model, _, tok = tiny_pair
+    eng = safekern.Engine(model, tok, backend="torch")
+    sp = SamplingParams(temperature=1.0, seed=5)
+
+    def boom(step, tokens, p):
+        raise RuntimeError("stream callback failed")
+
+    with pytest.raises(RuntimeError, match="stream callback failed"):
+        eng.generate(["hi", "hello there"], max_new_tokens=3, sampling=sp, stream=boom)
+    a = eng.generate(["hi", "hello there"], max_new_tokens=3, sampling=sp)
+    b = eng.generate(["hi", "hello there"], max_new_tokens=3, sampling=sp)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
