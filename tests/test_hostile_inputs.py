@@ -557,16 +557,19 @@ def test_head_sample_triton_flag_buffer_defers_the_check():
 
 
 @pytest.mark.parametrize("backend", _head_backends())
-def test_generate_nan_mid_decode_raises_instead_of_tokens(backend):
+@pytest.mark.parametrize("sampling", ["greedy", "top_k_top_p"])
+def test_generate_nan_mid_decode_raises_instead_of_tokens(backend, sampling):
     """Outcome: clear error, end to end: the first generated token's embedding is NaN, so the
     prefill is finite and the first decode step is not; no result is returned."""
     tok = build_tokenizer()
     model = safekern.attach(_tiny_model(tok, seed=2), tok)
-    first = safekern.generate(model, tok, ["hi there"], max_new_tokens=1, backend=backend)
+    sp = SAMPLINGS[sampling]
+    first = safekern.generate(model, tok, ["hi there"], max_new_tokens=1, backend=backend,
+                              sampling=sp)
     model.model.embed_tokens.weight.data[first[0].token_ids[0]] = NAN
     with pytest.raises(ValueError, match="non-finite"):
         safekern.generate(model, tok, ["hi there"], max_new_tokens=4, backend=backend,
-                          ignore_eos=True)
+                          ignore_eos=True, sampling=sp)
 
 
 # ============================================================== clear errors: the public surface

@@ -1,9 +1,9 @@
 """ESS attention (DESIGN.md §3): Triton kernels, launchers, validation and the public function.
 
 The math is defined by ``safekern.reference.ess_attention_ref``. The ``torch`` backend runs the
-reference, except for fp32 inference calls on finite inputs, which take SDPA over the
-reference's own visibility mask (same result, ~2.5x faster on a CPU decode step). The ``triton`` backend is a
-FlashAttention-2-style forward (online softmax over key tiles, no (Lq, Lk) matrix): a prefill kernel that skips the tiles the mask empties and masks only the
+reference, except for fp32 inference calls with a finite result, which take SDPA over the
+reference's own visibility mask (same result, ~2.5x faster on a CPU decode step). The
+``triton`` backend is a FlashAttention-2-style forward (online softmax over key tiles, no (Lq, Lk) matrix): a prefill kernel that skips the tiles the mask empties and masks only the
 boundary tiles, a separate pass for the [CLS] row over key 0 and its windows, and a split-KV
 (flash-decoding) kernel plus a combine kernel for decode steps (Lq <= 2).
 """

@@ -180,6 +180,8 @@ if triton is not None:
         ok = row_ok[:, None] & (offs < V)[None, :]
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * V + offs[None, :], mask=ok,
                     other=float("-inf"))
+        # NaN logits (a flagged row) are never kept: the draw stays inside [0, V)
+        x = tl.where(x == x, x, float("-inf"))
         return x * inv_t[:, None], ok
 
     @triton.jit
