@@ -38,6 +38,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float k_s[kTileK][D + 1];  // +1: threads reading different keys hit distinct banks
   __shared__ float v_s[kTileK][D];
   __shared__ float p_s[kRows][kTileK];
+  __shared__ bool vis_s[kRows][kTileK];  // P@V reads v only where the row sees the key
   __shared__ float m_s[kRows], l_s[kRows], alpha_s[kRows];
   __shared__ int pos_s[kRows], head_s[kRows], qi_s[kRows];
   __shared__ int key_hi_s;
@@ -110,8 +111,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = tid; i < kRows * kTileK; i += kThreads) {
       const int r = i / kTileK, j = i % kTileK, key = k0 + j;
       float s = -INFINITY;
-      if (key < k_end &&
-          key_visible(key, pos_s[r], seqlen, ess, resp_start, p.causal, win, num_windows)) {
+      const bool visible =
+          key < k_end &&
+          key_visible(key, pos_s[r], seqlen, ess, resp_start, p.causal, win, num_windows);
+      vis_s[r][j] = visible;
+      if (visible) {
         float dot = 0.f;
 #pragma unroll 16
         for (int d = 0; d < D; ++d) dot += q_s[r][d] * k_s[j][d];
@@ -144,8 +148,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int a = 0; a < kAcc; ++a) {
       const int r = r_acc0 + a * kRowStep;
       float x = acc[a] * alpha_s[r];
+      // p = 0 at a hidden key times a NaN/inf value there would be NaN: hidden keys are skipped.
 #pragma unroll 8
-      for (int j = 0; j < kTileK; ++j) x += p_s[r][j] * v_s[j][d_acc];
+      for (int j = 0; j < kTileK; ++j) x += vis_s[r][j] ? p_s[r][j] * v_s[j][d_acc] : 0.f;
       acc[a] = x;
     }
     __syncthreads();
@@ -157,8 +162,11 @@ __global__ void __launch_bounds__(kThreads)
     if (row0 + r >= rows_total) continue;
     const int head = head_s[r], qi = qi_s[r];
     const float l = l_s[r];
-    const float out = l > 0.f ? acc[a] / l : 0.f;  // a row that sees no key outputs 0
-    const float lse = l > 0.f ? m_s[r] + logf(l) : -INFINITY;
+    // A row that sees no key outputs 0; a NaN logit makes l NaN (!= 0), so the row stays NaN,
+    // and a visible non-finite value gives NaN (inf -> NaN), as the reference.
+    float out = l != 0.f ? acc[a] / l : 0.f;
+    if (fabsf(out) == INFINITY) out = NAN;
+    const float lse = l != 0.f ? m_s[r] + logf(l) : -INFINITY;
     if (p.num_splits == 1) {
       T* o = static_cast<T*>(p.o);
       o[b * p.o_stride_b + qi * p.o_stride_s + head * p.o_stride_h + d_acc] = from_float<T>(out);
@@ -184,8 +192,12 @@ __global__ void __launch_bounds__(D) ess_decode_combine_kernel(const sk_decode_a
   const int64_t lse_off = ((int64_t)b * p.heads_q + head) * p.seqlen_q + qi;
   const int64_t o_off = (((int64_t)b * p.seqlen_q + qi) * p.heads_q + head) * D + d;
   float m = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s)
-    m = fmaxf(m, p.lse_partial[s * split_stride_lse + lse_off]);
+  bool nan_row = false;  // fmaxf drops NaN: a NaN partial (a NaN logit) makes the row NaN
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float x = p.lse_partial[s * split_stride_lse + lse_off];
+    nan_row |= x != x;
+    m = fmaxf(m, x);
+  }
   float sum = 0.f, acc = 0.f;
   if (m != -INFINITY) {
     for (int s = 0; s < p.num_splits; ++s) {
@@ -196,8 +208,9 @@ __global__ void __launch_bounds__(D) ess_decode_combine_kernel(const sk_decode_a
   }
   T* o = static_cast<T*>(p.o);
   o[b * p.o_stride_b + qi * p.o_stride_s + head * p.o_stride_h + d] =
-      from_float<T>(m == -INFINITY ? 0.f : acc / sum);
-  if (d == 0 && p.lse != nullptr) p.lse[lse_off] = m == -INFINITY ? -INFINITY : m + logf(sum);
+      from_float<T>(nan_row ? NAN : m == -INFINITY ? 0.f : acc / sum);
+  if (d == 0 && p.lse != nullptr)
+    p.lse[lse_off] = nan_row ? NAN : m == -INFINITY ? -INFINITY : m + logf(sum);
 }
 
 template <typename T, int D>

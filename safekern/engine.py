@@ -33,6 +33,7 @@ import torch
 
 from .model import encode_inputs, refusal_token_ids, safety_config, safety_head_params
 from .ops import dispatch, ess_attention, head_sample
+from .ops.head_sample import raise_non_finite
 from .reference.controller import plan_step
 from .spec import NEVER, REFUSING, EssConfig, EssState, SamplingParams
 
@@ -298,6 +299,11 @@ class Engine:
         head_backend, self._head_fn = dispatch.choose(
             "head_sample", self.backend, device=dev, dtype=self.dtype, batch=B,
             vocab=self._lm_w.shape[0], hidden=self._lm_w.shape[1], sampling=sampling)
+        # NaN/inf logits or scores (e.g. a weight changed through .data): the torch reference
+        # raises at the step; the Triton kernel flags the row here (no host sync), the row ends,
+        # and _results raises before any token is returned.
+        self._nonfinite = torch.zeros(B, dtype=torch.int32, device=dev)
+        self._head_kw = {"nonfinite": self._nonfinite} if head_backend == "triton" else {}
         # The torch reference reads values on the host (e.g. "all rows greedy?"), which a CUDA
         # graph cannot capture: graphs need fast backends for both ops.
         self._graphable = head_backend != "torch" and all(b != "torch" for b, _ in attn.values())
@@ -410,7 +416,7 @@ class Engine:
         if checked:
             res = head_sample(h_tok, self._lm_w, backend=self.backend, **kw)
         else:
-            res = self._head_fn(h_tok, self._lm_w, **kw)
+            res = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)
         tok, p = res[0], res[1]
         emit = ~self._done
         col = self._step_idx
@@ -421,7 +427,7 @@ class Engine:
             self._out_top_lp.index_copy_(1, col, lp.top[:, None])
         self._out_tok.index_copy_(1, col, torch.where(emit, tok, self._pad)[:, None])
         self._out_emit.index_copy_(1, col, emit[:, None])
-        done = self._done | torch.isin(tok, self._eos)
+        done = self._done | torch.isin(tok, self._eos) | (self._nonfinite != 0)
         # Without a controller update nothing below changes (outputs start as NaN/False).
         if ess is not None and controller:
             ev = self.state.evaluating & emit
@@ -441,7 +447,7 @@ class Engine:
     def _capture_graph(self):
         """Capture ``_decode_step`` over the full cache length; None if capture fails."""
         tensors = [self._tok, self._done, self._step_idx, self._out_tok, self._out_emit,
-                   self._reason_refusal]
+                   self._reason_refusal, self._nonfinite]
         if self._sampling.logprobs is not None:
             tensors += [self._out_lp, self._out_top_ids, self._out_top_lp]
         if self._ess is not None:
@@ -561,6 +567,7 @@ class Engine:
         return all(d or st for d, st in zip(self._done.tolist(), self._stopped))
 
     def _results(self, enc, stop, steps) -> List[GenerationResult]:
+        raise_non_finite(self._nonfinite)
         toks = self._out_tok[:, :steps].tolist()
         emit = self._out_emit[:, :steps].tolist()
         done = self._done.tolist()

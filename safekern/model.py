@@ -116,6 +116,19 @@ def template_split(tokenizer) -> Tuple[Optional[str], Optional[str]]:
 
 
 def _encode(tokenizer, text: str) -> List[int]:
+    """Ids of untrusted text (a user message, a prefill, a training response) as plain text.
+
+    Special-token strings inside it (``[CLS]``, ``<|end|>``, ``<|im_start|>``, ...) are split
+    like any other text, so a user cannot forge the safety token or the chat template."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False,
+                          split_special_tokens=True)["input_ids"])
+
+
+def _encode_template(tokenizer, text: str) -> List[int]:
+    """Ids of trusted template text (the chat template around the query, end-of-turn markers):
+    its special-token strings become the special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
@@ -139,7 +152,10 @@ def encode_prompts(tokenizer, prompts: Sequence[str], prefill: Optional[Sequence
     """Token ids, prompt lengths and query spans for a batch of user messages.
 
     The template prefix, the query and the suffix are tokenized separately so the query span is
-    exact (no BPE merge across the boundary). Without a chat template (or with
+    exact (no BPE merge across the boundary). The template keeps its special tokens; the user
+    message and the prefill are untrusted and tokenized as plain text (special-token strings in
+    them are split), so the [CLS] at index 0 is the only one and the template cannot be forged
+    from inside the query. Without a chat template (or with
     ``chat_template=False``) the prompt is ``BOS + query`` and the query is every token after BOS.
 
     Args:
@@ -155,7 +171,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], prefill: Optional[Sequence
         bos = getattr(tokenizer, "bos_token_id", None)
         pre_ids, suf_ids = ([] if bos is None else [bos]), []
     else:
-        pre_ids, suf_ids = _encode(tokenizer, prefix), _encode(tokenizer, suffix)
+        pre_ids = _encode_template(tokenizer, prefix)
+        suf_ids = _encode_template(tokenizer, suffix)
     head = [] if cls_id is None else [cls_id]
     out = EncodedPrompts([], [], [], [])
     for i, text in enumerate(prompts):
@@ -471,26 +488,91 @@ def save_safety(model, directory: str) -> str:
     return str(directory)
 
 
+# safety.json: each required field and its JSON type (bool is not an int here).
+_META_FIELDS = {"version": int, "cls_token": str, "num_classes": int, "hidden_size": int,
+                "untied_lm_head": bool}
+
+
+def _read_meta(path: str) -> dict:
+    """``safety.json``, checked field by field; every error names the file and the field."""
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); rewrite it with save_safety") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    missing = [k for k in _META_FIELDS if k not in meta]
+    if missing:
+        raise ValueError(f"{path} is incomplete: missing {missing} (written by save_safety)")
+    if meta["version"] != _FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported safety format version {meta['version']!r} "
+                         f"(this safekern reads version {_FORMAT_VERSION})")
+    for key, kind in _META_FIELDS.items():
+        value = meta[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{path}: {key!r} must be a JSON {kind.__name__}, got {value!r}")
+    if not meta["cls_token"]:
+        raise ValueError(f"{path}: 'cls_token' must be a non-empty string")
+    if meta["num_classes"] not in (1, 2) or meta["hidden_size"] < 1:
+        raise ValueError(f"{path}: num_classes must be 1 or 2 and hidden_size >= 1, got "
+                         f"{meta['num_classes']} and {meta['hidden_size']}")
+    return meta
+
+
+def _read_tensors(path: str, meta: dict) -> dict:
+    """``safety.safetensors``, with every tensor's shape checked against ``safety.json``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {os.path.basename(path)} next to safety.json: {path!r}")
+    try:
+        tensors = load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): "
+                         f"{e}") from e
+    hidden, classes = meta["hidden_size"], meta["num_classes"]
+    want = {"head.weight": (classes, hidden), "cls_embedding": (hidden,)}
+    if "head.bias" in tensors:
+        want["head.bias"] = (classes,)
+    if meta["untied_lm_head"]:
+        want["cls_lm_head"] = (hidden,)
+    for key, shape in want.items():
+        if key not in tensors:
+            raise ValueError(f"{path} has no {key!r} tensor (found {sorted(tensors)})")
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, but safety.json "
+                             f"(hidden_size={hidden}, num_classes={classes}) needs {shape}")
+        if not t.dtype.is_floating_point or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: {key!r} must hold finite floats, got {t.dtype} with "
+                             "NaN/inf or a non-float dtype")
+    return tensors
+
+
 @torch.no_grad()
 def load_safety(model, tokenizer, directory: str):
     """Attach the delta written by ``save_safety`` to a fresh ``model``/``tokenizer``.
 
-    The [CLS] id is whatever ``tokenizer`` assigns (it need not match the saved one).
+    The [CLS] id is whatever ``tokenizer`` assigns (it need not match the saved one). A missing,
+    corrupted or truncated file, an invalid or incomplete ``safety.json`` and tensors whose
+    shapes disagree with it raise (``FileNotFoundError`` / ``ValueError``) naming the file and
+    what is wrong, before the model or tokenizer is modified.
     """
-    from safetensors.torch import load_file
-
+    _require_transformers_model(model)
+    _require_tokenizer(tokenizer)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
     path = os.path.join(directory, "safety.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no safety.json in {directory!r} (written by save_safety)")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("version") != _FORMAT_VERSION:
-        raise ValueError(f"unsupported safety format version {meta.get('version')}")
-    tensors = load_file(os.path.join(directory, "safety.safetensors"))
+        raise FileNotFoundError(f"no safety.json in {str(directory)!r} (written by save_safety)")
+    meta = _read_meta(path)
+    tensors = _read_tensors(os.path.join(directory, "safety.safetensors"), meta)
     hidden = model.get_input_embeddings().weight.shape[1]
     if meta["hidden_size"] != hidden:
-        raise ValueError(f"saved safety head has hidden size {meta['hidden_size']}, the model "
-                         f"has {hidden}")
+        raise ValueError(f"{path}: the saved safety head has hidden size {meta['hidden_size']}, "
+                         f"the model has {hidden}")
     w = tensors["head.weight"]
     head = nn.Linear(hidden, w.shape[0], bias="head.bias" in tensors)
     head.weight.copy_(w)

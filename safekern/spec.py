@@ -111,6 +111,9 @@ def _check_param(name: str, value, lo: float, hi: float, lo_open: bool = False, 
             raise TypeError(f"{name} tensor must be int32 or int64, got {value.dtype}")
         if not integer and not value.dtype.is_floating_point:
             raise TypeError(f"{name} tensor must be floating point, got {value.dtype}")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} tensor is on the meta device (a shape without values); "
+                             "pass a CPU or CUDA tensor")
         v = value.detach().to("cpu", torch.float64)
         bad = torch.isnan(v) | (v < lo) | (v > hi)
         if lo_open:

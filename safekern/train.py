@@ -39,7 +39,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 from .data import corpus, load_split
 from .integrations.hf import apply_safekern
 from .evaluation import is_refusal
-from .model import attach, encode_prompts, load_safety, save_safety, template_split
+from .model import (_encode, _encode_template, attach, encode_prompts, load_safety,
+                    save_safety, template_split)
 from .recipe import example_windows
 from .tiny import build_tokenizer, tiny_llama_config
 
@@ -105,7 +106,9 @@ class EssCollator:
         self.end_text = "<|end|>" if "<|end|>" in tokenizer.get_vocab() else ""
 
     def _encode(self, text: str) -> List[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        """Example text (pretraining text, prefill, response) is data, never markup: its
+        special-token strings are split as plain text (``safekern.model._encode``)."""
+        return _encode(self.tokenizer, text)
 
     def _row(self, ex: Dict):
         if not isinstance(ex, dict):
@@ -130,7 +133,8 @@ class EssCollator:
                                  template=self.template)
             prompt, span = enc.ids[0][1:], (enc.query_start[0], enc.query_end[0])
             prefill = self._encode(ex.get("prefill") or "")
-            resp = self._encode(ex["response"] + self.end_text) + eos
+            resp = self._encode(ex["response"]) + \
+                _encode_template(self.tokenizer, self.end_text) + eos
         ids = [self.cls_id] + prompt + prefill + resp
         P = 1 + len(prompt)
         if P >= self.max_length:

@@ -159,6 +159,39 @@ def test_rows_at_zero_last_and_empty(emu):
     assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.isneginf(lse[0]).all()
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_hidden_keys_never_leak_and_one_nan_rule(emu, num_splits):
+    """tests/test_hostile_inputs.py's outcome classes on the CUDA kernels: NaN/inf at keys a
+    row cannot see change nothing; what a row sees propagates NaN (the element for v, the row
+    for a logit); a row whose visible logits are all -inf outputs 0."""
+    from safekern.reference.attention import ess_visibility
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    g = torch.Generator().manual_seed(11)
+    B, Lk, Hq, Hkv, D = 2, 64, 4, 2, 64
+    q, k, v = (torch.randn(B, n, h, D, generator=g) for n, h in ((2, Hq), (Lk, Hkv), (Lk, Hkv)))
+    kw = dict(q_pos=i32([[63, 0], [40, 0]]), seqlens_k=i32([64, 41]), response_start=i32([10, 10]),
+              cls_windows=i32([[[2, 5]], [[20, 30]]]))
+    clean = ess_attention_ref(q.double(), k.double(), v.double(), **kw)
+    vis = ess_visibility(kw["q_pos"], kw["seqlens_k"], Lk, response_start=kw["response_start"],
+                         cls_windows=kw["cls_windows"])                  # (B, Lq, Lk)
+    pq, pk, pv = q.clone(), k.clone(), v.clone()
+    pv[:, 7, 0, 3] = NAN          # token rows see key 7, the [CLS] rows do not
+    pk[:, 50, 1] = NAN            # batch 0's token row sees key 50; beyond batch 1's seqlens
+    pv[1, 41:] = float("inf")     # beyond batch 1's seqlens
+    pq[1, 1, 0] = NAN             # batch 1's [CLS] row, head 0
+    want = clean.clone()
+    want[:, :, 0:2, 3] = want[:, :, 0:2, 3].masked_fill(vis[:, :, 7, None], NAN)
+    want[:, :, 2:4] = want[:, :, 2:4].masked_fill(vis[:, :, 50, None, None], NAN)
+    want[1, 1, 0] = NAN
+    o, lse = emu_attention(emu, pq, pk, pv, num_splits=num_splits, **kw)
+    assert torch.equal(o.isnan(), want.isnan())
+    torch.testing.assert_close(o.double(), want, equal_nan=True, atol=1e-5, rtol=1e-5)
+    assert torch.equal(lse.isnan(), want.isnan().all(-1).permute(0, 2, 1))
+    kb = torch.full((B, 1, Lk), float("-inf"))
+    o, lse = emu_attention(emu, q, k, v, num_splits=num_splits, key_bias=kb, **kw)
+    assert torch.equal(o, torch.zeros_like(o)) and bool(torch.isneginf(lse).all())
+
+
 def test_num_splits_heuristic(emu):
     n = emu.sk_decode_attention_num_splits
     assert n(1, 32, 8, 2, 32768, 132) > 1                  # batch 1, long context: split

@@ -383,7 +383,7 @@ state = {n: "*i32" for n in ("seq_len_ptr", "prompt_len_ptr", "mode_ptr", "flags
          "switch_ptr", "next_eval_ptr", "interval_ptr", "forced_ptr", "trigger_ptr")}
 state.update(evaluating_ptr="*i1", finished_ptr="*i1", refusal_ptr="*i64", threshold="fp32",
              growth_bits="i64", tok_ptr="*i64", hcls_ptr="*bf16", sw_ptr="*bf16", sb_val="fp32",
-             h_ptr="*bf16", w_ptr="*bf16")
+             h_ptr="*bf16", w_ptr="*bf16", nonfinite_ptr="*i32")
 for sched, policy, two, filters in ((3, 2, True, True), (2, 1, False, False)):
     build(hs._finalize_kernel, dict(rng, **state),
           dict(TEMP_PER_ROW=True, TOPK_PER_ROW=False, TOPP_PER_ROW=True, MINP_PER_ROW=False,

@@ -1,9 +1,9 @@
 """ESS attention (DESIGN.md §3): Triton kernels, launchers, validation and the public function.
 
 The math is defined by ``safekern.reference.ess_attention_ref``. The ``torch`` backend runs the
-reference, except for fp32 inference calls, which take SDPA over the reference's own visibility
-mask (same result, ~2.5x faster on a CPU decode step). The ``triton`` backend is a
-FlashAttention-2-style forward (online softmax over key tiles, no (Lq, Lk) matrix): a prefill kernel that skips the tiles the mask empties and masks only the
+reference, except for fp32 inference calls with a finite result, which take SDPA over the
+reference's own visibility mask (same result, ~2.5x faster on a CPU decode step). The
+``triton`` backend is a FlashAttention-2-style forward (online softmax over key tiles, no (Lq, Lk) matrix): a prefill kernel that skips the tiles the mask empties and masks only the
 boundary tiles, a separate pass for the [CLS] row over key 0 and its windows, and a split-KV
 (flash-decoding) kernel plus a combine kernel for decode steps (Lq <= 2).
 """
@@ -47,7 +47,13 @@ def _torch_backend(q, k, v, *, softmax_scale, causal, q_pos, seqlens_k, response
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, key_bias))
     if q.dtype == torch.float32 and not return_lse and not needs_grad:
-        return _sdpa_masked(q, k, v, **meta)
+        o = _sdpa_masked(q, k, v, **meta)
+        # SDPA multiplies the zero probabilities of hidden keys by their values (0 * NaN = NaN)
+        # and turns a row whose logits are all -inf into NaN. Any non-finite input that touches
+        # a kept row's arithmetic leaves a NaN/inf in o, so a finite o (one small reduction, one
+        # host read) is the reference's result; otherwise the reference decides.
+        if math.isfinite(float(o.sum())):
+            return o
     return ess_attention_ref(q, k, v, return_lse=return_lse, **meta)
 
 
@@ -134,6 +140,11 @@ if triton is not None:
                     cls_vis = _cls_keys(offs_n, cw_ptr, W) & (offs_n < seqlen)
                     vis = vis | (is_cls[:, None] & cls_vis[None, :])
             qk = tl.where(vis, qk, float("-inf"))
+            # p = 0 at a hidden key times a NaN/inf value there would be NaN: the values are
+            # read finite, and a non-finite value at a key a row sees makes its element NaN.
+            v_bad = (v != v) | (tl.abs(v) == float("inf"))
+            v = tl.where(v_bad, 0.0, v)
+            hit = _mma(vis.to(v.dtype), v_bad.to(v.dtype), DOT_PREC, UPCAST_DOT) > 0
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # rows that have seen nothing yet keep m = -inf; subtract 0 instead to avoid inf - inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -141,6 +152,8 @@ if triton is not None:
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PREC, UPCAST_DOT)
+        if MASKED:
+            acc = tl.where(hit, float("nan"), acc)
         return acc, l_i, m_new
 
     @triton.jit
@@ -192,9 +205,12 @@ if triton is not None:
 
     @triton.jit
     def _finish(acc, l_i, m_i, keep):
-        """``(o, lse)`` of finished rows; rows not kept or that saw no key give (0, -inf)."""
-        ok = keep & (l_i > 0)
+        """``(o, lse)`` of finished rows; rows not kept or that saw no key give (0, -inf).
+        A NaN logit makes ``l_i`` NaN (!= 0), so the row stays NaN; a non-finite value that
+        reached ``acc`` through an unmasked tile gives NaN too (inf -> NaN), as the reference."""
+        ok = keep & (l_i != 0)
         o = tl.where(ok[:, None], acc / tl.where(ok, l_i, 1.0)[:, None], 0.0)
+        o = tl.where(tl.abs(o) == float("inf"), float("nan"), o)
         lse = tl.where(ok, (m_i + tl.math.log2(tl.where(ok, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
         return o, lse
@@ -404,9 +420,9 @@ if triton is not None:
         o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
         tl.store(O + b * stride_ob + r * stride_om + h * stride_oh + offs_d * stride_od,
                  o.to(O.dtype.element_ty), mask=d_ok)
-        if STORE_LSE:
-            safe_total = tl.where(total > 0, total, 1.0)
-            tl.store(LSE + row, tl.where(total > 0, m_safe + tl.log(safe_total), float("-inf")))
+        if STORE_LSE:  # a NaN total (a NaN row) keeps a NaN lse
+            safe_total = tl.where(total != 0, total, 1.0)
+            tl.store(LSE + row, tl.where(total != 0, m_safe + tl.log(safe_total), float("-inf")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,9 +605,12 @@ def _validate(q, k, v, softmax_scale, causal, q_pos, seqlens_k, response_start, 
     hint = "" if _consistent(q.shape, k.shape, v.shape) else _layout_hint(q, k, v)
     try:
         check_tensor("k", k, shape=(B, None, None, D))
-        check_tensor("v", v, shape=(B, Lk, Hkv, D))
+        check_tensor("v", v, dims=4, dtypes=(q.dtype,), device=dev, shape=(B, Lk, Hkv, D))
     except ValueError as e:
         raise ValueError(f"{e}{hint}") from None
+    if D == 0:
+        raise ValueError(f"q, k and v must have a head dim (last axis) >= 1, got shape "
+                         f"{tuple(q.shape)}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"number of query heads ({Hq}) must be a multiple of the number of "
                          f"key/value heads ({Hkv}){hint}")
@@ -670,6 +689,15 @@ def ess_attention(
     Returns:
         ``o`` of shape ``(B, Lq, nheads_q, headdim)`` in ``q.dtype`` (and ``lse``). Rows that
         see no key output 0.
+
+    Non-finite inputs (the same on every backend; NaN propagates like flash-attn and SDPA):
+        * keys a row cannot see (causality, the ESS rules, ``seqlens_k``) contribute nothing,
+          whatever their ``k``, ``v`` and ``key_bias`` hold;
+        * NaN in the row's ``q`` or in a visible ``k`` / ``key_bias`` (or a ``+inf`` logit)
+          makes the row's output and lse NaN;
+        * NaN/inf in ``v`` at a visible key makes that output element NaN;
+        * a ``-inf`` ``key_bias`` removes a key; a row whose visible keys all have a ``-inf``
+          logit sees no key: output 0, lse ``-inf``.
 
     >>> q = torch.randn(1, 5, 4, 64); k = v = torch.randn(1, 5, 2, 64)
     >>> ess_attention(q, k, v, response_start=torch.tensor([3], dtype=torch.int32)).shape

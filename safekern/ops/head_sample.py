@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .._checks import FLOAT_DTYPES, check_finite, check_tensor, value_checks_enabled
-from ..reference.sampling import Logprobs, head_sample_ref
+from ..reference.sampling import Logprobs, _raise_non_finite, head_sample_ref
 from ..spec import EssConfig, EssState, SamplingParams
 from . import dispatch
 
@@ -62,9 +62,14 @@ dispatch.register(OP, "torch", _torch_backend, lambda **ctx: None)
 # Randomness: counter-based Philox keyed by (seed, offset), counters (token, row): the same
 # (seed, offset) gives the same tokens. Draws are equal to the reference's in distribution, not
 # token for token (the reference uses torch.multinomial).
-# NaN/inf: validated calls reject them. With value checks off, non-finite logits give an
-# unspecified token inside [0, V), and a non-finite [CLS] state gives p_unsafe = NaN, which
-# counts as a benign verdict (NaN >= threshold is false), exactly as in the reference.
+# NaN/inf: validated calls reject non-finite inputs up front; weights are checked once per
+# version, so a weight changed through .data later is caught by the kernels themselves: a tile
+# with a NaN/inf logit reports a NaN maximum, and the finalize ORs per-row flags (non-finite
+# logits, NaN score of an evaluating row) into a (B,) int32 buffer. Cost: one elementwise test
+# per logit tile, no extra memory pass. head_sample reads the buffer after the launch and raises
+# like the reference; the engine passes its own buffer and reads it when it syncs anyway. With
+# value checks off nothing is read on the host: tokens stay inside [0, V), and a NaN score is a
+# benign verdict (NaN >= threshold is false).
 # --------------------------------------------------------------------------------------------
 
 try:
@@ -167,8 +172,11 @@ if triton is not None:
                              mask=(row_ok & filtered)[:, None] & col_ok[None, :])
             g = _gumbel(seed, off_lo, off_hi, cols[None, :], rows[:, None])
             z = tl.where(noisy[:, None], z + g, z)
-        z = tl.where(col_ok[None, :], z, float("-inf"))
+        z = tl.where(col_ok[None, :] & (z == z), z, float("-inf"))
         best, arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        # A tile with a NaN/inf logit reports NaN as its maximum (the finalize flags the row).
+        bad = ((acc != acc) | (tl.abs(acc) == float("inf"))) & col_ok[None, :]
+        best = tl.where(tl.max(bad.to(tl.int32), axis=1) > 0, float("nan"), best)
         out = rows.to(tl.int64) * n_tiles + pid_v
         tl.store(part_val_ptr + out, best, mask=row_ok)
         tl.store(part_idx_ptr + out, pid_v * BLOCK_V + arg, mask=row_ok)
@@ -184,6 +192,8 @@ if triton is not None:
         ok = row_ok[:, None] & (offs < V)[None, :]
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * V + offs[None, :], mask=ok,
                     other=float("-inf"))
+        # NaN logits (a flagged row) are never kept: the draw stays inside [0, V)
+        x = tl.where(x == x, x, float("-inf"))
         return x * inv_t[:, None], ok
 
     @triton.jit
@@ -264,7 +274,7 @@ if triton is not None:
 
     @triton.jit
     def _finalize_kernel(
-        part_val_ptr, part_idx_ptr, logits_ptr, tok_ptr, p_ptr,
+        part_val_ptr, part_idx_ptr, logits_ptr, tok_ptr, p_ptr, nonfinite_ptr,
         part_m_ptr, part_s_ptr, lp_ptr, lse_ptr, h_ptr, w_ptr, stride_hb, stride_wv,
         temp_ptr, temp_val, topk_ptr, topk_val, topp_ptr, topp_val, minp_ptr, minp_val,
         seed_ptr, seed_val, offset_val,
@@ -312,6 +322,9 @@ if triton is not None:
                 bias = tl.load(sb_ptr + 1).to(tl.float32) - tl.load(sb_ptr).to(tl.float32)
             score = tl.sigmoid(tl.sum(acc, axis=1) + bias)
             p_unsafe = tl.where(ev, score, p_unsafe)
+            bad_score = ev & (score != score)
+        else:
+            bad_score = rows < 0
         tl.store(p_ptr + rows, p_unsafe, mask=row_ok)
 
         # ---- ESS state: update_state + forced_tokens (reference/controller.py) -------------
@@ -374,11 +387,15 @@ if triton is not None:
         # ---- token: reduce the per-tile maxima; filtered rows sample from stored logits ----
         best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         tok = tl.zeros((BLOCK_R,), tl.int64)
+        bad_logits = rows < 0
         part_row = rows[:, None].to(tl.int64) * n_tiles
         for t0 in range(0, n_tiles, BLOCK_T):
             offs = t0 + tl.arange(0, BLOCK_T)
             ok = row_ok[:, None] & (offs < n_tiles)[None, :]
             vals = tl.load(part_val_ptr + part_row + offs[None, :], mask=ok, other=float("-inf"))
+            nan = vals != vals
+            bad_logits = bad_logits | (tl.max(nan.to(tl.int32), axis=1) > 0)
+            vals = tl.where(nan, float("-inf"), vals)  # never the max (as before), flagged
             idxs = tl.load(part_idx_ptr + part_row + offs[None, :], mask=ok, other=0)
             m, a = tl.max(vals, axis=1, return_indices=True, return_indices_tie_break_left=True)
             idx = tl.sum(tl.where(tl.arange(0, BLOCK_T)[None, :] == a[:, None], idxs, 0), axis=1)
@@ -404,6 +421,11 @@ if triton is not None:
         tok = tl.minimum(tl.maximum(tok, 0), V - 1)
         tok = tl.where(forced, forced_tok, tok)
         tl.store(tok_ptr + rows, tok, mask=row_ok)
+        # Non-finite logits (bit 1) or a NaN score of an evaluating row (bit 2), accumulated
+        # over calls; each row belongs to one program, so a plain load/store suffices.
+        seen = tl.load(nonfinite_ptr + rows, mask=row_ok, other=0)
+        tl.store(nonfinite_ptr + rows,
+                 seen | tl.where(bad_logits, 1, 0) | tl.where(bad_score, 2, 0), mask=row_ok)
         if LOGPROBS:
             # logsumexp(logit / T) from the tiles' (max, sum exp) pairs, and the chosen token's
             # logit recomputed from h_tok and its LM-head row (forced tokens included).
@@ -471,9 +493,19 @@ def _triton_blocks(B: int, V: int, gpu: bool) -> Tuple[int, int, int, int]:
     return block_b, block_v, 64, block_r
 
 
+def raise_non_finite(nonfinite: torch.Tensor) -> None:
+    """Raise the reference's error if a ``nonfinite`` flag buffer of ``head_sample_triton``
+    holds a flag (one host read)."""
+    flags = nonfinite.cpu()
+    for bit, what, source in ((1, "logits", "h_tok or lm_head_weight"),
+                              (2, "p_unsafe", "h_cls or the safety head (safety_weight, "
+                                              "safety_bias)")):
+        _raise_non_finite(what, (flags & bit) != 0, source)
+
+
 def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
                        safety_bias=None, state=None, ess=None, sampling=SamplingParams(),
-                       generator=None, rng_state=None, out=None):
+                       generator=None, rng_state=None, out=None, nonfinite=None):
     """Triton backend of ``head_sample`` (inputs already validated). 2 launches, +1 when the
     randomness comes from a ``torch.Generator`` (a device-side seed draw).
 
@@ -482,10 +514,22 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
     ``logit / T`` and the finalize launch reduces them to the row logsumexp and the chosen
     token's logprob (still 2 launches); ``logprobs = k > 0`` stores the logits and adds a
     ``torch.topk`` over them.
+    ``nonfinite``: optional ``(B,)`` int32 buffer the kernel ORs flags into (1: a NaN/inf
+    logit, 2: a NaN score of an evaluating row) without a host sync; the caller checks it at
+    its own sync points (``raise_non_finite``). Without it the flags are checked here, after
+    the launch (one host read, skipped while value checks are off), and raise as the reference.
     """
     dev = h_tok.device
     B, Dm = h_tok.shape
     V = lm_head_weight.shape[0]
+    if out is None:
+        out = (torch.empty(B, device=dev, dtype=torch.int64),
+               torch.empty(B, device=dev, dtype=torch.float32))
+    if B == 0:  # an empty batch is legal (as for the reference); there is nothing to launch
+        return out
+    check_here = nonfinite is None
+    if check_here:
+        nonfinite = torch.zeros(B, device=dev, dtype=torch.int32)
     h_tok = h_tok if h_tok.stride(1) == 1 else h_tok.contiguous()
     W = lm_head_weight if lm_head_weight.stride(1) == 1 else lm_head_weight.contiguous()
     temp = _param_args(sampling.temperature, dev, torch.float32)
@@ -520,9 +564,6 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
         DOT_FP32=dev.type != "cuda" and h_tok.dtype == torch.bfloat16,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=4, num_stages=3)
 
-    if out is None:
-        out = (torch.empty(B, device=dev, dtype=torch.int64),
-               torch.empty(B, device=dev, dtype=torch.float32))
     tokens, p_unsafe = out
     dummy_i32 = torch.empty(0, device=dev, dtype=torch.int32)
     has_safety = h_cls is not None
@@ -552,7 +593,7 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
     lp = torch.empty(B, device=dev, dtype=torch.float32) if want_lp else p_unsafe
     lse = torch.empty(B, device=dev, dtype=torch.float32) if want_lp else p_unsafe
     _finalize_kernel[(triton.cdiv(B, block_r),)](
-        part_val, part_idx, logits, tokens, p_unsafe, part_m, part_s, lp, lse,
+        part_val, part_idx, logits, tokens, p_unsafe, nonfinite, part_m, part_s, lp, lse,
         h_tok, W, h_tok.stride(0), W.stride(0), *param_args, *safety, *st, *cfg,
         B, V, Dm, n_tiles, **param_flags, FILTERS=filters,
         HAS_SAFETY=has_safety, TWO_CLASS=two_class, BIAS_MODE=bias_mode,
@@ -560,6 +601,8 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
         BLOCK_R=block_r, BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)),
         BLOCK_D=min(1024, triton.next_power_of_2(Dm)),
         BLOCK_F=min(512, triton.next_power_of_2(V)), num_warps=4)
+    if check_here and value_checks_enabled():
+        raise_non_finite(nonfinite)
     if not want_lp:
         return tokens, p_unsafe
     top_ids = torch.zeros(B, 0, device=dev, dtype=torch.int64)
@@ -602,6 +645,8 @@ def _validate(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, state, e
               generator, rng_state=None):
     check_tensor("h_tok", h_tok, dims=2, dtypes=FLOAT_DTYPES)
     dev, (B, Dm) = h_tok.device, h_tok.shape
+    if Dm == 0:
+        raise ValueError(f"h_tok must have a hidden size >= 1, got shape {tuple(h_tok.shape)}")
     check_tensor("lm_head_weight", lm_head_weight, dims=2, dtypes=(h_tok.dtype,), device=dev,
                  shape=(None, Dm))
     if lm_head_weight.shape[0] == 0:
@@ -708,7 +753,14 @@ def head_sample(
         compute them (triton: fused into its two launches for k = 0); cuda declines.
 
     Raises ``ValueError`` for NaN/inf in ``h_tok``, in the weights (checked once per weight
-    version) or in ``h_cls`` rows that evaluate.
+    version) or in ``h_cls`` rows that evaluate, and, after the step, for NaN/inf logits or a
+    NaN score of an evaluating row (a weight changed in place through ``.data`` keeps its
+    version): no token is drawn from NaN logits and no NaN verdict reads as benign. The
+    torch backend always checks the logits it computes (it reads values on the host anyway);
+    the Triton kernels flag rows on the device (one compare per logit, no extra pass), read
+    once after the launch, or not at all with value checks off (``SAFEKERN_SKIP_VALUE_CHECKS=1``,
+    CUDA-graph capture): then tokens stay in ``[0, V)`` and a NaN score counts as benign. The
+    engine reads the Triton flags once per ``generate``. The cuda backend does not flag.
     """
     _validate(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, state, ess, sampling,
               generator, rng_state)

@@ -100,6 +100,10 @@ def ess_attention_ref(
     Returns:
         ``o (B, Lq, Hq, D)`` in ``q.dtype``; with ``return_lse`` also ``lse (B, Hq, Lq)``
         float32 (``-inf`` for rows that see no key). Rows that see no key output 0.
+    Non-finite input: hidden keys are never read (whatever their k, v, key_bias hold); a row
+    whose visible keys all have a ``-inf`` logit sees no key; NaN in a visible logit (``q``,
+    ``k``, ``key_bias``) makes the row's output and lse NaN; a non-finite ``v`` at a visible
+    key makes that output element NaN.
     Supports autograd (used by the training recipe).
     """
     B, Lq, Hq, D = q.shape
@@ -122,11 +126,19 @@ def ess_attention_ref(
     mask = vis[:, None, None, :, :]
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                     # (B, Hkv, G, Lq)
-    any_vis = mask.any(dim=-1)
-    p = torch.exp(s - torch.where(any_vis, lse, torch.zeros_like(lse))[..., None])
+    # A +inf logit has no softmax: NaN, like a NaN logit. A row sees a key iff one of its
+    # visible logits is > -inf (a -inf key_bias removes a key); NaN compares != -inf.
+    lse = lse.masked_fill(lse == float("inf"), float("nan"))
+    sees = lse != float("-inf")
+    p = torch.exp(s - torch.where(sees, lse, torch.zeros_like(lse))[..., None])
     p = torch.where(mask, p, torch.zeros_like(p))
-    o = torch.einsum("bhgqk,bkhd->bqhgd", p, vc).reshape(B, Lq, Hq, D).to(q.dtype)
+    # p = 0 at a hidden key times a NaN/inf value there would be NaN: values are read finite,
+    # and a non-finite value at a key the row sees makes that output element NaN.
+    bad = ~torch.isfinite(vc)                                            # (B, Lk, Hkv, D)
+    o = torch.einsum("bhgqk,bkhd->bqhgd", p, vc.masked_fill(bad, 0))
+    hit = torch.einsum("bqk,bkhd->bqhd", vis.to(compute_dtype), bad.to(compute_dtype)) > 0
+    hit = hit[:, :, :, None, :] & sees.permute(0, 3, 1, 2)[..., None]    # (B, Lq, Hkv, G, D)
+    o = o.masked_fill(hit, float("nan")).reshape(B, Lq, Hq, D).to(q.dtype)
     if not return_lse:
         return o
-    lse = torch.where(any_vis, lse, torch.full_like(lse, float("-inf")))
     return o, lse.reshape(B, Hq, Lq).float()

@@ -132,6 +132,15 @@ def sample_ref(logits: torch.Tensor, sampling: SamplingParams,
     return torch.where(greedy, argmax, drawn)
 
 
+def _raise_non_finite(what: str, bad_rows: torch.Tensor, source: str) -> None:
+    """Raise if any row is flagged: a NaN score or logit has no verdict and no token."""
+    if bool(bad_rows.any()):
+        rows = bad_rows.nonzero().flatten().tolist()
+        raise ValueError(f"head_sample: non-finite {what} in rows {rows[:8]}: {source} holds "
+                         "NaN/inf (e.g. a weight changed in place through .data, which the "
+                         "once-per-version weight check cannot see)")
+
+
 def head_sample_ref(
     h_tok: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -156,6 +165,9 @@ def head_sample_ref(
     Returns:
         ``next_tokens (B,) int64`` and ``p_unsafe (B,) float32`` (NaN where not evaluated);
         with ``sampling.logprobs`` not None, a third element: the step's ``Logprobs``.
+    Raises ``ValueError`` when a logit is NaN/inf or an evaluating row's score is NaN: a
+    token drawn from NaN logits (argmax would say 0) or a NaN verdict (it would read benign)
+    is never returned.
     """
     B = h_tok.shape[0]
     dev = h_tok.device
@@ -163,12 +175,16 @@ def head_sample_ref(
     if h_cls is not None:
         scores = safety_score_ref(h_cls, safety_weight, safety_bias)
         p_unsafe = scores if state is None else torch.where(state.evaluating, scores, p_unsafe)
+        read = torch.ones_like(scores, dtype=torch.bool) if state is None else state.evaluating
+        _raise_non_finite("p_unsafe", torch.isnan(scores) & read,
+                          "h_cls or the safety head (safety_weight, safety_bias)")
+    cd = torch.float64 if h_tok.dtype == torch.float64 else torch.float32
+    logits = h_tok.to(cd) @ lm_head_weight.to(cd).t()
+    _raise_non_finite("logits", ~torch.isfinite(logits).all(1), "h_tok or lm_head_weight")
     forced = None
     if state is not None:
         update_state(state, ess, p_unsafe)
         forced, forced_tok = forced_tokens(state, ess)
-    cd = torch.float64 if h_tok.dtype == torch.float64 else torch.float32
-    logits = h_tok.to(cd) @ lm_head_weight.to(cd).t()
     tokens = sample_ref(logits, sampling, generator)
     if forced is not None:
         tokens = torch.where(forced, forced_tok, tokens)
