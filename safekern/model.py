@@ -429,7 +429,7 @@ def encode_inputs(model, tokenizer, prompts, prefill=None, *, safety: bool = Tru
         cls_id, template = cfg.cls_id, (cfg.template_prefix, cfg.template_suffix)
     template = (template or template_split(tokenizer)) if chat_template else (None, None)
     template_ids = ([], []) if template[0] is None else \
-        (_encode(tokenizer, template[0]), _encode(tokenizer, template[1]))
+        (_encode_template(tokenizer, template[0]), _encode_template(tokenizer, template[1]))
     out = EncodedPrompts([], [], [], [])
     for i, x in enumerate(items):
         pf = None if prefill is None else [prefill[i]]
