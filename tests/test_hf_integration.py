@@ -183,7 +183,7 @@ def test_ess_cls_windows_change_only_the_cls_row():
     diff = (a - b).abs().amax(dim=-1)
     assert torch.all(diff[:, 0] > 1e-6)
     assert torch.all(diff[:, 1:P] == 0)   # prompt rows never read the [CLS]; response rows
-    # read key 0, whose K/V in layer 2 come from the re-evaluated [CLS] row (DESIGN.md §3).
+    # read key 0, whose K/V in layer 2 come from the re-evaluated [CLS] row (docs/DESIGN.md §3).
 
 
 def test_ess_kwargs_reach_every_layer_and_key_bias_applies(monkeypatch):
@@ -279,7 +279,7 @@ def test_missing_transformers_says_what_to_install(monkeypatch):
 
 # ------------------------------------------------------------------------- triton backend
 
-TRITON_HEAD_DIM = 32          # a head dim the Triton kernel family must support (DESIGN.md §3)
+TRITON_HEAD_DIM = 32          # a head dim the Triton kernels must support (docs/DESIGN.md §3)
 
 
 def _triton_reason():
