@@ -277,6 +277,13 @@ def test_missing_transformers_says_what_to_install(monkeypatch):
         hf.register()
 
 
+def test_transformers_below_the_floor_says_which_version(monkeypatch):
+    monkeypatch.setattr(hf, "_registered", False)
+    monkeypatch.setattr(transformers, "__version__", "5.3.0")
+    with pytest.raises(ImportError, match=r"transformers>=5\.6\.2.*found 5\.3\.0"):
+        hf.register()
+
+
 # ------------------------------------------------------------------------- triton backend
 
 TRITON_HEAD_DIM = 32          # a head dim the Triton kernels must support (docs/DESIGN.md §3)

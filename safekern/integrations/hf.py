@@ -65,6 +65,8 @@ from .._checks import no_value_checks
 from ..ops.attention import ess_attention
 
 ATTN_IMPLEMENTATION = "safekern"
+# pyproject.toml's floor, the oldest version CI installs and tests (.ci/run).
+MIN_TRANSFORMERS = "5.6.2"
 
 # Bias that removes a padded key when the valid keys are not a prefix. Finite on purpose: a
 # tile made only of such keys must keep the online softmax finite (exp(-inf - -inf) = NaN),
@@ -84,10 +86,17 @@ _registered = False
 
 def _transformers():
     try:
-        return importlib.import_module("transformers")
+        tf = importlib.import_module("transformers")
     except ImportError as e:
         raise ImportError("safekern.integrations.hf needs transformers: pip install "
-                          "'transformers>=5'") from e
+                          f"'transformers>={MIN_TRANSFORMERS}'") from e
+    from packaging.version import Version  # a dependency of transformers
+
+    if Version(tf.__version__).release < Version(MIN_TRANSFORMERS).release:
+        raise ImportError(f"safekern needs transformers>={MIN_TRANSFORMERS} (older versions call "
+                          f"attention mask functions differently), found {tf.__version__}: "
+                          f"pip install -U 'transformers>={MIN_TRANSFORMERS}'")
+    return tf
 
 
 def _masking_utils():
@@ -95,7 +104,7 @@ def _masking_utils():
     mu = importlib.import_module("transformers.masking_utils")
     if not hasattr(mu, "AttentionMaskInterface"):
         raise ImportError("safekern.integrations.hf needs a transformers version with "
-                          "masking_utils.AttentionMaskInterface (tested with 5.23): "
+                          f"masking_utils.AttentionMaskInterface (>= {MIN_TRANSFORMERS}): "
                           "pip install -U transformers")
     return mu
 
