@@ -278,8 +278,12 @@ def test_missing_transformers_says_what_to_install(monkeypatch):
 
 
 def test_transformers_below_the_floor_says_which_version(monkeypatch):
+    import sys
+
     monkeypatch.setattr(hf, "_registered", False)
-    monkeypatch.setattr(transformers, "__version__", "5.3.0")
+    # sys.modules' entry, not this module's `transformers`: transformers swaps in another
+    # module object once a model class has been imported.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.3.0")
     with pytest.raises(ImportError, match=r"transformers>=5\.6\.2.*found 5\.3\.0"):
         hf.register()
 
