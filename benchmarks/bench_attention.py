@@ -1,6 +1,6 @@
 """ESS attention speed: prefill TFLOP/s and decode GB/s, safekern vs the usual kernels.
 
-Questions answered (PERFORMANCE.md P3, P4):
+Questions answered (docs/PERFORMANCE.md P3, P4):
   prefill  causal, bf16, head dim 128: safekern-triton (ESS on, ESS + key bias, ESS off) vs
            the reference, SDPA (flash / efficient), FlexAttention with the equivalent
            mask_mod + score_mod (block-mask build included, and without it), flash-attn.
@@ -204,7 +204,7 @@ def bench_decode(device, dtype, ctxs, batches, Hq, Hkv, D, reps) -> List[dict]:
 
 
 def targets(rows: List[dict]) -> List[dict]:
-    """The PERFORMANCE.md ratios: P3 (prefill vs FA2 and FlexAttention), P4 (decode vs copy
+    """The docs/PERFORMANCE.md ratios: P3 (prefill vs FA2 and FlexAttention), P4 (decode vs copy
     bandwidth; ESS on vs off is already a row per shape)."""
     out = []
     by = {(r["bench"], r["provider"], r.get("batch"), r.get("seqlen")): r for r in rows}

@@ -1,4 +1,4 @@
-"""The decode step's tail: LM head + safety head + ESS decision + sampling (PERFORMANCE.md P5).
+"""The decode step's tail: LM head + safety head + ESS decision + sampling (docs/PERFORMANCE.md P5).
 
 Providers, side by side in one run:
   safekern_triton   safekern.head_sample(backend="triton"): safety score + ESS state update +

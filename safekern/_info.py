@@ -9,12 +9,14 @@ import torch
 
 from .ops import dispatch
 
+AVAILABLE = "available"
 
-def _version(module: str) -> Optional[str]:
+
+def _version(module: str) -> str:
     try:
         return getattr(importlib.import_module(module), "__version__", "unknown")
     except Exception:  # an optional dependency that is absent or broken is just "not there"
-        return None
+        return "not installed"
 
 
 def info(device: Optional[str] = None) -> Dict[str, Any]:
@@ -23,9 +25,13 @@ def info(device: Optional[str] = None) -> Dict[str, Any]:
     Args:
         device: ``"cpu"``/``"cuda"``; default CUDA when available, else CPU.
     Returns:
-        A dict with ``versions``, ``device``, ``backends`` (``{op: {backend: None or the
-        reason it cannot run}}``) and ``auto`` (``{op: backend auto picks for fp16/bf16
-        inputs}``, fp32 on CPU).
+        A JSON-ready dict with ``versions`` (``"not installed"`` for an absent optional
+        package; ``cuda`` is the CUDA version torch was built with, ``"none"`` for a CPU-only
+        build), ``device``, ``backends`` (``{op: {backend: "available" or the reason it cannot
+        run}}``) and ``auto`` (``{op: backend auto picks for bf16 inputs}``, fp32 on CPU).
+
+    >>> info("cpu")["backends"]["ess_attention"]["torch"]
+    'available'
     """
     from . import __version__
 
@@ -35,7 +41,8 @@ def info(device: Optional[str] = None) -> Dict[str, Any]:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     ctx = dict(device=dev, dtype=dtype, head_dim=128, seqlen_q=1, seqlen_k=1024, batch=1,
                vocab=32000, hidden=4096, requires_grad=False, sampling=None)
-    backends = {op: dispatch.available(op, **ctx) for op in dispatch.ops()}
+    backends = {op: {name: why or AVAILABLE for name, why in dispatch.available(op, **ctx).items()}
+                for op in dispatch.ops()}
     auto = {}
     for op in dispatch.ops():
         try:
@@ -44,7 +51,7 @@ def info(device: Optional[str] = None) -> Dict[str, Any]:
             auto[op] = f"error: {e}"
     return {
         "versions": {"safekern": __version__, "python": platform.python_version(),
-                     "torch": torch.__version__, "cuda": torch.version.cuda,
+                     "torch": torch.__version__, "cuda": torch.version.cuda or "none",
                      "triton": _version("triton"), "transformers": _version("transformers"),
                      "flash_attn": _version("flash_attn"), "flashinfer": _version("flashinfer")},
         "device": {"type": dev.type, "name": name},

@@ -1,4 +1,4 @@
-"""Command line: ``safekern bench | info | train | demo``."""
+"""Command line: ``safekern bench | info | train | demo``; ``DESCRIPTION`` is what --help says."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,25 @@ import json
 import sys
 from typing import List, Optional
 
+DESCRIPTION = ("safekern: fused kernels for explicit safety signals (ESS) in LLMs. "
+               "Subcommands: bench (strategic decoding overhead and engine speed), info "
+               "(versions and runnable backends), train (the tiny ESS model), demo (safety off vs "
+               "strategic decoding). Spec: docs/DESIGN.md; targets: docs/PERFORMANCE.md.")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every option's help, except where there is nothing to say
+    (flags, and defaults that depend on other options, which the help text explains)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _print_info(_args) -> int:
+    print(json.dumps(__import__("safekern").info(), indent=2))
+    return 0
 
 
 def _bench(args) -> int:
@@ -49,30 +68,36 @@ def _demo(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="safekern", description=__doc__)
+    p = argparse.ArgumentParser(prog="safekern", description=DESCRIPTION,
+                                formatter_class=_HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="strategic decoding overhead per token (P1) and engine vs "
+    b = sub.add_parser("bench", formatter_class=_HelpFormatter,
+                       help="strategic decoding overhead per token (P1) and engine vs "
                        "transformers generate (P2) on the embedded default model")
-    b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--shape", default="tiny", choices=["tiny", "small", "llama3-8b"],
-                   help="model shape, random weights (default: the embedded tiny Llama; small: "
+                   help="model shape, random weights (tiny: the embedded tiny Llama; small: "
                    "hidden 1024, 8 layers, vocab 32000)")
-    b.add_argument("--backend", default="auto")
-    b.add_argument("--batch", type=int, nargs="+", help="batch sizes (cpu: 1 4, cuda: 1 16 64)")
-    b.add_argument("--prompt-tokens", type=int, help="prompt length (cpu: 64, cuda: 1024)")
-    b.add_argument("--new-tokens", type=int, help="tokens per sequence (cpu: 64, cuda: 256)")
-    b.add_argument("--reps", type=int, help="timed repetitions per provider (default 15, --quick 3)")
+    b.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
+                   help="backend of the safekern ops")
+    b.add_argument("--batch", type=int, nargs="+",
+                   help="batch sizes (default: cpu 1 4, cuda 1 16 64)")
+    b.add_argument("--prompt-tokens", type=int, help="prompt length (default: cpu 64, cuda 1024)")
+    b.add_argument("--new-tokens", type=int, help="tokens per sequence (default: cpu 64, cuda 256)")
+    b.add_argument("--reps", type=int,
+                   help="timed repetitions per provider (default: 15, with --quick 3)")
     b.add_argument("--quick", action="store_true", help="batch 1, 32 tokens, 3 reps")
     b.add_argument("--out", default="bench_out", help="directory for the CSV and PNG")
     b.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the tiny model's matmuls are too small "
-                   "to gain from more, and on a loaded machine thread pools spin; 0 = torch "
-                   "default)")
+                   help="torch CPU threads (1: the tiny model's matmuls are too small to gain "
+                   "from more, and on a loaded machine thread pools spin; 0 = torch's default)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=_bench)
-    i = sub.add_parser("info", help="print versions, device and runnable backends as JSON")
-    i.set_defaults(fn=lambda a: print(json.dumps(__import__("safekern").info(), indent=2)) or 0)
-    t = sub.add_parser("train", help="train an ESS delta: --model smollm2 (real model) or --tiny")
+    i = sub.add_parser("info", formatter_class=_HelpFormatter,
+                       help="print versions, device and runnable backends as JSON")
+    i.set_defaults(fn=_print_info)
+    t = sub.add_parser("train", formatter_class=_HelpFormatter,
+                       help="train an ESS delta: --model smollm2 (real model) or --tiny")
     t.add_argument("--model", default=None, help="smollm2: the frozen-LM recipe on the real "
                    "model (writes the delta to --out, default ~/.cache/safekern/smollm2-ess); "
                    "tiny: same as --tiny")
@@ -80,20 +105,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "query windows only (the paper), not on response windows too")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--tiny", action="store_true", help="the embedded tiny Llama recipe")
-    t.add_argument("--out", default=None, help="output dir (default $SAFEKERN_CACHE or "
+    t.add_argument("--out", default=None, help="output dir (default: $SAFEKERN_CACHE or "
                    "~/.cache/safekern/tiny)")
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=32, help="rows per step")
+    t.add_argument("--seed", type=int, default=0, help="seed of the weights and data order")
     t.set_defaults(fn=_train)
-    d = sub.add_parser("demo", help="safety off vs strategic decoding, side by side")
+    d = sub.add_parser("demo", formatter_class=_HelpFormatter,
+                       help="safety off vs strategic decoding, side by side")
     d.add_argument("--model", default=None, help="smollm2 (default when installed), tiny, or a "
-                   "dir written by `safekern train --tiny` (tiny: trained first when missing)")
-    d.add_argument("--delta", default=None, help="real model: ESS delta dir (default: shipped)")
-    d.add_argument("--per-kind", type=int, default=3)
+                   "dir written by 'safekern train --tiny' (tiny: trained first when missing)")
+    d.add_argument("--delta", default=None, help="real model: ESS delta dir (default: the "
+                   "shipped one)")
+    d.add_argument("--per-kind", type=int, default=3,
+                   help="held-out prompts per kind (benign, borderline, harmful, prefill attack)")
     d.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens per answer (default 48 real, 32 tiny)")
-    d.add_argument("--backend", default="auto")
+                   help="tokens generated per prompt (default 48 real model, 32 tiny)")
+    d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
+                   help="backend of the safekern ops")
     d.set_defaults(fn=_demo)
     args = p.parse_args(argv)
     return args.fn(args)

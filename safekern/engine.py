@@ -1,4 +1,4 @@
-"""Batched strategic decoding over Llama-family transformers models (DESIGN.md §2-§5).
+"""Batched strategic decoding over Llama-family transformers models (docs/DESIGN.md §2-§5).
 
 One generic forward walks the model's own modules (``embed_tokens``, ``layers[i]`` with
 ``input_layernorm``, ``self_attn.{q,k,v,o}_proj`` (Qwen2 biases included),
@@ -13,7 +13,7 @@ Per decode step and sequence, two query rows share one forward pass (Lq = 2):
 * the [CLS] row at ``q_pos = 0`` when the sequence re-evaluates this step (``-1`` otherwise:
   a padding row that costs nothing and writes nothing). In every layer its fresh K/V overwrite
   cache slot 0 *before* that layer's attention, so the token row of the same step already sees
-  the refreshed [CLS] (DESIGN.md §3, KV-cache semantics).
+  the refreshed [CLS] (docs/DESIGN.md §3, KV-cache semantics).
 
 Prompts of different lengths are right-padded (never left-padded): padding rows get
 ``q_pos = -1`` and ``seqlens_k`` hides padding keys, so RoPE positions equal indices.
@@ -641,7 +641,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int,
              stream: Optional[Callable[[int, List[Optional[int]], List[float]], None]] = None,
              stop: Optional[Sequence[str]] = None, backend: str = "auto",
              chat_template: bool = True, **engine_kw) -> List[GenerationResult]:
-    """Strategic decoding (DESIGN.md §4) for a batch of user messages.
+    """Strategic decoding (docs/DESIGN.md §4) for a batch of user messages.
 
     Args:
         model, tokenizer: a Llama/Mistral/Qwen2 transformers model and its tokenizer, after

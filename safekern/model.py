@@ -1,9 +1,9 @@
 """Attach the ESS [CLS] token and safety head to a transformers causal LM; save/load the delta.
 
-``attach`` adds one special token (prepended at index 0, before BOS; DESIGN.md §2), a safety head
-``p_unsafe = sigmoid(w . h_cls + b)`` (or a 2-class head) and records where the user's query sits
-in a chat-templated prompt. ``encode_prompts`` builds the per-sequence layout the engine and the
-training recipe share::
+``attach`` adds one special token (prepended at index 0, before BOS; docs/DESIGN.md §2), a
+safety head ``p_unsafe = sigmoid(w . h_cls + b)`` (or a 2-class head) and records where the
+user's query sits in a chat-templated prompt. ``encode_prompts`` builds the per-sequence layout
+the engine and the training recipe share::
 
     index:  0      1     ...                 P-1 | P ...
             [CLS]  BOS   template  query  template | response (prefill) tokens
@@ -62,7 +62,7 @@ class SafetyConfig:
 
 @dataclass
 class EncodedPrompts:
-    """Token ids of a batch laid out as DESIGN.md §2 (one unpadded list per sequence).
+    """Token ids of a batch laid out as docs/DESIGN.md §2 (one unpadded list per sequence).
 
     Attributes:
         ids: per sequence the prompt ids followed by the prefill (forced response) ids.

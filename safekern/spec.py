@@ -15,7 +15,7 @@ import torch
 POLICIES = ("low", "medium", "high")
 SCHEDULES = ("first", "each", "periodic", "annealing")
 
-# Per-sequence controller modes (DESIGN.md §4), stored as int32 in EssState.mode.
+# Per-sequence controller modes (docs/DESIGN.md §4), stored as int32 in EssState.mode.
 PENDING, BENIGN, SUSPECT, REFUSING = 0, 1, 2, 3
 # Sentinel for "never evaluate again" in EssState.next_eval (fits in int32).
 NEVER = 2**31 - 1
@@ -41,7 +41,7 @@ def _check_real(name: str, value, lo: float, hi: float, lo_open: bool = False) -
 
 @dataclass(frozen=True)
 class EssConfig:
-    """Strategic decoding configuration (DESIGN.md §4).
+    """Strategic decoding configuration (docs/DESIGN.md §4).
 
     Attributes:
         r1: response tokens in the first evaluation window (rule 1).
@@ -52,9 +52,9 @@ class EssConfig:
         policy: ``"low"`` (record only), ``"medium"`` (force the refusal prefix, then sample
             freely), ``"high"`` (force the refusal prefix, then end the sequence).
         schedule: when a BENIGN sequence is re-evaluated: ``"first"`` (never), ``"each"``
-            (every step), ``"periodic"`` (every ``period`` tokens), ``"annealing"`` (intervals
-            ``anneal_start * anneal_growth**i`` while the response has at most ``anneal_stop``
-            tokens, then never).
+            (every step), ``"periodic"`` (every ``period`` tokens), ``"annealing"`` (interval
+            ``anneal_start``, then ``max(interval + 1, floor(interval * anneal_growth))``;
+            evaluation points past ``anneal_stop`` response tokens become never).
         first_at: the first evaluation happens at the first step with ``n >= first_at``
             response tokens (0 = at prefill).
         refusal_text: the prefix forced by the medium and high policies.
@@ -186,7 +186,7 @@ _STATE_FIELDS = ("prompt_len", "query_start", "query_end", "seq_len", "mode", "f
 
 @dataclass
 class EssState:
-    """Batched per-sequence strategic-decoding state (DESIGN.md §4), all tensors on one device.
+    """Batched per-sequence strategic-decoding state (docs/DESIGN.md §4), on one device.
 
     Every field is a ``(B,)`` int32 tensor except ``evaluating``/``finished`` (bool) and
     ``refusal_ids`` (``(R,)`` int64). Kernels read and update it in place, so the decode loop

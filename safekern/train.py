@@ -1,6 +1,6 @@
-"""ESS training recipe (DESIGN.md §1): collator, phase masks, joint loss, a ``Trainer`` subclass.
+"""ESS training recipe (docs/DESIGN.md §1): collator, phase masks, joint loss, ``EssTrainer``.
 
-Layout of one training row (right padded, DESIGN.md §2)::
+Layout of one training row (right padded, docs/DESIGN.md §2)::
 
     index:  0      1     ...  P-1 | P ...                  len-1 | len ... L-1
             [CLS]  BOS   prompt   | prefill  response  end EOS | <pad>

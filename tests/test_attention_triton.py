@@ -1,4 +1,4 @@
-"""The Triton ESS attention kernels against the float64 reference (DESIGN.md §3, §7).
+"""The Triton ESS attention kernels against the float64 reference (docs/DESIGN.md §3, §7).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest); the ``cuda`` parameter runs
 the very same cases on a GPU. Outputs are poisoned with NaN before each launch and keys past

@@ -1,4 +1,4 @@
-"""The batched ESS controller (DESIGN.md §4) on hand-written traces."""
+"""The batched ESS controller (docs/DESIGN.md §4) on hand-written traces."""
 import torch
 
 from safekern.reference import forced_tokens, plan_step, update_state

@@ -183,7 +183,7 @@ def test_ess_cls_windows_change_only_the_cls_row():
     diff = (a - b).abs().amax(dim=-1)
     assert torch.all(diff[:, 0] > 1e-6)
     assert torch.all(diff[:, 1:P] == 0)   # prompt rows never read the [CLS]; response rows
-    # read key 0, whose K/V in layer 2 come from the re-evaluated [CLS] row (DESIGN.md §3).
+    # read key 0, whose K/V in layer 2 come from the re-evaluated [CLS] row (docs/DESIGN.md §3).
 
 
 def test_ess_kwargs_reach_every_layer_and_key_bias_applies(monkeypatch):
@@ -277,9 +277,20 @@ def test_missing_transformers_says_what_to_install(monkeypatch):
         hf.register()
 
 
+def test_transformers_below_the_floor_says_which_version(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(hf, "_registered", False)
+    # sys.modules' entry, not this module's `transformers`: transformers swaps in another
+    # module object once a model class has been imported.
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "5.3.0")
+    with pytest.raises(ImportError, match=r"transformers>=5\.6\.2.*found 5\.3\.0"):
+        hf.register()
+
+
 # ------------------------------------------------------------------------- triton backend
 
-TRITON_HEAD_DIM = 32          # a head dim the Triton kernel family must support (DESIGN.md §3)
+TRITON_HEAD_DIM = 32          # a head dim the Triton kernels must support (docs/DESIGN.md §3)
 
 
 def _triton_reason():

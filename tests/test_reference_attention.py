@@ -10,7 +10,7 @@ from safekern.reference import default_q_pos, ess_attention_ref
 
 
 def dense_mask(q_pos, seqlens_k, Lk, causal, response_start, cls_windows):
-    """Element-by-element transcription of DESIGN.md §3 (deliberately loop-based)."""
+    """Element-by-element transcription of docs/DESIGN.md §3 (deliberately loop-based)."""
     B, Lq = q_pos.shape
     m = torch.zeros(B, Lq, Lk, dtype=torch.bool)
     for b in range(B):

@@ -246,6 +246,20 @@ def test_torchrun_matches_single_process(tmp_path):
     assert single["losses"][-1] < single["losses"][0]
 
 
+def test_example_script_trains_and_saves(tmp_path):
+    """examples/train_ess.py (docs/TRAINING.md) runs on the tiny model and writes a checkpoint
+    plus delta that load_tiny restores."""
+    from safekern.train import load_tiny
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "examples" / "train_ess.py"), "--tiny", "--max-steps", "2",
+           "--batch-size", "2", "--max-length", "128", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    model, tok = load_tiny(str(tmp_path / "final"))
+    assert model.safety_head.out_features == 1 and model.safekern.cls_token in tok.get_vocab()
+
+
 # ---------------------------------------------------------------------------------- data
 
 def test_dataset_splits():

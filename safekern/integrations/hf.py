@@ -19,7 +19,8 @@ Semantics without ESS metadata: exactly transformers' causal attention with padd
 ``sdpa``/``eager`` compute): the query at cache index ``i`` sees key ``j`` iff ``j <= i`` and
 ``attention_mask[b, j] == 1``.
 
-- Right padding (DESIGN.md §2, the project's layout): keys ``j < seqlens_k[b]``, the fast path.
+- Right padding (docs/DESIGN.md §2, the project's layout): keys ``j < seqlens_k[b]``, the fast
+  path.
 - Left padding (what ``generate`` uses for decoder-only models) and the holes that right-padded
   ``generate`` leaves between prompt and new tokens: also exact. Padded keys get a large
   negative ``key_bias`` (linear memory, ``(B, 1, Lk)``) and query rows that precede every valid
@@ -30,7 +31,7 @@ Semantics without ESS metadata: exactly transformers' causal attention with padd
 ESS metadata: keyword arguments of ``model(...)`` that transformers forwards to every attention
 call of Llama, Mistral and Qwen2 (and any model whose layers pass ``**kwargs`` down):
 
-- ``response_start``: ``(B,)`` int tensor. Given => ESS mode (DESIGN.md §3): normal rows see
+- ``response_start``: ``(B,)`` int tensor. Given => ESS mode (docs/DESIGN.md §3): normal rows see
   key 0 (the [CLS]) only from ``response_start`` on; the row at index 0 is the [CLS] row.
   Needs right padding (the [CLS] sits at index 0).
 - ``cls_windows``: ``(B, W, 2)`` int ``[start, end)`` key windows of the [CLS] row.
@@ -64,6 +65,8 @@ from .._checks import no_value_checks
 from ..ops.attention import ess_attention
 
 ATTN_IMPLEMENTATION = "safekern"
+# pyproject.toml's floor, the oldest version CI installs and tests (.ci/run).
+MIN_TRANSFORMERS = "5.6.2"
 
 # Bias that removes a padded key when the valid keys are not a prefix. Finite on purpose: a
 # tile made only of such keys must keep the online softmax finite (exp(-inf - -inf) = NaN),
@@ -83,10 +86,17 @@ _registered = False
 
 def _transformers():
     try:
-        return importlib.import_module("transformers")
+        tf = importlib.import_module("transformers")
     except ImportError as e:
         raise ImportError("safekern.integrations.hf needs transformers: pip install "
-                          "'transformers>=5'") from e
+                          f"'transformers>={MIN_TRANSFORMERS}'") from e
+    from packaging.version import Version  # a dependency of transformers
+
+    if Version(tf.__version__).release < Version(MIN_TRANSFORMERS).release:
+        raise ImportError(f"safekern needs transformers>={MIN_TRANSFORMERS} (older versions call "
+                          f"attention mask functions differently), found {tf.__version__}: "
+                          f"pip install -U 'transformers>={MIN_TRANSFORMERS}'")
+    return tf
 
 
 def _masking_utils():
@@ -94,7 +104,7 @@ def _masking_utils():
     mu = importlib.import_module("transformers.masking_utils")
     if not hasattr(mu, "AttentionMaskInterface"):
         raise ImportError("safekern.integrations.hf needs a transformers version with "
-                          "masking_utils.AttentionMaskInterface (tested with 5.23): "
+                          f"masking_utils.AttentionMaskInterface (>= {MIN_TRANSFORMERS}): "
                           "pip install -U transformers")
     return mu
 
@@ -245,7 +255,7 @@ def safekern_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     response_start = kwargs.get("response_start")
     if response_start is not None and pad_bias is not None:
         raise ValueError("ESS metadata (response_start) needs right-padded sequences with the "
-                         "[CLS] token at index 0 (DESIGN.md §2); this attention_mask has "
+                         "[CLS] token at index 0 (docs/DESIGN.md §2); this attention_mask has "
                          "padding before valid tokens")
     key_bias = kwargs.get("key_bias")
     if pad_bias is not None and key_bias is not None:

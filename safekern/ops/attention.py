@@ -1,4 +1,4 @@
-"""ESS attention (DESIGN.md §3): Triton kernels, launchers, validation and the public function.
+"""ESS attention (docs/DESIGN.md §3): Triton kernels, launchers, validation, public function.
 
 The math is defined by ``safekern.reference.ess_attention_ref``. The ``torch`` backend runs the
 reference, except for fp32 inference calls with a finite result, which take SDPA over the

@@ -1,4 +1,4 @@
-"""Fused head + safety + sampling step (DESIGN.md §5): validation, dispatch, public function.
+"""Fused head + safety + sampling step (docs/DESIGN.md §5): validation, dispatch, public function.
 
 The math is defined by ``safekern.reference.head_sample_ref``; fast kernels register
 themselves as backends of the ``"head_sample"`` op.

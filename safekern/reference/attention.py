@@ -1,4 +1,4 @@
-"""Reference ESS attention (DESIGN.md §3): the oracle every attention kernel is tested against.
+"""Reference ESS attention (docs/DESIGN.md §3): the oracle every attention kernel is tested on.
 
 Dense and simple on purpose: it materialises the (Lq, Lk) visibility mask per batch row, so it
 is for tests, benchmarks baselines and CPU inference, not for long contexts.
@@ -89,7 +89,7 @@ def ess_attention_ref(
     return_lse: bool = False,
     compute_dtype: Optional[torch.dtype] = None,
 ):
-    """ESS attention, the definition (DESIGN.md §3). Inputs are assumed valid.
+    """ESS attention, the definition (docs/DESIGN.md §3). Inputs are assumed valid.
 
     Args:
         q: ``(B, Lq, Hq, D)``; k, v: ``(B, Lk, Hkv, D)`` with ``Hq % Hkv == 0``. Query head

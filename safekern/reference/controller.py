@@ -1,5 +1,5 @@
-"""Reference batched ESS controller (DESIGN.md §4): which sequences evaluate, over which windows,
-and how a verdict updates the state. Pure tensor code, no host synchronisation, any device.
+"""Reference batched ESS controller (docs/DESIGN.md §4): which sequences evaluate, over which
+windows, and how a verdict updates the state. Pure tensor code, no host synchronisation, any device.
 
 One decode step, as the engine runs it:
   1. ``windows = plan_step(state, ess)``: sets ``state.evaluating``; the [CLS] row of each

@@ -1,4 +1,4 @@
-"""Reference fused head + safety + sampling step (DESIGN.md §5).
+"""Reference fused head + safety + sampling step (docs/DESIGN.md §5).
 
 Order: safety score -> state/decision update -> forced token (refusal prefix) or
 temperature -> top-k -> top-p -> min-p -> sample.
