@@ -208,3 +208,54 @@ def test_torch_compile_traces_without_graph_break():
     want = torch.autograd.grad(loss(*leaves), leaves)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+_COMPILE_BWD_FOR_SM90 = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+import safekern.ops._attention_bwd as A
+
+def build(fn, warps, stages, dtype, **consts):
+    ptrs = dict(LSE="*fp32", DELTA="*fp32", DKB="*fp32", KB="*fp32", QPOS="*i32",
+                SEQLENS="*i32", RSTART="*i32", CW="*i32")
+    sig = {n: "constexpr" if n in consts else ptrs.get(
+        n, f"*{dtype}" if n in ("Q", "K", "V", "DO", "DQ", "DK", "DV") else
+        ("fp32" if n in ("qk_scale", "sm_scale") else "i32")) for n in fn.arg_names}
+    src = triton.compiler.ASTSource(fn, sig, consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+import torch
+for D, dtype, tdt in ((128, "bf16", torch.bfloat16), (64, "fp16", torch.float16),
+                      (128, "fp32", torch.float32)):
+    (m1, n1), (m2, n2), warps, stages = A._bwd_config(D, tdt, torch.device("cuda"))
+    common = dict(HAS_QPOS=True, HAS_SEQLENS=True, CAUSAL=True, IS_ESS=True, HAS_BIAS=True,
+                  HEAD_DIM=D, BLOCK_D=D, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
+                  UPCAST_DOT=False)
+    dkdv = build(A._ess_attn_bwd_dkdv, warps, stages, dtype, BIAS_GRAD=True, BLOCK_M=m1,
+                 BLOCK_N=n1, **common)
+    dq = build(A._ess_attn_bwd_dq, warps, stages, dtype, BLOCK_M=m2, BLOCK_N=n2, **common)
+    if dtype != "fp32":  # fp32 takes full-precision (ieee) dots, not tensor cores
+        assert "mma" in dkdv.asm["ptx"] and "mma" in dq.asm["ptx"], "dots missed tensor cores"
+    print(D, dtype, dkdv.metadata.shared, dq.metadata.shared)
+print("ok")
+"""
+
+
+def test_backward_kernels_compile_for_h100():
+    """ptxas (sm_90) on the backward kernels at their GPU tile sizes: types across branches
+    and shared memory, which the interpreter forgives, on a machine without a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    res = subprocess.run([sys.executable, "-c", _COMPILE_BWD_FOR_SM90], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("ok"), res.stderr[-3000:]
