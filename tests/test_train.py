@@ -1,5 +1,6 @@
 """Training recipe: collator layout, phase masks through the reference attention, joint loss,
-Trainer under torchrun (2 CPU processes) vs one process, the embedded dataset, the tiny CLI."""
+the kernel path vs the reference, Trainer (DDP) and FSDP2 under torchrun (2 CPU processes) vs
+one process, the embedded dataset, the tiny CLI."""
 import os
 import subprocess
 import sys
@@ -265,12 +266,14 @@ def _run_script(out, *args, nproc=None):
 
 def test_torchrun_matches_single_process(tmp_path):
     """EssTrainer under torchrun (2 gloo processes, 2 rows each) == one process (4 rows) ==
-    one process with 2 rows x 2 accumulation steps: same losses and parameters."""
+    one process with 2 rows x 2 accumulation steps == the recipe's loss on an FSDP2-sharded
+    model (fully_shard, 2 gloo processes): same losses and parameters."""
     single = _run_script(tmp_path / "single.pt", "--batch-size", "4")
     accum = _run_script(tmp_path / "accum.pt", "--batch-size", "2", "--grad-accum", "2")
     dist = _run_script(tmp_path / "dist.pt", "--batch-size", "2", nproc=2)
+    fsdp = _run_script(tmp_path / "fsdp.pt", "--batch-size", "2", "--fsdp", nproc=2)
     assert len(single["losses"]) == 3
-    for other in (accum, dist):
+    for other in (accum, dist, fsdp):
         torch.testing.assert_close(torch.tensor(other["losses"]), torch.tensor(single["losses"]),
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(other["params"], single["params"], rtol=1e-5, atol=1e-5)
