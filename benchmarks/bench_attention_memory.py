@@ -6,7 +6,7 @@ peak memory the step adds on top of what is live before it (inputs and their gra
 buffers excluded), and the ratio to the previous length (4x per doubling = quadratic, 2x =
 linear).
 
-    python benchmarks/bench_attention_memory.py                # CPU: reference vs Triton (interpreter)
+    python benchmarks/bench_attention_memory.py    # CPU: reference vs Triton (interpreter)
     python benchmarks/bench_attention_memory.py --lengths 1024 4096 16384 --heads 32 8 --dim 128
 
 On a GPU the peak is ``torch.cuda.max_memory_allocated``; on a CPU it is the process's
