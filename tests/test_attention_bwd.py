@@ -259,3 +259,22 @@ def test_backward_kernels_compile_for_h100():
     res = subprocess.run([sys.executable, "-c", _COMPILE_BWD_FOR_SM90], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.rstrip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) outputs vs real ones (shapes, strides), autograd registration and
+    AOT dispatch of the two custom ops, on strided (B, H, S, D) views."""
+    from safekern.ops.attention import _ess_attention_bwd_op, _ess_attention_fwd_op
+
+    g = torch.Generator().manual_seed(14)
+    q = torch.randn(1, 4, 19, 32, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 2, 19, 32, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, 2, 19, 32, generator=g).transpose(1, 2).requires_grad_()
+    kb = torch.randn(1, 1, 19, generator=g).requires_grad_()
+    meta = (None, i32([17]), i32([5]), i32([[[1, 4]]]), kb)
+    torch.library.opcheck(_ess_attention_fwd_op, (q, k, v, *meta, 0.2, True))
+    o, lse = _ess_attention_fwd_op(q, k, v, *meta, 0.2, True)
+    do = torch.randn(1, 19, 4, 32, generator=g)
+    torch.library.opcheck(_ess_attention_bwd_op, (do, q.detach(), k.detach(), v.detach(),
+                                                  o.detach(), lse.detach(), torch.zeros_like(lse),
+                                                  *meta[:4], kb.detach(), 0.2, True, True))

@@ -320,7 +320,7 @@ def attention_bwd_triton(do, q, k, v, o, lse, dlse=None, *, softmax_scale=None, 
     if bias_grad and key_bias is None:
         raise ValueError("bias_grad=True needs key_bias")
     scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dq = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=dev)
     dk = torch.empty(B, Lk, Hkv, D, dtype=k.dtype, device=dev)
     dv = torch.empty(B, Lk, Hkv, D, dtype=v.dtype, device=dev)
     # delta_i = rowsum(dO * O) (the softmax's Jacobian term), linear in L

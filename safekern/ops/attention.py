@@ -554,7 +554,8 @@ def _ess_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @_ess_attention_fwd_op.register_fake
-def _(q, k, v, q_pos, seqlens_k, response_start, cls_windows, key_bias, softmax_scale, causal):
+def _ess_attention_fwd_fake(q, k, v, q_pos, seqlens_k, response_start, cls_windows, key_bias,
+                            softmax_scale, causal):
     B, Lq, Hq, D = q.shape
     return q.new_empty(B, Lq, Hq, D), q.new_empty(B, Hq, Lq, dtype=torch.float32)
 
@@ -567,7 +568,7 @@ def _ess_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           cls_windows: Optional[torch.Tensor], key_bias: Optional[torch.Tensor],
                           softmax_scale: float, causal: bool, bias_grad: bool
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ._attention_bwd import attention_bwd_triton
+    from ._attention_bwd import attention_bwd_triton  # it imports this module's jit helpers
 
     dq, dk, dv, dkb = attention_bwd_triton(
         do, q, k, v, o, lse, dlse, softmax_scale=softmax_scale, causal=causal, q_pos=q_pos,
@@ -578,10 +579,11 @@ def _ess_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 
 @_ess_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, dlse, q_pos, seqlens_k, response_start, cls_windows, key_bias,
-      softmax_scale, causal, bias_grad):
-    dkb = torch.empty_like(key_bias) if bias_grad else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dkb
+def _ess_attention_bwd_fake(do, q, k, v, o, lse, dlse, q_pos, seqlens_k, response_start,
+                            cls_windows, key_bias, softmax_scale, causal, bias_grad):
+    # contiguous, as the launcher allocates them (whatever the strides of q, k, v)
+    dkb = key_bias.new_empty(key_bias.shape) if bias_grad else q.new_empty(0, dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dkb
 
 
 def _fwd_setup_context(ctx, inputs, output):
