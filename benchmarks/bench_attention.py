@@ -7,6 +7,10 @@ Questions answered (docs/PERFORMANCE.md P3, P4):
   decode   KV cache ctx >= 8k, batch 1..64: the fused ESS step (token row + [CLS] row,
            windows, key bias) vs the same kernel with ESS off (one token row), SDPA,
            FlexAttention, flash_attn_with_kvcache, and the copy bandwidth ceiling.
+  train    forward + backward (dq, dk, dv) of the prefill shapes: safekern (ESS + key bias,
+           ESS off) vs the reference, FlexAttention (same mask_mod/score_mod), SDPA and
+           flash-attn causal; TFLOP/s (3.5x the forward's causal FLOPs) and, on a GPU, the
+           peak memory allocated by one step.
 
     python benchmarks/bench_attention.py            # GPU shapes (needs CUDA)
     python benchmarks/bench_attention.py --quick    # small CPU shapes, < 1 minute
@@ -32,7 +36,7 @@ if not torch.cuda.is_available():  # before safekern defines its kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from safekern.ops.attention import _attention_triton  # noqa: E402
+from safekern.ops.attention import _attention_triton, _ess_attention_fwd_op  # noqa: E402
 from safekern.benchmarking import environment, format_table, time_fn, write_csv  # noqa: E402
 from safekern.reference import ess_attention_ref  # noqa: E402
 
@@ -203,6 +207,69 @@ def bench_decode(device, dtype, ctxs, batches, Hq, Hkv, D, reps) -> List[dict]:
     return rows
 
 
+def _fwd_bwd(fwd, leaves, do):
+    """One training step of an attention provider: forward, then dq, dk, dv."""
+    def step():
+        torch.autograd.grad(fwd(*leaves), leaves, do)
+    return step
+
+
+def _peak_mb(fn, device) -> Optional[float]:
+    """Peak memory one call allocates beyond what is live before it (GPU only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def bench_train(device, dtype, shapes, Hq, Hkv, D, reps, ref_max_bytes) -> List[dict]:
+    """Forward + backward. safekern runs its training path (the autograd custom op, i.e.
+    forward kernel + backward kernels), without the public function's value checks."""
+    rows = []
+    for B, L in shapes:
+        g = torch.Generator(device=device).manual_seed(2)
+        q = torch.randn(B, L, Hq, D, device=device, dtype=dtype, generator=g)
+        k = torch.randn(B, L, Hkv, D, device=device, dtype=dtype, generator=g)
+        v = torch.randn(B, L, Hkv, D, device=device, dtype=dtype, generator=g)
+        do = torch.randn(B, L, Hq, D, device=device, dtype=dtype, generator=g)
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        meta, kb = ess_metadata(B, L, Hq, device, decode=False)
+        scale = D ** -0.5
+
+        def safekern(ess, bias):
+            m = meta if ess else dict(q_pos=None, response_start=None, cls_windows=None)
+            return lambda q, k, v: _ess_attention_fwd_op(
+                q, k, v, m["q_pos"], None, m["response_start"], m["cls_windows"],
+                kb if bias else None, scale, True)[0]
+
+        fwds = {"safekern_ess_off": safekern(False, False),
+                "safekern_ess_bias": safekern(True, True)}
+        if B * Hq * L * L * 4 * 6 <= ref_max_bytes:  # scores, probabilities and their grads
+            fwds["reference"] = lambda q, k, v: ess_attention_ref(q, k, v, key_bias=kb, **meta)
+        providers = {name: _fwd_bwd(f, leaves, do) for name, f in fwds.items()}
+        # SDPA and FlexAttention return (B, H, L, D): back to the (B, L, H, D) of do
+        for name, fn in {**sdpa_providers(q, k, v, causal=True),
+                         **flex_providers(q, k, v, meta, kb, device)}.items():
+            providers[name] = _fwd_bwd(lambda *_, fn=fn: fn().transpose(1, 2), leaves, do)
+        for name, fn in flash_attn_providers(q, k, v, decode=False).items():
+            providers[name] = _fwd_bwd(lambda *_, fn=fn: fn(), leaves, do)
+        print(f"train (fwd+bwd) B={B} L={L}")
+        flops = 3.5 * 4 * B * Hq * D * L * L / 2  # causal forward x (1 + 2.5 for the backward)
+        for name, ms in measure(providers, device, reps).items():
+            if ms is not None:
+                row = {"bench": "train", "provider": name, "batch": B, "seqlen": L, "ms": ms,
+                       "tflops": flops / (ms * 1e-3) / 1e12}
+                peak = _peak_mb(providers[name], device)
+                if peak is not None:
+                    row["peak_mb"] = peak
+                rows.append(row)
+    return rows
+
+
 def targets(rows: List[dict]) -> List[dict]:
     """The docs/PERFORMANCE.md ratios: P3 (prefill vs FA2 and FlexAttention), P4 (decode vs copy
     bandwidth; ESS on vs off is already a row per shape)."""
@@ -210,15 +277,15 @@ def targets(rows: List[dict]) -> List[dict]:
     by = {(r["bench"], r["provider"], r.get("batch"), r.get("seqlen")): r for r in rows}
     copy = next((r["gbps"] for r in rows if r["bench"] == "copy"), None)
     for (bench, prov, B, L), r in by.items():
-        if bench == "prefill" and prov in ("safekern_ess_off", "safekern_ess_bias"):
+        if bench in ("prefill", "train") and prov in ("safekern_ess_off", "safekern_ess_bias"):
             fa2 = by.get((bench, "flash_attn", B, L)) or by.get((bench, "sdpa_flash", B, L))
             flex = by.get((bench, "flex_incl_mask_build", B, L))
             if fa2 and prov == "safekern_ess_off":
-                out.append({"bench": "P3", "provider": f"{prov}/{fa2['provider']}", "batch": B,
-                            "seqlen": L, "ratio": r["tflops"] / fa2["tflops"]})
+                out.append({"bench": f"P3 {bench}", "provider": f"{prov}/{fa2['provider']}",
+                            "batch": B, "seqlen": L, "ratio": r["tflops"] / fa2["tflops"]})
             if flex and prov == "safekern_ess_bias":
-                out.append({"bench": "P3", "provider": f"{prov}/flex", "batch": B, "seqlen": L,
-                            "ratio": r["tflops"] / flex["tflops"]})
+                out.append({"bench": f"P3 {bench}", "provider": f"{prov}/flex", "batch": B,
+                            "seqlen": L, "ratio": r["tflops"] / flex["tflops"]})
         if bench == "decode" and prov == "safekern_ess" and copy:
             out.append({"bench": "P4", "provider": "safekern_ess/copy_bw", "batch": B,
                         "seqlen": L, "ratio": r["gbps"] / copy})
@@ -287,10 +354,11 @@ def main(argv=None):
           + ("  [CPU: Triton runs in the interpreter]" if device.type == "cpu" else ""))
     rows = bench_prefill(device, dtype, prefill_shapes, Hq, Hkv, D, reps, ref_max)
     rows += bench_decode(device, dtype, ctxs, batches, Hq, Hkv, D, reps)
+    rows += bench_train(device, dtype, prefill_shapes, Hq, Hkv, D, reps, ref_max)
     rows.append(copy_bandwidth(device, reps))
     rows += targets(rows)
     print(format_table(rows, ["bench", "provider", "batch", "seqlen", "ms", "tflops", "gbps",
-                              "ratio"]))
+                              "peak_mb", "ratio"]))
     print("csv:", write_csv(args.out + ".csv", rows, env))
     print("plot:", plot(rows, args.out + ".png", f"ess_attention on {env['device']}"))
     return 0

@@ -1,9 +1,9 @@
 """Input validation shared by the public ops: raise once, at the boundary, naming the argument.
 
 Shape/dtype/device checks are free. Value checks (ranges, NaN) read tensor contents, which
-synchronises with a GPU, so they are skipped while a CUDA graph is being captured or when
-``SAFEKERN_SKIP_VALUE_CHECKS=1``; internal callers that build their own inputs (the engine)
-call the unchecked launchers directly.
+synchronises with a GPU, so they are skipped while a CUDA graph is being captured, while
+``torch.compile`` traces, or when ``SAFEKERN_SKIP_VALUE_CHECKS=1``; internal callers that build
+their own inputs (the engine) call the unchecked launchers directly.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ INT_DTYPES = (torch.int32, torch.int64)
 
 def value_checks_enabled() -> bool:
     if getattr(_local, "skip", False) or os.environ.get("SAFEKERN_SKIP_VALUE_CHECKS", "0") == "1":
+        return False
+    if torch.compiler.is_compiling():  # a data-dependent check would break the graph
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 

@@ -41,6 +41,7 @@ from .integrations.hf import apply_safekern
 from .evaluation import is_refusal
 from .model import (_encode, _encode_template, attach, encode_prompts, load_safety,
                     save_safety, template_split)
+from .ops.dispatch import BACKENDS
 from .recipe import example_windows
 from .tiny import build_tokenizer, tiny_llama_config
 
@@ -211,8 +212,9 @@ class EssForTraining(nn.Module):
     Args:
         model: a transformers ``*ForCausalLM`` after ``safekern.attach`` (``model.safety_head``)
             and ``safekern.integrations.hf.apply_safekern`` (``attn_implementation="safekern"``).
-        attention_backend: ``ess_attention`` backend; ``"torch"`` (the reference, with autograd)
-            by default because the fused kernels have no backward yet.
+        attention_backend: ``ess_attention`` backend. ``"auto"`` (default) trains on the fused
+            Triton kernels (forward + FlashAttention-2-style backward, O(L) memory) on a GPU
+            and on the reference on a CPU; ``"triton"`` / ``"torch"`` force one.
 
     ``forward`` runs the decoder once with the phase-mask metadata and returns
     ``{"logits": (B, L, V), "cls_logits": (B,)}``: the safety head reads the final-norm hidden
@@ -222,7 +224,7 @@ class EssForTraining(nn.Module):
 
     accepts_loss_kwargs = True  # Trainer: count label tokens over the global batch
 
-    def __init__(self, model: nn.Module, attention_backend: str = "torch"):
+    def __init__(self, model: nn.Module, attention_backend: str = "auto"):
         super().__init__()
         for name in ("model", "lm_head", "safety_head"):
             if not hasattr(model, name):
@@ -233,6 +235,9 @@ class EssForTraining(nn.Module):
             raise ValueError(f"model must use attn_implementation='safekern' (got {impl!r}): call "
                              "safekern.integrations.hf.apply_safekern(model) so the phase masks "
                              "reach every layer")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got "
+                             f"{attention_backend!r}")
         self.lm, self.attention_backend = model, attention_backend
 
     def forward(self, input_ids, response_start, cls_windows, key_bias=None, **_ignored):

@@ -2,6 +2,11 @@
 
     python tests/dist_train_script.py OUT.pt --batch-size 4
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_train_script.py OUT.pt --batch-size 2
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_train_script.py OUT.pt --batch-size 2 --fsdp
+
+``--fsdp`` shards the model with FSDP2 (``fully_shard`` per decoder layer, then the root) and
+runs the recipe's loss in a plain loop with the Trainer's optimizer settings: accelerate only
+offers FSDP on accelerators, not on gloo/CPU processes.
 
 Same seeds, sequential sampling and the same global batch in every configuration, so the loss
 per step and the final parameters must agree (tests/test_train.py compares them). Rank 0 saves
@@ -20,6 +25,7 @@ def main():
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--fsdp", action="store_true")
     args = p.parse_args()
 
     from transformers import TrainerCallback, TrainingArguments
@@ -33,6 +39,8 @@ def main():
     n_rows = args.steps * args.batch_size * args.grad_accum * world
     rows = load_split("train")[:n_rows]
 
+    if args.fsdp:
+        return train_fsdp(model, tok, rows, args)
     losses = []
 
     class Record(TrainerCallback):
@@ -53,6 +61,49 @@ def main():
     if trainer.is_world_process_zero():
         params = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
         torch.save({"losses": losses, "params": params}, args.out)
+
+
+def train_fsdp(model, tok, rows, args):
+    """The EssTrainer update (AdamW, constant lr 1e-3, no decay, no clipping, LM term over the
+    global token count) on an FSDP2-sharded EssForTraining; sequential rows as the Trainer
+    shards them (rank r takes the r-th ``batch_size`` rows of each global batch)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from safekern.train import EssCollator, EssForTraining, compute_loss
+
+    torch.manual_seed(0)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    wrapped = EssForTraining(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(wrapped)
+    assert all(isinstance(m, FSDPModule) for m in [wrapped, *model.model.layers])
+    assert all(isinstance(p, DTensor) for p in wrapped.parameters())
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3, weight_decay=0.0)
+    collate = EssCollator(tok)
+    per_step = args.batch_size * world
+    losses = []
+    for step in range(args.steps):
+        global_rows = rows[step * per_step:(step + 1) * per_step]
+        batch = collate(global_rows[rank * args.batch_size:(rank + 1) * args.batch_size])
+        labels = collate(global_rows)["labels"]
+        count = (labels[:, 1:] != -100).sum()
+        # FSDP averages gradients over ranks: the LM sum over the global count times world
+        loss, _ = compute_loss(wrapped, batch, cls_weight=0.1, num_items_in_batch=count,
+                               lm_scale=float(world))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / world)
+    params = torch.cat([p.full_tensor().detach().float().flatten() for p in wrapped.parameters()])
+    if rank == 0:
+        torch.save({"losses": losses, "params": params}, args.out)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,12 +5,14 @@ reference, except for fp32 inference calls with a finite result, which take SDPA
 reference's own visibility mask (same result, ~2.5x faster on a CPU decode step). The
 ``triton`` backend is a FlashAttention-2-style forward (online softmax over key tiles, no (Lq, Lk) matrix): a prefill kernel that skips the tiles the mask empties and masks only the
 boundary tiles, a separate pass for the [CLS] row over key 0 and its windows, and a split-KV
-(flash-decoding) kernel plus a combine kernel for decode steps (Lq <= 2).
+(flash-decoding) kernel plus a combine kernel for decode steps (Lq <= 2). Inputs that require
+grad go through the ``safekern::ess_attention_fwd`` custom op, whose backward is the
+FlashAttention-2-style kernels of ``_attention_bwd.py`` (recomputed from the saved LSE).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -549,7 +551,95 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
     return (o, lse) if return_lse else o
 
 
-def _triton_can_run(*, device, dtype, head_dim, requires_grad=False, **ctx):
+# --------------------------------------------------------------------------------------------
+# Autograd: custom ops (torch.compile traces them without a graph break)
+# --------------------------------------------------------------------------------------------
+# Training calls go through ``safekern::ess_attention_fwd`` (o and the fp32 LSE the backward
+# recomputes from) and ``safekern::ess_attention_bwd`` (the kernels of ``_attention_bwd.py``);
+# calls without grad take the launcher directly (no dispatcher overhead in the decode loop).
+
+@torch.library.custom_op("safekern::ess_attention_fwd", mutates_args=())
+def _ess_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          q_pos: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+                          response_start: Optional[torch.Tensor],
+                          cls_windows: Optional[torch.Tensor], key_bias: Optional[torch.Tensor],
+                          softmax_scale: float, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _attention_triton(q, k, v, softmax_scale=softmax_scale, causal=causal, q_pos=q_pos,
+                             seqlens_k=seqlens_k, response_start=response_start,
+                             cls_windows=cls_windows, key_bias=key_bias, return_lse=True)
+
+
+@_ess_attention_fwd_op.register_fake
+def _ess_attention_fwd_fake(q, k, v, q_pos, seqlens_k, response_start, cls_windows, key_bias,
+                            softmax_scale, causal):
+    B, Lq, Hq, D = q.shape
+    return q.new_empty(B, Lq, Hq, D), q.new_empty(B, Hq, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("safekern::ess_attention_bwd", mutates_args=())
+def _ess_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor,
+                          q_pos: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+                          response_start: Optional[torch.Tensor],
+                          cls_windows: Optional[torch.Tensor], key_bias: Optional[torch.Tensor],
+                          softmax_scale: float, causal: bool, bias_grad: bool
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ._attention_bwd import attention_bwd_triton  # it imports this module's jit helpers
+
+    dq, dk, dv, dkb = attention_bwd_triton(
+        do, q, k, v, o, lse, dlse, softmax_scale=softmax_scale, causal=causal, q_pos=q_pos,
+        seqlens_k=seqlens_k, response_start=response_start, cls_windows=cls_windows,
+        key_bias=key_bias, bias_grad=bias_grad)
+    # a custom op returns tensors only: an empty one stands for "no key_bias gradient"
+    return dq, dk, dv, dkb if dkb is not None else q.new_empty(0, dtype=torch.float32)
+
+
+@_ess_attention_bwd_op.register_fake
+def _ess_attention_bwd_fake(do, q, k, v, o, lse, dlse, q_pos, seqlens_k, response_start,
+                            cls_windows, key_bias, softmax_scale, causal, bias_grad):
+    # contiguous, as the launcher allocates them (whatever the strides of q, k, v)
+    dkb = key_bias.new_empty(key_bias.shape) if bias_grad else q.new_empty(0, dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dkb
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, q_pos, seqlens_k, response_start, cls_windows, key_bias, softmax_scale, causal = \
+        inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, q_pos, seqlens_k, response_start, cls_windows,
+                          key_bias)
+    ctx.softmax_scale, ctx.causal = softmax_scale, causal
+
+
+def _fwd_backward(ctx, do, dlse):
+    q, k, v, o, lse, q_pos, seqlens_k, response_start, cls_windows, key_bias = \
+        ctx.saved_tensors
+    bias_grad = key_bias is not None and ctx.needs_input_grad[7]
+    dq, dk, dv, dkb = _ess_attention_bwd_op(
+        do, q, k, v, o, lse, dlse, q_pos, seqlens_k, response_start, cls_windows, key_bias,
+        ctx.softmax_scale, ctx.causal, bias_grad)
+    return dq, dk, dv, None, None, None, None, dkb if bias_grad else None, None, None
+
+
+_ess_attention_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+def _triton_backend(q, k, v, *, softmax_scale, causal, q_pos, seqlens_k, response_start,
+                    cls_windows, key_bias, return_lse):
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, key_bias))
+    if not needs_grad:
+        return _attention_triton(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                 q_pos=q_pos, seqlens_k=seqlens_k,
+                                 response_start=response_start, cls_windows=cls_windows,
+                                 key_bias=key_bias, return_lse=return_lse)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    o, lse = _ess_attention_fwd_op(q, k, v, q_pos, seqlens_k, response_start, cls_windows,
+                                   key_bias, scale, causal)
+    return (o, lse) if return_lse else o
+
+
+def _triton_can_run(*, device, dtype, head_dim, **ctx):
     why = dispatch.triton_can_run(device, **ctx)
     if why is not None:
         return why
@@ -557,14 +647,11 @@ def _triton_can_run(*, device, dtype, head_dim, requires_grad=False, **ctx):
         return f"dtype {dtype} is not supported by the Triton kernels (fp16, bf16, fp32)"
     if head_dim > _MAX_HEAD_DIM:
         return f"head dim {head_dim} > {_MAX_HEAD_DIM} is not supported by the Triton kernels"
-    if requires_grad:
-        return ("no autograd through the Triton path; use backend='torch' (the reference) "
-                "for training")
     return None
 
 
 if triton is not None:
-    dispatch.register(OP, "triton", _attention_triton, _triton_can_run)
+    dispatch.register(OP, "triton", _triton_backend, _triton_can_run)
 
 
 def _consistent(q_shape, k_shape, v_shape) -> bool:
@@ -683,8 +770,9 @@ def ess_attention(
         return_lse: also return the log-sum-exp ``(B, nheads_q, Lq)`` float32.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cuda"`` (env ``SAFEKERN_BACKEND``
             overrides ``auto``). An explicit backend that cannot run raises ``RuntimeError``.
-            ``triton`` is forward-only (inputs that require grad go to ``torch``); it takes
-            the split-KV decode kernel when ``seqlen_q <= 2``.
+            ``triton`` supports autograd (dq, dk, dv, d``key_bias``; a returned ``lse`` is
+            differentiable too); it takes the split-KV decode kernel when ``seqlen_q <= 2``.
+            ``auto`` picks the kernels on a GPU and the reference on a CPU.
 
     Returns:
         ``o`` of shape ``(B, Lq, nheads_q, headdim)`` in ``q.dtype`` (and ``lse``). Rows that
