@@ -56,7 +56,7 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], *, reps: int = 5,
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def environment(device: torch.device) -> Dict[str, str]:
