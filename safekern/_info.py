@@ -24,9 +24,11 @@ def info(device: Optional[str] = None) -> Dict[str, Any]:
         device: ``"cpu"``/``"cuda"``; default CUDA when available, else CPU.
     Returns:
         A dict with ``versions``, ``device``, ``backends`` (``{op: {backend: None or the
-        reason it cannot run}}``) and ``auto`` (``{op: backend auto picks for fp16/bf16
-        inputs}``, fp32 on CPU).
+        reason it cannot run}}``), ``auto`` (``{op: backend auto picks for fp16/bf16
+        inputs}``, fp32 on CPU) and ``cpu_linear`` (``"available"`` or why the engine's CPU
+        decode linear path cannot run; the first call on a machine builds it, ~20 s).
     """
+    from .ops import cpu_linear
     from . import __version__
 
     dev = torch.device(device if device is not None else
@@ -50,4 +52,5 @@ def info(device: Optional[str] = None) -> Dict[str, Any]:
         "device": {"type": dev.type, "name": name},
         "backends": backends,
         "auto": auto,
+        "cpu_linear": cpu_linear.unavailable_reason() or "available",
     }
