@@ -237,8 +237,9 @@ def run(args) -> int:
     providers = ["off"] + list(ess) + ["transformers"]
     target = p1_target(shape, device.type)
     rows, p2_rows = [], []
-    with tqdm(total=len(batches) * (len(providers) + 2) * (reps + 1), desc="safekern bench",
-              unit="run", disable=args.no_progress) as bar:
+    runs_per_batch = len(providers) * (reps + 1) + len(ess) + 2 * (2 * reps + 1)
+    with tqdm(total=len(batches) * runs_per_batch, desc="safekern bench", unit="run",
+              disable=args.no_progress) as bar:
         for B in batches:
             prompts = make_prompts(tok, B, prompt_tokens)
             bar.set_postfix(batch=B)
@@ -249,10 +250,12 @@ def run(args) -> int:
                 fns[name] = (lambda c: lambda: engine.generate(prompts, max_new_tokens=new_tokens,
                                                                safety=c))(cfg)
                 evals[name] = _evals_per_step(fns[name](), new_tokens)
+                bar.update(1)
             fns["transformers"] = _hf_generate(model, tok, prompts, new_tokens,
                                                "static" if device.type == "cuda" else None)
             med, cpu = _interleaved(fns, reps, device, bar)
-            step, _ = _interleaved(bare_steps(engine, prompts, new_tokens), reps, device, bar)
+            step, _ = _interleaved(bare_steps(engine, prompts, new_tokens), 2 * reps, device,
+                                   bar)
             row_cost = step["token+cls"] - step["token"]
             off = med["off"]
             for name in ["off", *ess]:
