@@ -5,7 +5,9 @@ One generic forward walks the model's own modules (``embed_tokens``, ``layers[i]
 ``post_attention_layernorm``, ``mlp``; ``norm``, ``rotary_emb``, ``lm_head``) and keeps its own
 preallocated KV cache ``(layers, B, Lmax, Hkv, D)``. Attention goes through
 ``safekern.ess_attention`` and the step's tail through ``safekern.head_sample``, so the fastest
-registered backend runs.
+registered backend runs. On CPU (float32) decode steps run the projections and MLPs through
+``safekern.decode_linear`` / ``safekern.ops.cpu_linear``, which read each weight once for the
+token and [CLS] rows (MKL's small-M sgemm does not); prefill keeps the model's own modules.
 
 Per decode step and sequence, two query rows share one forward pass (Lq = 2):
 
