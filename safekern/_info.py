@@ -28,11 +28,14 @@ def info(device: Optional[str] = None) -> Dict[str, Any]:
         A JSON-ready dict with ``versions`` (``"not installed"`` for an absent optional
         package; ``cuda`` is the CUDA version torch was built with, ``"none"`` for a CPU-only
         build), ``device``, ``backends`` (``{op: {backend: "available" or the reason it cannot
-        run}}``) and ``auto`` (``{op: backend auto picks for bf16 inputs}``, fp32 on CPU).
+        run}}``), ``auto`` (``{op: backend auto picks for bf16 inputs}``, fp32 on CPU) and
+        ``cpu_linear`` (``"available"`` or why the engine's CPU decode linear path cannot run;
+        the first call on a machine builds it, ~20 s).
 
     >>> info("cpu")["backends"]["ess_attention"]["torch"]
     'available'
     """
+    from .ops import cpu_linear
     from . import __version__
 
     dev = torch.device(device if device is not None else
@@ -57,4 +60,5 @@ def info(device: Optional[str] = None) -> Dict[str, Any]:
         "device": {"type": dev.type, "name": name},
         "backends": backends,
         "auto": auto,
+        "cpu_linear": cpu_linear.unavailable_reason() or "available",
     }

@@ -1,10 +1,20 @@
-"""``safekern bench``: what strategic decoding costs, per token, on a real transformers model.
+"""``safekern bench``: what strategic decoding costs, per token, on a transformers model.
 
-Question: how much slower is a decode step with ESS on (each schedule) than the same engine with
-safety off (P1), and how does the engine with safety off compare with transformers ``generate``
-(P2)? Providers run A/B interleaved in one process (CPU: medians of ``time.perf_counter``;
-CUDA: synchronised wall time of whole ``generate`` calls, also medians). Random weights: time,
-not quality, is measured; EOS is ignored so every run decodes the same number of tokens.
+Questions: (P1) how much slower is decoding with ESS on (each schedule) than the same engine
+with safety off, and how much of that is the *method* (the [CLS] row's own forward pass) versus
+the *implementation* (everything else: controller, masks, slot writes, traces)? (P2) how does
+the engine with safety off compare with transformers ``generate``?
+
+Providers run A/B interleaved in one process (CPU: medians of ``time.perf_counter``; CUDA:
+synchronised wall time of whole ``generate`` calls, also medians). EOS is ignored so every run
+decodes the same number of tokens; the safety head is biased benign so every schedule keeps its
+evaluation cadence.
+
+Method cost, per schedule: ``evals_per_step * (t_row - t_tok) / t_off_step``, where ``t_tok``
+and ``t_row`` are bare decode steps (forward + final norm + LM head + argmax, no controller, no
+bookkeeping) without and with the [CLS] row (plus its safety score), timed interleaved at the
+run's middle context, and ``evals_per_step`` comes from the schedule's traces. Implementation
+overhead = ``vs_off - 1 - method cost``.
 """
 from __future__ import annotations
 
@@ -16,8 +26,10 @@ from typing import Dict, List
 import torch
 
 PAPER_BUDGET = 1.2          # paper: < 0.2x overhead with the annealing schedule
-P1_TARGET = {"cpu": 1.10, "cuda": 1.05}
+P1_TARGET = {"tiny": 1.15, "cpu": 1.25, "cuda": 1.05}   # docs: PERFORMANCE.md, P1
+P1_OVERHEAD = 0.05          # implementation overhead budget (fraction of safety off)
 P2_TARGET = {"cpu": 1.0, "cuda": 1.5}
+P1_SCHEDULE = "each"
 
 SHAPES = {
     "tiny": {},
@@ -27,6 +39,7 @@ SHAPES = {
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                       max_position_embeddings=8192, rope_theta=500000.0),
 }
+MODELS = ("tiny", "smollm2")
 
 
 def schedules():
@@ -35,6 +48,14 @@ def schedules():
 
     return {"each": EssConfig(schedule="each"), "periodic(10)": EssConfig(schedule="periodic"),
             "annealing": EssConfig(schedule="annealing"), "first": EssConfig(schedule="first")}
+
+
+def _benign_head(model):
+    # A random head may flag at the first evaluation, and a triggered sequence is never
+    # evaluated again, which would understate every schedule's cost.
+    with torch.no_grad():
+        model.safety_head.bias.fill_(-8.0)
+    return model
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype):
@@ -53,11 +74,21 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.eval()
     attach(model, tok)
-    # A benign-leaning head: a random one may flag at the first evaluation, and a triggered
-    # sequence is never evaluated again, which would understate every schedule's cost.
-    with torch.no_grad():
-        model.safety_head.bias.fill_(-8.0)
-    return model, tok
+    return _benign_head(model), tok
+
+
+def build_real(name: str, device: torch.device, dtype: torch.dtype):
+    """A registered pretrained model (``safekern.models``) with a fresh, benign-leaning head."""
+    from . import models
+    from .model import attach
+
+    why = models.is_available(name)
+    if why is not None:
+        raise SystemExit(f"--model {name} is not installed here: {why}")
+    model, tok = models.load(name, dtype=dtype, device=device)
+    torch.manual_seed(0)
+    attach(model, tok)
+    return _benign_head(model), tok
 
 
 def make_prompts(tok, batch: int, prompt_tokens: int) -> List[str]:
@@ -77,8 +108,8 @@ def _timer(device):
 
 def _interleaved(fns: Dict[str, callable], reps: int, device, progress):
     """Round-robin A/B timing: per provider the median wall time and the median process CPU
-    time (with one torch thread on a shared, loaded CPU, CPU time is the steadier measure of
-    the work done; wall time is what PERFORMANCE.md asks for, so both are reported)."""
+    time (on a shared, loaded CPU, CPU time is the steadier measure of the work done; wall
+    time is what PERFORMANCE.md asks for, so both are reported)."""
     now = _timer(device)
     for f in fns.values():                                               # warm-up
         f()
@@ -109,6 +140,68 @@ def _hf_generate(model, tok, prompts, new_tokens, cache):
     return lambda: model.generate(ids, **kw)
 
 
+def bare_steps(engine, prompts, new_tokens: int):
+    """``{"token": fn, "token+cls": fn}``: one bare decode step each, without and with the
+    [CLS] row, at the middle context of a ``new_tokens`` run (the method, nothing else).
+
+    Both run the engine's own forward (same linear path and attention backend as ``generate``)
+    + final norm + LM head + argmax on the token row; ``token+cls`` adds the [CLS] row at
+    ``q_pos = 0`` over a rule-2 window and its safety score. No controller, no bookkeeping."""
+    from .reference.sampling import safety_score_ref
+
+    e = engine
+    e.generate(prompts, max_new_tokens=new_tokens, safety=schedules()[P1_SCHEDULE])
+    t = e._lengths + new_tokens // 2                                     # tokens in the cache
+    kv_len = int(t.max())
+    zero = torch.zeros_like(t)
+    tok = e._tok[:, None]
+    pos1 = (t - 1).long()[:, None]
+    rows = e._bidx[:, None]
+    ids2 = torch.cat([tok, e._cls_ids], 1)
+    pos2 = torch.stack([t - 1, zero], 1).long()
+    q_pos2 = torch.stack([t - 1, zero], 1).int()
+    windows = torch.stack([torch.stack([zero, zero], -1),
+                           torch.stack([torch.maximum(e.state.prompt_len, t - 10), t], -1)],
+                          1).int()
+
+    def write1(i, k, v):
+        e._k[i, e._bidx, pos1[:, 0]] = k[:, 0]
+        e._v[i, e._bidx, pos1[:, 0]] = v[:, 0]
+
+    def write2(i, k, v):
+        e._k[i, rows, pos2] = k
+        e._v[i, rows, pos2] = v
+
+    def head(h_tok):
+        return e._head_fn(h_tok, e._lm_w, h_cls=None, safety_weight=None, safety_bias=None,
+                          state=None, ess=None, sampling=e._sampling, generator=None)
+
+    def token():
+        x = e._forward(tok, pos1, (t - 1)[:, None], kv_len, write1, e._attn_fns[1],
+                       dict(seqlens_k=t), e._decode_linears)
+        return head(e._norm(x[:, 0]))
+
+    def token_cls():
+        x = e._forward(ids2, pos2, q_pos2, kv_len, write2, e._attn_fns[2],
+                       dict(seqlens_k=t, response_start=e.state.prompt_len,
+                            cls_windows=windows), e._decode_linears)
+        h = e._norm(x)
+        return head(h[:, 0]), safety_score_ref(h[:, 1], e._sw, e._sb)
+
+    return {"token": torch.inference_mode()(token), "token+cls": torch.inference_mode()(token_cls)}
+
+
+def _evals_per_step(results, new_tokens: int) -> float:
+    """Mean [CLS] evaluations per decode step (prefill, step 0, excluded)."""
+    n = [sum(1 for s in r.trace.eval_steps if s > 0) for r in results]
+    return sum(n) / len(n) / max(new_tokens - 1, 1)
+
+
+def p1_target(model: str, devtype: str) -> float:
+    return P1_TARGET["cuda"] if devtype == "cuda" else \
+        P1_TARGET["tiny"] if model == "tiny" else P1_TARGET["cpu"]
+
+
 def run(args) -> int:
     """Entry point of ``safekern bench`` (see ``safekern.cli``)."""
     from tqdm import tqdm
@@ -120,73 +213,109 @@ def run(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    if args.shape == "llama3-8b" and device.type == "cpu":
+    model_name = getattr(args, "model", None) or "tiny"
+    shape = args.shape if model_name == "tiny" else model_name
+    if shape == "llama3-8b" and device.type == "cpu":
         raise SystemExit("--shape llama3-8b is a GPU benchmark (~32 GB of fp32 weights on CPU); "
                          "use --device cuda, or --shape small on a CPU")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (1 if shape == "tiny" else 2)
+    if threads:
+        torch.set_num_threads(threads)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     batches = args.batch or ([1] if args.quick else [1, 4]) if device.type == "cpu" else \
         args.batch or [1, 16, 64]
     prompt_tokens = args.prompt_tokens or (1024 if device.type == "cuda" else 64)
     new_tokens = args.new_tokens or (256 if device.type == "cuda" else (32 if args.quick else 64))
     reps = args.reps or (3 if args.quick else 15)
-    model, tok = build(args.shape, device, dtype)
+    model, tok = build(shape, device, dtype) if model_name == "tiny" else \
+        build_real(model_name, device, dtype)
     env = environment(device)
     need = max(encode_prompts(tok, make_prompts(tok, 1, prompt_tokens)).lengths) + 1 + new_tokens
     engine = Engine(model, tok, backend=args.backend, max_cache_len=need + 8,
                     cuda_graph=device.type == "cuda", ignore_eos=True)
     ess = schedules()
     providers = ["off"] + list(ess) + ["transformers"]
-    rows = []
-    with tqdm(total=len(batches) * len(providers) * (reps + 1), desc="safekern bench",
-              unit="run", disable=args.no_progress) as bar:
+    target = p1_target(shape, device.type)
+    rows, p2_rows = [], []
+    runs_per_batch = len(providers) * (reps + 1) + len(ess) + 2 * (2 * reps + 1)
+    with tqdm(total=len(batches) * runs_per_batch, desc="safekern bench", unit="run",
+              disable=args.no_progress) as bar:
         for B in batches:
             prompts = make_prompts(tok, B, prompt_tokens)
+            bar.set_postfix(batch=B)
             fns = {"off": lambda: engine.generate(prompts, max_new_tokens=new_tokens,
                                                   safety=None)}
+            evals = {}
             for name, cfg in ess.items():
                 fns[name] = (lambda c: lambda: engine.generate(prompts, max_new_tokens=new_tokens,
                                                                safety=c))(cfg)
+                evals[name] = _evals_per_step(fns[name](), new_tokens)
+                bar.update(1)
             fns["transformers"] = _hf_generate(model, tok, prompts, new_tokens,
                                                "static" if device.type == "cuda" else None)
-            bar.set_postfix(batch=B)
             med, cpu = _interleaved(fns, reps, device, bar)
+            step, _ = _interleaved(bare_steps(engine, prompts, new_tokens), 2 * reps, device,
+                                   bar)
+            row_cost = step["token+cls"] - step["token"]
             off = med["off"]
-            for name in providers:
-                ms = med[name] / new_tokens * 1e3
-                row = {"shape": args.shape, "batch": B, "prompt": prompt_tokens,
-                       "new_tokens": new_tokens, "provider": name, "ms_per_token": ms,
-                       "vs_off": med[name] / off}
+            for name in ["off", *ess]:
+                ratio = med[name] / off
+                row = {"model": shape, "batch": B, "provider": name,
+                       "ms_per_token": med[name] / new_tokens * 1e3, "vs_off": ratio}
                 if device.type == "cpu":
                     row["vs_off_cpu_time"] = cpu[name] / cpu["off"]
                 if name in ess:
-                    row["P1"] = "ok" if row["vs_off"] <= P1_TARGET[device.type] else "MISS"
-                if name == "transformers":
-                    row["engine_speedup"] = med[name] / off
-                    row["P2"] = "ok" if row["engine_speedup"] >= P2_TARGET[device.type] else "MISS"
+                    method = evals[name] * row_cost * (new_tokens - 1) / off
+                    row.update(evals_per_step=evals[name], method_cost=method,
+                               impl_overhead=ratio - 1 - method)
+                if name == P1_SCHEDULE:
+                    ok = ratio <= target and row["impl_overhead"] <= P1_OVERHEAD
+                    row["P1"] = "ok" if ok else "MISS"
                 rows.append(row)
-    cols = ["batch", "provider", "ms_per_token", "vs_off", "vs_off_cpu_time", "P1",
-            "engine_speedup", "P2"]
-    print(f"\n{env['device']} | torch {env['torch']} | shape {args.shape} | prompt "
-          f"~{prompt_tokens} tokens | {new_tokens} new tokens | backend {args.backend} | "
-          f"median of {reps} | {torch.get_num_threads()} torch threads")
-    print(format_table(rows, cols))
-    print(f"vs_off: time per token relative to the same engine with safety off. Paper budget "
-          f"{PAPER_BUDGET:.2f}x (annealing); P1 target <= {P1_TARGET[device.type]:.2f}x "
-          f"({device.type}, schedule each). engine_speedup: transformers generate time / engine "
-          f"(safety off) time; P2 target >= {P2_TARGET[device.type]:.1f}x. P1/P2 are judged on "
-          f"wall time; vs_off_cpu_time is the same ratio in process CPU time.")
+            speedup = med["transformers"] / off
+            p2_rows.append({"model": shape, "batch": B, "provider": "transformers",
+                            "ms_per_token": med["transformers"] / new_tokens * 1e3,
+                            "engine_speedup": speedup,
+                            "P2": "ok" if speedup >= P2_TARGET[device.type] else "MISS",
+                            "bare_step_ms": step["token"] * 1e3,
+                            "bare_step_cls_ms": step["token+cls"] * 1e3})
+    cores = os.cpu_count()
+    where = (f"{env['device']}" if device.type == "cuda" else
+             f"{env['device']}, {torch.get_num_threads()} torch thread(s)")
+    print(f"\nmodel {shape} | {where} | torch {env['torch']} | prompt ~{prompt_tokens} tokens | "
+          f"{new_tokens} new tokens | backend {args.backend} | linear path: "
+          f"{'cpu_linear' if engine.cpu_linear_reason is None else 'modules'} | median of "
+          f"{reps} | load average {os.getloadavg()[0]:.1f} on {cores} cores")
+    print("P1: strategic decoding vs the same engine with safety off")
+    print(format_table(rows, ["batch", "provider", "ms_per_token", "vs_off", "vs_off_cpu_time",
+                              "evals_per_step", "method_cost", "impl_overhead", "P1"]))
+    print(f"vs_off: time per token / safety off (wall; vs_off_cpu_time: process CPU time). "
+          f"method_cost: the [CLS] row's own forward (bare steps); impl_overhead: the rest. "
+          f"Paper budget: {PAPER_BUDGET - 1:.1f}x overhead ({PAPER_BUDGET:.1f}x, annealing). "
+          f"P1 ({P1_SCHEDULE} only): vs_off <= {target:.2f}x and impl_overhead <= "
+          f"{P1_OVERHEAD:.2f}.")
+    if engine.cpu_linear_reason is not None and device.type == "cpu":
+        print(f"cpu_linear not used: {engine.cpu_linear_reason}")
+    print("\nP2: the engine (safety off) vs transformers generate")
+    print(format_table(p2_rows, ["batch", "provider", "ms_per_token", "engine_speedup", "P2",
+                                 "bare_step_ms", "bare_step_cls_ms"]))
+    print(f"engine_speedup: transformers time / engine time; P2 target >= "
+          f"{P2_TARGET[device.type]:.1f}x.")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"engine_{args.shape}_{device.type}")
-    print("csv:", write_csv(stem + ".csv", rows, env))
-    png = _plot(rows, batches, stem + ".png", device.type)
+    stem = os.path.join(args.out, f"engine_{shape}_{device.type}")
+    env = {**env, "torch_threads": str(torch.get_num_threads()), "prompt_tokens": prompt_tokens,
+           "new_tokens": new_tokens, "reps": reps,
+           "loadavg_1min": f"{os.getloadavg()[0]:.2f}"}
+    print("csv:", write_csv(stem + ".csv", rows + p2_rows, env))
+    title = (f"{shape}, {device.type} ({torch.get_num_threads()} thr), prompt ~{prompt_tokens}, "
+             f"{new_tokens} new tokens")
+    png = _plot(rows, p2_rows, batches, stem + ".png", target, title)
     if png:
         print("plot:", png)
     return 0
 
 
-def _plot(rows, batches, path, devtype):
+def _plot(rows, p2_rows, batches, path, target, title):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -194,19 +323,35 @@ def _plot(rows, batches, path, devtype):
     except ImportError:
         print("plot skipped: pip install matplotlib")
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = [r["provider"] for r in rows if r["batch"] == batches[0]]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.4),
+                                  gridspec_kw={"width_ratios": [4, 1.3]})
+    names = [r["provider"] for r in rows if r["batch"] == batches[0] and r["provider"] != "off"]
     width = 0.8 / len(batches)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, B in enumerate(batches):
-        vals = [r["vs_off"] for r in rows if r["batch"] == B]
-        ax.bar([j + i * width for j in range(len(names))], vals, width, label=f"batch {B}")
-    ax.axhline(PAPER_BUDGET, color="gray", ls="--", label="paper budget 1.2x")
-    ax.axhline(P1_TARGET[devtype], color="red", ls=":", label=f"P1 target {P1_TARGET[devtype]}x")
+        sel = {r["provider"]: r for r in rows if r["batch"] == B}
+        xs = [j + i * width for j in range(len(names))]
+        method = [1 + sel[n]["method_cost"] for n in names]
+        total = [sel[n]["vs_off"] for n in names]
+        c = colors[i % len(colors)]
+        ax.bar(xs, method, width, color=c, label=f"batch {B}: safety off + method cost")
+        ax.bar(xs, [t - m for t, m in zip(total, method)], width, bottom=method, color=c,
+               alpha=0.35, hatch="//", label=f"batch {B}: + implementation overhead")
+    ax.axhline(PAPER_BUDGET, color="gray", ls="--", label=f"paper budget {PAPER_BUDGET}x")
+    ax.axhline(target, color="red", ls=":", label=f"P1 target {target}x (each)")
     ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))], names)
     ax.set_ylabel("time per token / safety off")
-    ax.set_title(f"ESS strategic decoding overhead ({devtype})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_ylim(0.9, max(1.4, max(r["vs_off"] for r in rows) * 1.08))
+    ax.set_title("P1: strategic decoding vs safety off", fontsize=10)
+    fig.legend(fontsize=7, loc="lower center", ncol=3, frameon=False)  # below: covers no bar
+    ax2.bar([str(r["batch"]) for r in p2_rows], [r["engine_speedup"] for r in p2_rows],
+            color="tab:gray")
+    ax2.axhline(1.0, color="red", ls=":")
+    ax2.set_xlabel("batch")
+    ax2.set_ylabel("transformers time / engine time")
+    ax2.set_title("P2: engine vs transformers", fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

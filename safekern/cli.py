@@ -75,6 +75,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="strategic decoding overhead per token (P1) and engine vs "
                        "transformers generate (P2) on the embedded default model")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--model", default="tiny", choices=["tiny", "smollm2"],
+                   help="tiny: the embedded tiny Llama (or --shape), random weights; "
+                   "smollm2: SmolLM2-135M-Instruct when installed (safekern.models)")
     b.add_argument("--shape", default="tiny", choices=["tiny", "small", "llama3-8b"],
                    help="model shape, random weights (tiny: the embedded tiny Llama; small: "
                    "hidden 1024, 8 layers, vocab 32000)")
@@ -88,9 +91,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="timed repetitions per provider (default: 15, with --quick 3)")
     b.add_argument("--quick", action="store_true", help="batch 1, 32 tokens, 3 reps")
     b.add_argument("--out", default="bench_out", help="directory for the CSV and PNG")
-    b.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: the tiny model's matmuls are too small to gain "
-                   "from more, and on a loaded machine thread pools spin; 0 = torch's default)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the tiny model, whose matmuls are "
+                   "too small to gain from more; 2 for smollm2; 0 = torch default)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", formatter_class=_HelpFormatter,

@@ -5,7 +5,9 @@ One generic forward walks the model's own modules (``embed_tokens``, ``layers[i]
 ``post_attention_layernorm``, ``mlp``; ``norm``, ``rotary_emb``, ``lm_head``) and keeps its own
 preallocated KV cache ``(layers, B, Lmax, Hkv, D)``. Attention goes through
 ``safekern.ess_attention`` and the step's tail through ``safekern.head_sample``, so the fastest
-registered backend runs.
+registered backend runs. On CPU (float32) decode steps run the projections and MLPs through
+``safekern.decode_linear`` / ``safekern.ops.cpu_linear``, which read each weight once for the
+token and [CLS] rows (MKL's small-M sgemm does not); prefill keeps the model's own modules.
 
 Per decode step and sequence, two query rows share one forward pass (Lq = 2):
 
@@ -31,8 +33,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .decode_linear import ModuleLinears, decode_linears
 from .model import encode_inputs, refusal_token_ids, safety_config, safety_head_params
 from .ops import dispatch, ess_attention, head_sample
+from .ops.attention import reuse_masks
 from .ops.head_sample import raise_non_finite
 from .reference.controller import plan_step
 from .spec import NEVER, REFUSING, EssConfig, EssState, SamplingParams
@@ -168,6 +172,9 @@ class Engine:
         sync_every: read the device-side "all finished" flag every this many steps (default 1
             on CPU, 16 on CUDA).
         ignore_eos: decode ``max_new_tokens`` tokens regardless of EOS (benchmarks).
+        cpu_linear: on CPU (float32), run decode steps' projections and MLP through
+            ``safekern.ops.cpu_linear`` (weights read once for the token and [CLS] rows);
+            ``cpu_linear_reason`` says why it is not used when it cannot run.
 
     >>> eng = Engine(model, tokenizer)                                     # doctest: +SKIP
     >>> eng.generate(["How do I bake bread?"], max_new_tokens=32)[0].trace  # doctest: +SKIP
@@ -175,7 +182,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_cache_len: Optional[int] = None,
                  backend: str = "auto", cuda_graph: bool = False,
-                 sync_every: Optional[int] = None, ignore_eos: bool = False):
+                 sync_every: Optional[int] = None, ignore_eos: bool = False,
+                 cpu_linear: bool = True):
         self.arch = _Arch(model)
         if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got "
@@ -190,36 +198,43 @@ class Engine:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
         if not isinstance(cuda_graph, bool):
             raise TypeError("cuda_graph must be a bool")
+        if not isinstance(cpu_linear, bool):
+            raise TypeError("cpu_linear must be a bool")
         self.model, self.tokenizer = model, tokenizer
         self.max_cache_len, self.backend = max_cache_len, backend
         self.cuda_graph, self._sync_every = cuda_graph, sync_every
         self.ignore_eos = bool(ignore_eos)
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
+        self._modules = ModuleLinears(self.arch.layers)
+        self._decode_linears, self.cpu_linear_reason = decode_linears(
+            self.arch.layers, self.device, self.dtype, enabled=cpu_linear)
 
     # ------------------------------------------------------------------ the generic forward
-    def _forward(self, ids, pos, q_pos, kv_len, write, attn, ess_kw):
+    def _forward(self, ids, pos, q_pos, kv_len, write, attn, ess_kw, linears):
         """Run the decoder on ``ids (B, L)`` at ``pos (B, L)``; ``write(layer, k, v)`` stores
-        this pass's K/V in the cache before ``attn`` reads ``cache[:, :kv_len]``."""
+        this pass's K/V in the cache before ``attn`` reads ``cache[:, :kv_len]``; ``linears``
+        runs the projections and MLPs (``safekern.decode_linear``)."""
         a = self.arch
         B, L = ids.shape
         kw = {"response_start": None, "cls_windows": None, "key_bias": None, **ess_kw}
         x = a.base.embed_tokens(ids)
         cos, sin = self._cos[pos][:, :, None, :], self._sin[pos][:, :, None, :]
         half = a.head_dim // 2
-        for i, layer in enumerate(a.layers):
-            h = layer.input_layernorm(x)
-            sa = layer.self_attn
-            q = sa.q_proj(h).view(B, L, a.n_heads, a.head_dim)
-            k = sa.k_proj(h).view(B, L, a.n_kv, a.head_dim)
-            v = sa.v_proj(h).view(B, L, a.n_kv, a.head_dim)
-            q = q * cos + q.roll(half, -1) * sin
-            k = k * cos + k.roll(half, -1) * sin
-            write(i, k, v)
-            o = attn(q, self._k[i, :, :kv_len], self._v[i, :, :kv_len], softmax_scale=a.scale,
-                     causal=True, q_pos=q_pos, return_lse=False, **kw)
-            x = x + sa.o_proj(o.reshape(B, L, a.n_heads * a.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        with reuse_masks():                   # one visibility mask per pass, not one per layer
+            for i, layer in enumerate(a.layers):
+                h = layer.input_layernorm(x)
+                q, k, v = linears.qkv(i, h)
+                q = q.view(B, L, a.n_heads, a.head_dim)
+                k = k.view(B, L, a.n_kv, a.head_dim)
+                v = v.view(B, L, a.n_kv, a.head_dim)
+                q = q * cos + q.roll(half, -1) * sin
+                k = k * cos + k.roll(half, -1) * sin
+                write(i, k, v)
+                o = attn(q, self._k[i, :, :kv_len], self._v[i, :, :kv_len],
+                         softmax_scale=a.scale, causal=True, q_pos=q_pos, return_lse=False, **kw)
+                x = x + linears.o(i, o.reshape(B, L, a.n_heads * a.head_dim))
+                x = x + linears.mlp(i, layer.post_attention_layernorm(x))
         return x
 
     # ------------------------------------------------------------------ setup per generate
@@ -348,7 +363,7 @@ class Engine:
             windows = plan_step(self.state, self._ess)
             ess_kw.update(response_start=self._cls_visible_from, cls_windows=windows)
         attn = lambda *args, **kw: ess_attention(*args, backend=self.backend, **kw)  # noqa: E731
-        x = self._forward(ids, pos, q_pos, L, write, attn, ess_kw)
+        x = self._forward(ids, pos, q_pos, L, write, attn, ess_kw, self._modules)
         h_tok = self._norm(x[self._bidx, lengths.long() - 1])
         h_cls = self._norm(x[:, 0]) if self._ess is not None else None
         self._sample(h_tok, h_cls, checked=True)
@@ -377,7 +392,7 @@ class Engine:
             if st is not None and not self.model.safekern.response_sees_cls:
                 ess_kw["response_start"] = self._cls_visible_from     # token rows skip key 0
             x = self._forward(self._tok[:, None], pos, t_prev[:, None], kv_len, write,
-                              self._attn_fns[1], ess_kw)
+                              self._attn_fns[1], ess_kw, self._decode_linears)
             h = self._norm(x[:, 0])
             if st is None or not bool((st.forced_idx >= 0).any()):
                 # Nobody evaluates or takes a refusal token: the controller update is a no-op.
@@ -401,7 +416,8 @@ class Engine:
         ess_kw = dict(seqlens_k=st.seq_len, response_start=self._cls_visible_from,
                       cls_windows=windows,
                       key_bias=self._key_bias(kv_len))
-        x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fns[2], ess_kw)
+        x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fns[2], ess_kw,
+                          self._decode_linears)
         h = self._norm(x)
         self._sample(h[:, 0], h[:, 1])
 

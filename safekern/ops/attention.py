@@ -11,6 +11,7 @@ FlashAttention-2-style kernels of ``_attention_bwd.py`` (recomputed from the sav
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -24,22 +25,61 @@ from . import dispatch
 OP = "ess_attention"
 
 
+class _MaskMemo:
+    """Inside ``reuse_masks()``: the last SDPA mask, keyed on the identity of its inputs."""
+
+    active = 0
+    inputs: tuple = ()
+    value: tuple = ()
+
+
+@contextlib.contextmanager
+def reuse_masks():
+    """Within this block the ``torch`` backend builds each distinct visibility mask once.
+
+    For callers that run many layers over the same position tensors (the engine's forward):
+    a call whose ``q_pos``, ``seqlens_k``, ``response_start``, ``cls_windows`` and ``key_bias``
+    are the *same objects* as the previous call's, with the same ``Lk`` and ``causal``, reuses
+    its mask instead of rebuilding it per layer. The caller promises not to modify those
+    tensors in place inside the block."""
+    _MaskMemo.active += 1
+    try:
+        yield
+    finally:
+        _MaskMemo.active -= 1
+        if not _MaskMemo.active:
+            _MaskMemo.inputs, _MaskMemo.value = (), ()
+
+
+def _sdpa_mask(q_pos, seqlens_k, Lk, causal, response_start, cls_windows, key_bias):
+    """``(attn_mask (B, 1|H, Lq, Lk), row_sees_a_key (B, Lq, 1, 1))`` for SDPA."""
+    inputs = (q_pos, seqlens_k, response_start, cls_windows, key_bias, Lk, causal)
+    if _MaskMemo.active and len(_MaskMemo.inputs) == len(inputs) and all(
+            a is b for a, b in zip(_MaskMemo.inputs, inputs)):
+        return _MaskMemo.value
+    vis = ess_visibility(q_pos, seqlens_k, Lk, causal=causal, response_start=response_start,
+                         cls_windows=cls_windows)                        # (B, Lq, Lk)
+    mask = vis[:, None]
+    if key_bias is not None:
+        mask = key_bias[:, :, None, :].masked_fill(~mask, float("-inf"))
+    value = (mask, vis.any(-1)[:, :, None, None])
+    if _MaskMemo.active:
+        _MaskMemo.inputs, _MaskMemo.value = inputs, value
+    return value
+
+
 def _sdpa_masked(q, k, v, *, softmax_scale, causal, q_pos, seqlens_k, response_start,
                  cls_windows, key_bias):
     """SDPA over the reference's dense visibility mask (inference; no LSE, no autograd)."""
     B, Lq, Hq, _ = q.shape
     Lk = k.shape[1]
     q_pos, seqlens_k = resolve_positions(q_pos, seqlens_k, B, Lq, Lk, q.device)
-    vis = ess_visibility(q_pos, seqlens_k, Lk, causal=causal, response_start=response_start,
-                         cls_windows=cls_windows)                        # (B, Lq, Lk)
-    mask = vis[:, None]
-    if key_bias is not None:
-        mask = key_bias[:, :, None, :].masked_fill(~mask, float("-inf"))
+    mask, sees = _sdpa_mask(q_pos, seqlens_k, Lk, causal, response_start, cls_windows, key_bias)
     o = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
         scale=softmax_scale, enable_gqa=Hq != k.shape[2]).transpose(1, 2)
     # SDPA leaves NaN in rows that see no key; the contract says 0.
-    return torch.where(vis.any(-1)[:, :, None, None], o, torch.zeros((), dtype=o.dtype))
+    return torch.where(sees, o, torch.zeros((), dtype=o.dtype))
 
 
 def _torch_backend(q, k, v, *, softmax_scale, causal, q_pos, seqlens_k, response_start,

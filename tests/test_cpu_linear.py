@@ -1,0 +1,130 @@
+"""The CPU decode linear path (``safekern.ops.cpu_linear``, ``safekern.decode_linear``).
+
+* the kernel vs ``F.linear`` in float64: odd K / N (tails of the 8-lane and 8-row tiles), M = 1..33,
+  biases, several weights in one call, error no worse than 2x ``F.linear``'s own fp32 error;
+* a row's result does not depend on the other rows (same bits at M = 1 and M = 2B);
+* the engine with the kernel gives the same greedy streams and traces as with ``F.linear``,
+  safety off and for every schedule, on Llama / Mistral / Qwen2 (biases) tiny models, and on
+  SmolLM2-135M when it is installed;
+* a clean fallback with a reason when the kernel cannot run.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import safekern
+import safekern.models
+from safekern import EssConfig
+from safekern.decode_linear import KernelLinears, ModuleLinears, decode_linears
+from safekern.ops import cpu_linear
+
+needs_kernel = pytest.mark.skipif(cpu_linear.unavailable_reason() is not None,
+                                  reason=f"cpu_linear: {cpu_linear.unavailable_reason()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [8, 64, 97, 576])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 33])
+def test_kernel_matches_float64_linear(K, M):
+    torch.manual_seed(K * 100 + M)
+    x = torch.randn(M, K)
+    ws = [torch.randn(n, K) / math.sqrt(K) for n in (1, 13, 40)]
+    bs = [torch.randn(1), None, torch.randn(40)]
+    outs = cpu_linear.linear(x, ws, bs)
+    for y, w, b in zip(outs, ws, bs):
+        assert torch.isfinite(y).all()
+        ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        err = (y.double() - ref).abs().max().item()
+        base = (F.linear(x, w, b).double() - ref).abs().max().item()
+        assert err <= 2 * base + 1e-6, (err, base)
+
+
+@needs_kernel
+def test_rows_are_independent_and_strided_input():
+    torch.manual_seed(0)
+    K = 100
+    w = torch.randn(37, K)
+    x = torch.randn(6, 2 * K)[:, :K]                     # row stride 2K, unit stride in K
+    full, = cpu_linear.linear(x, [w])
+    for m in range(6):
+        one, = cpu_linear.linear(x[m:m + 1], [w])
+        assert torch.equal(one[0], full[m])
+
+
+@needs_kernel
+def test_kernel_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_linear.linear(torch.randn(2, 8, dtype=torch.float64), [torch.randn(3, 8)])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_linear.linear(torch.randn(2, 8), [torch.randn(8, 3).t()])
+
+
+def test_fallback_reasons(monkeypatch):
+    layers = _tiny("llama")[0].model.layers
+    lin, why = decode_linears(layers, torch.device("cpu"), torch.float32, enabled=False)
+    assert isinstance(lin, ModuleLinears) and why == "disabled by the caller"
+    lin, why = decode_linears(layers, torch.device("cpu"), torch.float64)
+    assert isinstance(lin, ModuleLinears) and "float32 on CPU" in why
+    monkeypatch.setattr(cpu_linear, "_reason", None)
+    monkeypatch.setattr(cpu_linear, "_loaded", False)
+    monkeypatch.setenv("SAFEKERN_CPU_LINEAR", "0")
+    assert cpu_linear.unavailable_reason() == "disabled by SAFEKERN_CPU_LINEAR=0"
+    lin, why = decode_linears(layers, torch.device("cpu"), torch.float32)
+    assert isinstance(lin, ModuleLinears) and "SAFEKERN_CPU_LINEAR" in why
+
+
+# ---------------------------------------------------------------- engine streams
+transformers = pytest.importorskip("transformers")
+from safekern.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
+
+PROMPTS = ["How do I bake bread at home?", "hi", "Write a long story about a cat, a dog and a fox."]
+
+
+def _tiny(arch, **over):
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        tiny_llama_config(len(tok), arch, **over)).eval()
+    safekern.attach(model, tok)
+    with torch.no_grad():
+        model.safety_head.bias.fill_(-8.0)               # benign: every schedule keeps evaluating
+    return model, tok
+
+
+def _same_generation(model, tok, prompts, n, schedules):
+    from safekern.engine import Engine
+
+    kern = Engine(model, tok, ignore_eos=True)
+    ref = Engine(model, tok, ignore_eos=True, cpu_linear=False)
+    assert kern.cpu_linear_reason is None and isinstance(kern._decode_linears, KernelLinears)
+    for sched in schedules:
+        ess = None if sched is None else EssConfig(schedule=sched)
+        a = kern.generate(prompts, max_new_tokens=n, safety=ess)
+        b = ref.generate(prompts, max_new_tokens=n, safety=ess)
+        for x, y in zip(a, b):
+            assert x.token_ids == y.token_ids, sched
+            if ess is not None:
+                assert x.trace.eval_steps == y.trace.eval_steps
+                assert x.trace.p_unsafe == pytest.approx(y.trace.p_unsafe, abs=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_engine_streams_equal_with_and_without_kernel(arch):
+    model, tok = _tiny(arch)
+    _same_generation(model, tok, PROMPTS, 12, [None, "each", "periodic", "annealing", "first"])
+
+
+@needs_kernel
+@pytest.mark.slow
+@pytest.mark.skipif(safekern.models.is_available("smollm2") is not None,
+                    reason=f"smollm2: {safekern.models.is_available('smollm2')}")
+def test_smollm2_streams_equal_with_and_without_kernel():
+    model, tok = safekern.models.load("smollm2")
+    safekern.attach(model, tok)
+    with torch.no_grad():
+        model.safety_head.bias.fill_(-8.0)
+    _same_generation(model, tok, ["How do I bake bread at home?", "What is 2 + 3?"], 8,
+                     [None, "each"])
