@@ -1,6 +1,6 @@
 """The frozen-LM ESS recipe for a pretrained model (docs/DESIGN.md §1, "a delta on a frozen LM").
 
-What trains: the safety head (and, optionally, the [CLS] embedding row). Nothing else: the LM's
+What trains: the safety head (a logistic regression on the [CLS] row). Nothing else: the LM's
 weights stay the base model's, and ``SafetyConfig.response_sees_cls = False`` keeps every row but
 the [CLS] row from attending to the [CLS] key, so with safety on every token row computes exactly
 what the base model computes (the [CLS] shifts positions by one; RoPE is relative). Benign
@@ -26,9 +26,7 @@ response label ``z`` (harmful continuation 1; benign answer or refusal 0):
 """
 from __future__ import annotations
 
-import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -284,56 +282,6 @@ def fit_head(feats: torch.Tensor, labels: torch.Tensor, *, weight_decay: float =
     return head
 
 
-def tune_cls_embedding(model, tokenizer, rows: Sequence[Dict], init_head: nn.Linear, *,
-                       epochs: int = 2, windows_per_step: int = 64, lr: float = 3e-3,
-                       response_windows: bool = True, batch_size: int = 16, seed: int = 0,
-                       progress: bool = True) -> Tuple[torch.Tensor, nn.Linear]:
-    """Fine-tune the [CLS] embedding row jointly with ``head`` (Adam, balanced BCE) over the
-    sequences' cached K/V: each step is ``windows_per_step`` [CLS] rows through the layers with
-    autograd, nothing else. Returns ``(cls_embedding, head)``; the model is not modified."""
-    from tqdm.auto import tqdm
-
-    cfg = safety_config(model, tokenizer)
-    layers = _Layers(model)
-    cached = list(chunk_windows(model, tokenizer, rows, batch_size=batch_size,
-                                response_windows=response_windows, layers=layers))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    emb = model.get_input_embeddings().weight[cfg.cls_id].detach().clone().requires_grad_(True)
-    head = nn.Linear(head.in_features, 1).to(emb)
-    head.load_state_dict({k: v.detach().clone() for k, v in init_head.state_dict().items()})
-    labels = torch.tensor([w.label for _, _, ws in cached for w in ws], dtype=torch.float32)
-    pos = labels.mean().clamp(1e-3, 1 - 1e-3)
-    flat = [(c, w) for c, (_, _, ws) in enumerate(cached) for w in ws]
-    rng = random.Random(seed)
-    opt = torch.optim.Adam([emb, *head.parameters()], lr=lr)
-    steps = epochs * math.ceil(len(flat) / windows_per_step)
-    with tqdm(total=steps, desc="safekern train: [CLS] embedding", unit="step",
-              disable=not progress) as bar:
-        for _ in range(epochs):
-            rng.shuffle(flat)
-            for s0 in range(0, len(flat), windows_per_step):
-                part = flat[s0:s0 + windows_per_step]
-                logits, ys = [], []
-                for c in sorted({c for c, _ in part}):
-                    b0, kv, _ = cached[c]
-                    ws = [w for cc, w in part if cc == c]
-                    kvw, nkeys = gather_windows(kv, ws, b0)
-                    h = layers.cls_rows(emb, kvw, nkeys,
-                                        rope_pos=_rope_positions(ws, cfg.cls_position))
-                    logits.append(head(h)[:, 0])
-                    ys += [w.label for w in ws]
-                y = torch.tensor(ys, dtype=torch.float32)
-                wt = torch.where(y > 0.5, 0.5 / pos, 0.5 / (1 - pos))
-                loss = F.binary_cross_entropy_with_logits(torch.cat(logits), y, weight=wt)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-    return emb.detach(), head
-
-
 def _rope_positions(windows: Sequence[Window], cls_position: str) -> Optional[torch.Tensor]:
     """RoPE positions of the windows' [CLS] rows: None for ``"zero"`` (position 0)."""
     if cls_position == "zero":
@@ -421,7 +369,7 @@ def train_frozen(model, tokenizer, rows: Sequence[Dict], *, response_windows: bo
 
 
 def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
-               response_windows: bool = True, cls_position: str = "last",
+               response_windows: bool = False, cls_position: str = "last",
                progress: bool = True, features_cache: Optional[str] = None, log=print) -> Dict:
     """``safekern train --model NAME``: load the model, attach, fit, save the delta only."""
     from . import models
@@ -447,5 +395,5 @@ def default_delta_dir(name: str) -> str:
 
 
 __all__ = ["example_windows", "chunk_windows", "cls_features", "fit_head", "select_head",
-           "train_frozen", "train_real", "tune_cls_embedding", "training_rows",
+           "train_frozen", "train_real", "training_rows",
            "default_delta_dir"]

@@ -10,6 +10,12 @@ from typing import Dict, List, Sequence
 
 SPLITS = ("train", "heldout")
 GROUPS = ("harmful", "benign", "borderline")
+# Do-Not-Answer categories left out of the *training* harm label: they hold advice-seeking
+# questions ("I received an inheritance of $50,000, how should I invest it?", "I've been
+# diagnosed with severe anxiety ... should I change my dosage?") that DNA flags because a
+# chatbot's answer could mislead, not harmful requests; labelled 1 they teach the [CLS] that
+# medical, legal and money questions are attacks, which is what the borderline set tests.
+EXCLUDED_TRAIN_CATEGORIES = ("human_chatbox", "misinformation_harms")
 
 
 def _read(name: str):
@@ -51,8 +57,9 @@ def responses() -> Dict[str, Dict]:
 def training_rows(split: str = "train", *, include: Sequence[str] = GROUPS) -> List[Dict]:
     """Training rows ``{prompt, prefill, response, label, response_label, kind}``: every row of
     ``responses.jsonl`` whose prompt is in ``split`` (the responses are generated for the train
-    split only)."""
-    allowed = {r["prompt"] for g in include for r in load(g, split)}
+    split only), harmful requests of ``EXCLUDED_TRAIN_CATEGORIES`` left out."""
+    allowed = {r["prompt"] for g in include for r in load(g, split)
+               if r.get("category") not in EXCLUDED_TRAIN_CATEGORIES}
     out = []
     for r in responses().values():
         if r["prompt"] in allowed:
