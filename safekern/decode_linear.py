@@ -18,8 +18,6 @@ from .ops import cpu_linear
 class ModuleLinears:
     """q/k/v, o and the MLP through the layers' own modules."""
 
-    name = "modules"
-
     def __init__(self, layers):
         self.layers = layers
 
@@ -42,16 +40,15 @@ class KernelLinears:
     """The same layers through ``cpu_linear.linear`` (fp32 CPU, up to ``MAX_ROWS`` rows;
     more rows fall back to the modules, where MKL's sgemm is efficient)."""
 
-    name = "cpu_linear"
-
     def __init__(self, layers):
         self.modules = ModuleLinears(layers)
         self.act = [layer.mlp.act_fn for layer in layers]
-        self.qkv_p = [_params((l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj))
-                      for l in layers]
-        self.o_p = [_params((l.self_attn.o_proj,)) for l in layers]
-        self.gate_up_p = [_params((l.mlp.gate_proj, l.mlp.up_proj)) for l in layers]
-        self.down_p = [_params((l.mlp.down_proj,)) for l in layers]
+        self.qkv_p = [_params((layer.self_attn.q_proj, layer.self_attn.k_proj,
+                               layer.self_attn.v_proj))
+                      for layer in layers]
+        self.o_p = [_params((layer.self_attn.o_proj,)) for layer in layers]
+        self.gate_up_p = [_params((layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in layers]
+        self.down_p = [_params((layer.mlp.down_proj,)) for layer in layers]
 
     @staticmethod
     def _run(x, params):
