@@ -109,8 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "recipe, which measured better on the held-out split: BENCHMARKS.md)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--tiny", action="store_true", help="the embedded tiny Llama recipe")
-    t.add_argument("--out", default=None, help="output dir (default: $SAFEKERN_CACHE or "
-                   "~/.cache/safekern/tiny)")
+    t.add_argument("--out", default=None, help="output dir (default: "
+                   "$SAFEKERN_CACHE/tiny-<recipe key> or ~/.cache/safekern/tiny-<recipe key>; "
+                   "real model: ~/.cache/safekern/smollm2-ess)")
     t.add_argument("--steps", type=int, default=300, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=32, help="rows per step")
     t.add_argument("--seed", type=int, default=0, help="seed of the weights and data order")

@@ -114,7 +114,8 @@ def run_demo(model_dir: Optional[str] = None, *, per_kind: int = 3, max_new_toke
     except FileNotFoundError:
         if not train_if_missing:
             raise
-        print_fn(f"no tiny model in {model_dir}: training it first")
+        print_fn(f"no tiny model in {model_dir} (keyed on this version's recipe): training it "
+                 "first, ~1 min on an idle 2-core CPU, several on a loaded one")
         train_tiny(model_dir)
         model, tokenizer = load_tiny(model_dir)
     rows = load_split("heldout")

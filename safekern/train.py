@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import contextlib
 import math
 import os
 import random
@@ -339,10 +340,37 @@ class EssTrainer(Trainer):
 
 # --------------------------------------------------------------------------- the tiny default
 
+def recipe_key() -> str:
+    """Short hash of what decides the trained tiny model: the package version, the embedded
+    train split and this recipe's source. A cache from another version is never reused."""
+    import hashlib
+    from importlib import resources
+
+    from . import __version__
+
+    h = hashlib.sha256(__version__.encode())
+    h.update(resources.files("safekern.data").joinpath("ess_train.jsonl").read_bytes())
+    with open(__file__, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()[:10]
+
+
 def default_cache_dir() -> str:
-    """``$SAFEKERN_CACHE`` or ``~/.cache/safekern/tiny``: where ``safekern train --tiny`` saves."""
-    return os.environ.get("SAFEKERN_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "safekern", "tiny")
+    """``$SAFEKERN_CACHE/tiny-<recipe_key>`` (base default ``~/.cache/safekern``): where
+    ``safekern train --tiny`` saves and ``safekern demo --model tiny`` looks."""
+    base = os.environ.get("SAFEKERN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                            "safekern")
+    return os.path.join(base, f"tiny-{recipe_key()}")
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def train_tiny(out_dir: Optional[str] = None, *, steps: int = 300, batch_size: int = 32,
@@ -384,20 +412,23 @@ def train_tiny(out_dir: Optional[str] = None, *, steps: int = 300, batch_size: i
     order: List[int] = []
     bar = _progress(range(steps), progress)
     wrapped.train()
-    for step in bar:
-        if len(order) < batch_size:
-            order += torch.randperm(len(rows), generator=gen).tolist()
-        batch_rows, order = [rows[i] for i in order[:batch_size]], order[batch_size:]
-        phase = "pretraining" if step < n_pre else "alignment"
-        loss, out = compute_loss(wrapped, collate[phase](batch_rows),
-                                 cls_weight=cls_weight[phase == "alignment"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(phase=phase[:5], lm=f"{out['lm']:.3f}", cls=f"{out['cls']:.3f}")
+    # One thread: float reductions then do not depend on the machine's core count, so the same
+    # seed gives the same model, and the same evaluation table, on every machine.
+    with _torch_threads(1):
+        for step in bar:
+            if len(order) < batch_size:
+                order += torch.randperm(len(rows), generator=gen).tolist()
+            batch_rows, order = [rows[i] for i in order[:batch_size]], order[batch_size:]
+            phase = "pretraining" if step < n_pre else "alignment"
+            loss, out = compute_loss(wrapped, collate[phase](batch_rows),
+                                     cls_weight=cls_weight[phase == "alignment"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(phase=phase[:5], lm=f"{out['lm']:.3f}", cls=f"{out['cls']:.3f}")
     seconds = time.perf_counter() - t0
     save_tiny(model, tokenizer, out_dir)
     summary = {"steps": steps, "seconds": round(seconds, 1), "lm": float(out["lm"]),
