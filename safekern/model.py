@@ -517,6 +517,13 @@ def _read_meta(path: str) -> dict:
     if meta["num_classes"] not in (1, 2) or meta["hidden_size"] < 1:
         raise ValueError(f"{path}: num_classes must be 1 or 2 and hidden_size >= 1, got "
                          f"{meta['num_classes']} and {meta['hidden_size']}")
+    # Optional layout fields (older deltas lack them: the paper's layout).
+    if not isinstance(meta.get("response_sees_cls", True), bool):
+        raise ValueError(f"{path}: 'response_sees_cls' must be a JSON boolean, got "
+                         f"{meta['response_sees_cls']!r}")
+    if meta.get("cls_position", "zero") not in CLS_POSITIONS:
+        raise ValueError(f"{path}: 'cls_position' must be one of {CLS_POSITIONS}, got "
+                         f"{meta['cls_position']!r}")
     return meta
 
 
@@ -579,7 +586,7 @@ def load_safety(model, tokenizer, directory: str):
     if head.bias is not None:
         head.bias.copy_(tensors["head.bias"])
     attach(model, tokenizer, head=head, cls_token=meta["cls_token"],
-           response_sees_cls=bool(meta.get("response_sees_cls", True)),
+           response_sees_cls=meta.get("response_sees_cls", True),
            cls_position=meta.get("cls_position", "zero"))
     cls_id = model.safekern.cls_id
     emb = model.get_input_embeddings().weight

@@ -37,13 +37,7 @@ def make_model(arch="llama", seed=0, attach=True, **overrides):
     return model, tok
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a thread pool, and on a loaded CI box pools spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

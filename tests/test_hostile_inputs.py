@@ -24,8 +24,9 @@ from safekern.ops import dispatch
 from safekern.reference import ess_attention_ref, head_sample_ref
 
 # NaN-poisoned inputs make the Triton interpreter's numpy warn; that is the point here.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:All-NaN slice encountered:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                         "ignore:All-NaN slice encountered:RuntimeWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 transformers = pytest.importorskip("transformers")
 from safekern.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
@@ -34,14 +35,6 @@ from safekern.train import EssCollator, EssForTraining  # noqa: E402
 
 def i32(x):
     return torch.tensor(x, dtype=torch.int32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ============================================================== injection (tokenization)

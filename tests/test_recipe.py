@@ -99,3 +99,17 @@ def test_collator_response_windows(tiny):
     assert torch.equal(again["cls_windows"], w)
     with pytest.raises(ValueError, match="response_windows"):
         EssCollator(tok, response_windows=1.5)
+
+
+def test_load_safety_checks_the_layout_fields(tiny, tmp_path):
+    import json
+
+    model, tok = tiny
+    safekern.save_safety(model, str(tmp_path))
+    meta = json.loads((tmp_path / "safety.json").read_text())
+    assert meta["response_sees_cls"] is False and meta["cls_position"] == "zero"
+    for key, bad in (("response_sees_cls", "no"), ("cls_position", "middle")):
+        broken = dict(meta, **{key: bad})
+        (tmp_path / "safety.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=key):
+            safekern.load_safety(model, tok, str(tmp_path))

@@ -19,12 +19,7 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     "triton" not in safekern.info()["backends"]["head_sample"], reason="triton not installed"))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
