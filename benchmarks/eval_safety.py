@@ -80,6 +80,7 @@ def evaluate_tiny(model, tokenizer, *, max_new_tokens: int = 32, backend: str = 
 REAL_CONFIGS = {
     "off": None,
     "first": EssConfig(schedule="first"),
+    "first, high": EssConfig(schedule="first", policy="high"),
     "each": EssConfig(schedule="each"),
     "periodic(10)": EssConfig(schedule="periodic", period=10),
     "annealing": EssConfig(schedule="annealing"),
