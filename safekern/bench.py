@@ -26,7 +26,7 @@ from typing import Dict, List
 import torch
 
 PAPER_BUDGET = 1.2          # paper: < 0.2x overhead with the annealing schedule
-P1_TARGET = {"tiny": 1.15, "cpu": 1.25, "cuda": 1.05}   # docs: PERFORMANCE.md, P1
+P1_TARGET = {"tiny": 1.15, "cpu": 1.25, "cuda": 1.05}   # docs/PERFORMANCE.md, P1
 P1_OVERHEAD = 0.05          # implementation overhead budget (fraction of safety off)
 P2_TARGET = {"cpu": 1.0, "cuda": 1.5}
 P1_SCHEDULE = "each"
@@ -109,7 +109,7 @@ def _timer(device):
 def _interleaved(fns: Dict[str, callable], reps: int, device, progress):
     """Round-robin A/B timing: per provider the median wall time and the median process CPU
     time (on a shared, loaded CPU, CPU time is the steadier measure of the work done; wall
-    time is what PERFORMANCE.md asks for, so both are reported)."""
+    time is what docs/PERFORMANCE.md asks for, so both are reported)."""
     now = _timer(device)
     for f in fns.values():                                               # warm-up
         f()

@@ -290,8 +290,8 @@ class Engine:
         if ess is not None:
             cfg = self.model.safekern
             self._sw, self._sb = safety_head_params(self.model)
-            # Forced after a mid-response trigger as "\n" + refusal (DESIGN.md §4); a trigger on
-            # an empty response skips the newline ids (the per-row choice happens on device).
+            # Forced after a mid-response trigger as "\n" + refusal (docs/DESIGN.md §4); a
+            # trigger on an empty response skips the newline ids (chosen per row on device).
             refusal, skip = refusal_token_ids(self.tokenizer, ess.refusal_text)
             self.state = EssState.create(enc.prompt_len, enc.query_start, enc.query_end,
                                          refusal, ess, device=dev, refusal_skip=skip)

@@ -42,7 +42,8 @@ class SafetyConfig:
             the safety signal flows into the answer). A delta trained on a *frozen* LM sets it
             False: then no row but the [CLS] row itself ever sees the [CLS] key, and every other
             hidden state is the base model's own (RoPE is relative, so the shift by one
-            position changes nothing), i.e. benign outputs stay the base model's (docs/DESIGN.md §1).
+            position changes nothing), i.e. benign outputs stay the base model's
+            (docs/DESIGN.md §1).
         cls_position: the RoPE position of the [CLS] *row* (its key stays in slot 0):
             ``"zero"`` (the paper: index 0, so on a pretrained model it "looks forward" at its
             window, which no causal LM ever does) or ``"last"`` (rotated at the position of

@@ -208,7 +208,7 @@ class EssState:
         evaluating: rows whose [CLS] row is evaluated this step (set by ``plan_step``).
         finished: rows the ``high`` policy has ended.
         refusal_ids: token ids of the refusal prefix as inserted mid-response, on a new line
-            (the ids of ``"\\n" + refusal_text``; DESIGN.md §4).
+            (the ids of ``"\\n" + refusal_text``; docs/DESIGN.md §4).
         refusal_skip: how many leading ``refusal_ids`` (the newline) a trigger skips when the
             response is still empty (``n = t - P == 0``), so a refusal that opens the response
             starts with the text itself. A Python int: the per-row choice is made on the device

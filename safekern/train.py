@@ -79,7 +79,8 @@ class EssCollator:
     Returns a dict of CPU tensors:
         ``input_ids (B, L) int64``, ``labels (B, L) int64`` (-100 = not a target),
         ``safety_labels (B,) float32``, ``response_start (B,) int32``,
-        ``cls_windows (B, W, 2) int32`` (W = 1 unless response windows), ``query_span (B, 2) int32``, ``seqlens (B,) int32``.
+        ``cls_windows (B, W, 2) int32`` (W = 1 unless response windows),
+        ``query_span (B, 2) int32``, ``seqlens (B,) int32``.
     """
 
     def __init__(self, tokenizer, phase: str = "alignment", cls_token: str = "[CLS]",
@@ -100,7 +101,8 @@ class EssCollator:
                              f"{response_windows!r}")
         if response_windows and phase != "alignment":
             raise ValueError("response_windows applies to the alignment phase only")
-        self.tokenizer, self.phase, self.cls_id, self.max_length = tokenizer, phase, cls_id, max_length
+        self.tokenizer, self.phase, self.cls_id = tokenizer, phase, cls_id
+        self.max_length = max_length
         self.response_windows = float(response_windows)
         self._rng = random.Random(seed)
         self.template = template_split(tokenizer)

@@ -99,7 +99,7 @@ def update_state(state: EssState, ess: EssConfig, p_unsafe: torch.Tensor) -> tor
     state.trigger_step.copy_(torch.where(trigger, t, state.trigger_step))
     if ess.policy != "low":
         # Mid-response (n > 0) the refusal starts on a new line: force every refusal id; a
-        # refusal that opens the response skips the leading newline ids (DESIGN.md §4).
+        # refusal that opens the response skips the leading newline ids (docs/DESIGN.md §4).
         start = torch.where(n > 0, torch.zeros_like(t), torch.full_like(t, state.refusal_skip))
         state.forced_idx.copy_(torch.where(trigger, start, state.forced_idx))
     return trigger
