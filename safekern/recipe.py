@@ -19,8 +19,9 @@ response label ``z`` (harmful continuation 1; benign answer or refusal 0):
 * the query span Q (rule 1 at prefill, no response yet) -> ``y``;
 * Q + the first ``min(n, r1)`` response tokens (rule 1 with prefilled tokens) -> ``y``;
 * response windows of the latest ``r2`` tokens ending at several points, and ``r2 + r3`` long
-  SUSPECT-style windows (rules 2-3) -> ``z`` (``response_windows=True``, the default; the paper
-  trains on Q only, ``response_windows=False``). Harmful continuations shorter than
+  SUSPECT-style windows (rules 2-3) -> ``z``, only with ``response_windows=True`` (beyond the
+  paper; measured worse on the held-out first verdict with a linear head, AUC 0.79 vs 0.92, so
+  the default is the paper's query windows: BENCHMARKS.md). Harmful continuations shorter than
   ``min_harmful_window`` tokens carry too little evidence and are skipped, so very short windows
   are learnt as benign (the tau rule catches a harmful answer a few tokens later).
 """
@@ -230,7 +231,7 @@ def chunk_windows(model, tokenizer, rows: Sequence[Dict], *, batch_size: int = 1
 
 @torch.no_grad()
 def cls_features(model, tokenizer, rows: Sequence[Dict], *, batch_size: int = 16,
-                 response_windows: bool = True, cls_emb: Optional[torch.Tensor] = None,
+                 response_windows: bool = False, cls_emb: Optional[torch.Tensor] = None,
                  progress=None):
     """``(features (N, Dm), labels (N,), kinds [N], groups (N,))``: the [CLS] final hidden
     state, label, window kind and row index of every training window of ``rows`` (no grad; the
@@ -321,7 +322,7 @@ def select_head(feats: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
                                                         "val_auc_by_wd": scores}
 
 
-def train_frozen(model, tokenizer, rows: Sequence[Dict], *, response_windows: bool = True,
+def train_frozen(model, tokenizer, rows: Sequence[Dict], *, response_windows: bool = False,
                  batch_size: int = 16, progress: bool = True, features_cache: Optional[str] = None,
                  log=print) -> Dict:
     """Fit the safety head of an attached ``model`` on ``rows`` (frozen LM); returns a summary.
@@ -343,10 +344,10 @@ def train_frozen(model, tokenizer, rows: Sequence[Dict], *, response_windows: bo
     else:
         with tqdm(total=len(rows), desc="safekern train: [CLS] features", unit="seq",
                   disable=not progress) as bar:
-            feats, labels, kinds, groups = cls_features(model, tokenizer, rows,
-                                                        batch_size=batch_size,
-                                                        response_windows=response_windows,
-                                                        progress=bar)
+            # A cache always holds every window kind, so it serves both variants.
+            feats, labels, kinds, groups = cls_features(
+                model, tokenizer, rows, batch_size=batch_size,
+                response_windows=response_windows or bool(features_cache), progress=bar)
         if features_cache:
             torch.save((feats, labels, kinds, groups), features_cache)
     if not response_windows:
