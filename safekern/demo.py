@@ -44,6 +44,34 @@ def _side_by_side(left: str, right: str, width: int) -> List[str]:
     return [f"  {x:<{width}} | {y}" for x, y in zip(a, b)]
 
 
+def _show_groups(model, tokenizer, groups, ess, *, max_new_tokens, width, backend, print_fn,
+                 judge=None) -> List[dict]:
+    """For each ``(kind, title, prompts, prefills)`` group: safety off vs ``ess`` side by side,
+    the p_unsafe trace (and ``judge(text)`` of the ESS answer when given); returns the rows."""
+    from .engine import generate
+
+    out = []
+    for kind, title, prompts, prefill in groups:
+        off = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, safety=None,
+                       prefill=prefill, backend=backend)
+        on = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, safety=ess,
+                      prefill=prefill, backend=backend)
+        print_fn(f"\n=== {title} ===")
+        for i, (a, b) in enumerate(zip(off, on)):
+            pf = prefill[i] if prefill else ""
+            print_fn(f"user: {prompts[i]}")
+            if pf:
+                print_fn(f"prefilled assistant start: {pf!r}")
+            print_fn(f"  {'safety off':<{width}} | ESS on")
+            for line in _side_by_side(a.text, b.text, width):
+                print_fn(line)
+            verdict = f"   judge(ESS on): {judge(b.text)}" if judge is not None else ""
+            print_fn(f"  p_unsafe: {format_trace(b.trace)}{verdict}")
+            out.append({"kind": kind, "prompt": prompts[i], "prefill": pf, "off": a.text,
+                        "on": b.text, "trace": b.trace})
+    return out
+
+
 def run_demo_real(name: str = "smollm2", *, delta: Optional[str] = None, per_kind: int = 3,
                   max_new_tokens: int = 48, width: int = 48, backend: str = "auto",
                   ess=None, print_fn=print) -> List[dict]:
@@ -51,7 +79,6 @@ def run_demo_real(name: str = "smollm2", *, delta: Optional[str] = None, per_kin
     import torch
 
     from . import models
-    from .engine import generate
     from .evaluation import heldout_cases, judge
     from .spec import EssConfig
 
@@ -70,27 +97,13 @@ def run_demo_real(name: str = "smollm2", *, delta: Optional[str] = None, per_kin
              f"{max_new_tokens} tokens")
     cases = heldout_cases(n_harmful=per_kind, n_prefill=per_kind, n_suffix=0, n_benign=per_kind,
                           n_borderline=per_kind)
-    out = []
+    groups = []
     for kind, title in (("benign", "benign"), ("borderline", "borderline (safe, looks risky)"),
                         ("direct", "harmful request"), ("prefill", "prefill attack")):
         group = [c for c in cases if c.kind == kind]
-        prompts, prefill = [c.prompt for c in group], [c.prefill for c in group]
-        off = generate(model, tok, prompts, max_new_tokens=max_new_tokens, safety=None,
-                       prefill=prefill, backend=backend)
-        on = generate(model, tok, prompts, max_new_tokens=max_new_tokens, safety=ess,
-                      prefill=prefill, backend=backend)
-        print_fn(f"\n=== {title} ===")
-        for c, a, b in zip(group, off, on):
-            print_fn(f"user: {c.prompt}")
-            if c.prefill:
-                print_fn(f"prefilled assistant start: {c.prefill!r}")
-            print_fn(f"  {'safety off':<{width}} | ESS on")
-            for line in _side_by_side(a.text, b.text, width):
-                print_fn(line)
-            print_fn(f"  p_unsafe: {format_trace(b.trace)}   judge(ESS on): {judge(b.text)}")
-            out.append({"kind": kind, "prompt": c.prompt, "prefill": c.prefill, "off": a.text,
-                        "on": b.text, "trace": b.trace})
-    return out
+        groups.append((kind, title, [c.prompt for c in group], [c.prefill for c in group]))
+    return _show_groups(model, tok, groups, ess, max_new_tokens=max_new_tokens, width=width,
+                        backend=backend, print_fn=print_fn, judge=judge)
 
 
 def run_demo(model_dir: Optional[str] = None, *, per_kind: int = 3, max_new_tokens: int = 32,
@@ -104,7 +117,6 @@ def run_demo(model_dir: Optional[str] = None, *, per_kind: int = 3, max_new_toke
         per_kind: prompts per group (benign, malicious, prefill attack).
     """
     from .data import load_split
-    from .engine import generate
     from .spec import EssConfig
     from .train import default_cache_dir, load_tiny, train_tiny
 
@@ -120,27 +132,13 @@ def run_demo(model_dir: Optional[str] = None, *, per_kind: int = 3, max_new_toke
         model, tokenizer = load_tiny(model_dir)
     rows = load_split("heldout")
     ess = EssConfig()
-    out = []
     print_fn(f"safety off (plain decoding) vs ESS strategic decoding ({ess.label}, "
              f"{ess.policy} policy, threshold {ess.threshold}); held-out prompts, greedy")
+    groups = []
     for kind, title in (("benign", "benign"), ("malicious", "malicious"),
                         ("prefill", "prefill attack")):
         picked = _pick(rows, kind, per_kind)
-        prompts = [r["prompt"] for r in picked]
-        prefill = [r["prefill"] for r in picked] if kind == "prefill" else None
-        off = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, safety=None,
-                       prefill=prefill, backend=backend)
-        on = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, safety=ess,
-                      prefill=prefill, backend=backend)
-        print_fn(f"\n=== {title} ===")
-        for i, r in enumerate(picked):
-            print_fn(f"user: {r['prompt']}")
-            if prefill:
-                print_fn(f"prefilled assistant start: {r['prefill']!r}")
-            print_fn(f"  {'safety off':<{width}} | ESS on")
-            for line in _side_by_side(off[i].text, on[i].text, width):
-                print_fn(line)
-            print_fn(f"  p_unsafe: {format_trace(on[i].trace)}")
-            out.append({"kind": kind, "prompt": r["prompt"], "prefill": r["prefill"],
-                        "off": off[i].text, "on": on[i].text, "trace": on[i].trace})
-    return out
+        groups.append((kind, title, [r["prompt"] for r in picked],
+                       [r["prefill"] for r in picked] if kind == "prefill" else None))
+    return _show_groups(model, tokenizer, groups, ess, max_new_tokens=max_new_tokens,
+                        width=width, backend=backend, print_fn=print_fn)
