@@ -83,11 +83,16 @@ def is_available(name: str = "smollm2") -> Optional[str]:
     return None
 
 
-def cache_root() -> str:
-    """``$SAFEKERN_CACHE/models`` or ``~/.cache/safekern/models``."""
-    base = os.environ.get("SAFEKERN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+def cache_base() -> str:
+    """``$SAFEKERN_CACHE`` or ``~/.cache/safekern``: the base of every safekern cache (the
+    de-quantized models, trained deltas, the tiny model)."""
+    return os.environ.get("SAFEKERN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                             "safekern")
-    return os.path.join(base, "models")
+
+
+def cache_root() -> str:
+    """``cache_base()/models``: the de-quantized checkpoints."""
+    return os.path.join(cache_base(), "models")
 
 
 def _cache_key(path: str) -> str:
@@ -182,4 +187,4 @@ def load(name: str = "smollm2", *, safety=False, dtype: torch.dtype = torch.floa
 
 
 __all__ = ["MODELS", "ModelSpec", "load", "local_dir", "gguf_path", "is_available",
-           "cache_root", "shipped_delta"]
+           "cache_base", "cache_root", "shipped_delta"]

@@ -390,9 +390,9 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
 
 def default_delta_dir(name: str) -> str:
     """Where ``safekern train --model NAME`` writes by default (the shipped delta is read-only)."""
-    base = os.environ.get("SAFEKERN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                            "safekern")
-    return os.path.join(base, f"{name}-ess")
+    from .models import cache_base
+
+    return os.path.join(cache_base(), f"{name}-ess")
 
 
 __all__ = ["example_windows", "chunk_windows", "cls_features", "fit_head", "select_head",

@@ -360,9 +360,9 @@ def recipe_key() -> str:
 def default_cache_dir() -> str:
     """``$SAFEKERN_CACHE/tiny-<recipe_key>`` (base default ``~/.cache/safekern``): where
     ``safekern train --tiny`` saves and ``safekern demo --model tiny`` looks."""
-    base = os.environ.get("SAFEKERN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                            "safekern")
-    return os.path.join(base, f"tiny-{recipe_key()}")
+    from .models import cache_base
+
+    return os.path.join(cache_base(), f"tiny-{recipe_key()}")
 
 
 @contextlib.contextmanager
