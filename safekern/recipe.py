@@ -103,29 +103,17 @@ class _Layers:
         Returns ``[(k, v)]`` per layer, each ``(B, L + 1, Hkv, D)`` with slot 0 empty (the
         [CLS] slot), RoPE applied.
         """
-        a = self.arch
+        # The model's own forward and KV cache (no second implementation of the decoder).
         B, L = ids.shape
         pos = torch.arange(1, L + 1, device=ids.device)[None].expand(B, L)
-        cos, sin = a.rope_table(L + 1, ids.device, a.model.lm_head.weight.dtype)
-        cos, sin = cos[pos][:, :, None], sin[pos][:, :, None]
-        valid = torch.arange(L, device=ids.device)[None] < lengths[:, None]
-        mask = valid[:, None, None, :] & torch.ones(L, L, dtype=torch.bool,
-                                                    device=ids.device).tril()[None, None]
-        x = a.base.embed_tokens(ids)
+        mask = (torch.arange(L, device=ids.device)[None] < lengths[:, None]).long()
+        res = self.arch.base(input_ids=ids, attention_mask=mask, position_ids=pos,
+                             use_cache=True)
+        cache = getattr(res, "cache", None) or res.past_key_values
         out = []
-        for layer in a.layers:
-            h = layer.input_layernorm(x)
-            sa = layer.self_attn
-            q = sa.q_proj(h).view(B, L, a.n_heads, a.head_dim)
-            k = sa.k_proj(h).view(B, L, a.n_kv, a.head_dim)
-            v = sa.v_proj(h).view(B, L, a.n_kv, a.head_dim)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                               v.transpose(1, 2), attn_mask=mask, scale=a.scale,
-                                               enable_gqa=a.n_heads != a.n_kv).transpose(1, 2)
-            x = x + sa.o_proj(o.reshape(B, L, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            pad = torch.zeros(B, 1, a.n_kv, a.head_dim, dtype=k.dtype, device=k.device)
+        for layer in cache.layers:                                       # (B, Hkv, L, D)
+            k, v = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)
+            pad = k.new_zeros(B, 1, *k.shape[2:])
             out.append((torch.cat([pad, k], 1), torch.cat([pad, v], 1)))
         return out
 
