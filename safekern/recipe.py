@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.real import training_rows
 from .evaluation import roc_auc
 from .model import encode_prompts, safety_config, save_safety, template_split
 
@@ -175,15 +176,6 @@ def gather_windows(kv_seq, windows: Sequence[Window], seq_offset: int):
 
 
 # ----------------------------------------------------------------------------- data
-
-def training_rows(split: str = "train", *, include: Sequence[str] = ("harmful", "benign",
-                                                                     "borderline")) -> List[Dict]:
-    """Rows ``{prompt, prefill, response, label, response_label, kind}`` from the shipped real
-    data (``safekern/data/real``) and the model's own responses (``responses.jsonl``)."""
-    from .data import real
-
-    return real.training_rows(split, include=include)
-
 
 def encode_rows(tokenizer, rows: Sequence[Dict], cls_id: int):
     enc = encode_prompts(tokenizer, [r["prompt"] for r in rows],
