@@ -585,7 +585,8 @@ def _gen(**kw):
 SURFACE_CASES = {
     "generate/prompts_float": (_gen(prompts=3.5), TypeError, "prompts must be a string"),
     "generate/prompts_empty": (_gen(prompts=[]), ValueError, "prompts must hold at least one"),
-    "generate/prompts_none": (_gen(prompts=[None]), TypeError, "must be a string, a non-empty list of token ids"),
+    "generate/prompts_none": (_gen(prompts=[None]), TypeError,
+                              "must be a string, a non-empty list of token ids"),
     "generate/max_new_tokens_0": (_gen(max_new_tokens=0), ValueError, "max_new_tokens"),
     "generate/max_new_tokens_float": (_gen(max_new_tokens=2.0), ValueError, "max_new_tokens"),
     "generate/safety_dict": (_gen(safety={}), TypeError, "safety must be an EssConfig"),
