@@ -1,0 +1,324 @@
+"""The ESS state of every request in one vLLM worker process, and the [CLS] pass.
+
+Two vLLM extension points share it (docs/DESIGN.md "Serving with vLLM"):
+
+* the logits processor (``processor.EssLogitsProcessor``) sees requests join, leave and move
+  in vLLM's persistent batch (``BatchUpdate``) with their ``SamplingParams``, and forces the
+  refusal tokens in ``apply(logits)``;
+* the ESS model (``model.EssLlamaForCausalLM`` and friends) runs, after vLLM's own forward and
+  inside its forward context, the step of every ESS request: the reference controller
+  (``safekern.reference.controller``: windows, verdict, forced tokens — the same code
+  ``safekern.generate`` runs), and one batched [CLS] row per evaluating request through every
+  layer, reading that request's window keys/values from vLLM's paged KV cache.
+
+Nothing here imports vLLM at module level; the forward context is read through the two small
+functions at the bottom. Positions: the state is kept in safekern's layout (docs/DESIGN.md §2:
+[CLS] at index 0, so ``P``, ``t``, windows count it), and vLLM's sequence has no [CLS], so a
+safekern index ``j >= 1`` is vLLM position ``j - 1``.
+"""
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from ...reference.controller import forced_tokens, plan_step, update_state
+from ...spec import NEVER, PENDING, REFUSING, EssConfig, EssState
+
+# Fields of EssState kept per request as Python ints between steps.
+_STATE_FIELDS = ("mode", "flags", "switch_step", "next_eval", "interval", "forced_idx",
+                 "trigger_step")
+_ACTIONS = {"low": "record", "medium": "refusal_prefix", "high": "refusal_stop"}
+MAX_TRACES = 10000
+
+
+@dataclass
+class Layout:
+    """Where a vLLM prompt's query and response sit, in safekern indices ([CLS] = 0)."""
+
+    prompt_len: int      # P: the response (prefilled assistant text included) starts here
+    query_start: int
+    query_end: int
+
+
+def prompt_layout(ids: List[int], prefix_ids: List[int], suffix_ids: List[int],
+                  bos_id: Optional[int]) -> Layout:
+    """The layout of a vLLM prompt (token ids, no [CLS]).
+
+    A chat prompt is ``prefix + query + suffix [+ prefilled assistant text]`` (vLLM's
+    ``continue_final_message``): the query is what lies between the template prefix and the
+    *last* occurrence of the suffix (the generation prompt), the response starts after it.
+    Anything else counts as untemplated: the query is every token after a leading BOS and the
+    response starts after the prompt — exactly ``safekern.model.encode_token_ids``.
+    """
+    n = len(ids)
+    qs = len(prefix_ids) if prefix_ids and ids[:len(prefix_ids)] == prefix_ids else None
+    if qs is not None and suffix_ids:
+        m = len(suffix_ids)
+        for j in range(n - m, qs - 1, -1):
+            if ids[j:j + m] == suffix_ids:
+                return Layout(j + m + 1, qs + 1, j + 1)
+    start = 1 if bos_id is not None and n and ids[0] == bos_id else 0
+    return Layout(n + 1, start + 1, n + 1)
+
+
+@dataclass
+class Request:
+    """One ESS request in the persistent batch (or parked while preempted)."""
+
+    ess: EssConfig
+    layout: Layout
+    n_prompt: int                 # len(prompt_token_ids) as vLLM holds them
+    output: list                  # vLLM's live list of this request's output token ids
+    refusal_ids: List[int]
+    refusal_skip: int
+    eos_id: Optional[int]
+    trace_id: Optional[str] = None
+    mode: int = PENDING
+    flags: int = 0
+    switch_step: int = -1
+    next_eval: int = 0
+    interval: int = 1
+    forced_idx: int = -1
+    trigger_step: int = -1
+    finished: bool = False
+    force: Optional[int] = None   # the token apply() forces at this step (None = free)
+    trace: dict = field(default_factory=lambda: {"eval_steps": [], "eval_lengths": [],
+                                                 "p_unsafe": [], "trigger_step": None,
+                                                 "action": None})
+
+    def __post_init__(self):
+        self.interval, self.next_eval = self.ess.anneal_start, self.ess.first_at
+
+
+class Batch:
+    """vLLM's persistent batch as the logits processor last saw it: row -> Request."""
+
+    def __init__(self):
+        self.rows: Dict[int, Request] = {}
+        # Requests that left the batch without finishing (preemption) come back with the same
+        # output list: keyed by id() of that list, which stays alive while it is held here.
+        self.parked: "collections.OrderedDict[int, Request]" = collections.OrderedDict()
+        self.traces: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
+
+    def remove(self, row: int):
+        req = self.rows.pop(row, None)
+        if req is not None:
+            self.parked[id(req.output)] = req
+            while len(self.parked) > MAX_TRACES:
+                self.parked.popitem(last=False)
+
+    def unpark(self, output: list) -> Optional[Request]:
+        req = self.parked.pop(id(output), None)
+        return req if req is not None and req.output is output else None
+
+    def move(self, a: int, b: int, swap: bool):
+        ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+        if ra is not None:
+            self.rows[b] = ra
+        if swap and rb is not None:
+            self.rows[a] = rb
+
+    def record(self, req: Request):
+        if req.trace_id is not None:
+            self.traces[req.trace_id] = req.trace
+            self.traces.move_to_end(req.trace_id)
+            while len(self.traces) > MAX_TRACES:
+                self.traces.popitem(last=False)
+
+
+BATCH = Batch()
+MODEL = None   # the ESS model of this process (set when vLLM builds it)
+
+
+# ---------------------------------------------------------------- controller
+def _pack(reqs: List[Request], seq_len: List[int]) -> EssState:
+    """A batched EssState over requests that share one EssConfig (and refusal ids)."""
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    r0 = reqs[0]
+    kw = {f: i32([getattr(r, f) for r in reqs]) for f in _STATE_FIELDS}
+    return EssState(prompt_len=i32([r.layout.prompt_len for r in reqs]),
+                    query_start=i32([r.layout.query_start for r in reqs]),
+                    query_end=i32([r.layout.query_end for r in reqs]),
+                    seq_len=i32(seq_len), evaluating=torch.zeros(len(reqs), dtype=torch.bool),
+                    finished=torch.tensor([r.finished for r in reqs]),
+                    refusal_ids=torch.tensor(r0.refusal_ids, dtype=torch.int64),
+                    refusal_skip=r0.refusal_skip, **kw)
+
+
+def _unpack(reqs: List[Request], st: EssState):
+    cols = {f: getattr(st, f).tolist() for f in _STATE_FIELDS}
+    fin = st.finished.tolist()
+    for i, r in enumerate(reqs):
+        for f in _STATE_FIELDS:
+            setattr(r, f, cols[f][i])
+        r.finished = bool(fin[i])
+
+
+def step(model, rows: Dict[int, Request], seq_lens: List[int], block_table: torch.Tensor):
+    """One decode/prefill step of every ESS request in the batch (after vLLM's forward).
+
+    A row whose tokens are all computed after this step (``seq_lens[r] == n_prompt + outputs``)
+    samples for real: it is planned, evaluated when due, and takes its forced token. Rows in a
+    partial (chunked or recomputed) prefill are left untouched: vLLM discards their sample.
+    """
+    groups: Dict[int, list] = {}
+    for r, req in rows.items():
+        req.force = None
+        if r >= len(seq_lens) or seq_lens[r] != req.n_prompt + len(req.output):
+            continue
+        if req.finished:                      # high policy: the refusal is out, end it
+            req.force = req.eos_id
+            continue
+        if req.mode == REFUSING and req.forced_idx < 0:
+            continue                          # triggered, refusal emitted: nothing to do
+        groups.setdefault(id(req.ess), []).append((r, req))
+    for items in groups.values():
+        reqs = [q for _, q in items]
+        ess = reqs[0].ess
+        t = [seq_lens[r] + 1 for r, _ in items]       # safekern t counts the [CLS]
+        st = _pack(reqs, t)
+        windows = plan_step(st, ess)
+        ev = st.evaluating.tolist()
+        p = torch.full((len(reqs),), float("nan"))
+        idx = [i for i, e in enumerate(ev) if e]
+        if idx:
+            p[idx] = cls_pass(model, [items[i][0] for i in idx], [t[i] for i in idx],
+                              windows[idx], block_table).cpu()
+        trig = update_state(st, ess, p).tolist()
+        forced, toks = forced_tokens(st, ess)
+        forced, toks = forced.tolist(), toks.tolist()
+        _unpack(reqs, st)
+        for i, req in enumerate(reqs):
+            tr = req.trace
+            if ev[i]:
+                tr["eval_steps"].append(len(req.output))
+                tr["eval_lengths"].append(t[i] - req.layout.prompt_len)
+                tr["p_unsafe"].append(float(p[i]))
+            if trig[i]:
+                tr["trigger_step"], tr["action"] = len(req.output), _ACTIONS[ess.policy]
+            if forced[i]:
+                req.force = int(toks[i])
+            if ev[i] or trig[i]:
+                BATCH.record(req)
+
+
+# ---------------------------------------------------------------- the [CLS] pass
+def _rope(rotary, pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """vLLM's rotary embedding of ``x (E, heads, D)`` at positions ``pos (E,)``, which may be
+    negative (the [CLS] row of ``cls_position="zero"`` sits at vLLM position -1):
+    cos(-a) = cos(a), sin(-a) = -sin(a) on the module's own cos/sin cache."""
+    cs = rotary.cos_sin_cache.index_select(0, pos.abs()).to(x.dtype)
+    cos, sin = cs.chunk(2, dim=-1)
+    cos, sin = cos[:, None], (sin * pos.sign().to(sin.dtype)[:, None])[:, None]
+    rd = rotary.rotary_dim
+    rot, rest = x[..., :rd], x[..., rd:]
+    if rotary.is_neox_style:
+        x1, x2 = rot.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, rest], dim=-1)
+
+
+def read_kv(kv_cache: torch.Tensor, slots: torch.Tensor):
+    """Keys and values ``(N, Hkv, D)`` at flat slots of one layer of vLLM's CPU_ATTN cache.
+
+    The cache is ``(blocks, Hkv, block_size, 2 * D)``; each (block, head) holds the keys
+    transposed (``D x block_size``, the layout the ``vec``/``vec16`` kernels read) and then the
+    values (``block_size x D``). ``tests/test_vllm.py`` checks this against vLLM's own
+    ``cpu_attn_reshape_and_cache`` write.
+    """
+    nb, h, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    flat = kv_cache.view(nb, h, 2 * bs * d)
+    k_t = flat[..., :bs * d].view(nb, h, d, bs)
+    v = flat[..., bs * d:].view(nb, h, bs, d)
+    blocks, off = slots // bs, slots % bs
+    return k_t[blocks, :, :, off], v[blocks, :, off, :]
+
+
+def cls_pass(model, rows: List[int], t: List[int], windows: torch.Tensor,
+             block_table: torch.Tensor) -> torch.Tensor:
+    """``p_unsafe`` of one [CLS] row per evaluating request, through every layer.
+
+    The [CLS] row attends to itself (key 0) and to the keys of its windows (docs/DESIGN.md §4),
+    read from vLLM's paged cache; nothing is written to the cache, since no token row sees the
+    [CLS] key (``response_sees_cls=False``, checked at load). Its RoPE position is ``t - 1``
+    (``cls_position="last"``, the fed token's) or 0, in safekern indices.
+    """
+    ess = model.ess_meta
+    dev = model.ess_cls_embedding.device
+    E = len(rows)
+    keys = []
+    for i in range(E):
+        (a0, b0), (a1, b1) = windows[i].tolist()
+        keys.append(list(range(a0, b0)) + list(range(a1, b1)))
+    W = max(1, max(len(k) for k in keys))
+    pos_v = torch.zeros(E, W, dtype=torch.long)
+    valid = torch.zeros(E, 1 + W, dtype=torch.bool)
+    valid[:, 0] = True                                         # key 0: the [CLS] itself
+    for i, k in enumerate(keys):
+        pos_v[i, :len(k)] = torch.tensor(k, dtype=torch.long) - 1   # safekern j -> vLLM j - 1
+        valid[i, 1:1 + len(k)] = True
+    layers = model.model.layers
+    bt = block_table[torch.tensor(rows)].long()                # (E, max_blocks)
+    kv0 = layers[0].self_attn.attn.kv_cache
+    bs = kv0.shape[2]
+    slots = (torch.gather(bt, 1, pos_v // bs) * bs + pos_v % bs).to(dev)
+    cls_pos = torch.tensor([(ti - 1 if ess["cls_position"] == "last" else 0) - 1 for ti in t],
+                           dtype=torch.long, device=dev)       # safekern -> vLLM position
+    valid = valid.to(dev)
+    dtype = model.ess_cls_embedding.dtype
+    x = model.ess_cls_embedding[None].expand(E, -1).to(dtype).contiguous()
+    for layer in layers:
+        at = layer.self_attn
+        h = layer.input_layernorm(x)
+        qkv, _ = at.qkv_proj(h)
+        q, k, v = qkv.split([at.q_size, at.kv_size, at.kv_size], dim=-1)
+        hk, d = at.num_kv_heads, at.head_dim
+        q = _rope(at.rotary_emb, cls_pos, q.view(E, at.num_heads, d))
+        k = _rope(at.rotary_emb, cls_pos, k.view(E, hk, d))
+        kw, vw = read_kv(at.attn.kv_cache, slots.flatten())
+        kk = torch.cat([k[:, None], kw.view(E, W, hk, d).to(k.dtype)], 1).float()
+        vv = torch.cat([v.view(E, 1, hk, d), vw.view(E, W, hk, d).to(v.dtype)], 1).float()
+        g = at.num_heads // hk
+        s = torch.einsum("ekgd,ewkd->ekgw", q.view(E, hk, g, d).float(), kk) * at.scaling
+        s = s.masked_fill(~valid[:, None, None, :], -math.inf)
+        o = torch.einsum("ekgw,ewkd->ekgd", torch.softmax(s, -1), vv)
+        o, _ = at.o_proj(o.reshape(E, at.q_size).to(dtype))
+        x = x + o
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    hn = model.model.norm(x).float()
+    logit = hn @ model.ess_head_weight.float().t()
+    if model.ess_head_bias is not None:
+        logit = logit + model.ess_head_bias.float()
+    if logit.shape[1] == 1:
+        return torch.sigmoid(logit[:, 0])
+    return torch.softmax(logit, -1)[:, 1]
+
+
+def forward_metadata(model):
+    """``(seq_lens list, block_table)`` of the current vLLM step, or None outside a real step
+    (profile/warm-up runs, or no metadata)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):
+        md = md[0] if md else None
+    if not isinstance(md, dict):
+        return None
+    m = md.get(model.model.layers[0].self_attn.attn.layer_name)
+    if m is None or getattr(m, "block_table", None) is None:
+        return None
+    return m.seq_lens.tolist(), m.block_table
+
+
+__all__ = ["BATCH", "Batch", "Layout", "Request", "cls_pass", "forward_metadata",
+           "prompt_layout", "read_kv", "step", "NEVER"]

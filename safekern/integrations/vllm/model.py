@@ -1,0 +1,157 @@
+"""vLLM model classes for ESS checkpoints (``export_for_vllm``): vLLM's own Llama / Mistral /
+Qwen2 classes plus the [CLS] embedding, the safety head and the per-step ESS pass.
+
+Imported by vLLM's ``ModelRegistry`` (lazily, ``register()``), never by safekern itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+
+import torch
+from torch import nn
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from . import _runtime, request_options
+
+_WEIGHTS = ("ess_cls_embedding", "ess_head_weight", "ess_head_bias")
+
+
+def _read_meta(path: str) -> dict:
+    file = os.path.join(path, "safety.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path!r} has no safety.json: not a checkpoint written by "
+                                "safekern.integrations.vllm.export_for_vllm")
+    with open(file) as f:
+        meta = json.load(f)
+    if meta.get("format") != "safekern-vllm":
+        raise ValueError(f"{file}: not a safekern vLLM checkpoint (format "
+                         f"{meta.get('format')!r}); write it with export_for_vllm")
+    if meta.get("response_sees_cls", True):
+        raise ValueError(f"{file}: response_sees_cls=True (the paper's layout) needs the [CLS] "
+                         "key inside vLLM's attention; the plugin serves response_sees_cls=False")
+    if meta.get("cls_position") not in ("zero", "last"):
+        raise ValueError(f"{file}: cls_position must be 'zero' or 'last', got "
+                         f"{meta.get('cls_position')!r}")
+    return meta
+
+
+class _EssMixin:
+    """What every ESS model class adds to its vLLM base class."""
+
+    def _ess_init(self, vllm_config):
+        pc = vllm_config.parallel_config
+        if pc.tensor_parallel_size != 1 or pc.pipeline_parallel_size != 1:
+            raise NotImplementedError("the safekern vLLM plugin runs with tensor and pipeline "
+                                      "parallel size 1")
+        if vllm_config.speculative_config is not None:
+            raise NotImplementedError("the safekern vLLM plugin does not support speculative "
+                                      "decoding (one sampled row per request per step)")
+        if vllm_config.device_config.device_type != "cpu":
+            raise NotImplementedError(
+                "the safekern vLLM plugin reads the [CLS] windows from vLLM's CPU_ATTN KV cache "
+                "layout; other devices/attention backends are not supported yet")
+        mc = vllm_config.model_config
+        self.ess_meta = meta = _read_meta(mc.model)
+        H = mc.hf_config.hidden_size
+        nc = int(meta["num_classes"])
+        self.ess_cls_embedding = nn.Parameter(torch.zeros(H, dtype=mc.dtype),
+                                              requires_grad=False)
+        self.ess_head_weight = nn.Parameter(torch.zeros(nc, H), requires_grad=False)
+        self.ess_head_bias = nn.Parameter(torch.zeros(nc), requires_grad=False)
+        self._ess_default = {"ess": meta["ess"],
+                             "enabled_by_default": meta.get("enabled_by_default", False)}
+        self._ess_path = mc.model
+        self._ess_configs = {}
+        _runtime.MODEL = self
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
+                **kwargs):
+        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
+                              **kwargs)
+        rows = _runtime.BATCH.rows
+        if rows:
+            md = _runtime.forward_metadata(self)
+            if md is not None:
+                with torch.no_grad():
+                    _runtime.step(self, rows, *md)
+        return out
+
+    def load_weights(self, weights):
+        ess = {}
+
+        def base():
+            for name, w in weights:
+                if name in _WEIGHTS:
+                    ess[name] = w
+                else:
+                    yield name, w
+
+        loaded = set(super().load_weights(base()))
+        for name in _WEIGHTS:
+            p = getattr(self, name)
+            if name not in ess and name == "ess_head_bias":
+                loaded.add(name)                       # a head without bias: stays 0
+                continue
+            if name not in ess:
+                raise ValueError(f"{self._ess_path}: model.safetensors has no {name!r} (write "
+                                 "the checkpoint with export_for_vllm)")
+            w = ess[name].reshape(p.shape) if ess[name].numel() == p.numel() else None
+            if w is None:
+                raise ValueError(f"{self._ess_path}: {name} has shape "
+                                 f"{tuple(ess[name].shape)}, expected {tuple(p.shape)}")
+            p.data.copy_(w.to(p.dtype))
+            loaded.add(name)
+        return loaded
+
+    # -- per request
+    def ess_request(self, params, prompt_ids, output_ids):
+        """The ``_runtime.Request`` of a request joining the batch, or None (plain vLLM)."""
+        ess, trace_id = request_options(params.extra_args, self._ess_default)
+        if ess is None:
+            return None
+        key = repr(ess)
+        ess = self._ess_configs.setdefault(key, ess)   # equal configs share one controller
+        meta = self.ess_meta
+        ids = list(prompt_ids or [])
+        if not ids:
+            raise ValueError("safekern: a request with ESS on needs prompt token ids")
+        layout = _runtime.prompt_layout(ids, meta["template_prefix_ids"],
+                                        meta["template_suffix_ids"], meta["bos_id"])
+        ref = meta["refusal"]
+        refusal, skip = ((ref["ids"], ref["skip"]) if ess.refusal_text == ref["text"] else
+                         _refusal_ids(self._ess_path, ess.refusal_text))
+        return _runtime.Request(ess=ess, layout=layout, n_prompt=len(ids), output=output_ids,
+                                refusal_ids=list(refusal), refusal_skip=int(skip),
+                                eos_id=meta["eos_id"], trace_id=trace_id)
+
+
+@lru_cache(maxsize=64)
+def _refusal_ids(path: str, text: str):
+    from transformers import AutoTokenizer
+
+    from ...model import refusal_token_ids
+
+    ids, skip = refusal_token_ids(AutoTokenizer.from_pretrained(path), text)
+    return tuple(ids), skip
+
+
+class EssLlamaForCausalLM(_EssMixin, LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._ess_init(vllm_config)
+
+
+class EssMistralForCausalLM(_EssMixin, MistralForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._ess_init(vllm_config)
+
+
+class EssQwen2ForCausalLM(_EssMixin, Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._ess_init(vllm_config)
