@@ -18,8 +18,11 @@ plain vLLM); over the OpenAI API the same goes in ``vllm_xargs``, flat:
 ``{"safekern": "on", "safekern_schedule": "annealing"}``. A request without it is plain vLLM
 unless the checkpoint was exported with ``enabled_by_default=True``. ``"safekern_trace_id"``
 (or ``"trace_id"`` in the dict) keeps that request's verdicts (evaluation steps, p_unsafe,
-trigger step, action) in the worker; ``traces(llm)`` fetches them through
-``LLM.collective_rpc``. The forced refusal itself is in the output text.
+trigger step, action) in the worker: ``traces(llm)`` fetches them through
+``LLM.collective_rpc`` (needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``, vLLM's rule for sending
+a function), and with ``SAFEKERN_VLLM_TRACE_DIR`` set the worker writes
+``<trace_id>.json`` there when the request leaves the batch (works behind ``vllm serve``). The
+forced refusal itself is in the output text.
 
 How the [CLS] row is placed (docs/DESIGN.md "Serving with vLLM"): after vLLM's own forward of a
 step, inside its forward context, one batched [CLS] row per evaluating request runs through every
@@ -242,8 +245,17 @@ def traces(llm, ids=None) -> Dict[str, dict]:
     "eval_lengths", "p_unsafe", "trigger_step", "action"}}`` (steps as in ``safekern.Trace``).
     Read from the worker through ``LLM.collective_rpc``."""
     out: Dict[str, dict] = {}
-    for part in llm.collective_rpc(_read_traces, kwargs={"ids": None if ids is None else
-                                                          list(ids)}):
+    try:
+        parts = llm.collective_rpc(_read_traces, kwargs={"ids": None if ids is None else
+                                                          list(ids)})
+    except TypeError as e:
+        if "serializ" not in str(e):
+            raise
+        raise RuntimeError("traces() sends a function to vLLM's workers, which vLLM allows only "
+                           "with VLLM_ALLOW_INSECURE_SERIALIZATION=1 set before the LLM starts; "
+                           "or set SAFEKERN_VLLM_TRACE_DIR and read the per-request JSON files "
+                           "the workers write there") from None
+    for part in parts:
         out.update(part)
     return out
 

@@ -19,7 +19,9 @@ safekern index ``j >= 1`` is vLLM position ``j - 1``.
 from __future__ import annotations
 
 import collections
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -108,6 +110,7 @@ class Batch:
         req = self.rows.pop(row, None)
         if req is not None:
             self.parked[id(req.output)] = req
+            self.save(req)
             while len(self.parked) > MAX_TRACES:
                 self.parked.popitem(last=False)
 
@@ -121,6 +124,17 @@ class Batch:
             self.rows[b] = ra
         if swap and rb is not None:
             self.rows[a] = rb
+
+    def save(self, req: Request):
+        """Write the trace to ``$SAFEKERN_VLLM_TRACE_DIR/<trace_id>.json`` when the operator set
+        that directory (the channel that also works behind ``vllm serve``)."""
+        d = os.environ.get("SAFEKERN_VLLM_TRACE_DIR")
+        if d and req.trace_id is not None:
+            name = "".join(c if c.isalnum() or c in "-_." else "_" for c in req.trace_id)
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, name[:200] + ".json"), "w") as f:
+                json.dump({"trace_id": req.trace_id, **req.trace,
+                           "output_len": len(req.output)}, f)
 
     def record(self, req: Request):
         if req.trace_id is not None:
