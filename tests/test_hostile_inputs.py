@@ -477,13 +477,15 @@ def test_sampling_tensor_on_meta_device_is_a_clear_error(name):
 
 
 # ============================================================== clear errors: NaN before sampling
-def _head_case(seed=0, B=3, Dm=16, V=37):
+def _head_case(seed=0, B=3, Dm=16, V=37, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Dm, generator=g), torch.randn(V, Dm, generator=g),
-            torch.randn(B, Dm, generator=g), torch.randn(Dm, generator=g))
+    return tuple(t.to(device) for t in (
+        torch.randn(B, Dm, generator=g), torch.randn(V, Dm, generator=g),
+        torch.randn(B, Dm, generator=g), torch.randn(Dm, generator=g)))
 
 
 def _head_backends():
+    """The backends ``generate`` can run the tiny model with on this CPU."""
     out = ["torch"]
     if "triton" in dispatch.available("head_sample", device=torch.device("cpu"),
                                       dtype=torch.float32):
@@ -493,31 +495,69 @@ def _head_backends():
     return out
 
 
+def _head_sample_backends():
+    """(backend, where) of the head_sample probes: every CPU backend of ``generate``; the cuda
+    backend on the CPU through the g++ emulation of csrc/ (``"emulated"``: the Python backend
+    as shipped, the op routed to tests/cuda_emulator.cpp; skipped without nvcc and g++); and on
+    a GPU torch, triton and cuda on CUDA tensors."""
+    return [pytest.param(b, "cpu", id=b) for b in _head_backends()] + \
+        [pytest.param("cuda", "emulated", id="cuda-emulated")] + \
+        [pytest.param(b, "cuda", id=f"{b}-gpu", marks=pytest.mark.gpu)
+         for b in ("torch", "triton", "cuda")]
+
+
+@pytest.fixture(scope="module")
+def cuda_emulator(tmp_path_factory):
+    from cuda_tools import build_emulator
+    return build_emulator(tmp_path_factory.mktemp("emu"))
+
+
+def _head_device(backend, where, request, monkeypatch, sampling=SamplingParams()):
+    """The device of a probe's tensors; routes cuda to the emulator or loads the extension, and
+    skips a sampling the backend declines (cuda: top-k/top-p)."""
+    if where == "emulated":
+        from cuda_tools import route_cuda_head_sample_to_emulator
+        route_cuda_head_sample_to_emulator(monkeypatch, request.getfixturevalue("cuda_emulator"))
+        where = "cpu"
+    elif backend == "cuda":
+        from safekern.ops import cuda_backend
+        if cuda_backend.extension_error() is not None:
+            cuda_backend.load_jit()
+    dev = torch.device(where)
+    why = dispatch.available("head_sample", device=dev, dtype=torch.float32, batch=3, vocab=37,
+                             hidden=16, sampling=sampling)[backend]
+    if why is not None:
+        pytest.skip(f"{backend} cannot run this call: {why}")
+    return dev
+
+
 SAMPLINGS = {"greedy": SamplingParams(), "temperature": SamplingParams(temperature=0.7, seed=1),
              "top_k_top_p": SamplingParams(temperature=1.0, top_k=5, top_p=0.9, seed=1)}
 
 
-@pytest.mark.parametrize("backend", _head_backends())
+@pytest.mark.parametrize("backend,where", _head_sample_backends())
 @pytest.mark.parametrize("sampling", list(SAMPLINGS))
-def test_head_sample_weight_nan_through_data_after_first_call(backend, sampling):
+def test_head_sample_weight_nan_through_data_after_first_call(backend, where, sampling, request,
+                                                             monkeypatch):
     """Outcome: clear error (was token 0, silently). ``.data`` writes do not bump the weight's
     version, so the once-per-version check passes; the kernels' own flag catches it."""
-    h, W, _, _ = _head_case()
     sp = SAMPLINGS[sampling]
+    h, W, _, _ = _head_case(device=_head_device(backend, where, request, monkeypatch, sp))
     head_sample(h, W, sampling=sp, backend=backend)                  # checks W once
     W.data[5, 2] = NAN
     with pytest.raises(ValueError, match=r"non-finite logits in rows \[0, 1, 2\].*lm_head_weight"):
         head_sample(h, W, sampling=sp, backend=backend)
 
 
-@pytest.mark.parametrize("backend", _head_backends())
-def test_head_sample_safety_weight_nan_through_data(backend):
+@pytest.mark.parametrize("backend,where", _head_sample_backends())
+def test_head_sample_safety_weight_nan_through_data(backend, where, request, monkeypatch):
     """Outcome: clear error (a NaN score would read as a benign verdict); rows that do not
     evaluate are not read, so they cannot raise."""
     from safekern.spec import EssState
-    h, W, h_cls, sw = _head_case()
+    dev = _head_device(backend, where, request, monkeypatch)
+    h, W, h_cls, sw = _head_case(device=dev)
     ess = EssConfig()
-    st = EssState.create([4] * 3, [1] * 3, [3] * 3, [7, 8], ess)
+    st = EssState.create([4] * 3, [1] * 3, [3] * 3, [7, 8], ess, device=dev)
     st.evaluating.copy_(torch.tensor([False, True, False]))
     head_sample(h, W, h_cls=h_cls, safety_weight=sw, state=st.clone(), ess=ess,
                 backend=backend)
@@ -532,18 +572,112 @@ def test_head_sample_safety_weight_nan_through_data(backend):
     assert torch.equal(tok, head_sample_ref(h, W)[0])
 
 
-def test_head_sample_triton_flag_buffer_defers_the_check():
+def _set(name, index, value):
+    def poison(t):
+        t[name].data[index] = value
+    return poison
+
+
+# Each case: the tensor NaN'ed in place after a first (checked) call, the rows that evaluate
+# (None: no ESS state, every row is scored) and the message. The torch backend's message is the
+# oracle every other backend must raise word for word.
+HEAD_NAN_CASES = {
+    "lm_head_nan": (_set("W", (5, 2), NAN), None,
+                    r"non-finite logits in rows \[0, 1, 2\]: h_tok or lm_head_weight"),
+    "lm_head_neg_inf": (_set("W", (0, 7), -INF), [True, False, True],
+                        r"non-finite logits in rows \[0, 1, 2\]: h_tok or lm_head_weight"),
+    "safety_weight_nan": (_set("sw", (3,), NAN), [False, True, True],
+                          r"non-finite p_unsafe in rows \[1, 2\]: h_cls or the safety head"),
+    "safety_bias_nan": (_set("sb", (), NAN), [True, True, False],
+                        r"non-finite p_unsafe in rows \[0, 1\]: h_cls or the safety head"),
+    "two_class_head_nan": (_set("W2", (1, 4), NAN), [True, False, True],
+                           r"non-finite p_unsafe in rows \[0, 2\]: h_cls or the safety head"),
+}
+
+
+def _run_head_nan_case(case, backend, dev):
+    """The message ``head_sample`` raises after the case's in-place poisoning."""
+    from safekern.spec import EssState
+    poison, evaluating, _ = HEAD_NAN_CASES[case]
+    h, W, h_cls, sw = _head_case(seed=4, device=dev)
+    t = {"W": W, "sw": sw, "sb": torch.tensor(0.3, device=dev),
+         "W2": torch.randn(2, 16, generator=torch.Generator().manual_seed(5)).to(dev),
+         "b2": torch.zeros(2, device=dev)}
+    two = case.startswith("two_class")
+    kw = dict(h_cls=h_cls, safety_weight=t["W2"] if two else t["sw"],
+              safety_bias=t["b2"] if two else t["sb"], backend=backend)
+    ess = EssConfig(policy="low")
+    st = None
+    if evaluating is not None:
+        st = EssState.create([4] * 3, [1] * 3, [3] * 3, [7, 8], ess, device=dev)
+        st.evaluating.copy_(torch.tensor(evaluating))
+    call = lambda: head_sample(h, W, state=None if st is None else st.clone(),  # noqa: E731
+                               ess=None if st is None else ess, **kw)
+    call()                                                          # the weight checks pass
+    poison(t)
+    with pytest.raises(ValueError) as err:
+        call()
+    return str(err.value)
+
+
+@pytest.mark.parametrize("backend,where", _head_sample_backends())
+@pytest.mark.parametrize("case", list(HEAD_NAN_CASES))
+def test_head_sample_nan_after_the_weight_check_same_error_on_every_backend(
+        case, backend, where, request, monkeypatch):
+    """Outcome: clear error, the torch backend's message word for word (which rows, which
+    quantity, which inputs), on every backend: non-finite logits (NaN or -inf) and NaN scores
+    of evaluating rows, from the LM head, the safety weight, its bias or a two-class head."""
+    import re
+    dev = _head_device(backend, where, request, monkeypatch)
+    want = _run_head_nan_case(case, "torch", dev)
+    assert re.search(HEAD_NAN_CASES[case][2], want), want
+    assert _run_head_nan_case(case, backend, dev) == want
+
+
+@pytest.mark.parametrize("backend,where", _head_sample_backends())
+@pytest.mark.parametrize("off", ["SAFEKERN_SKIP_VALUE_CHECKS", "no_value_checks"])
+def test_head_sample_value_checks_off_reads_no_flag(backend, where, off, request, monkeypatch):
+    """Outcome: legal edge case, the documented contract with value checks off: the kernels'
+    flags are not read (no host sync), so nothing raises; tokens stay inside [0, V) and a NaN
+    score is NaN (never a flag). The torch reference reads its logits on the host anyway and
+    still raises."""
+    import contextlib
+
+    from safekern._checks import no_value_checks
+    dev = _head_device(backend, where, request, monkeypatch)
+    h, W, h_cls, sw = _head_case(device=dev)
+    head_sample(h, W, h_cls=h_cls, safety_weight=sw, backend=backend)
+    W.data[5, 2], sw.data[0] = NAN, NAN
+    if off == "SAFEKERN_SKIP_VALUE_CHECKS":
+        monkeypatch.setenv(off, "1")
+    with no_value_checks() if off == "no_value_checks" else contextlib.nullcontext():
+        if backend == "torch":
+            with pytest.raises(ValueError, match="non-finite p_unsafe"):
+                head_sample(h, W, h_cls=h_cls, safety_weight=sw, backend=backend)
+            return
+        tok, p = head_sample(h, W, h_cls=h_cls, safety_weight=sw, backend=backend)
+    assert bool(((tok >= 0) & (tok < W.shape[0])).all()) and bool(p.isnan().all())
+
+
+@pytest.mark.parametrize("backend,where", [p for p in _head_sample_backends()
+                                           if p.values[0] != "torch"])
+def test_head_sample_flag_buffer_defers_the_check(backend, where, request, monkeypatch):
     """Outcome: no silent garbage, no host sync: with a caller's buffer the kernel only flags
-    (the engine's decode path), and ``raise_non_finite`` raises at the caller's sync point."""
-    _triton_or_skip("head_sample")
-    from safekern.ops.head_sample import head_sample_triton, raise_non_finite
-    h, W, h_cls, sw = _head_case()
+    (the engine's decode path, which calls the backend directly), and ``raise_non_finite``
+    raises at the caller's sync point."""
+    from safekern.ops.head_sample import raise_non_finite
+    dev = _head_device(backend, where, request, monkeypatch)
+    _, fn = dispatch.choose("head_sample", backend, device=dev, dtype=torch.float32, batch=3,
+                            vocab=37, hidden=16, sampling=SamplingParams())
+    h, W, h_cls, sw = _head_case(device=dev)
     h[1, 0], h[2, 3] = NAN, INF                                        # unchecked: rows 1, 2
-    flags = torch.zeros(3, dtype=torch.int32)
-    tok, _ = head_sample_triton(h, W, h_cls=h_cls, safety_weight=sw, nonfinite=flags)
+    flags = torch.zeros(3, dtype=torch.int32, device=dev)
+    kw = dict(safety_bias=None, state=None, ess=None, sampling=SamplingParams(), generator=None,
+              nonfinite=flags)
+    tok, _ = fn(h, W, h_cls=h_cls, safety_weight=sw, **kw)
     assert flags.tolist() == [0, 1, 1] and bool(((tok >= 0) & (tok < W.shape[0])).all())
     sw[3] = NAN
-    head_sample_triton(h, W, h_cls=h_cls, safety_weight=sw, nonfinite=flags)
+    fn(h, W, h_cls=h_cls, safety_weight=sw, **kw)
     assert flags.tolist() == [2, 3, 3]
     with pytest.raises(ValueError, match=r"non-finite logits in rows \[1, 2\]"):
         raise_non_finite(flags)
