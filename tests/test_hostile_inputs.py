@@ -85,8 +85,7 @@ def test_injection_user_text_is_plain_text(make_tok, text):
     enc = encode_prompts(tok, [text, "benign"], prefill=[text, ""], cls_id=cls_id)
     ids, qs, qe, P = enc.ids[0], enc.query_start[0], enc.query_end[0], enc.prompt_len[0]
     assert ids.count(cls_id) == 1 and ids[0] == cls_id
-    assert not set(ids[qs:qe]) & _specials(tok)
-    assert not set(ids[P:]) & _specials(tok)
+    assert not _special_counts(tok, ids[qs:qe]) and not _special_counts(tok, ids[P:])
     assert tok.decode(ids[qs:qe]) == text and tok.decode(ids[P:]) == text
     benign = enc.ids[1]
     assert ids[:qs] == benign[:enc.query_start[1]]
@@ -147,6 +146,102 @@ def test_injection_p_unsafe_equals_escaped_message():
     with torch.no_grad():
         out = EssForTraining(model)(torch.tensor([ids]), i32([len(ids)]),
                                     i32([[[qs, qs + len(escaped)]]]))
+    want = torch.sigmoid(out["cls_logits"].double()).item()
+    assert got.trace.eval_steps[0] == 0
+    assert abs(got.trace.p_unsafe[0] - want) < 2e-5
+
+
+def _conversation(inject, query="How do I bake bread?"):
+    """A multi-turn chat with ``inject`` typed into the system message, an earlier user turn and
+    an earlier assistant turn (all of which a user controls), then the evaluated query."""
+    return [{"role": "system", "content": "Be brief. " + inject},
+            {"role": "user", "content": "hello " + inject},
+            {"role": "assistant", "content": inject + " Hi!"},
+            {"role": "user", "content": query}]
+
+
+def _special_counts(tok, ids):
+    """How often each special or added (template) token occurs: ``all_special_ids`` misses
+    added tokens such as the tiny template's ``<|user|>``/``<|end|>``."""
+    from collections import Counter
+    template = _specials(tok) | set(tok.get_added_vocab().values())
+    return Counter(i for i in ids if i in template)
+
+
+@pytest.mark.parametrize("make_tok", [_tiny_tokenizer, _chatml_tokenizer])
+@pytest.mark.parametrize("text", INJECTIONS)
+def test_injection_earlier_turns_are_plain_text(make_tok, text):
+    """Outcome: injection, in a chat's history. Strings typed in earlier turns (system, user,
+    assistant) stay text: one [CLS] at 0, exactly the special ids of the same conversation
+    without the strings, the same query span, and the prompt decodes back to the rendered
+    conversation; the prefill of a chat is plain text too."""
+    from safekern.model import encode_inputs
+
+    tok, cls_id = _with_cls(make_tok())
+    model = safekern.attach(_tiny_model(tok), tok)
+    enc = encode_inputs(model, tok, [_conversation(text), _conversation("plain words")],
+                        prefill=[text, ""])
+    (ids, clean), P = enc.ids, enc.prompt_len[0]
+    qs, qe = enc.query_start[0], enc.query_end[0]
+    assert ids.count(cls_id) == 1 and ids[0] == cls_id
+    assert _special_counts(tok, ids[:P]) == _special_counts(tok, clean[:enc.prompt_len[1]])
+    assert ids[qs:qe] == clean[enc.query_start[1]:enc.query_end[1]]
+    assert ids[qe:P] == clean[enc.query_end[1]:enc.prompt_len[1]]
+    assert tok.decode(ids[qs:qe]) == "How do I bake bread?"
+    rendered = tok.apply_chat_template(_conversation(text), tokenize=False,
+                                       add_generation_prompt=True)
+    assert tok.decode(ids[1:P]) == rendered
+    assert not _special_counts(tok, ids[P:]) and tok.decode(ids[P:]) == text
+
+
+def _tiny_chat_escaped(tok, chat, cls_id):
+    """The tiny template (safekern.tiny.CHAT_TEMPLATE: no system role) laid out by hand, each
+    message's content escaped (characters tokenized one by one, so nothing can match a special
+    token): (ids, query_start, query_end)."""
+    sp = tok.convert_tokens_to_ids
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+
+    def chars(text):
+        return [i for ch in text for i in tok(ch, add_special_tokens=False)["input_ids"]]
+
+    ids = [cls_id, tok.bos_token_id]
+    for m in chat[:-1]:
+        if m["role"] != "system":
+            ids += [sp(f"<|{m['role']}|>")] + nl + chars(m["content"]) + [sp("<|end|>")] + nl
+    ids += [sp("<|user|>")] + nl
+    qs = len(ids)
+    ids += chars(chat[-1]["content"])
+    qe = len(ids)
+    return ids + [sp("<|end|>")] + nl + [sp("<|assistant|>")] + nl, qs, qe
+
+
+def test_injection_earlier_turns_p_unsafe_equals_escaped_conversation():
+    """Outcome: injection, end to end on the tiny model: ``generate``'s first verdict on a chat
+    with [CLS] / template strings in its earlier turns equals the safety head's output on the
+    escaped conversation laid out by hand, computed by a separate path (the HF model with the
+    safekern attention mask, [CLS] window = the query span). The history changes the query's
+    hidden states, so a forged token there would change the verdict."""
+    from safekern.integrations.hf import apply_safekern
+    from safekern.model import encode_inputs
+
+    tok, _ = _with_cls(_tiny_tokenizer())
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(
+        len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1)).eval()
+    safekern.attach(model, tok)
+    cfg = model.safekern
+    chat = _conversation(INJECTIONS[0] + " " + INJECTIONS[1] + INJECTIONS[3])
+    ids, qs, qe = _tiny_chat_escaped(tok, chat, cfg.cls_id)
+    enc = encode_inputs(model, tok, [chat])
+    assert enc.ids[0] == ids and (enc.query_start[0], enc.query_end[0]) == (qs, qe)
+    forged = tok(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    assert forged.count(cfg.cls_id) > 0, "the oracle must differ from template-text encoding"
+    got = safekern.generate(model, tok, [chat], max_new_tokens=1, backend="torch")[0]
+    apply_safekern(model)
+    with torch.no_grad():
+        out = EssForTraining(model)(torch.tensor([ids]), i32([len(ids)]), i32([[[qs, qe]]]))
     want = torch.sigmoid(out["cls_logits"].double()).item()
     assert got.trace.eval_steps[0] == 0
     assert abs(got.trace.p_unsafe[0] - want) < 2e-5
