@@ -3,12 +3,15 @@
 Every case states its expected outcome class, so the counts stay honest as the API grows:
 
 * ``injection``: special-token strings typed by a user stay plain text (one [CLS], at 0; the
-  template cannot be forged from inside the query; ``p_unsafe`` as for the escaped message);
+  template cannot be forged from inside the query, the prefill or any earlier turn of a chat;
+  ``p_unsafe`` as for the escaped message);
 * ``no leak``: NaN/inf at keys a row cannot see (causality, the ESS rules, ``seqlens_k``) change
   nothing, on every backend (checked against the float64 reference on clean inputs);
 * ``same non-finite semantics``: visible non-finite inputs give the same NaN pattern on every
   backend, and a row whose visible keys all have a ``-inf`` logit outputs 0;
-* ``clear error``: the exception type and a message fragment naming the argument or the file;
+* ``clear error``: the exception type and a message fragment naming the argument or the file
+  (head_sample's NaN errors: the torch backend's message, word for word, on every backend; cuda
+  runs on the CPU through the g++ emulation of csrc/, on a GPU for real);
 * ``legal edge case``: empty batches and the like return the reference's (empty) result.
 """
 import json
