@@ -160,6 +160,8 @@ std::tuple<at::Tensor, at::Tensor> ess_decode_attention(
 
 // state: empty, or in this order: prompt_len, seq_len, mode, flags, switch_step, next_eval,
 // interval, forced_idx, trigger_step (int32), evaluating, finished (bool), refusal_ids (int64).
+// nonfinite: (B,) int32 flags the kernel ORs in (1: NaN/inf logits, 2: a NaN safety score), in
+// place; the caller zeroes it and reads it (safekern.ops.cuda_backend).
 constexpr const char* kStateNames[] = {"prompt_len", "seq_len", "mode", "flags", "switch_step",
                                        "next_eval", "interval", "forced_idx", "trigger_step",
                                        "evaluating", "finished", "refusal_ids"};
@@ -171,7 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_sample(
     const std::optional<at::Tensor>& safety_bias, const at::Tensor& temperature,
     const at::Tensor& seed, at::TensorList state, int64_t refusal_skip, double threshold,
     int64_t tau, int64_t policy,
-    int64_t schedule, int64_t period, int64_t anneal_stop, double anneal_growth, bool logprobs) {
+    int64_t schedule, int64_t period, int64_t anneal_stop, double anneal_growth, bool logprobs,
+    const at::Tensor& nonfinite) {
   const at::Device device = h_tok.device();
   check_cuda(h_tok, "h_tok", device);
   check_cuda(lm_head_weight, "lm_head_weight", device);
@@ -199,6 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_sample(
   if (safety_bias.has_value()) check_vector(*safety_bias, "safety_bias", at::kFloat, 1, device);
   check_vector(temperature, "temperature", at::kFloat, B, device);
   check_vector(seed, "seed", at::kLong, 1, device);
+  check_vector(nonfinite, "nonfinite", at::kInt, B, device);
   TORCH_CHECK(state.empty() || state.size() == kStateSize, "state must hold 0 or ", kStateSize,
               " tensors, got ", state.size());
   for (size_t i = 0; i < state.size(); ++i) {
@@ -248,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_sample(
   p.token_logprob = logprobs ? token_logprob.data_ptr<float>() : nullptr;
   p.lse_max = logprobs ? lse_max.data_ptr<float>() : nullptr;
   p.lse_sum = logprobs ? lse_sum.data_ptr<float>() : nullptr;
+  p.nonfinite = nonfinite.data_ptr<int32_t>();
   if (!state.empty()) {
     sk_ess_state& s = p.state;
     s.prompt_len = state[0].data_ptr<int32_t>();
@@ -291,7 +296,7 @@ TORCH_LIBRARY_FRAGMENT(safekern, m) {
       "Tensor? safety_bias, Tensor temperature, Tensor seed, Tensor(a!)[] state, int refusal_skip, "
       "float threshold, "
       "int tau, int policy, int schedule, int period, int anneal_stop, float anneal_growth, "
-      "bool logprobs) -> (Tensor, Tensor, Tensor)");
+      "bool logprobs, Tensor(b!) nonfinite) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(safekern, CUDA, m) {

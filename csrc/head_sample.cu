@@ -12,6 +12,12 @@
 // Logprobs (optional): launch 1 also keeps each tile's online (max, sum exp) of logit / T, and
 // launch 2 merges them into the row's logsumexp and recomputes the emitted token's logit (one
 // dot product of h_tok with its LM-head row), so the step stays two launches.
+// NaN/inf (a weight changed through .data, which the once-per-version Python check cannot see):
+// a tile with a non-finite logit reports NaN as its candidate (never chosen), and the finalize
+// ORs per-row flags into params.nonfinite (1: non-finite logits, 2: a NaN score of a row that
+// scored), as the Triton backend does: one compare per logit, no extra pass, no host sync. The
+// Python wrapper reads the flags after the launch (or the engine at its own sync points); a
+// flagged row's token stays in [0, vocab).
 // The noise (ess_logic.cuh) is a counter-based hash of (seed, row, token): same seed, same
 // tokens, and the seed lives in device memory so a CUDA graph can replay the step with a new
 // seed.
@@ -71,11 +77,13 @@ __global__ void __launch_bounds__(kThreads)
   const bool logprobs = p.lse_max != nullptr;
   float temp[kBatchTile], best_v[kBatchTile], lse_m[kBatchTile], lse_s[kBatchTile];
   int best_i[kBatchTile];
+  bool bad[kBatchTile];  // a NaN/inf logit in this tile (the same in every lane of a warp)
 #pragma unroll
   for (int bb = 0; bb < kBatchTile; ++bb) {
     temp[bb] = bb < nb ? p.temperature[b0 + bb] : 0.f;
     best_v[bb] = -INFINITY;
     best_i[bb] = INT_MAX;
+    bad[bb] = false;
     lse_m[bb] = -INFINITY;
     lse_s[bb] = 0.f;
   }
@@ -113,6 +121,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int bb = 0; bb < kBatchTile; ++bb) {
       if (bb >= nb) break;  // nb is uniform across the CTA: the shuffles stay converged
       const float logit = warp_sum(acc[bb]);
+      bad[bb] |= logit != logit || fabsf(logit) == INFINITY;
       if (logprobs)
         lse_merge(lse_m[bb], lse_s[bb], temp[bb] == 0.f ? logit : logit / temp[bb], 1.f);
       const float val = temp[bb] == 0.f ? logit : logit / temp[bb] + gumbel(seed, b0 + bb, v);
@@ -125,9 +134,11 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float warp_v[kWarps][kBatchTile];
   __shared__ int warp_i[kWarps][kBatchTile];
   __shared__ float warp_m[kWarps][kBatchTile], warp_s[kWarps][kBatchTile];
+  __shared__ bool warp_bad[kWarps][kBatchTile];
   if (lane == 0) {
 #pragma unroll
     for (int bb = 0; bb < kBatchTile; ++bb) {
+      warp_bad[warp][bb] = bad[bb];
       warp_v[warp][bb] = best_v[bb];
       warp_i[warp][bb] = best_i[bb];
       warp_m[warp][bb] = lse_m[bb];
@@ -138,13 +149,16 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x < nb) {
     float bv = -INFINITY;
     int bi = INT_MAX;
-    for (int w = 0; w < kWarps; ++w)
+    bool tile_bad = false;
+    for (int w = 0; w < kWarps; ++w) {
+      tile_bad |= warp_bad[w][threadIdx.x];
       if (better(warp_v[w][threadIdx.x], warp_i[w][threadIdx.x], bv, bi)) {
         bv = warp_v[w][threadIdx.x];
         bi = warp_i[w][threadIdx.x];
       }
+    }
     const int64_t off = (int64_t)(b0 + threadIdx.x) * num_tiles + tile;
-    p.cand_val[off] = bv;
+    p.cand_val[off] = tile_bad ? NAN : bv;  // NaN: flagged by the finalize, never chosen
     p.cand_idx[off] = bi;
     if (logprobs) {
       float m = -INFINITY, s = 0.f;
@@ -160,7 +174,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     head_sample_finalize_kernel(const sk_head_sample_params p, int num_tiles) {
   __shared__ float red_v[kWarps];
-  __shared__ int red_i[kWarps];
+  __shared__ int red_i[kWarps], red_bad[kWarps];
   const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool has_state = p.state.mode != nullptr;
   const bool score = p.h_cls != nullptr && (!has_state || p.state.evaluating[b] != 0);
@@ -182,11 +196,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   float bv = -INFINITY;
-  int bi = INT_MAX;
+  int bi = INT_MAX, bad = 0;  // bad: a tile of this row saw a NaN/inf logit
   for (int t = threadIdx.x; t < num_tiles; t += kThreads) {
     const float v = p.cand_val[(int64_t)b * num_tiles + t];
     const int i = p.cand_idx[(int64_t)b * num_tiles + t];
-    if (better(v, i, bv, bi)) {
+    bad |= v != v;
+    if (better(v, i, bv, bi)) {  // never true for NaN
       bv = v;
       bi = i;
     }
@@ -195,6 +210,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
     const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, o);
     if (better(ov, oi, bv, bi)) {
       bv = ov;
       bi = oi;
@@ -203,21 +219,27 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) {
     red_v[warp] = bv;
     red_i[warp] = bi;
+    red_bad[warp] = bad;
   }
   __syncthreads();
   __shared__ int64_t chosen;
   if (threadIdx.x == 0) {
-    for (int w = 1; w < kWarps; ++w)
+    for (int w = 1; w < kWarps; ++w) {
+      bad |= red_bad[w];
       if (better(red_v[w], red_i[w], bv, bi)) {
         bv = red_v[w];
         bi = red_i[w];
       }
-    int64_t token = bi;
+    }
+    // No candidate (every logit NaN or -inf): token 0, as the Triton kernel; the row is flagged.
+    int64_t token = bi < p.vocab ? bi : 0;
     if (has_state) {
       ess_update_state(p.state, p.ess, b, p_unsafe);
       const int64_t forced = ess_forced_token(p.state, p.ess.policy, b);
       if (forced >= 0) token = forced;
     }
+    if (p.nonfinite != nullptr)  // one thread per row: a plain read-modify-write
+      p.nonfinite[b] |= (bad ? 1 : 0) | (score && p_unsafe != p_unsafe ? 2 : 0);
     p.p_unsafe[b] = p_unsafe;
     p.next_tokens[b] = token;
     chosen = token;

@@ -61,6 +61,10 @@ typedef struct {
   float* token_logprob;       // (B,) out
   float* lse_max;             // workspace (B, num_tiles)
   float* lse_sum;             // workspace (B, num_tiles)
+  // Optional (NULL = off): (B,) flags ORed in per row, never cleared (the caller zeroes the
+  // buffer and reads it when it syncs anyway): 1 = a NaN/inf logit, 2 = a NaN safety score of
+  // a row that scored. The token of a flagged row stays in [0, vocab).
+  int32_t* nonfinite;
   sk_ess_state state;
   sk_ess_config ess;
   int batch, hidden, vocab;

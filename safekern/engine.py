@@ -315,10 +315,11 @@ class Engine:
             "head_sample", self.backend, device=dev, dtype=self.dtype, batch=B,
             vocab=self._lm_w.shape[0], hidden=self._lm_w.shape[1], sampling=sampling)
         # NaN/inf logits or scores (e.g. a weight changed through .data): the torch reference
-        # raises at the step; the Triton kernel flags the row here (no host sync), the row ends,
-        # and _results raises before any token is returned.
+        # raises at the step; the Triton and CUDA kernels flag the row here (no host sync), the
+        # row ends, and _results raises before any token is returned.
         self._nonfinite = torch.zeros(B, dtype=torch.int32, device=dev)
-        self._head_kw = {"nonfinite": self._nonfinite} if head_backend == "triton" else {}
+        self._head_kw = {"nonfinite": self._nonfinite} if head_backend in ("triton", "cuda") \
+            else {}
         # The torch reference reads values on the host (e.g. "all rows greedy?"), which a CUDA
         # graph cannot capture: graphs need fast backends for both ops.
         self._graphable = head_backend != "torch" and all(b != "torch" for b, _ in attn.values())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import List, Mapping, Optional, Sequence, Tuple
 
@@ -25,6 +26,9 @@ from torch import nn
 
 # A user message that no tokenizer merges with its neighbours' template text.
 _SENTINEL = "\x00SAFEKERN_QUERY\x00"
+# The same for the j-th earlier message of a chat (chat_template_split).
+_MESSAGE_SENTINEL = "\x00SAFEKERN_MESSAGE_{}\x00"
+_ANY_SENTINEL = re.compile("\x00SAFEKERN_(?:QUERY|MESSAGE_([0-9]+))\x00")
 _FORMAT_VERSION = 1
 CLS_POSITIONS = ("zero", "last")
 
@@ -133,6 +137,24 @@ def _encode_template(tokenizer, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
+def _encode_pieces(tokenizer, pieces: Sequence[Tuple[str, bool]]) -> List[int]:
+    """Ids of ``(text, is_content)`` pieces (``chat_template_split``): message contents as
+    untrusted text (``_encode``), the template between them as template text."""
+    return [i for text, content in pieces
+            for i in (_encode(tokenizer, text) if content else _encode_template(tokenizer, text))]
+
+
+def _lay_out(out: "EncodedPrompts", head: List[int], pre_ids: List[int], q: List[int],
+             suf_ids: List[int], prefill_ids: List[int]) -> None:
+    """Append one sequence ``head + prefix + query + suffix | prefill`` to ``out``."""
+    ids = head + pre_ids + q + suf_ids
+    qs = len(head) + len(pre_ids)
+    out.prompt_len.append(len(ids))
+    out.query_start.append(qs)
+    out.query_end.append(qs + len(q))
+    out.ids.append(ids + prefill_ids)
+
+
 def _check_strings(name: str, xs, n: Optional[int] = None) -> List[str]:
     if isinstance(xs, str) or not isinstance(xs, Sequence):
         raise TypeError(f"{name} must be a list of strings, got {type(xs).__name__}")
@@ -177,13 +199,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], prefill: Optional[Sequence
     head = [] if cls_id is None else [cls_id]
     out = EncodedPrompts([], [], [], [])
     for i, text in enumerate(prompts):
-        q = _encode(tokenizer, text)
-        ids = head + pre_ids + q + suf_ids
-        qs = len(head) + len(pre_ids)
-        out.prompt_len.append(len(ids))
-        out.query_start.append(qs)
-        out.query_end.append(qs + len(q))
-        out.ids.append(ids + (_encode(tokenizer, prefill[i]) if prefill is not None else []))
+        _lay_out(out, head, pre_ids, _encode(tokenizer, text), suf_ids,
+                 _encode(tokenizer, prefill[i]) if prefill is not None else [])
     return out
 
 
@@ -349,12 +366,21 @@ def _describe(x) -> str:
     return repr(x) if isinstance(x, Sequence) else type(x).__name__
 
 
-def chat_template_split(tokenizer, messages, index: int = 0) -> Tuple[str, str, str]:
-    """``(prefix, query, suffix)`` texts of a chat whose last message is the user's query.
+Pieces = List[Tuple[str, bool]]
+
+
+def chat_template_split(tokenizer, messages, index: int = 0) -> Tuple[Pieces, str, Pieces]:
+    """``(prefix, query, suffix)`` of a chat whose last message is the user's query.
 
     The chat is rendered with the tokenizer's chat template (generation prompt added) with a
-    sentinel in place of the last user message, and split there: system messages and earlier
-    turns land in ``prefix``, so the query span is exactly the last user message (rule 4).
+    sentinel in place of every message's content, and split at the sentinels: ``prefix`` and
+    ``suffix`` are ``(text, is_content)`` pieces in order — the template's own text
+    (``is_content=False``, tokenized with its special tokens) and the contents of system
+    messages and earlier turns (``True``, tokenized as plain text like the query, so a
+    ``[CLS]`` or ``<|im_end|>`` typed in an earlier turn stays text). The query is the last
+    user message, so the query span is exactly that message (rule 4). Contents are inserted
+    verbatim where the template places them; a message the template does not render is left
+    out.
     """
     where = f"prompts[{index}]"
     if not getattr(tokenizer, "chat_template", None):
@@ -368,13 +394,32 @@ def chat_template_split(tokenizer, messages, index: int = 0) -> Tuple[str, str, 
     if messages[-1]["role"] != "user":
         raise ValueError(f"the last message of {where} must have role 'user' (the query the "
                          f"[CLS] token judges), got {messages[-1]['role']!r}")
-    framed = [*messages[:-1], {**messages[-1], "content": _SENTINEL}]
+    n = len(messages) - 1
+    framed = [{**m, "content": _MESSAGE_SENTINEL.format(j)} for j, m in enumerate(messages[:n])]
+    framed.append({**messages[-1], "content": _SENTINEL})
     text = tokenizer.apply_chat_template(framed, tokenize=False, add_generation_prompt=True)
     if text.count(_SENTINEL) != 1:
         raise ValueError("the tokenizer's chat template does not render the last user message "
                          "verbatim exactly once; cannot locate the query span")
-    prefix, suffix = text.split(_SENTINEL)
-    return prefix, messages[-1]["content"], suffix
+    pieces: Pieces = []
+    seen = set()
+    end = 0
+    prefix: Pieces = []
+    for m in _ANY_SENTINEL.finditer(text):
+        pieces.append((text[end:m.start()], False))
+        if m.group(1) is None:
+            prefix, pieces = pieces, []
+        else:
+            j = int(m.group(1))
+            if j in seen or j >= n:
+                raise ValueError(f"the tokenizer's chat template renders {where}[{j}] more than "
+                                 "once; cannot tell message contents from the template")
+            seen.add(j)
+            pieces.append((messages[j]["content"], True))
+        end = m.end()
+    pieces.append((text[end:], False))
+    return ([(t, c) for t, c in prefix if t], messages[-1]["content"],
+            [(t, c) for t, c in pieces if t])
 
 
 def encode_token_ids(ids: Sequence[int], *, cls_id: Optional[int], vocab_size: int,
@@ -414,9 +459,11 @@ def encode_inputs(model, tokenizer, prompts, prefill=None, *, safety: bool = Tru
                   chat_template: bool = True) -> EncodedPrompts:
     """``encode_for_model`` for every prompt form ``as_prompt_list`` accepts.
 
-    Strings go through ``encode_prompts`` unchanged; a chat is reduced to its last user message
-    framed by the rendered conversation (``chat_template_split``); token ids are laid out by
-    ``encode_token_ids``. ``prefill`` (strings, one per prompt) works with every form.
+    Strings go through ``encode_prompts`` unchanged; a chat is its last user message framed by
+    the rendered conversation (``chat_template_split``), every message's content tokenized as
+    plain text like the query and the template around them with its special tokens; token ids
+    are laid out by ``encode_token_ids``. ``prefill`` (strings, one per prompt) works with every
+    form.
     """
     _require_tokenizer(tokenizer)
     items = as_prompt_list(prompts)
@@ -439,7 +486,10 @@ def encode_inputs(model, tokenizer, prompts, prefill=None, *, safety: bool = Tru
                                  template=template)
         elif isinstance(x[0], dict):
             prefix, query, suffix = chat_template_split(tokenizer, x, i)
-            enc = encode_prompts(tokenizer, [query], pf, cls_id=cls_id, template=(prefix, suffix))
+            enc = EncodedPrompts([], [], [], [])
+            _lay_out(enc, [] if cls_id is None else [cls_id], _encode_pieces(tokenizer, prefix),
+                     _encode(tokenizer, query), _encode_pieces(tokenizer, suffix),
+                     _encode(tokenizer, pf[0]) if pf else [])
         else:
             enc = encode_token_ids(x, cls_id=cls_id, vocab_size=len(tokenizer),
                                    bos_id=getattr(tokenizer, "bos_token_id", None),

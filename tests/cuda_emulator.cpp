@@ -1,4 +1,5 @@
-// Runs the csrc/ kernels and launchers on CPU threads, for tests/test_cuda_emulated.py.
+// Runs the csrc/ kernels and launchers on CPU threads, for tests/test_cuda_emulated.py and the
+// emulated cuda backend of tests/test_hostile_inputs.py (tests/cuda_tools.py builds it).
 //
 // Not a CUDA emulator in general: just enough of the programming model for these kernels.
 // Each launch runs its blocks one after another; a block's threads are fibers (ucontext) on
@@ -167,13 +168,14 @@ extern "C" int emu_head_sample(const void* h_tok, const void* lm_head, const voi
                                int tau, int policy, int schedule, int period, int anneal_stop,
                                double anneal_growth, int batch, int hidden, int vocab,
                                int dtype, float* token_logprob, float* lse_max,
-                               float* lse_sum) {
+                               float* lse_sum, int32_t* nonfinite) {
   sk_head_sample_params p{};
   p.h_tok = h_tok, p.lm_head = lm_head, p.h_stride = hidden, p.w_stride = hidden;
   p.h_cls = h_cls, p.cls_stride = hidden, p.safety_w = safety_w, p.safety_b = safety_b;
   p.temperature = temperature, p.seed = seed, p.next_tokens = next_tokens;
   p.p_unsafe = p_unsafe, p.cand_val = cand_val, p.cand_idx = cand_idx;
   p.token_logprob = token_logprob, p.lse_max = lse_max, p.lse_sum = lse_sum;
+  p.nonfinite = nonfinite;
   if (state != nullptr) {
     p.state = sk_ess_state{(const int32_t*)state[0], (const int32_t*)state[1],
                            (int32_t*)state[2], (int32_t*)state[3], (int32_t*)state[4],

@@ -1,5 +1,8 @@
 """Shared by the CUDA tests: finding nvcc, the CUDA headers and g++ (CPU-side checks, no GPU),
-and comparing a kernel's ESS step with the reference controller."""
+building the g++ emulation of the csrc/ kernels (tests/cuda_emulator.cpp) and routing
+``backend="cuda"`` of head_sample to it, and comparing a kernel's ESS step with the reference
+controller."""
+import ctypes
 import glob
 import os
 import re
@@ -74,3 +77,83 @@ def assert_step_matches(ours, ref, tokens, ref_tokens, p, ref_p, step, atol, rto
     ev = ~torch.isnan(ref_p)
     torch.testing.assert_close(p[ev], ref_p[ev], atol=atol, rtol=rtol)
     assert torch.equal(tokens, ref_tokens), f"step {step}: tokens differ"
+
+
+# --------------------------------------------------------------------------- the emulator
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc sk_dtype
+
+
+def build_emulator(out_dir):
+    """tests/cuda_emulator.cpp (the csrc/ kernels and launchers on CPU threads) built with g++
+    into ``out_dir``, loaded with ctypes. Skips without nvcc (for the CUDA headers) or g++."""
+    require_nvcc()
+    gxx = require_gxx()
+    so = os.path.join(str(out_dir), "cuda_emulator.so")
+    build([gxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{cuda_include()}",
+           f"-I{CSRC}", os.path.join(ROOT, "tests", "cuda_emulator.cpp"), "-o", so],
+          "building the emulator")
+    lib = ctypes.CDLL(so)
+    lib.emu_ess_decode_attention.argtypes = [ctypes.c_void_p] * 14 + [
+        ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.emu_head_sample.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_int,
+                                                             ctypes.c_float] + \
+        [ctypes.c_int] * 5 + [ctypes.c_double] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
+    return lib
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def emu_head_sample_raw(lib, h, w, h_cls, sw, sb, temperature, seed, state, refusal_skip, cfg,
+                        logprobs, nonfinite):
+    """What bindings.cpp's head_sample does, over host tensors, with outputs and workspaces
+    poisoned: ``state`` is [] or the 12 tensors in bindings.cpp's order, ``cfg`` (threshold,
+    tau, policy, schedule, period, anneal_stop, anneal_growth), ``nonfinite`` a (B,) int32
+    tensor or None (NULL: off). Returns (tokens, p_unsafe, token logprobs or None)."""
+    B, Dm = h.shape
+    V = w.shape[0]
+    tiles = -(-V // 256)
+    nan = float("nan")
+    tokens = torch.full((B,), -7, dtype=torch.int64)
+    p_unsafe = torch.full((B,), -7.0)
+    cand_v, cand_i = torch.full((B, tiles), nan), torch.full((B, tiles), -7, dtype=torch.int32)
+    lp = torch.full((B,), nan) if logprobs else None
+    lse_m, lse_s = (torch.full((B, tiles), nan), torch.full((B, tiles), nan)) if logprobs \
+        else (None, None)
+    fields = (ctypes.c_void_p * 11)(*[t.data_ptr() for t in state[:11]]) if state else None
+    rc = lib.emu_head_sample(
+        _ptr(h), _ptr(w), _ptr(h_cls), _ptr(sw), _ptr(sb), _ptr(temperature), _ptr(seed),
+        _ptr(tokens), _ptr(p_unsafe), _ptr(cand_v), _ptr(cand_i),
+        ctypes.cast(fields, ctypes.c_void_p) if fields is not None else None,
+        _ptr(state[11]) if state else None, state[11].numel() if state else 0,
+        refusal_skip, *cfg, B, Dm, V, DTYPE_CODE[h.dtype], _ptr(lp), _ptr(lse_m), _ptr(lse_s),
+        _ptr(nonfinite))
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    return tokens, p_unsafe, lp
+
+
+def route_cuda_head_sample_to_emulator(monkeypatch, lib):
+    """``head_sample(..., backend="cuda")`` on CPU tensors, for the test's duration: the Python
+    backend (safekern.ops.cuda_backend) unchanged, ``torch.ops.safekern.cuda_head_sample`` (the
+    schema of bindings.cpp) running the emulated kernel, and ``can_run`` keeping every rule of
+    the backend except the device and the compiled extension."""
+    from safekern.ops import cuda_backend, dispatch
+
+    def op(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, temperature, seed, state,
+           refusal_skip, threshold, tau, policy, schedule, period, anneal_stop, anneal_growth,
+           logprobs, nonfinite):
+        tokens, p, lp = emu_head_sample_raw(
+            lib, h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, temperature, seed,
+            list(state), refusal_skip,
+            (threshold, tau, policy, schedule, period, anneal_stop, anneal_growth), logprobs,
+            nonfinite)
+        return tokens, p, lp if lp is not None else torch.empty(0)
+
+    def can_run(device, **ctx):
+        why = cuda_backend.head_sample_can_run(torch.device("cuda"), **ctx)
+        return None if why == cuda_backend.extension_error() else why
+
+    monkeypatch.setattr(torch.ops.safekern, "cuda_head_sample", op, raising=False)
+    monkeypatch.setitem(dispatch._REGISTRY["head_sample"], "cuda",
+                        dispatch.Impl(cuda_backend._head_sample_cuda, can_run))

@@ -355,3 +355,70 @@ def test_per_row_temperature_seed_and_generator(ext):
     assert any(not torch.equal(xs[0], x) for x in xs[1:]), "the generator was not advanced"
     assert torch.equal(xs[0], one_step(torch.Generator(device=CUDA).manual_seed(0))), \
         "the same generator state must give the same tokens"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], **DTYPE_ID)
+def test_non_finite_flags_and_errors_like_triton_and_torch(ext, dtype):
+    """NaN/inf logits and NaN scores on a real GPU, over several vocab tiles: the cuda kernel
+    flags the same rows as the Triton kernel into a caller's buffer (the engine's path),
+    ``head_sample(backend="cuda")`` raises the torch backend's message word for word for a
+    weight NaN'ed through ``.data`` (tests/test_hostile_inputs.py has the per-case probe), and
+    under CUDA-graph capture nothing is read on the host (a sync would break the capture)."""
+    from safekern.ops.head_sample import raise_non_finite
+
+    B, Dm, V = 9, 128, 1000
+    h, w = _head_case(B, Dm, V, dtype, seed=3)
+    h_cls = torch.randn(B, Dm, device=CUDA).to(dtype)
+    sw = torch.randn(Dm, device=CUDA)
+    bad_h, bad_cls = h.clone(), h_cls.clone()
+    bad_h[2] = float("nan")
+    bad_h[5, 7] = float("inf")
+    bad_cls[4, 0] = float("nan")
+    want = [0, 0, 1, 0, 2, 1, 0, 0, 0]
+    for backend in ("triton", "cuda"):
+        _, fn = dispatch.choose("head_sample", backend, device=CUDA, dtype=dtype, batch=B,
+                                vocab=V, hidden=Dm, sampling=SamplingParams())
+        flags = torch.zeros(B, dtype=torch.int32, device=CUDA)
+        tok, _ = fn(bad_h, w, h_cls=bad_cls, safety_weight=sw, safety_bias=None, state=None,
+                    ess=None, sampling=SamplingParams(), generator=None, nonfinite=flags)
+        assert flags.tolist() == want, backend
+        assert bool(((tok >= 0) & (tok < V)).all()), backend
+        with pytest.raises(ValueError, match=r"non-finite logits in rows \[2, 5\]"):
+            raise_non_finite(flags)
+
+    messages = {}
+    for backend in ("torch", "triton", "cuda"):
+        for sp in (SamplingParams(), SamplingParams(temperature=0.8, seed=1)):
+            w2, sw2 = w.clone(), sw.clone()
+            safekern.head_sample(h, w2, h_cls=h_cls, safety_weight=sw2, sampling=sp,
+                                 backend=backend)                     # the weight checks pass
+            w2.data[17, 3] = float("nan")
+            with pytest.raises(ValueError) as err:
+                safekern.head_sample(h, w2, h_cls=h_cls, safety_weight=sw2, sampling=sp,
+                                     backend=backend)
+            messages[backend, "logits", sp.temperature] = str(err.value)
+            w2.data[17, 3] = 0.0
+            sw2.data[0] = float("nan")
+            with pytest.raises(ValueError) as err:
+                safekern.head_sample(h, w2, h_cls=h_cls, safety_weight=sw2, sampling=sp,
+                                     backend=backend)
+            messages[backend, "p_unsafe", sp.temperature] = str(err.value)
+    for (backend, what, temp), msg in messages.items():
+        assert msg == messages["torch", what, temp], (backend, what, temp)
+        assert f"non-finite {what} in rows" in msg
+
+    # CUDA graph: the wrapper allocates its own flags but, with value checks off during
+    # capture, never reads them; replays give in-range tokens for the NaN rows.
+    static_h = bad_h.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture, on finite inputs
+        safekern.head_sample(h, w, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tok, _ = safekern.head_sample(static_h, w, backend="cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert bool(((tok >= 0) & (tok < V)).all())

@@ -9,21 +9,18 @@ on a GPU do). Outputs are poisoned with NaN before each launch.
 Emulated threads are slow (a context switch per thread per barrier), so CI runs one case per
 code path; SAFEKERN_EMULATE_ALL=1 runs every dtype/shape combination (several minutes).
 """
-import ctypes
 import math
 import os
 
 import pytest
 import torch
 
-from cuda_tools import (CSRC, ROOT, assert_step_matches, build, cuda_include, require_gxx,
-                        require_nvcc)
+from cuda_tools import DTYPE_CODE, assert_step_matches, build_emulator, emu_head_sample_raw
 from safekern.reference import ess_attention_ref, plan_step
 from safekern.reference.attention import default_q_pos
 from safekern.reference.sampling import head_sample_ref, safety_score_ref
 from safekern.spec import POLICIES, SCHEDULES, EssConfig, EssState
 
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DTYPE_ID = dict(ids=lambda d: str(d).replace("torch.", ""))
 NAN = float("nan")
 ALL = os.environ.get("SAFEKERN_EMULATE_ALL", "0") == "1"
@@ -39,19 +36,7 @@ def full_only(*params):
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    require_nvcc()  # for the CUDA headers
-    gxx = require_gxx()
-    so = str(tmp_path_factory.mktemp("emu") / "cuda_emulator.so")
-    build([gxx, "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{cuda_include()}",
-           f"-I{CSRC}", os.path.join(ROOT, "tests", "cuda_emulator.cpp"), "-o", so],
-          "building the emulator")
-    lib = ctypes.CDLL(so)
-    lib.emu_ess_decode_attention.argtypes = [ctypes.c_void_p] * 14 + [
-        ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    lib.emu_head_sample.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_int,
-                                                             ctypes.c_float] + \
-        [ctypes.c_int] * 5 + [ctypes.c_double] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3
-    return lib
+    return build_emulator(tmp_path_factory.mktemp("emu"))
 
 
 def _p(t):
@@ -203,36 +188,20 @@ def test_num_splits_heuristic(emu):
 # --------------------------------------------------------------------------- head_sample
 
 def emu_head_sample(lib, h, w, *, h_cls=None, sw=None, sb=None, temperature=0.0, seed=0,
-                    state=None, ess=None, logprobs=False):
-    """The emulated launcher; with ``logprobs`` returns the emitted tokens' logprobs too."""
-    B, Dm = h.shape
-    V = w.shape[0]
-    tiles = -(-V // 256)
-    tokens = torch.full((B,), -7, dtype=torch.int64)
-    p_unsafe = torch.full((B,), -7.0)
-    cand_v, cand_i = torch.full((B, tiles), NAN), torch.full((B, tiles), -7, dtype=torch.int32)
-    lp = torch.full((B,), NAN) if logprobs else None
-    lse_m, lse_s = (torch.full((B, tiles), NAN), torch.full((B, tiles), NAN)) if logprobs \
-        else (None, None)
+                    state=None, ess=None, logprobs=False, nonfinite=None):
+    """The emulated launcher; with ``logprobs`` returns the emitted tokens' logprobs too.
+    ``nonfinite``: a (B,) int32 tensor the kernel ORs its NaN/inf flags into (None: NULL, off)."""
+    B = h.shape[0]
     temp = temperature if isinstance(temperature, torch.Tensor) else torch.full((B,), temperature)
-    seed_t = torch.tensor([seed], dtype=torch.int64)
-    fields, keep = None, []
-    if state is not None:
-        names = ("prompt_len", "seq_len", "mode", "flags", "switch_step", "next_eval",
-                 "interval", "forced_idx", "trigger_step", "evaluating", "finished")
-        keep = [getattr(state, n) for n in names]
-        fields = (ctypes.c_void_p * 11)(*[t.data_ptr() for t in keep])
+    names = ("prompt_len", "seq_len", "mode", "flags", "switch_step", "next_eval", "interval",
+             "forced_idx", "trigger_step", "evaluating", "finished", "refusal_ids")
+    fields = [] if state is None else [getattr(state, n) for n in names]
     cfg = (ess.threshold, ess.tau, POLICIES.index(ess.policy), SCHEDULES.index(ess.schedule),
            ess.period, ess.anneal_stop, ess.anneal_growth) if ess else (0.5, 1, 0, 0, 1, 0, 1.0)
-    rc = lib.emu_head_sample(
-        _p(h), _p(w), _p(h_cls), _p(sw), _p(sb), _p(temp.float().contiguous()), _p(seed_t),
-        _p(tokens), _p(p_unsafe), _p(cand_v), _p(cand_i),
-        ctypes.cast(fields, ctypes.c_void_p) if fields is not None else None,
-        _p(state.refusal_ids) if state is not None else None,
-        state.refusal_ids.numel() if state is not None else 0,
-        state.refusal_skip if state is not None else 0, *cfg, B, Dm, V,
-        DTYPE_CODE[h.dtype], _p(lp), _p(lse_m), _p(lse_s))
-    assert rc == 0, f"launcher returned cudaError {rc}"
+    tokens, p_unsafe, lp = emu_head_sample_raw(
+        lib, h, w, h_cls, sw, sb, temp.float().contiguous(),
+        torch.tensor([seed], dtype=torch.int64), fields,
+        state.refusal_skip if state is not None else 0, cfg, logprobs, nonfinite)
     return (tokens, p_unsafe, lp) if logprobs else (tokens, p_unsafe)
 
 
@@ -331,3 +300,51 @@ def test_token_logprobs_match_log_softmax_after_temperature(emu, dtype):
     ref = torch.log_softmax(logits / torch.where(temps > 0, temps, 1.0).double()[:, None], -1)
     want = ref.gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(lp.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", full_only(torch.float32, torch.bfloat16), **DTYPE_ID)
+def test_non_finite_logits_and_scores_set_the_flag(emu, dtype):
+    """What the Python wrapper raises on (tests/test_hostile_inputs.py): the kernel ORs bit 1
+    into a row whose logits hold NaN/inf and bit 2 into a row that scores a NaN p_unsafe; finite
+    inputs, and NaN in the [CLS] state of a row that does not evaluate, leave 0. Flagged rows'
+    tokens stay in [0, V) (an all-NaN row has no candidate: token 0), and flags accumulate."""
+    B, Dm, V = 6, 64, 600                                # 3 vocab tiles
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(B, Dm, generator=g).to(dtype)
+    w = (torch.randn(V, Dm, generator=g) / math.sqrt(Dm)).to(dtype)
+    h_cls = torch.randn(B, Dm, generator=g).to(dtype)
+    sw = torch.randn(Dm, generator=g)
+    ess = EssConfig(policy="low")                        # flags force no refusal token
+    state = EssState.create([4] * B, [1] * B, [3] * B, [7, 8], ess)
+    state.evaluating.copy_(torch.tensor([True, True, True, True, False, True]))
+    temps = torch.tensor([0.0, 0.0, 0.8, 0.0, 0.0, 0.8])
+    run = lambda h, h_cls, sw, flags, **kw: emu_head_sample(  # noqa: E731
+        emu, h, w, h_cls=h_cls, sw=sw, temperature=temps, seed=1, state=state.clone(), ess=ess,
+        nonfinite=flags, **kw)
+    flags = torch.zeros(B, dtype=torch.int32)
+    tokens, p = run(h, h_cls, sw, flags)
+    assert flags.tolist() == [0] * B and not p[state.evaluating].isnan().any()
+    assert_greedy(tokens[temps == 0], h[temps == 0], w)
+
+    bad_h, bad_cls = h.clone(), h_cls.clone()
+    bad_h[1] = NAN                                       # every logit NaN: no candidate
+    bad_h[2, 5] = float("inf")                           # +-inf / NaN logits, a sampled row
+    bad_cls[3, 0] = NAN                                  # NaN score of an evaluating row
+    bad_cls[4] = NAN                                     # not evaluating: never read
+    flags = torch.zeros(B, dtype=torch.int32)
+    tokens, p, _ = run(bad_h, bad_cls, sw, flags, logprobs=True)
+    assert flags.tolist() == [0, 1, 1, 2, 0, 0]
+    assert bool(((tokens >= 0) & (tokens < V)).all()) and tokens[1] == 0
+    assert p[3].isnan() and p[4].isnan() and not p[[0, 1, 2, 5]].isnan().any()
+    keep = torch.tensor([True, False, False, True, True, True]) & (temps == 0)
+    assert_greedy(tokens[keep], h[keep], w)              # unflagged logits: the argmax
+
+    bad_sw = sw.clone()
+    bad_sw[7] = NAN                                      # the safety head: every scoring row
+    run(h, h_cls, bad_sw, flags)
+    assert flags.tolist() == [2, 3, 3, 2, 0, 2]          # ORed into the earlier flags
+    bad_w = w.clone()
+    bad_w[450, 3] = NAN                                  # one LM-head row: every row
+    flags.zero_()
+    tokens, _ = emu_head_sample(emu, h, bad_w, nonfinite=flags)   # no safety head: no bit 2
+    assert flags.tolist() == [1] * B and bool(((tokens >= 0) & (tokens < V)).all())

@@ -3,12 +3,15 @@
 Every case states its expected outcome class, so the counts stay honest as the API grows:
 
 * ``injection``: special-token strings typed by a user stay plain text (one [CLS], at 0; the
-  template cannot be forged from inside the query; ``p_unsafe`` as for the escaped message);
+  template cannot be forged from inside the query, the prefill or any earlier turn of a chat;
+  ``p_unsafe`` as for the escaped message);
 * ``no leak``: NaN/inf at keys a row cannot see (causality, the ESS rules, ``seqlens_k``) change
   nothing, on every backend (checked against the float64 reference on clean inputs);
 * ``same non-finite semantics``: visible non-finite inputs give the same NaN pattern on every
   backend, and a row whose visible keys all have a ``-inf`` logit outputs 0;
-* ``clear error``: the exception type and a message fragment naming the argument or the file;
+* ``clear error``: the exception type and a message fragment naming the argument or the file
+  (head_sample's NaN errors: the torch backend's message, word for word, on every backend; cuda
+  runs on the CPU through the g++ emulation of csrc/, on a GPU for real);
 * ``legal edge case``: empty batches and the like return the reference's (empty) result.
 """
 import json
@@ -85,8 +88,7 @@ def test_injection_user_text_is_plain_text(make_tok, text):
     enc = encode_prompts(tok, [text, "benign"], prefill=[text, ""], cls_id=cls_id)
     ids, qs, qe, P = enc.ids[0], enc.query_start[0], enc.query_end[0], enc.prompt_len[0]
     assert ids.count(cls_id) == 1 and ids[0] == cls_id
-    assert not set(ids[qs:qe]) & _specials(tok)
-    assert not set(ids[P:]) & _specials(tok)
+    assert not _special_counts(tok, ids[qs:qe]) and not _special_counts(tok, ids[P:])
     assert tok.decode(ids[qs:qe]) == text and tok.decode(ids[P:]) == text
     benign = enc.ids[1]
     assert ids[:qs] == benign[:enc.query_start[1]]
@@ -147,6 +149,102 @@ def test_injection_p_unsafe_equals_escaped_message():
     with torch.no_grad():
         out = EssForTraining(model)(torch.tensor([ids]), i32([len(ids)]),
                                     i32([[[qs, qs + len(escaped)]]]))
+    want = torch.sigmoid(out["cls_logits"].double()).item()
+    assert got.trace.eval_steps[0] == 0
+    assert abs(got.trace.p_unsafe[0] - want) < 2e-5
+
+
+def _conversation(inject, query="How do I bake bread?"):
+    """A multi-turn chat with ``inject`` typed into the system message, an earlier user turn and
+    an earlier assistant turn (all of which a user controls), then the evaluated query."""
+    return [{"role": "system", "content": "Be brief. " + inject},
+            {"role": "user", "content": "hello " + inject},
+            {"role": "assistant", "content": inject + " Hi!"},
+            {"role": "user", "content": query}]
+
+
+def _special_counts(tok, ids):
+    """How often each special or added (template) token occurs: ``all_special_ids`` misses
+    added tokens such as the tiny template's ``<|user|>``/``<|end|>``."""
+    from collections import Counter
+    template = _specials(tok) | set(tok.get_added_vocab().values())
+    return Counter(i for i in ids if i in template)
+
+
+@pytest.mark.parametrize("make_tok", [_tiny_tokenizer, _chatml_tokenizer])
+@pytest.mark.parametrize("text", INJECTIONS)
+def test_injection_earlier_turns_are_plain_text(make_tok, text):
+    """Outcome: injection, in a chat's history. Strings typed in earlier turns (system, user,
+    assistant) stay text: one [CLS] at 0, exactly the special ids of the same conversation
+    without the strings, the same query span, and the prompt decodes back to the rendered
+    conversation; the prefill of a chat is plain text too."""
+    from safekern.model import encode_inputs
+
+    tok, cls_id = _with_cls(make_tok())
+    model = safekern.attach(_tiny_model(tok), tok)
+    enc = encode_inputs(model, tok, [_conversation(text), _conversation("plain words")],
+                        prefill=[text, ""])
+    (ids, clean), P = enc.ids, enc.prompt_len[0]
+    qs, qe = enc.query_start[0], enc.query_end[0]
+    assert ids.count(cls_id) == 1 and ids[0] == cls_id
+    assert _special_counts(tok, ids[:P]) == _special_counts(tok, clean[:enc.prompt_len[1]])
+    assert ids[qs:qe] == clean[enc.query_start[1]:enc.query_end[1]]
+    assert ids[qe:P] == clean[enc.query_end[1]:enc.prompt_len[1]]
+    assert tok.decode(ids[qs:qe]) == "How do I bake bread?"
+    rendered = tok.apply_chat_template(_conversation(text), tokenize=False,
+                                       add_generation_prompt=True)
+    assert tok.decode(ids[1:P]) == rendered
+    assert not _special_counts(tok, ids[P:]) and tok.decode(ids[P:]) == text
+
+
+def _tiny_chat_escaped(tok, chat, cls_id):
+    """The tiny template (safekern.tiny.CHAT_TEMPLATE: no system role) laid out by hand, each
+    message's content escaped (characters tokenized one by one, so nothing can match a special
+    token): (ids, query_start, query_end)."""
+    sp = tok.convert_tokens_to_ids
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+
+    def chars(text):
+        return [i for ch in text for i in tok(ch, add_special_tokens=False)["input_ids"]]
+
+    ids = [cls_id, tok.bos_token_id]
+    for m in chat[:-1]:
+        if m["role"] != "system":
+            ids += [sp(f"<|{m['role']}|>")] + nl + chars(m["content"]) + [sp("<|end|>")] + nl
+    ids += [sp("<|user|>")] + nl
+    qs = len(ids)
+    ids += chars(chat[-1]["content"])
+    qe = len(ids)
+    return ids + [sp("<|end|>")] + nl + [sp("<|assistant|>")] + nl, qs, qe
+
+
+def test_injection_earlier_turns_p_unsafe_equals_escaped_conversation():
+    """Outcome: injection, end to end on the tiny model: ``generate``'s first verdict on a chat
+    with [CLS] / template strings in its earlier turns equals the safety head's output on the
+    escaped conversation laid out by hand, computed by a separate path (the HF model with the
+    safekern attention mask, [CLS] window = the query span). The history changes the query's
+    hidden states, so a forged token there would change the verdict."""
+    from safekern.integrations.hf import apply_safekern
+    from safekern.model import encode_inputs
+
+    tok, _ = _with_cls(_tiny_tokenizer())
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(
+        len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1)).eval()
+    safekern.attach(model, tok)
+    cfg = model.safekern
+    chat = _conversation(INJECTIONS[0] + " " + INJECTIONS[1] + INJECTIONS[3])
+    ids, qs, qe = _tiny_chat_escaped(tok, chat, cfg.cls_id)
+    enc = encode_inputs(model, tok, [chat])
+    assert enc.ids[0] == ids and (enc.query_start[0], enc.query_end[0]) == (qs, qe)
+    forged = tok(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    assert forged.count(cfg.cls_id) > 0, "the oracle must differ from template-text encoding"
+    got = safekern.generate(model, tok, [chat], max_new_tokens=1, backend="torch")[0]
+    apply_safekern(model)
+    with torch.no_grad():
+        out = EssForTraining(model)(torch.tensor([ids]), i32([len(ids)]), i32([[[qs, qe]]]))
     want = torch.sigmoid(out["cls_logits"].double()).item()
     assert got.trace.eval_steps[0] == 0
     assert abs(got.trace.p_unsafe[0] - want) < 2e-5
@@ -477,13 +575,15 @@ def test_sampling_tensor_on_meta_device_is_a_clear_error(name):
 
 
 # ============================================================== clear errors: NaN before sampling
-def _head_case(seed=0, B=3, Dm=16, V=37):
+def _head_case(seed=0, B=3, Dm=16, V=37, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Dm, generator=g), torch.randn(V, Dm, generator=g),
-            torch.randn(B, Dm, generator=g), torch.randn(Dm, generator=g))
+    return tuple(t.to(device) for t in (
+        torch.randn(B, Dm, generator=g), torch.randn(V, Dm, generator=g),
+        torch.randn(B, Dm, generator=g), torch.randn(Dm, generator=g)))
 
 
 def _head_backends():
+    """The backends ``generate`` can run the tiny model with on this CPU."""
     out = ["torch"]
     if "triton" in dispatch.available("head_sample", device=torch.device("cpu"),
                                       dtype=torch.float32):
@@ -493,31 +593,69 @@ def _head_backends():
     return out
 
 
+def _head_sample_backends():
+    """(backend, where) of the head_sample probes: every CPU backend of ``generate``; the cuda
+    backend on the CPU through the g++ emulation of csrc/ (``"emulated"``: the Python backend
+    as shipped, the op routed to tests/cuda_emulator.cpp; skipped without nvcc and g++); and on
+    a GPU torch, triton and cuda on CUDA tensors."""
+    return [pytest.param(b, "cpu", id=b) for b in _head_backends()] + \
+        [pytest.param("cuda", "emulated", id="cuda-emulated")] + \
+        [pytest.param(b, "cuda", id=f"{b}-gpu", marks=pytest.mark.gpu)
+         for b in ("torch", "triton", "cuda")]
+
+
+@pytest.fixture(scope="module")
+def cuda_emulator(tmp_path_factory):
+    from cuda_tools import build_emulator
+    return build_emulator(tmp_path_factory.mktemp("emu"))
+
+
+def _head_device(backend, where, request, monkeypatch, sampling=SamplingParams()):
+    """The device of a probe's tensors; routes cuda to the emulator or loads the extension, and
+    skips a sampling the backend declines (cuda: top-k/top-p)."""
+    if where == "emulated":
+        from cuda_tools import route_cuda_head_sample_to_emulator
+        route_cuda_head_sample_to_emulator(monkeypatch, request.getfixturevalue("cuda_emulator"))
+        where = "cpu"
+    elif backend == "cuda":
+        from safekern.ops import cuda_backend
+        if cuda_backend.extension_error() is not None:
+            cuda_backend.load_jit()
+    dev = torch.device(where)
+    why = dispatch.available("head_sample", device=dev, dtype=torch.float32, batch=3, vocab=37,
+                             hidden=16, sampling=sampling)[backend]
+    if why is not None:
+        pytest.skip(f"{backend} cannot run this call: {why}")
+    return dev
+
+
 SAMPLINGS = {"greedy": SamplingParams(), "temperature": SamplingParams(temperature=0.7, seed=1),
              "top_k_top_p": SamplingParams(temperature=1.0, top_k=5, top_p=0.9, seed=1)}
 
 
-@pytest.mark.parametrize("backend", _head_backends())
+@pytest.mark.parametrize("backend,where", _head_sample_backends())
 @pytest.mark.parametrize("sampling", list(SAMPLINGS))
-def test_head_sample_weight_nan_through_data_after_first_call(backend, sampling):
+def test_head_sample_weight_nan_through_data_after_first_call(backend, where, sampling, request,
+                                                             monkeypatch):
     """Outcome: clear error (was token 0, silently). ``.data`` writes do not bump the weight's
     version, so the once-per-version check passes; the kernels' own flag catches it."""
-    h, W, _, _ = _head_case()
     sp = SAMPLINGS[sampling]
+    h, W, _, _ = _head_case(device=_head_device(backend, where, request, monkeypatch, sp))
     head_sample(h, W, sampling=sp, backend=backend)                  # checks W once
     W.data[5, 2] = NAN
     with pytest.raises(ValueError, match=r"non-finite logits in rows \[0, 1, 2\].*lm_head_weight"):
         head_sample(h, W, sampling=sp, backend=backend)
 
 
-@pytest.mark.parametrize("backend", _head_backends())
-def test_head_sample_safety_weight_nan_through_data(backend):
+@pytest.mark.parametrize("backend,where", _head_sample_backends())
+def test_head_sample_safety_weight_nan_through_data(backend, where, request, monkeypatch):
     """Outcome: clear error (a NaN score would read as a benign verdict); rows that do not
     evaluate are not read, so they cannot raise."""
     from safekern.spec import EssState
-    h, W, h_cls, sw = _head_case()
+    dev = _head_device(backend, where, request, monkeypatch)
+    h, W, h_cls, sw = _head_case(device=dev)
     ess = EssConfig()
-    st = EssState.create([4] * 3, [1] * 3, [3] * 3, [7, 8], ess)
+    st = EssState.create([4] * 3, [1] * 3, [3] * 3, [7, 8], ess, device=dev)
     st.evaluating.copy_(torch.tensor([False, True, False]))
     head_sample(h, W, h_cls=h_cls, safety_weight=sw, state=st.clone(), ess=ess,
                 backend=backend)
@@ -532,18 +670,112 @@ def test_head_sample_safety_weight_nan_through_data(backend):
     assert torch.equal(tok, head_sample_ref(h, W)[0])
 
 
-def test_head_sample_triton_flag_buffer_defers_the_check():
+def _set(name, index, value):
+    def poison(t):
+        t[name].data[index] = value
+    return poison
+
+
+# Each case: the tensor NaN'ed in place after a first (checked) call, the rows that evaluate
+# (None: no ESS state, every row is scored) and the message. The torch backend's message is the
+# oracle every other backend must raise word for word.
+HEAD_NAN_CASES = {
+    "lm_head_nan": (_set("W", (5, 2), NAN), None,
+                    r"non-finite logits in rows \[0, 1, 2\]: h_tok or lm_head_weight"),
+    "lm_head_neg_inf": (_set("W", (0, 7), -INF), [True, False, True],
+                        r"non-finite logits in rows \[0, 1, 2\]: h_tok or lm_head_weight"),
+    "safety_weight_nan": (_set("sw", (3,), NAN), [False, True, True],
+                          r"non-finite p_unsafe in rows \[1, 2\]: h_cls or the safety head"),
+    "safety_bias_nan": (_set("sb", (), NAN), [True, True, False],
+                        r"non-finite p_unsafe in rows \[0, 1\]: h_cls or the safety head"),
+    "two_class_head_nan": (_set("W2", (1, 4), NAN), [True, False, True],
+                           r"non-finite p_unsafe in rows \[0, 2\]: h_cls or the safety head"),
+}
+
+
+def _run_head_nan_case(case, backend, dev):
+    """The message ``head_sample`` raises after the case's in-place poisoning."""
+    from safekern.spec import EssState
+    poison, evaluating, _ = HEAD_NAN_CASES[case]
+    h, W, h_cls, sw = _head_case(seed=4, device=dev)
+    t = {"W": W, "sw": sw, "sb": torch.tensor(0.3, device=dev),
+         "W2": torch.randn(2, 16, generator=torch.Generator().manual_seed(5)).to(dev),
+         "b2": torch.zeros(2, device=dev)}
+    two = case.startswith("two_class")
+    kw = dict(h_cls=h_cls, safety_weight=t["W2"] if two else t["sw"],
+              safety_bias=t["b2"] if two else t["sb"], backend=backend)
+    ess = EssConfig(policy="low")
+    st = None
+    if evaluating is not None:
+        st = EssState.create([4] * 3, [1] * 3, [3] * 3, [7, 8], ess, device=dev)
+        st.evaluating.copy_(torch.tensor(evaluating))
+    call = lambda: head_sample(h, W, state=None if st is None else st.clone(),  # noqa: E731
+                               ess=None if st is None else ess, **kw)
+    call()                                                          # the weight checks pass
+    poison(t)
+    with pytest.raises(ValueError) as err:
+        call()
+    return str(err.value)
+
+
+@pytest.mark.parametrize("backend,where", _head_sample_backends())
+@pytest.mark.parametrize("case", list(HEAD_NAN_CASES))
+def test_head_sample_nan_after_the_weight_check_same_error_on_every_backend(
+        case, backend, where, request, monkeypatch):
+    """Outcome: clear error, the torch backend's message word for word (which rows, which
+    quantity, which inputs), on every backend: non-finite logits (NaN or -inf) and NaN scores
+    of evaluating rows, from the LM head, the safety weight, its bias or a two-class head."""
+    import re
+    dev = _head_device(backend, where, request, monkeypatch)
+    want = _run_head_nan_case(case, "torch", dev)
+    assert re.search(HEAD_NAN_CASES[case][2], want), want
+    assert _run_head_nan_case(case, backend, dev) == want
+
+
+@pytest.mark.parametrize("backend,where", _head_sample_backends())
+@pytest.mark.parametrize("off", ["SAFEKERN_SKIP_VALUE_CHECKS", "no_value_checks"])
+def test_head_sample_value_checks_off_reads_no_flag(backend, where, off, request, monkeypatch):
+    """Outcome: legal edge case, the documented contract with value checks off: the kernels'
+    flags are not read (no host sync), so nothing raises; tokens stay inside [0, V) and a NaN
+    score is NaN (never a flag). The torch reference reads its logits on the host anyway and
+    still raises."""
+    import contextlib
+
+    from safekern._checks import no_value_checks
+    dev = _head_device(backend, where, request, monkeypatch)
+    h, W, h_cls, sw = _head_case(device=dev)
+    head_sample(h, W, h_cls=h_cls, safety_weight=sw, backend=backend)
+    W.data[5, 2], sw.data[0] = NAN, NAN
+    if off == "SAFEKERN_SKIP_VALUE_CHECKS":
+        monkeypatch.setenv(off, "1")
+    with no_value_checks() if off == "no_value_checks" else contextlib.nullcontext():
+        if backend == "torch":
+            with pytest.raises(ValueError, match="non-finite p_unsafe"):
+                head_sample(h, W, h_cls=h_cls, safety_weight=sw, backend=backend)
+            return
+        tok, p = head_sample(h, W, h_cls=h_cls, safety_weight=sw, backend=backend)
+    assert bool(((tok >= 0) & (tok < W.shape[0])).all()) and bool(p.isnan().all())
+
+
+@pytest.mark.parametrize("backend,where", [p for p in _head_sample_backends()
+                                           if p.values[0] != "torch"])
+def test_head_sample_flag_buffer_defers_the_check(backend, where, request, monkeypatch):
     """Outcome: no silent garbage, no host sync: with a caller's buffer the kernel only flags
-    (the engine's decode path), and ``raise_non_finite`` raises at the caller's sync point."""
-    _triton_or_skip("head_sample")
-    from safekern.ops.head_sample import head_sample_triton, raise_non_finite
-    h, W, h_cls, sw = _head_case()
+    (the engine's decode path, which calls the backend directly), and ``raise_non_finite``
+    raises at the caller's sync point."""
+    from safekern.ops.head_sample import raise_non_finite
+    dev = _head_device(backend, where, request, monkeypatch)
+    _, fn = dispatch.choose("head_sample", backend, device=dev, dtype=torch.float32, batch=3,
+                            vocab=37, hidden=16, sampling=SamplingParams())
+    h, W, h_cls, sw = _head_case(device=dev)
     h[1, 0], h[2, 3] = NAN, INF                                        # unchecked: rows 1, 2
-    flags = torch.zeros(3, dtype=torch.int32)
-    tok, _ = head_sample_triton(h, W, h_cls=h_cls, safety_weight=sw, nonfinite=flags)
+    flags = torch.zeros(3, dtype=torch.int32, device=dev)
+    kw = dict(safety_bias=None, state=None, ess=None, sampling=SamplingParams(), generator=None,
+              nonfinite=flags)
+    tok, _ = fn(h, W, h_cls=h_cls, safety_weight=sw, **kw)
     assert flags.tolist() == [0, 1, 1] and bool(((tok >= 0) & (tok < W.shape[0])).all())
     sw[3] = NAN
-    head_sample_triton(h, W, h_cls=h_cls, safety_weight=sw, nonfinite=flags)
+    fn(h, W, h_cls=h_cls, safety_weight=sw, **kw)
     assert flags.tolist() == [2, 3, 3]
     with pytest.raises(ValueError, match=r"non-finite logits in rows \[1, 2\]"):
         raise_non_finite(flags)

@@ -6,6 +6,8 @@ Kernels (framework-free CUDA, see the .cu files for the design):
   * ``head_sample``: LM head + safety score + ESS state update + greedy or temperature
     (Gumbel-max) sampling, and the emitted token's logprob (``logprobs=0``). top-k / top-p /
     min-p and top-k logprobs (``logprobs > 0``) are declined, so ``auto`` falls back.
+    NaN/inf logits and NaN scores are flagged by the kernel into a ``(B,)`` int32 buffer and
+    raise as on the other backends (``safekern.ops.head_sample.raise_non_finite``).
 
 The compiled extension ``safekern._C`` (``pip install -e . --no-build-isolation`` with CUDA
 torch and nvcc) registers ``torch.ops.safekern.cuda_*``; it is imported lazily, on the first call
@@ -21,10 +23,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .._checks import value_checks_enabled
 from ..reference.attention import resolve_positions
 from ..reference.sampling import Logprobs
 from ..spec import POLICIES, SCHEDULES
 from . import dispatch
+from .head_sample import raise_non_finite
 
 MAX_DECODE_ROWS = 16  # query rows per sequence: a decode kernel, no tensor cores
 HEAD_DIMS = (32, 64, 128)  # sk_decode_attention_supports_head_dim in csrc
@@ -169,8 +173,18 @@ _STATE_ORDER = ("prompt_len", "seq_len", "mode", "flags", "switch_step", "next_e
 
 
 def _head_sample_cuda(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bias, state, ess,
-                      sampling, generator):
+                      sampling, generator, nonfinite=None):
+    """``nonfinite``: optional ``(B,)`` int32 buffer the kernel ORs flags into (1: a NaN/inf
+    logit, 2: a NaN score of a row that scored), without a host sync; the caller checks it at
+    its own sync points (``raise_non_finite``), as for the Triton backend. Without it the flags
+    are read here after the launch (one host read, skipped while value checks are off: CUDA-graph
+    capture, ``SAFEKERN_SKIP_VALUE_CHECKS=1``, ``no_value_checks()``) and raise as the
+    reference; with the checks off a flagged row's token stays in ``[0, V)`` and a NaN score
+    counts as benign."""
     dev, B = h_tok.device, h_tok.shape[0]
+    check_here = nonfinite is None
+    if check_here:
+        nonfinite = torch.zeros(B, dtype=torch.int32, device=dev)
     temp = sampling.temperature
     if isinstance(temp, torch.Tensor):
         temperature = temp.to(device=dev, dtype=torch.float32).contiguous()
@@ -193,7 +207,9 @@ def _head_sample_cuda(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bia
         _seed_tensor(sampling, generator, dev), state_list,
         0 if state is None else state.refusal_skip, float(cfg["threshold"]), cfg["tau"],
         cfg["policy"], cfg["schedule"], cfg["period"], cfg["anneal_stop"],
-        float(cfg["anneal_growth"]), sampling.logprobs is not None)
+        float(cfg["anneal_growth"]), sampling.logprobs is not None, nonfinite)
+    if check_here and value_checks_enabled():
+        raise_non_finite(nonfinite)
     if sampling.logprobs is None:
         return tokens, p_unsafe
     return tokens, p_unsafe, Logprobs(token_lp, torch.zeros(B, 0, dtype=torch.int64, device=dev),

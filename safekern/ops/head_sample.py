@@ -494,7 +494,7 @@ def _triton_blocks(B: int, V: int, gpu: bool) -> Tuple[int, int, int, int]:
 
 
 def raise_non_finite(nonfinite: torch.Tensor) -> None:
-    """Raise the reference's error if a ``nonfinite`` flag buffer of ``head_sample_triton``
+    """Raise the reference's error if a ``nonfinite`` flag buffer of the Triton or CUDA backend
     holds a flag (one host read)."""
     flags = nonfinite.cpu()
     for bit, what, source in ((1, "logits", "h_tok or lm_head_weight"),
@@ -757,10 +757,11 @@ def head_sample(
     NaN score of an evaluating row (a weight changed in place through ``.data`` keeps its
     version): no token is drawn from NaN logits and no NaN verdict reads as benign. The
     torch backend always checks the logits it computes (it reads values on the host anyway);
-    the Triton kernels flag rows on the device (one compare per logit, no extra pass), read
-    once after the launch, or not at all with value checks off (``SAFEKERN_SKIP_VALUE_CHECKS=1``,
-    CUDA-graph capture): then tokens stay in ``[0, V)`` and a NaN score counts as benign. The
-    engine reads the Triton flags once per ``generate``. The cuda backend does not flag.
+    the Triton and CUDA kernels flag rows on the device (one compare per logit, no extra pass),
+    read once after the launch, or not at all with value checks off
+    (``SAFEKERN_SKIP_VALUE_CHECKS=1``, ``no_value_checks()``, CUDA-graph capture): then tokens
+    stay in ``[0, V)`` and a NaN score counts as benign. The engine reads their flags once per
+    ``generate``.
     """
     _validate(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, state, ess, sampling,
               generator, rng_state)
