@@ -127,7 +127,8 @@ class Batch:
 
     def save(self, req: Request):
         """Write the trace to ``$SAFEKERN_VLLM_TRACE_DIR/<trace_id>.json`` when the operator set
-        that directory (the channel that also works behind ``vllm serve``)."""
+        that directory (the channel that also works behind ``vllm serve``); rewritten at every
+        verdict of a traced request and when it leaves the batch."""
         d = os.environ.get("SAFEKERN_VLLM_TRACE_DIR")
         if d and req.trace_id is not None:
             name = "".join(c if c.isalnum() or c in "-_." else "_" for c in req.trace_id)
@@ -142,6 +143,7 @@ class Batch:
             self.traces.move_to_end(req.trace_id)
             while len(self.traces) > MAX_TRACES:
                 self.traces.popitem(last=False)
+            self.save(req)
 
 
 BATCH = Batch()
