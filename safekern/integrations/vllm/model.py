@@ -66,18 +66,32 @@ class _EssMixin:
                              "enabled_by_default": meta.get("enabled_by_default", False)}
         self._ess_path = mc.model
         self._ess_configs = {}
+        mode = os.environ.get("SAFEKERN_VLLM_CLS", "fused")
+        if mode not in ("fused", "two-pass"):
+            raise ValueError(f"SAFEKERN_VLLM_CLS must be 'fused' or 'two-pass', got {mode!r}")
+        self._ess_fused = mode == "fused"
         _runtime.MODEL = self
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
-        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
-                              **kwargs)
         rows = _runtime.BATCH.rows
-        if rows:
-            md = _runtime.forward_metadata(self)
-            if md is not None:
-                with torch.no_grad():
-                    _runtime.step(self, rows, *md)
+        md = _runtime.forward_metadata(self) if rows else None
+        if md is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
+                                   **kwargs)
+        seq_lens, block_table = md
+        with torch.no_grad():
+            pl = _runtime.plan(rows, seq_lens)
+            p = None
+            if pl and self._ess_fused and not kwargs:
+                out, p = _runtime.fused_forward(self, input_ids, positions, inputs_embeds, pl,
+                                                block_table)
+            else:
+                out = super().forward(input_ids, positions, intermediate_tensors,
+                                      inputs_embeds, **kwargs)
+                if pl:
+                    p = _runtime.cls_pass(self, pl, block_table)
+            _runtime.commit(pl, p)
         return out
 
     def load_weights(self, weights):

@@ -4,7 +4,7 @@ vLLM builds it in every worker (entry point ``vllm.logits_processors``, installe
 safekern). For a model that is not an ESS checkpoint it does nothing. For an ESS model it
 tracks which request sits in which row of the persistent batch (``update_state``), and forces
 the token the ESS step chose (``apply``); the step itself runs in the model's forward
-(``_runtime.step``), because only there are the hidden states and the KV cache at hand.
+(``_runtime.plan`` / ``commit`` around the [CLS] rows), because only there are the hidden states and the KV cache at hand.
 """
 from __future__ import annotations
 
