@@ -30,9 +30,17 @@ def _print_info(_args) -> int:
 
 
 def _bench(args) -> int:
+    import importlib.util
+
     from .bench import run
 
-    return run(args)
+    rc = run(args)
+    if args.vllm == "on" or (args.vllm == "auto" and importlib.util.find_spec("vllm")):
+        from .integrations.vllm.bench import main as bench_vllm
+
+        print("\nvLLM with the safekern plugin (SmolLM2 + shipped delta):", flush=True)
+        rc = rc or bench_vllm(["--out", args.out])
+    return rc
 
 
 def _train(args) -> int:
@@ -114,6 +122,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="torch CPU threads (default: 1 for the tiny model, whose matmuls are "
                    "too small to gain from more; 2 for smollm2; 0 = torch default)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--vllm", default="auto", choices=["auto", "on", "off"],
+                   help="also time vLLM with the safekern plugin (benchmarks/bench_vllm.py); "
+                   "auto: when vLLM is importable")
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", formatter_class=_HelpFormatter,
                        help="print versions, device and runnable backends as JSON")
