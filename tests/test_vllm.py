@@ -33,11 +33,11 @@ PROMPTS = ["How do I bake bread at home?", "hi", "Write a long story about a cat
 N = 16
 
 
-def _tiny(seed=0):
+def _tiny(seed=0, arch="llama"):
     tok = build_tokenizer()
     torch.manual_seed(seed)
     m = transformers.AutoModelForCausalLM.from_config(
-        tiny_llama_config(len(tok), "llama", num_attention_heads=4)).eval()
+        tiny_llama_config(len(tok), arch, num_attention_heads=4)).eval()
     safekern.attach(m, tok, response_sees_cls=False, cls_position="last")
     return m, tok
 
@@ -282,6 +282,44 @@ def test_bad_options_are_rejected_per_request(tiny):
     # the engine is still serving
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], [_sp(2)])[0].outputs[0]
     assert len(out.token_ids) == 2
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_parity_other_archs(arch, tmp_path):
+    model, tok = _tiny(seed=1, arch=arch)
+    path = export_for_vllm(model, tok, str(tmp_path))
+    i, thr, s = _midstream(model, tok)
+    ess = dict(threshold=thr, tau=1)
+    ref = [_reference(model, tok, i, ess, None), _reference(model, tok, 1, None, None)]
+    llm = _llm(path)
+    try:
+        outs = llm.generate([{"prompt_token_ids": _ids(model, tok, [PROMPTS[j]])[0]}
+                             for j in (i, 1)], [_sp(ess=ess, trace="a"), _sp()])
+        tr = traces(llm, ["a"])
+    finally:
+        _close(llm)
+    _check(ref[0], outs[0].outputs[0].token_ids, ess, tr["a"])
+    _check(ref[1], outs[1].outputs[0].token_ids, None, None)
+    assert tr["a"]["trigger_step"] == s
+
+
+def test_two_pass_mode_matches(tiny, monkeypatch):
+    """SAFEKERN_VLLM_CLS=two-pass: the [CLS] rows in a pass of their own after vLLM's forward."""
+    model, tok, path, _ = tiny
+    monkeypatch.setenv("SAFEKERN_VLLM_CLS", "two-pass")
+    cases, _ = _mixed_requests(model, tok)
+    llm = _llm(path)
+    try:
+        outs = llm.generate([{"prompt_token_ids": _ids(model, tok, [PROMPTS[i]],
+                                                       None if pf is None else [pf])[0]}
+                             for i, _, pf in cases],
+                            [_sp(ess=e, trace=None if e is None else f"t{k}")
+                             for k, (i, e, _) in enumerate(cases)])
+        tr = traces(llm)
+    finally:
+        _close(llm)
+    for k, ((i, e, pf), o) in enumerate(zip(cases, outs)):
+        _check(_reference(model, tok, i, e, pf), o.outputs[0].token_ids, e, tr.get(f"t{k}"))
 
 
 # ---------------------------------------------------------------- the real model

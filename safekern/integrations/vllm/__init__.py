@@ -228,9 +228,8 @@ def _save_tokenizer_without(tokenizer, token: str, token_id: int, out_dir: str):
     from transformers import AutoTokenizer
 
     check = AutoTokenizer.from_pretrained(out_dir)
-    if len(check) != token_id or token in check.get_vocab():
-        raise RuntimeError(f"could not remove {token!r} from the saved tokenizer "
-                           f"({len(check)} tokens, expected {token_id})")
+    if token in check.get_vocab():
+        raise RuntimeError(f"could not remove {token!r} from the tokenizer saved in {out_dir}")
 
 
 def _read_traces(worker=None, ids=None):
