@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -247,22 +246,28 @@ def commit(pl: Plan, p_unsafe: Optional[torch.Tensor]):
 
 
 # ---------------------------------------------------------------- the [CLS] pass
-def _rope(rotary, pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """vLLM's rotary embedding of ``x (E, heads, D)`` at positions ``pos (E,)``, which may be
-    negative (the [CLS] row of ``cls_position="zero"`` sits at vLLM position -1):
-    cos(-a) = cos(a), sin(-a) = -sin(a) on the module's own cos/sin cache."""
-    cs = rotary.cos_sin_cache.index_select(0, pos.abs()).to(x.dtype)
+def _rope_tables(rotary, pos: torch.Tensor, dtype):
+    """``(cos, sin)`` of vLLM's rotary embedding at positions ``pos (E,)``, shaped to broadcast
+    over heads; positions may be negative (the [CLS] row of ``cls_position="zero"`` sits at
+    vLLM position -1): cos(-a) = cos(a), sin(-a) = -sin(a) on the module's own cache."""
+    cs = rotary.cos_sin_cache.index_select(0, pos.abs()).to(dtype)
     cos, sin = cs.chunk(2, dim=-1)
-    cos, sin = cos[:, None], (sin * pos.sign().to(sin.dtype)[:, None])[:, None]
+    return cos[:, None], (sin * pos.sign().to(dtype)[:, None])[:, None]
+
+
+def _rope(rotary, tables, x: torch.Tensor) -> torch.Tensor:
+    """``x (E, heads, D)`` rotated like vLLM's ``rotary`` (neox or GPT-J style, partial
+    rotary dims) with ``tables`` from ``_rope_tables``."""
+    cos, sin = tables
     rd = rotary.rotary_dim
-    rot, rest = x[..., :rd], x[..., rd:]
+    rot = x[..., :rd]
     if rotary.is_neox_style:
         x1, x2 = rot.chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     else:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-    return torch.cat([out, rest], dim=-1)
+    return out if rd == x.shape[-1] else torch.cat([out, x[..., rd:]], dim=-1)
 
 
 def read_kv(kv_cache: torch.Tensor, slots: torch.Tensor):
@@ -307,7 +312,14 @@ class _ClsRows:
         # RoPE position of the [CLS] row: t - 1 ("last") or 0, in safekern indices -> vLLM - 1.
         self.pos = torch.tensor([(ti - 1 if last else 0) - 1 for ti in pl.t], dtype=torch.long,
                                 device=dev)
-        self.mask = ~valid.to(dev)[:, None, None, :]
+        self.mask = valid.to(dev)[:, None, None, :]             # (E, 1, 1, 1 + W): True = seen
+        self._tables = {}                                       # rotary module -> cos/sin
+
+    def _rotate(self, rotary, x):
+        key = id(rotary)                      # vLLM shares one rotary module across layers
+        if key not in self._tables:
+            self._tables[key] = _rope_tables(rotary, self.pos, x.dtype)
+        return _rope(rotary, self._tables[key], x)
 
     def embed(self):
         m = self.model
@@ -316,16 +328,15 @@ class _ClsRows:
     def attention(self, at, q, k, v):
         """Attention of the [CLS] rows ``q, k, v (E, q_size | kv_size)`` of one layer over
         themselves (key 0) and their windows, read from that layer's paged cache."""
-        E, W, hk, d = self.E, self.W, at.num_kv_heads, at.head_dim
-        q = _rope(at.rotary_emb, self.pos, q.reshape(E, at.num_heads, d))
-        k = _rope(at.rotary_emb, self.pos, k.reshape(E, hk, d))
+        E, W, hk, d, hq = self.E, self.W, at.num_kv_heads, at.head_dim, at.num_heads
+        qk = self._rotate(at.rotary_emb, torch.cat([q.reshape(E, hq, d), k.reshape(E, hk, d)], 1))
+        q, k = qk[:, :hq], qk[:, hq:]                       # one rotation for q and k
         kw, vw = read_kv(at.attn.kv_cache, self.slots)
-        kk = torch.cat([k[:, None], kw.view(E, W, hk, d).to(k.dtype)], 1).float()
-        vv = torch.cat([v.reshape(E, 1, hk, d), vw.view(E, W, hk, d).to(v.dtype)], 1).float()
-        g = at.num_heads // hk
-        s = torch.einsum("ekgd,ewkd->ekgw", q.view(E, hk, g, d).float(), kk) * at.scaling
-        s = s.masked_fill(self.mask, -math.inf)
-        o = torch.einsum("ekgw,ewkd->ekgd", torch.softmax(s, -1), vv)
+        kk = torch.cat([k[:, None], kw.view(E, W, hk, d).to(k.dtype)], 1)   # (E, 1+W, hk, d)
+        vv = torch.cat([v.reshape(E, 1, hk, d), vw.view(E, W, hk, d).to(v.dtype)], 1)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None].float(), kk.transpose(1, 2).float(), vv.transpose(1, 2).float(),
+            attn_mask=self.mask, scale=at.scaling, enable_gqa=True)         # (E, Hq, 1, d)
         return o.reshape(E, at.q_size).to(q.dtype)
 
     def p_unsafe(self, h: torch.Tensor) -> torch.Tensor:
