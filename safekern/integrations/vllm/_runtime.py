@@ -369,15 +369,41 @@ def cls_pass(model, pl: Plan, block_table: torch.Tensor) -> torch.Tensor:
     return c.p_unsafe(model.model.norm(x))
 
 
+def _cpu(op):
+    """A vLLM CustomOp's C++ CPU kernel (``forward_cpu``) when it has its own, else the module:
+    under vLLM's default compilation custom ops are disabled (their native PyTorch forms get
+    fused by Inductor), which leaves an eager caller with the slow native forms."""
+    from vllm.model_executor.custom_op import CustomOp
+
+    own = isinstance(op, CustomOp) and type(op).forward_cpu is not CustomOp.forward_cpu
+    return op.forward_cpu if own else op
+
+
+def _rms(norm, x, residual=None):
+    """vLLM's RMSNorm (with the fused residual add) through its C++ kernels on a CPU."""
+    w = getattr(norm, "weight", None)
+    if x.device.type != "cpu" or getattr(norm, "variance_size_override", None) is not None or \
+            not getattr(norm, "has_weight", False) or not hasattr(torch.ops._C, "rms_norm"):
+        return norm(x) if residual is None else norm(x, residual)
+    x = x.contiguous()
+    if residual is None:
+        out = torch.empty_like(x)
+        torch.ops._C.rms_norm(out, x, w.data, norm.variance_epsilon)
+        return out
+    torch.ops._C.fused_add_rms_norm(x, residual, w.data, norm.variance_epsilon)
+    return x, residual                              # in place: x = norm(x + r), r = x + r
+
+
 def fused_forward(model, input_ids, positions, inputs_embeds, pl: Plan,
                   block_table: torch.Tensor):
     """Fused mode: vLLM's decoder stack with the step's [CLS] rows appended to its token rows,
     so every projection and MLP reads its weights once for both (the project's thesis on the
-    host: docs/DESIGN.md "Serving with vLLM"). Token rows take vLLM's own attention (cache
-    write included) before the [CLS] rows read their windows. Returns ``(hidden of the token
-    rows, p_unsafe of the [CLS] rows)``. The layer step mirrors vLLM's Llama/Qwen2/Mistral
-    decoder layer (pre-norm with fused residual add); a token row's values equal vLLM's up to
-    the GEMM's blocking at a larger M (MKL's small-M kernels are not row-invariant)."""
+    host: docs/DESIGN.md §8). Token rows take vLLM's own attention (cache write included)
+    before the [CLS] rows read their windows. Returns ``(hidden of the token rows, p_unsafe of
+    the [CLS] rows)``. The layer step is vLLM's Llama/Qwen2/Mistral pre-norm decoder layer
+    (fused residual add) run eagerly on vLLM's CPU kernels; a token row's values equal vLLM's
+    up to rounding (MKL's small-M GEMMs are not row-invariant, and Inductor's fused norms round
+    differently)."""
     m = model.model
     c = _ClsRows(model, pl, block_table)
     x = m.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
@@ -387,18 +413,20 @@ def fused_forward(model, input_ids, positions, inputs_embeds, pl: Plan,
     for layer in m.layers[m.start_layer:m.end_layer]:
         if residual is None:
             residual = x
-            h = layer.input_layernorm(x)
+            h = _rms(layer.input_layernorm, x)
         else:
-            h, residual = layer.input_layernorm(x, residual)
+            h, residual = _rms(layer.input_layernorm, x, residual)
         at = layer.self_attn
         qkv, _ = at.qkv_proj(h)
         q, k, v = qkv.split([at.q_size, at.kv_size, at.kv_size], dim=-1)
-        qt, kt = at.rotary_emb(positions, q[:T], k[:T])
+        qt, kt = _cpu(at.rotary_emb)(positions, q[:T], k[:T])
         o = torch.cat([at.attn(qt, kt, v[:T]), c.attention(at, q[T:], k[T:], v[T:])])
         o, _ = at.o_proj(o)
-        h, residual = layer.post_attention_layernorm(o, residual)
-        x = layer.mlp(h)
-    x, _ = m.norm(x, residual)
+        h, residual = _rms(layer.post_attention_layernorm, o, residual)
+        mlp = layer.mlp
+        y, _ = mlp.gate_up_proj(h)
+        x, _ = mlp.down_proj(_cpu(mlp.act_fn)(y))
+    x, _ = _rms(m.norm, x, residual)
     return x[:T], c.p_unsafe(x[T:])
 
 
