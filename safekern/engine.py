@@ -29,7 +29,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -172,9 +172,12 @@ class Engine:
         sync_every: read the device-side "all finished" flag every this many steps (default 1
             on CPU, 16 on CUDA).
         ignore_eos: decode ``max_new_tokens`` tokens regardless of EOS (benchmarks).
-        cpu_linear: on CPU (float32), run decode steps' projections and MLP through
-            ``safekern.ops.cpu_linear`` (weights read once for the token and [CLS] rows);
-            ``cpu_linear_reason`` says why it is not used when it cannot run.
+        cpu_linear: on CPU (float32), how decode steps run their projections and MLP:
+            ``True`` / ``"auto"``: per number of rows and projection group, whichever of
+            ``safekern.ops.cpu_linear`` (weights read once for the token and [CLS] rows) and
+            MKL measured faster on first use (``safekern.decode_linear.KernelLinears``);
+            ``"kernel"``: the kernel always; ``False``: the model's modules.
+            ``cpu_linear_reason`` says why the kernel is not used when it cannot run.
 
     >>> eng = Engine(model, tokenizer)                                     # doctest: +SKIP
     >>> eng.generate(["How do I bake bread?"], max_new_tokens=32)[0].trace  # doctest: +SKIP
@@ -183,7 +186,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_cache_len: Optional[int] = None,
                  backend: str = "auto", cuda_graph: bool = False,
                  sync_every: Optional[int] = None, ignore_eos: bool = False,
-                 cpu_linear: bool = True):
+                 cpu_linear: Union[bool, str] = True):
         self.arch = _Arch(model)
         if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got "
@@ -198,8 +201,9 @@ class Engine:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
         if not isinstance(cuda_graph, bool):
             raise TypeError("cuda_graph must be a bool")
-        if not isinstance(cpu_linear, bool):
-            raise TypeError("cpu_linear must be a bool")
+        if not (isinstance(cpu_linear, bool) or cpu_linear in ("auto", "kernel")):
+            raise ValueError(f"cpu_linear must be True, False, 'auto' or 'kernel', got "
+                             f"{cpu_linear!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_cache_len, self.backend = max_cache_len, backend
         self.cuda_graph, self._sync_every = cuda_graph, sync_every
@@ -208,7 +212,8 @@ class Engine:
         self.dtype = model.lm_head.weight.dtype
         self._modules = ModuleLinears(self.arch.layers)
         self._decode_linears, self.cpu_linear_reason = decode_linears(
-            self.arch.layers, self.device, self.dtype, enabled=cpu_linear)
+            self.arch.layers, self.device, self.dtype, enabled=cpu_linear is not False,
+            mode="kernel" if cpu_linear == "kernel" else "auto")
 
     # ------------------------------------------------------------------ the generic forward
     def _forward(self, ids, pos, q_pos, kv_len, write, attn, ess_kw, linears):
