@@ -37,8 +37,10 @@ from .decode_linear import ModuleLinears, decode_linears
 from .model import encode_inputs, refusal_token_ids, safety_config, safety_head_params
 from .ops import dispatch, ess_attention, head_sample
 from .ops.attention import reuse_masks
+from .ops import cpu_controller as fused_controller
 from .ops.head_sample import raise_non_finite
 from .reference.controller import plan_step
+from .reference.sampling import _raise_non_finite, safety_score_ref
 from .spec import NEVER, REFUSING, EssConfig, EssState, SamplingParams
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -178,6 +180,11 @@ class Engine:
             MKL measured faster on first use (``safekern.decode_linear.KernelLinears``);
             ``"kernel"``: the kernel always; ``False``: the model's modules.
             ``cpu_linear_reason`` says why the kernel is not used when it cannot run.
+        cpu_controller: on CPU with the torch ``head_sample`` backend, run each decode step's
+            controller (plan, update, forced token) as two fused C++ calls
+            (``safekern.ops.cpu_controller``, tested against the reference controller)
+            instead of ~60 small torch ops; ``False``: the reference controller.
+            ``cpu_controller_reason`` says why the fused one is not used.
 
     >>> eng = Engine(model, tokenizer)                                     # doctest: +SKIP
     >>> eng.generate(["How do I bake bread?"], max_new_tokens=32)[0].trace  # doctest: +SKIP
@@ -186,7 +193,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_cache_len: Optional[int] = None,
                  backend: str = "auto", cuda_graph: bool = False,
                  sync_every: Optional[int] = None, ignore_eos: bool = False,
-                 cpu_linear: Union[bool, str] = True):
+                 cpu_linear: Union[bool, str] = True, cpu_controller: bool = True):
         self.arch = _Arch(model)
         if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got "
@@ -201,6 +208,8 @@ class Engine:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
         if not isinstance(cuda_graph, bool):
             raise TypeError("cuda_graph must be a bool")
+        if not isinstance(cpu_controller, bool):
+            raise TypeError("cpu_controller must be a bool")
         if not (isinstance(cpu_linear, bool) or cpu_linear in ("auto", "kernel")):
             raise ValueError(f"cpu_linear must be True, False, 'auto' or 'kernel', got "
                              f"{cpu_linear!r}")
@@ -214,6 +223,10 @@ class Engine:
         self._decode_linears, self.cpu_linear_reason = decode_linears(
             self.arch.layers, self.device, self.dtype, enabled=cpu_linear is not False,
             mode="kernel" if cpu_linear == "kernel" else "auto")
+        self.cpu_controller_reason = (
+            "disabled by the caller" if not cpu_controller else
+            f"the fused controller runs on CPU (the model is on {self.device.type})"
+            if self.device.type != "cpu" else fused_controller.unavailable_reason())
 
     # ------------------------------------------------------------------ the generic forward
     def _forward(self, ids, pos, q_pos, kv_len, write, attn, ess_kw, linears):
@@ -324,6 +337,12 @@ class Engine:
         # and _results raises before any token is returned.
         self._nonfinite = torch.zeros(B, dtype=torch.int32, device=dev)
         self._head_kw = {"nonfinite": self._nonfinite} if head_backend == "triton" else {}
+        # The torch head_sample backend runs the reference controller as small ops; on CPU the
+        # fused controller replaces it (same state trace). Logprobs stay on the reference path:
+        # they are taken of the final (possibly forced) token inside head_sample.
+        self._fused_ctl = (ess is not None and head_backend == "torch" and
+                           self.cpu_controller_reason is None and sampling.logprobs is None)
+        self._plan = fused_controller.plan_step if self._fused_ctl else plan_step
         # The torch reference reads values on the host (e.g. "all rows greedy?"), which a CUDA
         # graph cannot capture: graphs need fast backends for both ops.
         self._graphable = head_backend != "torch" and all(b != "torch" for b, _ in attn.values())
@@ -385,7 +404,7 @@ class Engine:
         st = self.state if self._ess is not None else None
         if st is not None:
             st.seq_len.copy_(t_prev + 1)
-            windows = plan_step(st, self._ess)
+            windows = self._plan(st, self._ess)
         if st is None or (host_skip and not bool(st.evaluating.any())):
             pos = t_prev.long()[:, None]
 
@@ -436,9 +455,12 @@ class Engine:
                       state=self.state, ess=ess)
         if checked:
             res = head_sample(h_tok, self._lm_w, backend=self.backend, **kw)
+            tok, p = res[0], res[1]
+        elif ess is not None and controller and self._fused_ctl:
+            tok, p = self._sample_fused(h_tok, h_cls, kw)
         else:
             res = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)
-        tok, p = res[0], res[1]
+            tok, p = res[0], res[1]
         emit = ~self._done
         col = self._step_idx
         if self._sampling.logprobs is not None:
@@ -463,6 +485,19 @@ class Engine:
         self._done.copy_(done)
         self._tok.copy_(tok)
         self._step_idx += 1
+
+    def _sample_fused(self, h_tok, h_cls, kw):
+        """``head_sample_ref``'s step with the fused CPU controller: the same score, NaN checks,
+        state update, forced tokens and draws (the draws do not depend on the state)."""
+        st = self.state
+        scores = safety_score_ref(h_cls, self._sw, self._sb)
+        _raise_non_finite("p_unsafe", torch.isnan(scores) & st.evaluating,
+                          "h_cls or the safety head (safety_weight, safety_bias)")
+        p = scores.masked_fill(~st.evaluating, float("nan"))
+        kw.update(h_cls=None, safety_weight=None, safety_bias=None, state=None, ess=None)
+        drawn = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)[0]
+        forced, forced_tok = fused_controller.update(st, self._ess, p)
+        return torch.where(forced, forced_tok, drawn), p
 
     # ------------------------------------------------------------------ CUDA graph
     def _capture_graph(self):

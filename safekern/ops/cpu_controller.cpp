@@ -1,0 +1,185 @@
+// The ESS controller of one CPU decode step as two fused loops over the batch (issue 11).
+//
+// The reference is safekern/reference/controller.py (plan_step, update_state, forced_tokens):
+// ~60 small torch ops per step, which on a tiny model cost more than the [CLS] row itself.
+// Here each is one pass over B rows with the same integer arithmetic (int32 fields, int32
+// wrap-around like torch's, the annealing interval grown in float64 and clamped before the
+// cast) and the same float32 comparison ``p_unsafe >= threshold`` (threshold rounded to
+// float32 as torch rounds a Python scalar). tests/test_cpu_controller.py checks every state
+// field against the reference after every step, every schedule x policy.
+//
+// state: the EssState tensors in the order of STATE below, all (B,) contiguous CPU tensors
+// (int32; evaluating and finished bool), refusal_ids (R,) int64.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+namespace {
+
+constexpr int32_t PENDING = 0, BENIGN = 1, SUSPECT = 2, REFUSING = 3;
+constexpr int32_t NEVER = 2147483647;  // spec.NEVER
+enum Schedule { FIRST = 0, EACH = 1, PERIODIC = 2, ANNEALING = 3 };
+enum Policy { LOW = 0, MEDIUM = 1, HIGH = 2 };
+// The order of the state tensors in both ops' ``state`` argument.
+enum Field {
+  PROMPT_LEN, QUERY_START, QUERY_END, SEQ_LEN, MODE, FLAGS, SWITCH_STEP, NEXT_EVAL, INTERVAL,
+  FORCED_IDX, TRIGGER_STEP, EVALUATING, FINISHED, N_FIELDS
+};
+
+const char* const NAMES[N_FIELDS] = {
+    "prompt_len", "query_start", "query_end", "seq_len", "mode", "flags", "switch_step",
+    "next_eval", "interval", "forced_idx", "trigger_step", "evaluating", "finished"};
+
+// int32 arithmetic that wraps like torch's int32 tensors (no signed-overflow UB).
+inline int32_t add32(int32_t a, int64_t b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b));
+}
+
+struct View {
+  int32_t* f[N_FIELDS] = {};
+  bool* ev = nullptr;
+  bool* fin = nullptr;
+  int64_t B = 0;
+};
+
+View view(at::TensorList state) {
+  TORCH_CHECK(state.size() == N_FIELDS, "cpu_controller: state must hold ", N_FIELDS,
+              " tensors, got ", state.size());
+  View v;
+  v.B = state[0].numel();
+  for (int i = 0; i < N_FIELDS; ++i) {
+    const at::Tensor& t = state[i];
+    const bool is_bool = i == EVALUATING || i == FINISHED;
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.numel() == v.B && t.is_contiguous() &&
+                    t.scalar_type() == (is_bool ? at::kBool : at::kInt),
+                "cpu_controller: state.", NAMES[i], " must be a contiguous (", v.B, ",) CPU ",
+                is_bool ? "bool" : "int32", " tensor");
+    if (!is_bool) v.f[i] = t.data_ptr<int32_t>();
+  }
+  v.ev = state[EVALUATING].data_ptr<bool>();
+  v.fin = state[FINISHED].data_ptr<bool>();
+  return v;
+}
+
+// plan_step: sets evaluating, returns the (B, 2, 2) int32 windows.
+at::Tensor plan(at::TensorList state, int64_t first_at, int64_t r1, int64_t r2, int64_t r3) {
+  View s = view(state);
+  at::Tensor win = at::empty({s.B, 2, 2}, at::TensorOptions().dtype(at::kInt));
+  int32_t* w = win.data_ptr<int32_t>();
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int32_t t = s.f[SEQ_LEN][b], P = s.f[PROMPT_LEN][b], mode = s.f[MODE][b];
+    const int32_t n = add32(t, -static_cast<int64_t>(P));
+    const bool pending = mode == PENDING && n >= first_at;
+    const bool benign = mode == BENIGN && n >= s.f[NEXT_EVAL][b];
+    const bool suspect = mode == SUSPECT;
+    s.ev[b] = pending || benign || suspect;
+    int32_t w0s = 0, w0e = 0, w1s = 0, w1e = 0;
+    if (pending) {
+      w0s = s.f[QUERY_START][b];
+      w0e = s.f[QUERY_END][b];
+      w1s = P;
+      w1e = add32(P, std::min<int64_t>(n, r1));
+    } else if (benign) {
+      w1s = std::max(P, add32(t, -r2));
+      w1e = t;
+    } else if (suspect) {
+      const int32_t S = s.f[SWITCH_STEP][b];
+      w1s = std::max(P, add32(S, -r2));
+      w1e = std::min(add32(S, r3), t);
+    }
+    int32_t* o = w + b * 4;
+    o[0] = w0s, o[1] = w0e, o[2] = w1s, o[3] = w1e;
+  }
+  return win;
+}
+
+// update_state + forced_tokens: returns (forced (B,) bool, tokens (B,) int64).
+std::tuple<at::Tensor, at::Tensor> update(at::TensorList state, const at::Tensor& p_unsafe,
+                                          const at::Tensor& refusal_ids, int64_t refusal_skip,
+                                          double threshold, int64_t tau, int64_t schedule,
+                                          int64_t policy, int64_t period, double anneal_growth,
+                                          int64_t anneal_stop) {
+  View s = view(state);
+  TORCH_CHECK(p_unsafe.device().is_cpu() && p_unsafe.dim() == 1 && p_unsafe.numel() == s.B &&
+                  p_unsafe.is_contiguous() && p_unsafe.scalar_type() == at::kFloat,
+              "cpu_controller: p_unsafe must be a contiguous (", s.B, ",) float32 CPU tensor");
+  TORCH_CHECK(refusal_ids.device().is_cpu() && refusal_ids.dim() == 1 &&
+                  refusal_ids.numel() > 0 && refusal_ids.is_contiguous() &&
+                  refusal_ids.scalar_type() == at::kLong,
+              "cpu_controller: refusal_ids must be a non-empty contiguous int64 CPU tensor");
+  TORCH_CHECK(schedule >= FIRST && schedule <= ANNEALING, "cpu_controller: bad schedule id ",
+              schedule);
+  TORCH_CHECK(policy >= LOW && policy <= HIGH, "cpu_controller: bad policy id ", policy);
+  const float thr = static_cast<float>(threshold);
+  const float* p = p_unsafe.data_ptr<float>();
+  const int64_t* rid = refusal_ids.data_ptr<int64_t>();
+  const int64_t R = refusal_ids.numel();
+  const double cap = static_cast<double>(NEVER / 4);
+  at::Tensor forced = at::empty({s.B}, at::TensorOptions().dtype(at::kBool));
+  at::Tensor tokens = at::empty({s.B}, at::TensorOptions().dtype(at::kLong));
+  bool* fo = forced.data_ptr<bool>();
+  int64_t* to = tokens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int32_t t = s.f[SEQ_LEN][b];
+    const int32_t n = add32(t, -static_cast<int64_t>(s.f[PROMPT_LEN][b]));
+    const bool ev = s.ev[b];
+    const bool flag = ev && p[b] >= thr;
+    const bool benign_verdict = ev && !flag;
+    const int32_t mode = s.f[MODE][b];
+    int32_t flags = s.f[FLAGS][b];
+    if (ev) flags = flag ? add32(flags, 1) : 0;
+    const bool trigger = flag && (mode == PENDING || flags >= tau);
+    const bool to_suspect = flag && !trigger && mode != SUSPECT;
+    if (benign_verdict) {
+      int32_t interval = s.f[INTERVAL][b], nxt;
+      switch (schedule) {
+        case FIRST: nxt = NEVER; break;
+        case EACH: nxt = add32(n, 1); break;
+        case PERIODIC: nxt = add32(n, period); break;
+        default: {
+          const int32_t at_n = add32(n, interval);
+          const double scaled = std::min(std::floor(static_cast<double>(interval) *
+                                                    anneal_growth), cap);
+          interval = std::min(std::max(add32(interval, 1), static_cast<int32_t>(scaled)),
+                              NEVER / 4);
+          nxt = at_n > anneal_stop ? NEVER : at_n;
+        }
+      }
+      s.f[NEXT_EVAL][b] = nxt;
+      s.f[INTERVAL][b] = interval;
+    }
+    if (to_suspect) s.f[SWITCH_STEP][b] = t;
+    else if (benign_verdict) s.f[SWITCH_STEP][b] = -1;
+    int32_t new_mode = mode;
+    if (benign_verdict) new_mode = BENIGN;
+    if (to_suspect) new_mode = SUSPECT;
+    if (trigger) new_mode = REFUSING;
+    s.f[MODE][b] = new_mode;
+    s.f[FLAGS][b] = flags;
+    if (trigger) s.f[TRIGGER_STEP][b] = t;
+    int32_t idx = s.f[FORCED_IDX][b];
+    if (policy != LOW && trigger) idx = n > 0 ? 0 : static_cast<int32_t>(refusal_skip);
+    // forced_tokens
+    const bool f = idx >= 0;
+    fo[b] = f;
+    to[b] = rid[std::min<int64_t>(std::max<int64_t>(idx, 0), R - 1)];
+    const int32_t next = f ? add32(idx, 1) : idx;
+    const bool done = f && next >= R;
+    s.f[FORCED_IDX][b] = done ? -1 : next;
+    if (policy == HIGH && done) s.fin[b] = true;
+  }
+  return {forced, tokens};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(safekern_cpu, m) {
+  m.def("ess_plan(Tensor[] state, int first_at, int r1, int r2, int r3) -> Tensor", &plan);
+  m.def("ess_update(Tensor[] state, Tensor p_unsafe, Tensor refusal_ids, int refusal_skip, "
+        "float threshold, int tau, int schedule, int policy, int period, float anneal_growth, "
+        "int anneal_stop) -> (Tensor, Tensor)", &update);
+}
