@@ -40,7 +40,7 @@ from .ops.attention import reuse_masks
 from .ops import cpu_controller as fused_controller
 from .ops.head_sample import raise_non_finite
 from .reference.controller import plan_step
-from .reference.sampling import _raise_non_finite, safety_score_ref
+from .reference.sampling import safety_score_ref
 from .spec import NEVER, REFUSING, EssConfig, EssState, SamplingParams
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -489,15 +489,11 @@ class Engine:
     def _sample_fused(self, h_tok, h_cls, kw):
         """``head_sample_ref``'s step with the fused CPU controller: the same score, NaN checks,
         state update, forced tokens and draws (the draws do not depend on the state)."""
-        st = self.state
         scores = safety_score_ref(h_cls, self._sw, self._sb)
-        _raise_non_finite("p_unsafe", torch.isnan(scores) & st.evaluating,
-                          "h_cls or the safety head (safety_weight, safety_bias)")
-        p = scores.masked_fill(~st.evaluating, float("nan"))
         kw.update(h_cls=None, safety_weight=None, safety_bias=None, state=None, ess=None)
         drawn = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)[0]
-        forced, forced_tok = fused_controller.update(st, self._ess, p)
-        return torch.where(forced, forced_tok, drawn), p
+        tok, p, _ = fused_controller.update(self.state, self._ess, scores, drawn)
+        return tok, p
 
     # ------------------------------------------------------------------ CUDA graph
     def _capture_graph(self):

@@ -55,18 +55,23 @@ def test_state_trace_matches_reference(ess):
         w = cpu_controller.plan_step(fused, ess)
         assert torch.equal(w, w_ref) and w.dtype == w_ref.dtype, step
         assert torch.equal(fused.evaluating, ref.evaluating), step
-        # verdicts: around the threshold, exactly at its float32 value, one float32 ulp below,
-        # and NaN (a benign verdict for the controller: NaN >= threshold is false)
-        p = (thr - 0.25 + torch.rand(B, generator=g) * 0.45).clamp(0, 1)
-        p[0] = thr
-        p[1] = torch.nextafter(thr, torch.tensor(0.0))
-        p[2] = float("nan") if step % 5 == 4 else p[2]
-        p = torch.where(ref.evaluating, p, torch.full_like(p, float("nan")))
-        update_state(ref, ess, p)
+        # verdicts: around the threshold, exactly at its float32 value, one float32 ulp below;
+        # NaN on rows that do not evaluate (never read)
+        scores = (thr - 0.25 + torch.rand(B, generator=g) * 0.45).clamp(0, 1)
+        scores[0] = thr
+        scores[1] = torch.nextafter(thr, torch.tensor(0.0))
+        scores = torch.where(ref.evaluating | (torch.arange(B) % 4 != 3), scores,
+                             torch.full_like(scores, float("nan")))
+        drawn = torch.randint(0, 50, (B,), generator=g)
+        # head_sample_ref's controller part
+        p_ref = torch.where(ref.evaluating, scores, torch.full_like(scores, float("nan")))
+        update_state(ref, ess, p_ref)
         f_ref, tok_ref = forced_tokens(ref, ess)
-        f, tok = cpu_controller.update(fused, ess, p)
-        assert torch.equal(f, f_ref), step
-        assert torch.equal(tok[f], tok_ref[f_ref]), step
+        tok_ref = torch.where(f_ref, tok_ref, drawn)
+        tok, p, f = cpu_controller.update(fused, ess, scores, drawn)
+        assert torch.equal(f, f_ref) and torch.equal(tok, tok_ref), step
+        assert torch.equal(p.isnan(), p_ref.isnan())
+        assert torch.equal(p[~p.isnan()], p_ref[~p_ref.isnan()])
         for name in FIELDS:
             assert torch.equal(getattr(fused, name), getattr(ref, name)), (step, name)
         seen.update(ref.mode.tolist())
@@ -74,17 +79,24 @@ def test_state_trace_matches_reference(ess):
         assert {BENIGN, SUSPECT, REFUSING} <= seen, seen   # every transition path exercised
 
 
-def test_tokens_equal_reference_everywhere():
-    """``tokens`` is only meaningful where forced, but the fused op fills it like the reference
-    (refusal_ids[clamp(forced_idx)]) for every row."""
-    ess = EssConfig(schedule="each", tau=1)
-    fused = EssState.create([4, 4, 4], [1, 1, 1], [3, 3, 3], REFUSAL, ess)
-    ref = fused.clone()
-    for s in (fused, ref):
-        s.forced_idx.copy_(torch.tensor([-1, 2, 3], dtype=torch.int32))
-    f, tok = cpu_controller.update(fused, ess, torch.zeros(3))
-    f_ref, tok_ref = forced_tokens(ref, ess)
-    assert torch.equal(f, f_ref) and torch.equal(tok, tok_ref)
+def test_nan_verdict_raises_like_the_reference_and_changes_nothing():
+    ess = EssConfig(schedule="each")
+    st = EssState.create([4, 4, 4], [1, 1, 1], [3, 3, 3], REFUSAL, ess)
+    st.evaluating.copy_(torch.tensor([True, True, False]))
+    before = st.clone()
+    scores = torch.tensor([0.1, float("nan"), float("nan")])
+    with pytest.raises(ValueError, match=r"non-finite p_unsafe in rows \[1\].*safety head"):
+        cpu_controller.update(st, ess, scores, torch.zeros(3, dtype=torch.long))
+    for name in FIELDS:
+        assert torch.equal(getattr(st, name), getattr(before, name)), name
+    # the reference raises the same error for the same inputs
+    from safekern.reference.sampling import head_sample_ref
+
+    h, W = torch.randn(3, 4), torch.randn(5, 4)
+    sw = torch.zeros(4)
+    sw[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite p_unsafe in rows \[0, 1\].*safety head"):
+        head_sample_ref(h, W, h_cls=h, safety_weight=sw, state=before, ess=ess)
 
 
 def test_validation_names_the_argument():
@@ -92,14 +104,19 @@ def test_validation_names_the_argument():
     st = EssState.create([4], [1], [3], REFUSAL, ess)
     with pytest.raises(TypeError, match="state must be an EssState"):
         cpu_controller.plan_step(object(), ess)
+    d = torch.zeros(1, dtype=torch.long)
     with pytest.raises(TypeError, match="ess must be an EssConfig"):
-        cpu_controller.update(st, {}, torch.zeros(1))
-    with pytest.raises(TypeError, match="p_unsafe must be a tensor"):
-        cpu_controller.update(st, ess, [0.0])
-    with pytest.raises(RuntimeError, match="p_unsafe must be a contiguous"):
-        cpu_controller.update(st, ess, torch.zeros(1, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="p_unsafe must be a contiguous"):
-        cpu_controller.update(st, ess, torch.zeros(2))
+        cpu_controller.update(st, {}, torch.zeros(1), d)
+    with pytest.raises(TypeError, match="scores must be a tensor"):
+        cpu_controller.update(st, ess, [0.0], d)
+    with pytest.raises(TypeError, match="drawn must be a tensor"):
+        cpu_controller.update(st, ess, torch.zeros(1), [0])
+    with pytest.raises(RuntimeError, match="scores must be a contiguous"):
+        cpu_controller.update(st, ess, torch.zeros(1, dtype=torch.float64), d)
+    with pytest.raises(RuntimeError, match="scores must be a contiguous"):
+        cpu_controller.update(st, ess, torch.zeros(2), d)
+    with pytest.raises(RuntimeError, match="drawn must be a contiguous"):
+        cpu_controller.update(st, ess, torch.zeros(1), d.int())
     bad = st.clone()
     bad.flags = bad.flags.long()
     with pytest.raises(RuntimeError, match="state.flags must be a contiguous"):
@@ -107,7 +124,7 @@ def test_validation_names_the_argument():
     bad = st.clone()
     bad.evaluating = torch.zeros(2, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="state.evaluating must be"):
-        cpu_controller.update(bad, ess, torch.zeros(1))
+        cpu_controller.update(bad, ess, torch.zeros(1), d)
 
 
 # ---------------------------------------------------------------- the engine with it
@@ -138,8 +155,9 @@ def test_engine_fused_controller_matches_reference(schedule, policy):
 
     model, tok = _tiny_model(bias=0.0)
     prompts = ["How do I bake bread at home?", "hi", "Tell me a story about a fox.", "ok then"]
-    fused = Engine(model, tok, ignore_eos=True)
-    ref = Engine(model, tok, ignore_eos=True, cpu_controller=False)
+    # One linear path for both ("auto" measures per engine, so two engines may round apart)
+    fused = Engine(model, tok, ignore_eos=True, cpu_linear="kernel")
+    ref = Engine(model, tok, ignore_eos=True, cpu_linear="kernel", cpu_controller=False)
     assert fused.cpu_controller_reason is None
     assert ref.cpu_controller_reason == "disabled by the caller"
     ess = EssConfig(schedule=schedule, policy=policy, period=2, anneal_growth=1.5, tau=2)

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 namespace {
@@ -97,16 +98,22 @@ at::Tensor plan(at::TensorList state, int64_t first_at, int64_t r1, int64_t r2, 
   return win;
 }
 
-// update_state + forced_tokens: returns (forced (B,) bool, tokens (B,) int64).
-std::tuple<at::Tensor, at::Tensor> update(at::TensorList state, const at::Tensor& p_unsafe,
-                                          const at::Tensor& refusal_ids, int64_t refusal_skip,
-                                          double threshold, int64_t tau, int64_t schedule,
-                                          int64_t policy, int64_t period, double anneal_growth,
-                                          int64_t anneal_stop) {
+// head_sample_ref's controller part: p_unsafe = scores where evaluating (NaN elsewhere; a NaN
+// score of an evaluating row raises ValueError before anything changes), update_state,
+// forced_tokens, and the step's tokens = forced ? refusal token : drawn.
+// Returns (tokens (B,) int64, p_unsafe (B,) float32, forced (B,) bool).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> update(
+    at::TensorList state, const at::Tensor& scores, const at::Tensor& drawn,
+    const at::Tensor& refusal_ids, int64_t refusal_skip, double threshold, int64_t tau,
+    int64_t schedule, int64_t policy, int64_t period, double anneal_growth,
+    int64_t anneal_stop) {
   View s = view(state);
-  TORCH_CHECK(p_unsafe.device().is_cpu() && p_unsafe.dim() == 1 && p_unsafe.numel() == s.B &&
-                  p_unsafe.is_contiguous() && p_unsafe.scalar_type() == at::kFloat,
-              "cpu_controller: p_unsafe must be a contiguous (", s.B, ",) float32 CPU tensor");
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 1 && scores.numel() == s.B &&
+                  scores.is_contiguous() && scores.scalar_type() == at::kFloat,
+              "cpu_controller: scores must be a contiguous (", s.B, ",) float32 CPU tensor");
+  TORCH_CHECK(drawn.device().is_cpu() && drawn.dim() == 1 && drawn.numel() == s.B &&
+                  drawn.is_contiguous() && drawn.scalar_type() == at::kLong,
+              "cpu_controller: drawn must be a contiguous (", s.B, ",) int64 CPU tensor");
   TORCH_CHECK(refusal_ids.device().is_cpu() && refusal_ids.dim() == 1 &&
                   refusal_ids.numel() > 0 && refusal_ids.is_contiguous() &&
                   refusal_ids.scalar_type() == at::kLong,
@@ -115,12 +122,28 @@ std::tuple<at::Tensor, at::Tensor> update(at::TensorList state, const at::Tensor
               schedule);
   TORCH_CHECK(policy >= LOW && policy <= HIGH, "cpu_controller: bad policy id ", policy);
   const float thr = static_cast<float>(threshold);
-  const float* p = p_unsafe.data_ptr<float>();
+  const float* sc = scores.data_ptr<float>();
+  const int64_t* dr = drawn.data_ptr<int64_t>();
+  std::string bad;
+  int64_t n_bad = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    if (s.ev[b] && std::isnan(sc[b])) {
+      if (n_bad++ < 8) bad += (bad.empty() ? "" : ", ") + std::to_string(b);
+    }
+  }
+  // The reference's error (reference/sampling.py, _raise_non_finite), before any state change.
+  TORCH_CHECK_VALUE(n_bad == 0, "head_sample: non-finite p_unsafe in rows [", bad, "]: h_cls or "
+                    "the safety head (safety_weight, safety_bias) holds NaN/inf (e.g. a weight "
+                    "changed in place through .data, which the once-per-version weight check "
+                    "cannot see)");
+  at::Tensor p_out = at::empty({s.B}, at::TensorOptions().dtype(at::kFloat));
+  float* p = p_out.data_ptr<float>();
+  for (int64_t b = 0; b < s.B; ++b) p[b] = s.ev[b] ? sc[b] : std::nanf("");
   const int64_t* rid = refusal_ids.data_ptr<int64_t>();
   const int64_t R = refusal_ids.numel();
   const double cap = static_cast<double>(NEVER / 4);
   at::Tensor forced = at::empty({s.B}, at::TensorOptions().dtype(at::kBool));
-  at::Tensor tokens = at::empty({s.B}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor tokens = at::empty({s.B}, at::TensorOptions().dtype(at::kLong));  // the step's
   bool* fo = forced.data_ptr<bool>();
   int64_t* to = tokens.data_ptr<int64_t>();
   for (int64_t b = 0; b < s.B; ++b) {
@@ -166,20 +189,20 @@ std::tuple<at::Tensor, at::Tensor> update(at::TensorList state, const at::Tensor
     // forced_tokens
     const bool f = idx >= 0;
     fo[b] = f;
-    to[b] = rid[std::min<int64_t>(std::max<int64_t>(idx, 0), R - 1)];
+    to[b] = f ? rid[std::min<int64_t>(idx, R - 1)] : dr[b];
     const int32_t next = f ? add32(idx, 1) : idx;
     const bool done = f && next >= R;
     s.f[FORCED_IDX][b] = done ? -1 : next;
     if (policy == HIGH && done) s.fin[b] = true;
   }
-  return {forced, tokens};
+  return {tokens, p_out, forced};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(safekern_cpu, m) {
   m.def("ess_plan(Tensor[] state, int first_at, int r1, int r2, int r3) -> Tensor", &plan);
-  m.def("ess_update(Tensor[] state, Tensor p_unsafe, Tensor refusal_ids, int refusal_skip, "
-        "float threshold, int tau, int schedule, int policy, int period, float anneal_growth, "
-        "int anneal_stop) -> (Tensor, Tensor)", &update);
+  m.def("ess_update(Tensor[] state, Tensor scores, Tensor drawn, Tensor refusal_ids, "
+        "int refusal_skip, float threshold, int tau, int schedule, int policy, int period, "
+        "float anneal_growth, int anneal_stop) -> (Tensor, Tensor, Tensor)", &update);
 }

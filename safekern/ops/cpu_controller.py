@@ -1,10 +1,11 @@
 """The ESS controller of a CPU decode step as two fused C++ calls (issue 11).
 
-``plan_step(state, ess)`` and ``update(state, ess, p_unsafe)`` do what
-``safekern.reference.controller``'s ``plan_step`` and ``update_state`` + ``forced_tokens`` do
-(the reference stays the oracle: ``tests/test_cpu_controller.py`` compares every state field
-after every step, every schedule x policy), as one pass over the batch each instead of ~60
-small torch ops. CPU tensors only; built into the ``cpu_linear`` extension, so
+``plan_step(state, ess)`` does what ``safekern.reference.controller.plan_step`` does;
+``update(state, ess, scores, drawn)`` what ``head_sample_ref`` does after the scores and the
+draw (mask the scores to evaluating rows, raise on a NaN verdict, ``update_state``,
+``forced_tokens``, override the drawn tokens). The reference stays the oracle
+(``tests/test_cpu_controller.py`` compares every state field after every step, every
+schedule x policy); here each is one pass over the batch instead of ~60 small torch ops. CPU tensors only; built into the ``cpu_linear`` extension, so
 ``unavailable_reason()`` is that extension's (the engine then runs the reference).
 """
 from __future__ import annotations
@@ -28,6 +29,10 @@ def unavailable_reason() -> Optional[str]:
 
 
 def _check(state, ess):
+    if not cpu_linear._loaded:
+        why = unavailable_reason()                     # builds/loads on first use
+        if why is not None:
+            raise RuntimeError(f"the fused CPU controller cannot run: {why}")
     if not isinstance(state, EssState):
         raise TypeError(f"state must be an EssState, got {type(state).__name__}")
     if not isinstance(ess, EssConfig):
@@ -48,19 +53,26 @@ def plan_step(state: EssState, ess: EssConfig) -> torch.Tensor:
                                            ess.r3)
 
 
-def update(state: EssState, ess: EssConfig,
-           p_unsafe: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``reference.controller.update_state`` then ``forced_tokens``, in place.
+def update(state: EssState, ess: EssConfig, scores: torch.Tensor,
+           drawn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The controller part of ``reference.sampling.head_sample_ref``, in place: ``p_unsafe``
+    is ``scores`` on evaluating rows (NaN elsewhere), then ``update_state``, ``forced_tokens``
+    and the forced-token override of the drawn tokens.
 
     Args:
-        p_unsafe: ``(B,)`` float32; only entries of evaluating rows are read.
+        scores: ``(B,)`` float32 safety scores (``safety_score_ref``); read for evaluating rows.
+        drawn: ``(B,)`` int64 tokens sampled from the logits.
     Returns:
-        ``(forced (B,) bool, tokens (B,) int64)`` as ``forced_tokens`` returns them.
+        ``(tokens (B,) int64, p_unsafe (B,) float32, forced (B,) bool)``.
+    Raises:
+        ValueError (the reference's message) when an evaluating row's score is NaN; the state
+        is then unchanged.
     """
     _check(state, ess)
-    if not isinstance(p_unsafe, torch.Tensor):
-        raise TypeError(f"p_unsafe must be a tensor, got {type(p_unsafe).__name__}")
+    for name, x in (("scores", scores), ("drawn", drawn)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     return torch.ops.safekern_cpu.ess_update(
-        _tensors(state), p_unsafe, state.refusal_ids, state.refusal_skip, ess.threshold,
+        _tensors(state), scores, drawn, state.refusal_ids, state.refusal_skip, ess.threshold,
         ess.tau, SCHEDULE_IDS[ess.schedule], POLICY_IDS[ess.policy], ess.period,
         ess.anneal_growth, ess.anneal_stop)
