@@ -40,7 +40,6 @@ from .ops.attention import reuse_masks
 from .ops import cpu_controller as fused_controller
 from .ops.head_sample import raise_non_finite
 from .reference.controller import plan_step
-from .reference.sampling import safety_score_ref
 from .spec import NEVER, REFUSING, EssConfig, EssState, SamplingParams
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -342,7 +341,19 @@ class Engine:
         # they are taken of the final (possibly forced) token inside head_sample.
         self._fused_ctl = (ess is not None and head_backend == "torch" and
                            self.cpu_controller_reason is None and sampling.logprobs is None)
-        self._plan = fused_controller.plan_step if self._fused_ctl else plan_step
+        self._plan = fused_controller.plan if self._fused_ctl else \
+            (lambda st, e: (plan_step(st, e), None))
+        if self._fused_ctl:
+            # safety_score_ref's operands, prepared once: the score is then sigmoid(h @ w + b),
+            # the same ops on the same values as the reference (bit-identical verdicts).
+            cd = torch.float64 if self.dtype == torch.float64 else torch.float32
+            w = self._sw.to(cd)
+            b = torch.zeros((), dtype=cd, device=dev) if self._sb is None else \
+                torch.as_tensor(self._sb, device=dev).to(cd)
+            if w.dim() == 2:
+                w = w[1] - w[0]
+                b = b[1] - b[0] if b.dim() == 1 else b
+            self._score_wb = (cd, w, b)
         # The torch reference reads values on the host (e.g. "all rows greedy?"), which a CUDA
         # graph cannot capture: graphs need fast backends for both ops.
         self._graphable = head_backend != "torch" and all(b != "torch" for b, _ in attn.values())
@@ -404,8 +415,10 @@ class Engine:
         st = self.state if self._ess is not None else None
         if st is not None:
             st.seq_len.copy_(t_prev + 1)
-            windows = self._plan(st, self._ess)
-        if st is None or (host_skip and not bool(st.evaluating.any())):
+            windows, n_ev = self._plan(st, self._ess)
+            if n_ev is None and host_skip:
+                n_ev = int(st.evaluating.sum())
+        if st is None or (host_skip and n_ev == 0):
             pos = t_prev.long()[:, None]
 
             def write(layer, k, v):
@@ -424,13 +437,10 @@ class Engine:
             else:
                 self._sample(h, h)                    # no [CLS] row is read: none evaluates
             return
-        ev = st.evaluating
         ids = torch.cat([self._tok[:, None], self._cls_ids], 1)
-        cls_pos = t_prev if self.model.safekern.cls_position == "last" else torch.zeros_like(t_prev)
-        pos = torch.stack([t_prev, cls_pos], 1).long()
-        q_pos = torch.stack([t_prev, torch.where(ev, 0, -1).int()], 1)
-        # The [CLS] slot is refreshed before each layer's attention, for evaluating rows only.
-        slots = torch.stack([pos[:, 0], torch.where(ev, 0, self.Lmax)], 1)
+        layout = fused_controller.cls_layout if self._fused_ctl else self._cls_layout_ref
+        pos, q_pos, slots = layout(t_prev, st.evaluating,
+                                   self.model.safekern.cls_position == "last", self.Lmax)
         rows = self._bidx[:, None]
 
         def write(layer, k, v):
@@ -444,6 +454,18 @@ class Engine:
                           self._decode_linears)
         h = self._norm(x)
         self._sample(h[:, 0], h[:, 1])
+
+    @staticmethod
+    def _cls_layout_ref(t_prev, ev, cls_last: bool, spare_slot: int):
+        """``(pos, q_pos, slots)`` of a step's token and [CLS] rows, ``(B, 2)`` each: RoPE
+        positions, query positions (-1: a [CLS] row that does not evaluate, a padding row) and
+        cache slots. The [CLS] slot (0) is refreshed before each layer's attention, for
+        evaluating rows only; the others write to the spare slot, never read."""
+        cls_pos = t_prev if cls_last else torch.zeros_like(t_prev)
+        pos = torch.stack([t_prev, cls_pos], 1).long()
+        q_pos = torch.stack([t_prev, torch.where(ev, 0, -1).int()], 1)
+        slots = torch.stack([pos[:, 0], torch.where(ev, 0, spare_slot)], 1)
+        return pos, q_pos, slots
 
     def _sample(self, h_tok, h_cls, checked: bool = False, controller: bool = True):
         """head_sample + per-step bookkeeping in device tensors (no host sync)."""
@@ -489,7 +511,8 @@ class Engine:
     def _sample_fused(self, h_tok, h_cls, kw):
         """``head_sample_ref``'s step with the fused CPU controller: the same score, NaN checks,
         state update, forced tokens and draws (the draws do not depend on the state)."""
-        scores = safety_score_ref(h_cls, self._sw, self._sb)
+        cd, w, b = self._score_wb
+        scores = torch.sigmoid(h_cls.to(cd) @ w + b).float()         # safety_score_ref
         kw.update(h_cls=None, safety_weight=None, safety_bias=None, state=None, ess=None)
         drawn = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)[0]
         tok, p, _ = fused_controller.update(self.state, self._ess, scores, drawn)

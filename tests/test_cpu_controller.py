@@ -52,8 +52,10 @@ def test_state_trace_matches_reference(ess):
         for s in (fused, ref):
             s.seq_len.copy_((P + prefilled + step).int())
         w_ref = plan_step(ref, ess)
-        w = cpu_controller.plan_step(fused, ess)
+        w, n_ev = cpu_controller.plan(fused, ess)
         assert torch.equal(w, w_ref) and w.dtype == w_ref.dtype, step
+        assert n_ev == int(ref.evaluating.sum())
+        assert torch.equal(cpu_controller.plan_step(fused.clone(), ess), w_ref)
         assert torch.equal(fused.evaluating, ref.evaluating), step
         # verdicts: around the threshold, exactly at its float32 value, one float32 ulp below;
         # NaN on rows that do not evaluate (never read)
@@ -186,3 +188,25 @@ def test_engine_fused_controller_off_for_logprobs_and_validated():
     assert e._fused_ctl
     with pytest.raises(TypeError, match="cpu_controller must be a bool"):
         Engine(model, tok, cpu_controller="yes")
+
+
+def test_cls_layout_matches_the_engine_reference():
+    from safekern.engine import Engine
+
+    g = torch.Generator().manual_seed(3)
+    for B in (1, 3, 8):
+        t_prev = torch.randint(4, 200, (B,), generator=g).int()
+        ev = torch.rand(B, generator=g) < 0.5
+        for cls_last in (False, True):
+            got = cpu_controller.cls_layout(t_prev, ev, cls_last, 257)
+            want = Engine._cls_layout_ref(t_prev, ev, cls_last, 257)
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="t_prev must be"):
+        cpu_controller.cls_layout(t_prev.long(), ev, True, 9)
+    with pytest.raises(RuntimeError, match="evaluating must be"):
+        cpu_controller.cls_layout(t_prev, ev.int(), True, 9)
+    with pytest.raises(ValueError, match="spare_slot must be"):
+        cpu_controller.cls_layout(t_prev, ev, True, -1)
+    with pytest.raises(TypeError, match="t_prev must be a tensor"):
+        cpu_controller.cls_layout([1], ev, True, 1)

@@ -66,11 +66,14 @@ View view(at::TensorList state) {
   return v;
 }
 
-// plan_step: sets evaluating, returns the (B, 2, 2) int32 windows.
-at::Tensor plan(at::TensorList state, int64_t first_at, int64_t r1, int64_t r2, int64_t r3) {
+// plan_step: sets evaluating, returns the (B, 2, 2) int32 windows and how many rows evaluate
+// (a host int: the CPU engine skips the [CLS] rows when none does, without another op).
+std::tuple<at::Tensor, int64_t> plan(at::TensorList state, int64_t first_at, int64_t r1,
+                                     int64_t r2, int64_t r3) {
   View s = view(state);
   at::Tensor win = at::empty({s.B, 2, 2}, at::TensorOptions().dtype(at::kInt));
   int32_t* w = win.data_ptr<int32_t>();
+  int64_t n_ev = 0;
   for (int64_t b = 0; b < s.B; ++b) {
     const int32_t t = s.f[SEQ_LEN][b], P = s.f[PROMPT_LEN][b], mode = s.f[MODE][b];
     const int32_t n = add32(t, -static_cast<int64_t>(P));
@@ -78,6 +81,7 @@ at::Tensor plan(at::TensorList state, int64_t first_at, int64_t r1, int64_t r2, 
     const bool benign = mode == BENIGN && n >= s.f[NEXT_EVAL][b];
     const bool suspect = mode == SUSPECT;
     s.ev[b] = pending || benign || suspect;
+    n_ev += s.ev[b];
     int32_t w0s = 0, w0e = 0, w1s = 0, w1e = 0;
     if (pending) {
       w0s = s.f[QUERY_START][b];
@@ -95,7 +99,7 @@ at::Tensor plan(at::TensorList state, int64_t first_at, int64_t r1, int64_t r2, 
     int32_t* o = w + b * 4;
     o[0] = w0s, o[1] = w0e, o[2] = w1s, o[3] = w1e;
   }
-  return win;
+  return {win, n_ev};
 }
 
 // head_sample_ref's controller part: p_unsafe = scores where evaluating (NaN elsewhere; a NaN
@@ -198,11 +202,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update(
   return {tokens, p_out, forced};
 }
 
+// Where a CPU decode step with [CLS] rows puts its two rows per sequence (the engine's
+// _cls_layout_ref, safekern/engine.py, is the reference): pos (B, 2) int64 RoPE positions
+// (token t-1; [CLS] t-1 when cls_last else 0), q_pos (B, 2) int32 (token t-1; [CLS] 0 when
+// evaluating else -1, a padding row), slots (B, 2) int64 cache slots (token t-1; [CLS] 0 when
+// evaluating else the spare slot, never read).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cls_layout(const at::Tensor& t_prev,
+                                                          const at::Tensor& evaluating,
+                                                          bool cls_last, int64_t spare_slot) {
+  const int64_t B = t_prev.numel();
+  TORCH_CHECK(t_prev.device().is_cpu() && t_prev.dim() == 1 && t_prev.is_contiguous() &&
+                  t_prev.scalar_type() == at::kInt,
+              "cpu_controller: t_prev must be a contiguous 1-D int32 CPU tensor");
+  TORCH_CHECK(evaluating.device().is_cpu() && evaluating.dim() == 1 &&
+                  evaluating.numel() == B && evaluating.is_contiguous() &&
+                  evaluating.scalar_type() == at::kBool,
+              "cpu_controller: evaluating must be a contiguous (", B, ",) bool CPU tensor");
+  auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor pos = at::empty({B, 2}, i64), slots = at::empty({B, 2}, i64);
+  at::Tensor q_pos = at::empty({B, 2}, at::TensorOptions().dtype(at::kInt));
+  const int32_t* t = t_prev.data_ptr<int32_t>();
+  const bool* ev = evaluating.data_ptr<bool>();
+  int64_t* po = pos.data_ptr<int64_t>();
+  int64_t* so = slots.data_ptr<int64_t>();
+  int32_t* qo = q_pos.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    po[2 * b] = so[2 * b] = t[b];
+    qo[2 * b] = t[b];
+    po[2 * b + 1] = cls_last ? t[b] : 0;
+    qo[2 * b + 1] = ev[b] ? 0 : -1;
+    so[2 * b + 1] = ev[b] ? 0 : spare_slot;
+  }
+  return {pos, q_pos, slots};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(safekern_cpu, m) {
-  m.def("ess_plan(Tensor[] state, int first_at, int r1, int r2, int r3) -> Tensor", &plan);
+  m.def("ess_plan(Tensor[] state, int first_at, int r1, int r2, int r3) -> (Tensor, int)",
+        &plan);
   m.def("ess_update(Tensor[] state, Tensor scores, Tensor drawn, Tensor refusal_ids, "
         "int refusal_skip, float threshold, int tau, int schedule, int policy, int period, "
         "float anneal_growth, int anneal_stop) -> (Tensor, Tensor, Tensor)", &update);
+  m.def("ess_cls_layout(Tensor t_prev, Tensor evaluating, bool cls_last, int spare_slot) -> "
+        "(Tensor, Tensor, Tensor)", &cls_layout);
 }

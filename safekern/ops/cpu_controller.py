@@ -45,12 +45,18 @@ def _tensors(state: EssState):
     return [getattr(state, f) for f in _FIELDS]
 
 
-def plan_step(state: EssState, ess: EssConfig) -> torch.Tensor:
-    """``reference.controller.plan_step``: sets ``state.evaluating`` and returns the ``(B, 2, 2)``
-    int32 [CLS] windows. Shapes and dtypes are checked in C++ (errors name the field)."""
+def plan(state: EssState, ess: EssConfig) -> Tuple[torch.Tensor, int]:
+    """``reference.controller.plan_step``: sets ``state.evaluating``; returns the ``(B, 2, 2)``
+    int32 [CLS] windows and the number of evaluating rows (a Python int). Shapes and dtypes
+    are checked in C++ (errors name the field)."""
     _check(state, ess)
     return torch.ops.safekern_cpu.ess_plan(_tensors(state), ess.first_at, ess.r1, ess.r2,
                                            ess.r3)
+
+
+def plan_step(state: EssState, ess: EssConfig) -> torch.Tensor:
+    """``reference.controller.plan_step`` exactly: the windows only."""
+    return plan(state, ess)[0]
 
 
 def update(state: EssState, ess: EssConfig, scores: torch.Tensor,
@@ -76,3 +82,26 @@ def update(state: EssState, ess: EssConfig, scores: torch.Tensor,
         _tensors(state), scores, drawn, state.refusal_ids, state.refusal_skip, ess.threshold,
         ess.tau, SCHEDULE_IDS[ess.schedule], POLICY_IDS[ess.policy], ess.period,
         ess.anneal_growth, ess.anneal_stop)
+
+
+def cls_layout(t_prev: torch.Tensor, evaluating: torch.Tensor, cls_last: bool,
+               spare_slot: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a decode step with [CLS] rows puts its two rows per sequence, in one call (the
+    engine's ``_cls_layout_ref`` is the reference).
+
+    Args:
+        t_prev: ``(B,)`` int32, the token row's position ``t - 1``.
+        evaluating: ``(B,)`` bool, rows whose [CLS] row is evaluated this step.
+        cls_last: the [CLS] row's RoPE position is ``t - 1`` (else 0).
+        spare_slot: the cache slot non-evaluating [CLS] rows write to (never read).
+    Returns:
+        ``pos (B, 2) int64, q_pos (B, 2) int32, slots (B, 2) int64``.
+    """
+    if not cpu_linear._loaded and unavailable_reason() is not None:
+        raise RuntimeError(f"the fused CPU controller cannot run: {unavailable_reason()}")
+    for name, x in (("t_prev", t_prev), ("evaluating", evaluating)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if isinstance(spare_slot, bool) or not isinstance(spare_slot, int) or spare_slot < 0:
+        raise ValueError(f"spare_slot must be an int >= 0, got {spare_slot!r}")
+    return torch.ops.safekern_cpu.ess_cls_layout(t_prev, evaluating, bool(cls_last), spare_slot)
