@@ -495,18 +495,26 @@ class Engine:
         done = self._done | torch.isin(tok, self._eos) | (self._nonfinite != 0)
         # Without a controller update nothing below changes (outputs start as NaN/False).
         if ess is not None and controller:
-            ev = self.state.evaluating & emit
-            self._out_p.index_copy_(1, col, p[:, None])
-            self._out_ev.index_copy_(1, col, ev[:, None])
-            self._out_t.index_copy_(1, col, self.state.seq_len[:, None])
+            record = fused_controller.record if self._fused_ctl and not checked else \
+                self._record_ref
+            record(self.state, p, emit, col, self._out_p, self._out_ev, self._out_t,
+                   self._reason_refusal)
             if ess.cls_bias_scale != 0:
+                ev = self.state.evaluating & emit
                 pc = p.clamp(1e-6, 1 - 1e-6)
                 self._logit.copy_(torch.where(ev, torch.log(pc) - torch.log1p(-pc), self._logit))
-            self._reason_refusal |= emit & self.state.finished
             done = done | self.state.finished
         self._done.copy_(done)
         self._tok.copy_(tok)
         self._step_idx += 1
+
+    @staticmethod
+    def _record_ref(state, p, emit, col, out_p, out_ev, out_t, reason_refusal):
+        """The step's trace columns and refusal flags (``cpu_controller.record`` fuses it)."""
+        out_p.index_copy_(1, col, p[:, None])
+        out_ev.index_copy_(1, col, (state.evaluating & emit)[:, None])
+        out_t.index_copy_(1, col, state.seq_len[:, None])
+        reason_refusal |= emit & state.finished
 
     def _sample_fused(self, h_tok, h_cls, kw):
         """``head_sample_ref``'s step with the fused CPU controller: the same score, NaN checks,

@@ -210,3 +210,35 @@ def test_cls_layout_matches_the_engine_reference():
         cpu_controller.cls_layout(t_prev, ev, True, -1)
     with pytest.raises(TypeError, match="t_prev must be a tensor"):
         cpu_controller.cls_layout([1], ev, True, 1)
+
+
+def test_record_matches_the_engine_reference():
+    from safekern.engine import Engine
+
+    g = torch.Generator().manual_seed(5)
+    B, T = 5, 7
+    st = EssState.create([4] * B, [1] * B, [3] * B, REFUSAL, EssConfig())
+    bufs = [torch.full((B, T), float("nan")), torch.zeros(B, T, dtype=torch.bool),
+            torch.zeros(B, T, dtype=torch.int32), torch.zeros(B, dtype=torch.bool)]
+    ref = [b.clone() for b in bufs]
+    for c in range(T):
+        st.evaluating.copy_(torch.rand(B, generator=g) < 0.5)
+        st.finished.copy_(torch.rand(B, generator=g) < 0.3)
+        st.seq_len.copy_(torch.randint(4, 99, (B,), generator=g).int())
+        p = torch.rand(B, generator=g)
+        emit = torch.rand(B, generator=g) < 0.7
+        col = torch.tensor([c])
+        cpu_controller.record(st, p, emit, col, *bufs)
+        Engine._record_ref(st, p, emit, col, *ref)
+        for a, b in zip(bufs, ref):
+            assert torch.equal(a.isnan() if a.is_floating_point() else a,
+                               b.isnan() if b.is_floating_point() else b)
+        assert torch.equal(bufs[0].nan_to_num(-1), ref[0].nan_to_num(-1))
+    with pytest.raises(RuntimeError, match="col 7 is outside"):
+        cpu_controller.record(st, p, emit, torch.tensor([T]), *bufs)
+    with pytest.raises(RuntimeError, match="emit must be"):
+        cpu_controller.record(st, p, emit.int(), col, *bufs)
+    with pytest.raises(RuntimeError, match="out_t must be"):
+        cpu_controller.record(st, p, emit, col, bufs[0], bufs[1], bufs[2].long(), bufs[3])
+    with pytest.raises(TypeError, match="state must be an EssState"):
+        cpu_controller.record(None, p, emit, col, *bufs)

@@ -236,6 +236,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cls_layout(const at::Tensor& t_pr
   return {pos, q_pos, slots};
 }
 
+// The engine's per-step trace record (engine.py, Engine._record_ref, is the reference), in
+// place at column col[0]: out_p = p, out_ev = evaluating & emit, out_t = seq_len, and
+// reason_refusal |= emit & finished.
+void record(const at::Tensor& evaluating, const at::Tensor& seq_len, const at::Tensor& finished,
+            const at::Tensor& p, const at::Tensor& emit, const at::Tensor& col,
+            const at::Tensor& out_p, const at::Tensor& out_ev, const at::Tensor& out_t,
+            const at::Tensor& reason_refusal) {
+  const int64_t B = evaluating.numel();
+  auto vec = [&](const at::Tensor& t, at::ScalarType dt, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.numel() == B && t.is_contiguous() &&
+                    t.scalar_type() == dt,
+                "cpu_controller: ", name, " must be a contiguous (", B, ",) ", dt, " CPU tensor");
+  };
+  vec(evaluating, at::kBool, "evaluating");
+  vec(seq_len, at::kInt, "seq_len");
+  vec(finished, at::kBool, "finished");
+  vec(p, at::kFloat, "p");
+  vec(emit, at::kBool, "emit");
+  vec(reason_refusal, at::kBool, "reason_refusal");
+  TORCH_CHECK(col.device().is_cpu() && col.numel() == 1 && col.scalar_type() == at::kLong,
+              "cpu_controller: col must be a one-element int64 CPU tensor");
+  const int64_t T = out_p.dim() == 2 ? out_p.size(1) : -1;
+  const int64_t c = col.data_ptr<int64_t>()[0];
+  auto mat = [&](const at::Tensor& t, at::ScalarType dt, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(0) == B && t.size(1) == T &&
+                    t.is_contiguous() && t.scalar_type() == dt,
+                "cpu_controller: ", name, " must be a contiguous (", B, ", T) ", dt,
+                " CPU tensor like out_p");
+  };
+  mat(out_p, at::kFloat, "out_p");
+  mat(out_ev, at::kBool, "out_ev");
+  mat(out_t, at::kInt, "out_t");
+  TORCH_CHECK(c >= 0 && c < T, "cpu_controller: col ", c, " is outside [0, ", T, ")");
+  const bool* ev = evaluating.data_ptr<bool>();
+  const bool* em = emit.data_ptr<bool>();
+  const bool* fin = finished.data_ptr<bool>();
+  const int32_t* t = seq_len.data_ptr<int32_t>();
+  const float* pp = p.data_ptr<float>();
+  float* op = out_p.data_ptr<float>();
+  bool* oe = out_ev.data_ptr<bool>();
+  int32_t* ot = out_t.data_ptr<int32_t>();
+  bool* rr = reason_refusal.data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b) {
+    op[b * T + c] = pp[b];
+    oe[b * T + c] = ev[b] && em[b];
+    ot[b * T + c] = t[b];
+    rr[b] = rr[b] || (em[b] && fin[b]);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(safekern_cpu, m) {
@@ -244,6 +294,9 @@ TORCH_LIBRARY_FRAGMENT(safekern_cpu, m) {
   m.def("ess_update(Tensor[] state, Tensor scores, Tensor drawn, Tensor refusal_ids, "
         "int refusal_skip, float threshold, int tau, int schedule, int policy, int period, "
         "float anneal_growth, int anneal_stop) -> (Tensor, Tensor, Tensor)", &update);
+  m.def("ess_record(Tensor evaluating, Tensor seq_len, Tensor finished, Tensor p, Tensor emit, "
+        "Tensor col, Tensor(a!) out_p, Tensor(b!) out_ev, Tensor(c!) out_t, "
+        "Tensor(d!) reason_refusal) -> ()", &record);
   m.def("ess_cls_layout(Tensor t_prev, Tensor evaluating, bool cls_last, int spare_slot) -> "
         "(Tensor, Tensor, Tensor)", &cls_layout);
 }

@@ -105,3 +105,16 @@ def cls_layout(t_prev: torch.Tensor, evaluating: torch.Tensor, cls_last: bool,
     if isinstance(spare_slot, bool) or not isinstance(spare_slot, int) or spare_slot < 0:
         raise ValueError(f"spare_slot must be an int >= 0, got {spare_slot!r}")
     return torch.ops.safekern_cpu.ess_cls_layout(t_prev, evaluating, bool(cls_last), spare_slot)
+
+
+def record(state: EssState, p: torch.Tensor, emit: torch.Tensor, col: torch.Tensor,
+           out_p: torch.Tensor, out_ev: torch.Tensor, out_t: torch.Tensor,
+           reason_refusal: torch.Tensor) -> None:
+    """The engine's per-step trace record in one call (``Engine._record_ref`` is the
+    reference): at column ``col`` (one-element int64 tensor) of the ``(B, T)`` buffers,
+    ``out_p = p``, ``out_ev = state.evaluating & emit``, ``out_t = state.seq_len``; and
+    ``reason_refusal |= emit & state.finished`` (all in place)."""
+    if not isinstance(state, EssState):
+        raise TypeError(f"state must be an EssState, got {type(state).__name__}")
+    torch.ops.safekern_cpu.ess_record(state.evaluating, state.seq_len, state.finished, p, emit,
+                                      col, out_p, out_ev, out_t, reason_refusal)
