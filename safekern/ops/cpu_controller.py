@@ -1,12 +1,15 @@
-"""The ESS controller of a CPU decode step as two fused C++ calls (issue 11).
+"""The ESS controller of a CPU decode step as a few fused C++ calls (issue 11).
 
-``plan_step(state, ess)`` does what ``safekern.reference.controller.plan_step`` does;
-``update(state, ess, scores, drawn)`` what ``head_sample_ref`` does after the scores and the
-draw (mask the scores to evaluating rows, raise on a NaN verdict, ``update_state``,
-``forced_tokens``, override the drawn tokens). The reference stays the oracle
+``plan(state, ess)`` does what ``safekern.reference.controller.plan_step`` does (and counts
+the evaluating rows); ``update(state, ess, scores, drawn)`` what ``head_sample_ref`` does after
+the scores and the draw (mask the scores to evaluating rows, raise on a NaN verdict,
+``update_state``, ``forced_tokens``, override the drawn tokens). The reference stays the oracle
 (``tests/test_cpu_controller.py`` compares every state field after every step, every
-schedule x policy); here each is one pass over the batch instead of ~60 small torch ops. CPU tensors only; built into the ``cpu_linear`` extension, so
-``unavailable_reason()`` is that extension's (the engine then runs the reference).
+schedule x policy); each is one pass over the batch instead of ~60 small torch ops.
+``cls_layout`` and ``record`` fuse the engine's per-step [CLS] row placement and trace record
+(their references are ``Engine._cls_layout_ref`` / ``Engine._record_ref``).
+CPU tensors only; built into the ``cpu_linear`` extension, so ``unavailable_reason()`` is that
+extension's (the engine then runs the reference path).
 """
 from __future__ import annotations
 
