@@ -9,12 +9,16 @@ the candidates run A/B interleaved in one process over 30 weight copies per shap
 * ``mkl_packed``: ``torch.ops.mkl._mkl_linear`` over a weight packed for that M (inductor's
   fp32 freezing path);
 * ``onednn_packed``: ``torch.ops.mkldnn._linear_pointwise`` over a prepacked oneDNN weight;
-* ``safekern``: ``safekern.ops.cpu_linear`` (reads each weight tile once for all M rows).
+* ``safekern_avx2`` / ``safekern_avx512``: ``safekern.ops.cpu_linear`` (reads each weight tile
+  once for all M rows) with each instruction set this CPU has.
 
 Prints ms per GEMM (median), the ratio to the same candidate at M = 1, and the max error vs
 float64 relative to F.linear's; writes ``bench_out/cpu_linear.csv``.
 
-    python benchmarks/bench_cpu_linear.py [--threads 2] [--reps 15] [--quick]
+    python benchmarks/bench_cpu_linear.py [--threads 2] [--reps 15] [--quick] [--layers]
+
+``--layers``: instead, a whole decode step's projections over 30 layers per M, as the engine
+calls them (the numbers behind ``safekern.decode_linear``'s per-M choice).
 """
 from __future__ import annotations
 
@@ -50,8 +54,66 @@ def candidates(ws, x):
     except (AttributeError, RuntimeError):
         pass
     if cpu_linear.unavailable_reason() is None:
-        out["safekern"] = lambda: [cpu_linear.linear(x, [w])[0] for w in ws]
+        for isa in torch.ops.safekern_cpu.isas().split(","):
+            out[f"safekern_{isa}"] = _with_isa(isa, lambda: [cpu_linear.linear(x, [w])[0]
+                                                            for w in ws])
     return out
+
+
+def _with_isa(isa, fn):
+    """``fn`` run with the kernel's instruction set set to ``isa``."""
+    def run():
+        saved = cpu_linear._isa
+        cpu_linear._isa = cpu_linear.ISAS.index(isa)
+        try:
+            return fn()
+        finally:
+            cpu_linear._isa = saved
+    return run
+
+
+LAYER = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576),
+         "gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
+
+
+def layer_candidates(layers, x):
+    """A decode step's projections over every layer, as the engine calls them: MKL (seven
+    ``F.linear``) vs the kernel (q/k/v in one call, o, gate/up in one call, down) per ISA."""
+    def mkl():
+        for w in layers:
+            F.linear(F.linear(x, w["q"]), w["o"])
+            F.linear(x, w["k"]), F.linear(x, w["v"])
+            F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), w["down"])
+
+    def kernel():
+        for w in layers:
+            q, _, _ = cpu_linear.linear(x, [w["q"], w["k"], w["v"]])
+            cpu_linear.linear(q, [w["o"]])
+            g, u = cpu_linear.linear(x, [w["gate"], w["up"]])
+            cpu_linear.linear(F.silu(g) * u, [w["down"]])
+
+    out = {"F.linear": mkl}
+    if cpu_linear.unavailable_reason() is None:
+        for isa in torch.ops.safekern_cpu.isas().split(","):
+            out[f"safekern_{isa}"] = _with_isa(isa, kernel)
+    return out
+
+
+def run_layers(args, clock, reps, rows_m):
+    """``--layers``: the whole decode step's projections (30 SmolLM2 layers) per M."""
+    layers = [{k: torch.randn(n, kk) / kk ** 0.5 for k, (kk, n) in LAYER.items()}
+              for _ in range(args.copies)]
+    flops = 2 * sum(kk * n for kk, n in LAYER.values()) * args.copies
+    rows = []
+    for M in rows_m:
+        x = torch.randn(M, 576)
+        med = interleaved_medians(layer_candidates(layers, x), reps=reps, clock=clock)
+        for k, sec in med.items():
+            rows.append({"M": M, "candidate": k, "ms": sec * 1e3,
+                         "GFLOP/s": flops * M / sec / 1e9, "vs_F.linear": sec / med["F.linear"]})
+        print(f"layers M={M}: " + "  ".join(f"{k} {v * 1e3:.2f}" for k, v in med.items()),
+              flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -63,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-time", action="store_true",
                    help="time in process CPU time (steadier on a loaded machine; 1 thread)")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--layers", action="store_true",
+                   help="time a decode step's projections over --copies layers instead")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -70,6 +134,13 @@ def main(argv=None) -> int:
     reps = 5 if args.quick else args.reps
     clock = time.process_time if args.cpu_time else time.perf_counter
     load = os.getloadavg()[0]
+    if args.layers:
+        rows = run_layers(args, clock, reps, rows_m)
+        print(f"\n{environment(torch.device('cpu'))['device']} | {args.threads} torch threads | "
+              f"{'CPU' if args.cpu_time else 'wall'} time, median of {reps} | {args.copies} "
+              f"layers | load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
+        print(format_table(rows, ["M", "candidate", "ms", "GFLOP/s", "vs_F.linear"]))
+        return 0
     rows = []
     for name, (K, N) in SHAPES.items():
         copies = 1 if name == "lm_head" else args.copies

@@ -33,6 +33,9 @@ COMPONENTS = {
     "controller: plan_step": ("controller.py", "plan_step"),
     "controller: update_state": ("controller.py", "update_state"),
     "controller: forced_tokens": ("controller.py", "forced_tokens"),
+    "fused controller: plan_step": ("cpu_controller.py", "plan_step"),
+    "fused controller: update": ("cpu_controller.py", "update"),
+    "_sample_fused (score + LM head + fused update)": ("engine.py", "_sample_fused"),
     "safety score": ("sampling.py", "safety_score_ref"),
     "bookkeeping (_sample)": ("engine.py", "_sample"),
 }

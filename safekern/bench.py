@@ -209,6 +209,7 @@ def run(args) -> int:
     from .benchmarking import environment, format_table, write_csv
     from .engine import Engine
     from .model import encode_prompts
+    from .ops import cpu_linear
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -237,6 +238,7 @@ def run(args) -> int:
     providers = ["off"] + list(ess) + ["transformers"]
     target = p1_target(shape, device.type)
     rows, p2_rows = [], []
+    load0 = os.getloadavg()[0]
     runs_per_batch = len(providers) * (reps + 1) + len(ess) + 2 * (2 * reps + 1)
     with tqdm(total=len(batches) * runs_per_batch, desc="safekern bench", unit="run",
               disable=args.no_progress) as bar:
@@ -282,10 +284,15 @@ def run(args) -> int:
     cores = os.cpu_count()
     where = (f"{env['device']}" if device.type == "cuda" else
              f"{env['device']}, {torch.get_num_threads()} torch thread(s)")
+    lin = engine._decode_linears
+    linear_path = (f"{lin.describe()} (cpu_linear {cpu_linear.isa()})" if
+                   engine.cpu_linear_reason is None else "modules")
+    controller = ("fused C++" if engine.cpu_controller_reason is None else "reference") \
+        if device.type == "cpu" else "head_sample backend"
     print(f"\nmodel {shape} | {where} | torch {env['torch']} | prompt ~{prompt_tokens} tokens | "
-          f"{new_tokens} new tokens | backend {args.backend} | linear path: "
-          f"{'cpu_linear' if engine.cpu_linear_reason is None else 'modules'} | median of "
-          f"{reps} | load average {os.getloadavg()[0]:.1f} on {cores} cores")
+          f"{new_tokens} new tokens | backend {args.backend} | median of {reps} | load average "
+          f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {cores} cores\n"
+          f"linear path: {linear_path} | controller: {controller}")
     print("P1: strategic decoding vs the same engine with safety off")
     print(format_table(rows, ["batch", "provider", "ms_per_token", "vs_off", "vs_off_cpu_time",
                               "evals_per_step", "method_cost", "impl_overhead", "P1"]))
@@ -304,7 +311,8 @@ def run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"engine_{shape}_{device.type}")
     env = {**env, "torch_threads": str(torch.get_num_threads()), "prompt_tokens": prompt_tokens,
-           "new_tokens": new_tokens, "reps": reps,
+           "new_tokens": new_tokens, "reps": reps, "linear_path": linear_path,
+           "controller": controller, "loadavg_1min_start": f"{load0:.2f}",
            "loadavg_1min": f"{os.getloadavg()[0]:.2f}"}
     print("csv:", write_csv(stem + ".csv", rows + p2_rows, env))
     title = (f"{shape}, {device.type} ({torch.get_num_threads()} thr), prompt ~{prompt_tokens}, "

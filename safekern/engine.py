@@ -29,14 +29,15 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .decode_linear import ModuleLinears, decode_linears
-from .model import encode_inputs, refusal_token_ids, safety_config, safety_head_params
+from .model import encode_inputs, refusal_token_ids, safety_head_params
 from .ops import dispatch, ess_attention, head_sample
 from .ops.attention import reuse_masks
+from .ops import cpu_controller as fused_controller
 from .ops.head_sample import raise_non_finite
 from .reference.controller import plan_step
 from .spec import NEVER, REFUSING, EssConfig, EssState, SamplingParams
@@ -172,9 +173,17 @@ class Engine:
         sync_every: read the device-side "all finished" flag every this many steps (default 1
             on CPU, 16 on CUDA).
         ignore_eos: decode ``max_new_tokens`` tokens regardless of EOS (benchmarks).
-        cpu_linear: on CPU (float32), run decode steps' projections and MLP through
-            ``safekern.ops.cpu_linear`` (weights read once for the token and [CLS] rows);
-            ``cpu_linear_reason`` says why it is not used when it cannot run.
+        cpu_linear: on CPU (float32), how decode steps run their projections and MLP:
+            ``True`` / ``"auto"``: per number of rows and projection group, whichever of
+            ``safekern.ops.cpu_linear`` (weights read once for the token and [CLS] rows) and
+            MKL measured faster on first use (``safekern.decode_linear.KernelLinears``);
+            ``"kernel"``: the kernel always; ``False``: the model's modules.
+            ``cpu_linear_reason`` says why the kernel is not used when it cannot run.
+        cpu_controller: on CPU with the torch ``head_sample`` backend, run each decode step's
+            controller (plan, update, forced token) as two fused C++ calls
+            (``safekern.ops.cpu_controller``, tested against the reference controller)
+            instead of ~60 small torch ops; ``False``: the reference controller.
+            ``cpu_controller_reason`` says why the fused one is not used.
 
     >>> eng = Engine(model, tokenizer)                                     # doctest: +SKIP
     >>> eng.generate(["How do I bake bread?"], max_new_tokens=32)[0].trace  # doctest: +SKIP
@@ -183,7 +192,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_cache_len: Optional[int] = None,
                  backend: str = "auto", cuda_graph: bool = False,
                  sync_every: Optional[int] = None, ignore_eos: bool = False,
-                 cpu_linear: bool = True):
+                 cpu_linear: Union[bool, str] = True, cpu_controller: bool = True):
         self.arch = _Arch(model)
         if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got "
@@ -198,8 +207,11 @@ class Engine:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
         if not isinstance(cuda_graph, bool):
             raise TypeError("cuda_graph must be a bool")
-        if not isinstance(cpu_linear, bool):
-            raise TypeError("cpu_linear must be a bool")
+        if not isinstance(cpu_controller, bool):
+            raise TypeError("cpu_controller must be a bool")
+        if not (isinstance(cpu_linear, bool) or cpu_linear in ("auto", "kernel")):
+            raise ValueError(f"cpu_linear must be True, False, 'auto' or 'kernel', got "
+                             f"{cpu_linear!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_cache_len, self.backend = max_cache_len, backend
         self.cuda_graph, self._sync_every = cuda_graph, sync_every
@@ -208,7 +220,12 @@ class Engine:
         self.dtype = model.lm_head.weight.dtype
         self._modules = ModuleLinears(self.arch.layers)
         self._decode_linears, self.cpu_linear_reason = decode_linears(
-            self.arch.layers, self.device, self.dtype, enabled=cpu_linear)
+            self.arch.layers, self.device, self.dtype, enabled=cpu_linear is not False,
+            mode="kernel" if cpu_linear == "kernel" else "auto")
+        self.cpu_controller_reason = (
+            "disabled by the caller" if not cpu_controller else
+            f"the fused controller runs on CPU (the model is on {self.device.type})"
+            if self.device.type != "cpu" else fused_controller.unavailable_reason())
 
     # ------------------------------------------------------------------ the generic forward
     def _forward(self, ids, pos, q_pos, kv_len, write, attn, ess_kw, linears):
@@ -320,6 +337,24 @@ class Engine:
         self._nonfinite = torch.zeros(B, dtype=torch.int32, device=dev)
         self._head_kw = {"nonfinite": self._nonfinite} if head_backend in ("triton", "cuda") \
             else {}
+        # The torch head_sample backend runs the reference controller as small ops; on CPU the
+        # fused controller replaces it (same state trace). Logprobs stay on the reference path:
+        # they are taken of the final (possibly forced) token inside head_sample.
+        self._fused_ctl = (ess is not None and head_backend == "torch" and
+                           self.cpu_controller_reason is None and sampling.logprobs is None)
+        self._plan = fused_controller.plan if self._fused_ctl else \
+            (lambda st, e: (plan_step(st, e), None))
+        if self._fused_ctl:
+            # safety_score_ref's operands, prepared once: the score is then sigmoid(h @ w + b),
+            # the same ops on the same values as the reference (bit-identical verdicts).
+            cd = torch.float64 if self.dtype == torch.float64 else torch.float32
+            w = self._sw.to(cd)
+            b = torch.zeros((), dtype=cd, device=dev) if self._sb is None else \
+                torch.as_tensor(self._sb, device=dev).to(cd)
+            if w.dim() == 2:
+                w = w[1] - w[0]
+                b = b[1] - b[0] if b.dim() == 1 else b
+            self._score_wb = (cd, w, b)
         # The torch reference reads values on the host (e.g. "all rows greedy?"), which a CUDA
         # graph cannot capture: graphs need fast backends for both ops.
         self._graphable = head_backend != "torch" and all(b != "torch" for b, _ in attn.values())
@@ -381,8 +416,10 @@ class Engine:
         st = self.state if self._ess is not None else None
         if st is not None:
             st.seq_len.copy_(t_prev + 1)
-            windows = plan_step(st, self._ess)
-        if st is None or (host_skip and not bool(st.evaluating.any())):
+            windows, n_ev = self._plan(st, self._ess)
+            if n_ev is None and host_skip:
+                n_ev = int(st.evaluating.sum())
+        if st is None or (host_skip and n_ev == 0):
             pos = t_prev.long()[:, None]
 
             def write(layer, k, v):
@@ -401,13 +438,10 @@ class Engine:
             else:
                 self._sample(h, h)                    # no [CLS] row is read: none evaluates
             return
-        ev = st.evaluating
         ids = torch.cat([self._tok[:, None], self._cls_ids], 1)
-        cls_pos = t_prev if self.model.safekern.cls_position == "last" else torch.zeros_like(t_prev)
-        pos = torch.stack([t_prev, cls_pos], 1).long()
-        q_pos = torch.stack([t_prev, torch.where(ev, 0, -1).int()], 1)
-        # The [CLS] slot is refreshed before each layer's attention, for evaluating rows only.
-        slots = torch.stack([pos[:, 0], torch.where(ev, 0, self.Lmax)], 1)
+        layout = fused_controller.cls_layout if self._fused_ctl else self._cls_layout_ref
+        pos, q_pos, slots = layout(t_prev, st.evaluating,
+                                   self.model.safekern.cls_position == "last", self.Lmax)
         rows = self._bidx[:, None]
 
         def write(layer, k, v):
@@ -422,6 +456,18 @@ class Engine:
         h = self._norm(x)
         self._sample(h[:, 0], h[:, 1])
 
+    @staticmethod
+    def _cls_layout_ref(t_prev, ev, cls_last: bool, spare_slot: int):
+        """``(pos, q_pos, slots)`` of a step's token and [CLS] rows, ``(B, 2)`` each: RoPE
+        positions, query positions (-1: a [CLS] row that does not evaluate, a padding row) and
+        cache slots. The [CLS] slot (0) is refreshed before each layer's attention, for
+        evaluating rows only; the others write to the spare slot, never read."""
+        cls_pos = t_prev if cls_last else torch.zeros_like(t_prev)
+        pos = torch.stack([t_prev, cls_pos], 1).long()
+        q_pos = torch.stack([t_prev, torch.where(ev, 0, -1).int()], 1)
+        slots = torch.stack([pos[:, 0], torch.where(ev, 0, spare_slot)], 1)
+        return pos, q_pos, slots
+
     def _sample(self, h_tok, h_cls, checked: bool = False, controller: bool = True):
         """head_sample + per-step bookkeeping in device tensors (no host sync)."""
         ess = self._ess
@@ -432,9 +478,12 @@ class Engine:
                       state=self.state, ess=ess)
         if checked:
             res = head_sample(h_tok, self._lm_w, backend=self.backend, **kw)
+            tok, p = res[0], res[1]
+        elif ess is not None and controller and self._fused_ctl:
+            tok, p = self._sample_fused(h_tok, h_cls, kw)
         else:
             res = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)
-        tok, p = res[0], res[1]
+            tok, p = res[0], res[1]
         emit = ~self._done
         col = self._step_idx
         if self._sampling.logprobs is not None:
@@ -447,18 +496,36 @@ class Engine:
         done = self._done | torch.isin(tok, self._eos) | (self._nonfinite != 0)
         # Without a controller update nothing below changes (outputs start as NaN/False).
         if ess is not None and controller:
-            ev = self.state.evaluating & emit
-            self._out_p.index_copy_(1, col, p[:, None])
-            self._out_ev.index_copy_(1, col, ev[:, None])
-            self._out_t.index_copy_(1, col, self.state.seq_len[:, None])
+            record = fused_controller.record if self._fused_ctl and not checked else \
+                self._record_ref
+            record(self.state, p, emit, col, self._out_p, self._out_ev, self._out_t,
+                   self._reason_refusal)
             if ess.cls_bias_scale != 0:
+                ev = self.state.evaluating & emit
                 pc = p.clamp(1e-6, 1 - 1e-6)
                 self._logit.copy_(torch.where(ev, torch.log(pc) - torch.log1p(-pc), self._logit))
-            self._reason_refusal |= emit & self.state.finished
             done = done | self.state.finished
         self._done.copy_(done)
         self._tok.copy_(tok)
         self._step_idx += 1
+
+    @staticmethod
+    def _record_ref(state, p, emit, col, out_p, out_ev, out_t, reason_refusal):
+        """The step's trace columns and refusal flags (``cpu_controller.record`` fuses it)."""
+        out_p.index_copy_(1, col, p[:, None])
+        out_ev.index_copy_(1, col, (state.evaluating & emit)[:, None])
+        out_t.index_copy_(1, col, state.seq_len[:, None])
+        reason_refusal |= emit & state.finished
+
+    def _sample_fused(self, h_tok, h_cls, kw):
+        """``head_sample_ref``'s step with the fused CPU controller: the same score, NaN checks,
+        state update, forced tokens and draws (the draws do not depend on the state)."""
+        cd, w, b = self._score_wb
+        scores = torch.sigmoid(h_cls.to(cd) @ w + b).float()         # safety_score_ref
+        kw.update(h_cls=None, safety_weight=None, safety_bias=None, state=None, ess=None)
+        drawn = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)[0]
+        tok, p, _ = fused_controller.update(self.state, self._ess, scores, drawn)
+        return tok, p
 
     # ------------------------------------------------------------------ CUDA graph
     def _capture_graph(self):
@@ -514,8 +581,8 @@ class Engine:
         if stop is not None and (isinstance(stop, str) or not all(
                 isinstance(s, str) and s for s in stop)):
             raise TypeError("stop must be a list of non-empty strings or None")
-        if safety is not None:
-            safety_config(self.model, self.tokenizer)
+        # encode_inputs checks the safety head and the tokenizer's [CLS] (safety_config) when
+        # safety is on; a second check here cost a 49k-entry get_vocab() (~22 ms) per call.
         enc = encode_inputs(self.model, self.tokenizer, prompts, prefill,
                             safety=safety is not None, chat_template=chat_template)
         for name in ("temperature", "top_k", "top_p", "min_p"):

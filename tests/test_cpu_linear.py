@@ -17,17 +17,30 @@ import torch.nn.functional as F
 import safekern
 import safekern.models
 from safekern import EssConfig
-from safekern.decode_linear import KernelLinears, ModuleLinears, decode_linears
+from safekern.decode_linear import GROUPS, KernelLinears, ModuleLinears, decode_linears
 from safekern.ops import cpu_linear
 
 needs_kernel = pytest.mark.skipif(cpu_linear.unavailable_reason() is not None,
                                   reason=f"cpu_linear: {cpu_linear.unavailable_reason()}")
 
 
+ISAS = [i for i in cpu_linear.ISAS
+        if cpu_linear.unavailable_reason() is None and i in torch.ops.safekern_cpu.isas()]
+
+
+@pytest.fixture(params=ISAS or [None])
+def isa(request, monkeypatch):
+    """Each instruction set this CPU runs (AVX2 always, AVX-512 where present)."""
+    if request.param is None:
+        pytest.skip(f"cpu_linear: {cpu_linear.unavailable_reason()}")
+    monkeypatch.setattr(cpu_linear, "_isa", cpu_linear.ISAS.index(request.param))
+    return request.param
+
+
 @needs_kernel
 @pytest.mark.parametrize("K", [8, 64, 97, 576])
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 33])
-def test_kernel_matches_float64_linear(K, M):
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 33])
+def test_kernel_matches_float64_linear(K, M, isa):
     torch.manual_seed(K * 100 + M)
     x = torch.randn(M, K)
     ws = [torch.randn(n, K) / math.sqrt(K) for n in (1, 13, 40)]
@@ -42,15 +55,31 @@ def test_kernel_matches_float64_linear(K, M):
 
 
 @needs_kernel
-def test_rows_are_independent_and_strided_input():
+@pytest.mark.parametrize("M", [2, 3, 6, 9])
+@pytest.mark.parametrize("K", [100, 576])
+def test_rows_are_independent_and_strided_input(M, K, isa):
     torch.manual_seed(0)
-    K = 100
-    w = torch.randn(37, K)
-    x = torch.randn(6, 2 * K)[:, :K]                     # row stride 2K, unit stride in K
+    w = torch.randn(37, K)                               # 4 full 8-row tiles and a tail
+    x = torch.randn(M, 2 * K)[:, :K]                     # row stride 2K, unit stride in K
     full, = cpu_linear.linear(x, [w])
-    for m in range(6):
+    for m in range(M):
         one, = cpu_linear.linear(x[m:m + 1], [w])
         assert torch.equal(one[0], full[m])
+
+
+@needs_kernel
+def test_isa_choice_and_bad_isa(monkeypatch):
+    assert cpu_linear.isa() in torch.ops.safekern_cpu.isas().split(",")
+    with pytest.raises(RuntimeError, match="isa must be"):
+        torch.ops.safekern_cpu.linear(torch.randn(1, 8), [torch.randn(3, 8)], [None], 7)
+    monkeypatch.setattr(cpu_linear, "_reason", None)
+    monkeypatch.setattr(cpu_linear, "_loaded", False)
+    monkeypatch.setattr(cpu_linear, "_isa", cpu_linear._isa)
+    monkeypatch.setenv("SAFEKERN_CPU_LINEAR_ISA", "sse9")
+    assert "SAFEKERN_CPU_LINEAR_ISA must be one of" in cpu_linear.unavailable_reason()
+    monkeypatch.setattr(cpu_linear, "_reason", None)
+    monkeypatch.setenv("SAFEKERN_CPU_LINEAR_ISA", "avx2")
+    assert cpu_linear.unavailable_reason() is None and cpu_linear.isa() == "avx2"
 
 
 @needs_kernel
@@ -59,6 +88,19 @@ def test_kernel_rejects_bad_input():
         cpu_linear.linear(torch.randn(2, 8, dtype=torch.float64), [torch.randn(3, 8)])
     with pytest.raises(RuntimeError, match="contiguous"):
         cpu_linear.linear(torch.randn(2, 8), [torch.randn(8, 3).t()])
+
+
+def test_linear_modes_are_validated():
+    layers = _tiny("llama")[0].model.layers
+    with pytest.raises(ValueError, match="mode must be one of"):
+        decode_linears(layers, torch.device("cpu"), torch.float32, mode="fast")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        KernelLinears(layers, mode="fast")
+    model, tok = _tiny("llama")
+    from safekern.engine import Engine
+
+    with pytest.raises(ValueError, match="cpu_linear must be"):
+        Engine(model, tok, cpu_linear="mkl")
 
 
 def test_fallback_reasons(monkeypatch):
@@ -96,18 +138,28 @@ def _tiny(arch, **over):
 def _same_generation(model, tok, prompts, n, schedules):
     from safekern.engine import Engine
 
-    kern = Engine(model, tok, ignore_eos=True)
     ref = Engine(model, tok, ignore_eos=True, cpu_linear=False)
-    assert kern.cpu_linear_reason is None and isinstance(kern._decode_linears, KernelLinears)
+    engines = [Engine(model, tok, ignore_eos=True, cpu_linear="kernel"),
+               Engine(model, tok, ignore_eos=True)]                      # measured per M
+    for e in engines:
+        assert e.cpu_linear_reason is None and isinstance(e._decode_linears, KernelLinears)
+    assert [e._decode_linears.mode for e in engines] == ["kernel", "auto"]
     for sched in schedules:
         ess = None if sched is None else EssConfig(schedule=sched)
-        a = kern.generate(prompts, max_new_tokens=n, safety=ess)
         b = ref.generate(prompts, max_new_tokens=n, safety=ess)
-        for x, y in zip(a, b):
-            assert x.token_ids == y.token_ids, sched
-            if ess is not None:
-                assert x.trace.eval_steps == y.trace.eval_steps
-                assert x.trace.p_unsafe == pytest.approx(y.trace.p_unsafe, abs=1e-5)
+        for e in engines:
+            a = e.generate(prompts, max_new_tokens=n, safety=ess)
+            for x, y in zip(a, b):
+                assert x.token_ids == y.token_ids, (sched, e._decode_linears.mode)
+                if ess is not None:
+                    assert x.trace.eval_steps == y.trace.eval_steps
+                    assert x.trace.p_unsafe == pytest.approx(y.trace.p_unsafe, abs=1e-5)
+    auto = engines[1]._decode_linears
+    B = len(prompts)
+    assert {B, 2 * B} <= set(auto.plan)                # token-only and [CLS] steps measured
+    for M, plan in auto.plan.items():
+        assert set(plan) == set(GROUPS) and set(plan.values()) <= {"kernel", "mkl"}
+        assert f"M={M}:" in auto.describe()
 
 
 @needs_kernel

@@ -1,100 +1,84 @@
 // Decode-step linear layers on CPU: y_i = x @ W_i^T (+ b_i) for a few rows x (M small).
 //
 // Why: at decode time a GEMM has M = a few rows (the token row, plus the [CLS] row when a
-// sequence re-evaluates) and is bound by reading W. MKL's small-M sgemm re-reads W per row on
-// this kind of CPU, so two rows cost about twice one row. Here each tile of NB weight rows is
-// loaded from memory once and multiplied by every activation row while it sits in L1: the
-// cost of extra rows is FMAs, not DRAM traffic.
+// sequence re-evaluates) and is bound by reading W. MKL's small-M sgemm re-reads W per row at
+// some M on this kind of CPU (M = 4-8 cost ~1.6-2x M = 1 here). Here each tile of NB weight
+// rows is loaded from memory once and multiplied by every activation row while it sits in L1:
+// the cost of extra rows is FMAs, not DRAM traffic. (Which path wins at which M is measured
+// by safekern.decode_linear on first use, not assumed.)
 //
 // Layout: W_i (N_i, K) row-major (nn.Linear's own weight, no copy, no prepacking), x (M, K)
 // with unit stride in K, y_i (M, N_i) fresh. Several weights sharing x (q/k/v, gate/up) run in
 // one call: one parallel loop over all their row tiles.
-// Numerics: fp32 FMA, per output 8 lane-partial sums over K then a fixed-order horizontal
-// sum; a row's result never depends on the other rows (same bits at M = 1 and M = 2B).
-// AVX2 + FMA only (the Python side checks the CPU); no AVX-512 dependency.
+// Numerics: fp32 FMA, per output 8 (AVX2) or 16 (AVX-512) lane-partial sums over K then a
+// fixed-order horizontal sum; a row's result never depends on the other rows (same bits at
+// M = 1 and M = 2B). AVX2 + FMA is required (the Python side checks the CPU); the AVX-512
+// tiles run where the CPU has AVX-512F (cpu_linear_tile.h holds the tile code of both).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
+#include <string>
 #include <vector>
 
 namespace {
 
 constexpr int NB = 8;  // weight rows per parallel tile: 8 FMA chains at M = 1
-constexpr int NB2 = 4; // weight rows per inner block at M >= 2 (4 x 2 accumulators + 4 loads)
-constexpr int MB = 2;  // activation rows per inner block
 
-inline float hsum(__m256 v) {
+namespace avx2 {
+using vec = __m256;
+constexpr int W = 8;
+constexpr int NB2 = 4;  // 4 x 3 accumulators + 4 weight registers (x from memory): 16 ymm
+constexpr int MB = 3;
+constexpr bool WIDE2 = false;  // 8 x 2 accumulators + 8 weights would spill 16 ymm
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vec v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   __m128 s = _mm_add_ps(lo, hi);
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+#include "cpu_linear_tile.h"
+}  // namespace avx2
 
-// y[m, n] for weight rows n < nb and activation rows m < mb. ``pf`` streams the next tile's
-// weights into the cache while this one computes (two 64-byte lines per 8-float step, which
-// covers a tile of the same size): the loop then waits on FMAs, not on memory latency.
-template <int nb, int mb>
-inline void block(const float* x, int64_t ldx, const float* w, int64_t K, float* y,
-                  int64_t ldy, const float* bias, const char* pf, const char* pf_end) {
-  __m256 acc[nb][mb];
-  for (int n = 0; n < nb; ++n)
-    for (int m = 0; m < mb; ++m) acc[n][m] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    for (int l = 0; l < nb / 2 && pf < pf_end; ++l, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
-    if (mb == 1) {
-      __m256 xv = _mm256_loadu_ps(x + k);
-      for (int n = 0; n < nb; ++n)
-        acc[n][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + n * K + k), xv, acc[n][0]);
-    } else {
-      __m256 wv[nb];
-      for (int n = 0; n < nb; ++n) wv[n] = _mm256_loadu_ps(w + n * K + k);
-      for (int m = 0; m < mb; ++m) {
-        __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
-        for (int n = 0; n < nb; ++n) acc[n][m] = _mm256_fmadd_ps(wv[n], xv, acc[n][m]);
-      }
-    }
-  }
-  for (int n = 0; n < nb; ++n) {
-    for (int m = 0; m < mb; ++m) {
-      float s = hsum(acc[n][m]);
-      for (int64_t kk = k; kk < K; ++kk) s += w[n * K + kk] * x[m * ldx + kk];
-      y[m * ldy + n] = bias ? s + bias[n] : s;
-    }
-  }
+// The same tiles with 16-lane registers and 32 of them (4 x 4 blocks at M >= 2): at M = 8-32
+// the AVX2 blocks are FMA-bound below MKL's rate; this doubles the FMA width. Compiled for
+// AVX-512F here and called only where the CPU reports it (``isa`` argument, checked).
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+using vec = __m512;
+constexpr int W = 16;
+constexpr int NB2 = 4;
+constexpr int MB = 4;
+constexpr bool WIDE2 = true;   // 8 x 2 accumulators + 8 weights: 24 of 32 zmm
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vec v) {  // fixed order: halves, then the 8-lane sum of the AVX2 path
+  const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), upper);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
 }
+#include "cpu_linear_tile.h"
+}  // namespace avx512
+#pragma GCC pop_options
 
-// Weight rows [n0, n1) of w (n1 - n0 <= NB) times every row of x.
-void tile(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t n0,
-          int64_t n1, int64_t N, float* y, int64_t ldy, const float* bias) {
-  const char* pf = reinterpret_cast<const char*>(w + n1 * K);
-  const char* pf_end = reinterpret_cast<const char*>(w + std::min(N, n1 + NB) * K);
-  const float* b = bias ? bias + n0 : nullptr;
-  if (n1 - n0 == NB && M == 1) {
-    block<NB, 1>(x, ldx, w + n0 * K, K, y + n0, ldy, b, pf, pf_end);
-    return;
-  }
-  int64_t n = n0;
-  for (; n + NB2 <= n1; n += NB2) {
-    const float* bn = bias ? bias + n : nullptr;
-    int64_t m = 0;
-    for (; m + MB <= M; m += MB)
-      block<NB2, MB>(x + m * ldx, ldx, w + n * K, K, y + m * ldy + n, ldy, bn, pf, pf_end);
-    if (m < M) block<NB2, 1>(x + m * ldx, ldx, w + n * K, K, y + m * ldy + n, ldy, bn, pf, pf);
-    pf += NB2 * K * sizeof(float);  // the next block prefetches the rest of the next tile
-  }
-  for (; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m)
-      block<1, 1>(x + m * ldx, ldx, w + n * K, K, y + m * ldy + n, ldy,
-                  bias ? bias + n : nullptr, pf, pf);
-}
+bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
 
+// isa: 0 = AVX2 + FMA, 1 = AVX-512F (see isas()).
 std::vector<at::Tensor> linear(const at::Tensor& x, at::TensorList weights,
-                               const c10::List<std::optional<at::Tensor>>& biases) {
+                               const c10::List<std::optional<at::Tensor>>& biases, int64_t isa) {
+  TORCH_CHECK(isa == 0 || (isa == 1 && has_avx512()),
+              "cpu_linear: isa must be 0 (AVX2) or 1 (AVX-512, on a CPU that has it), got ", isa);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1,
               "cpu_linear: x must be a (M, K) float32 tensor with unit stride in K");
   TORCH_CHECK(biases.size() == weights.size(), "cpu_linear: one bias (or None) per weight");
@@ -128,9 +112,10 @@ std::vector<at::Tensor> linear(const at::Tensor& x, at::TensorList weights,
       const int64_t stop = std::min(t1, tile_end[i]);
       const at::Tensor& w = weights[i];
       const int64_t N = w.size(0);
+      auto run = isa == 1 ? avx512::tile : avx2::tile;
       for (int64_t t = t0; t < stop; ++t)
-        tile(xp, ldx, M, w.data_ptr<float>(), K, (t - start) * NB,
-             std::min(N, (t - start + 1) * NB), N, out[i].data_ptr<float>(), N, bias_ptr[i]);
+        run(xp, ldx, M, w.data_ptr<float>(), K, (t - start) * NB,
+            std::min(N, (t - start + 1) * NB), N, out[i].data_ptr<float>(), N, bias_ptr[i]);
       t0 = stop;
     }
   });
@@ -140,5 +125,6 @@ std::vector<at::Tensor> linear(const at::Tensor& x, at::TensorList weights,
 }  // namespace
 
 TORCH_LIBRARY(safekern_cpu, m) {
-  m.def("linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor[]", &linear);
+  m.def("linear(Tensor x, Tensor[] weights, Tensor?[] biases, int isa) -> Tensor[]", &linear);
+  m.def("isas() -> str", [] { return std::string(has_avx512() ? "avx2,avx512" : "avx2"); });
 }

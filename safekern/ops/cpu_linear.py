@@ -1,18 +1,23 @@
 """Decode-step linear layers on CPU that read each weight once for all rows (issue 11).
 
 ``linear(x, weights, biases)`` returns ``[x @ W.T + b for W, b in ...]`` for fp32 ``x (M, K)``
-and ``nn.Linear`` weights ``(N, K)``, from the C++ kernel in ``cpu_linear.cpp`` (AVX2 + FMA):
-a tile of weight rows is loaded once and multiplied by every row of ``x``, so M = 2 (the token
-row and the [CLS] row) costs about what M = 1 does, where MKL's small-M sgemm costs ~2x
-(``benchmarks/bench_cpu_linear.py``). Several weights that share ``x`` (q/k/v, gate/up) run in
-one call and one parallel loop, without concatenated copies of the weights.
+and ``nn.Linear`` weights ``(N, K)``, from the C++ kernel in ``cpu_linear.cpp`` (AVX2 + FMA
+tiles everywhere, AVX-512 tiles where the CPU has AVX-512F: ``isa()``): a tile of weight rows
+is loaded once and multiplied by every row of ``x``, so extra rows (the [CLS] rows) cost FMAs,
+not another pass over the weights (``benchmarks/bench_cpu_linear.py``). Several weights that
+share ``x`` (q/k/v, gate/up) run in one call and one parallel loop over the torch threads,
+without concatenated copies of the weights. ``safekern.decode_linear`` decides per M whether
+this or MKL runs.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (g++, ~20 s once, cached
-in ``TORCH_EXTENSIONS_DIR``). ``unavailable_reason()`` says why it cannot run (not x86-64, no
-AVX2/FMA, ``SAFEKERN_CPU_LINEAR=0``, no compiler, build error); callers then use ``F.linear``.
+in ``TORCH_EXTENSIONS_DIR`` under a name keyed on the source and flags).
+``unavailable_reason()`` says why it cannot run (not x86-64, no AVX2/FMA,
+``SAFEKERN_CPU_LINEAR=0``, a bad ``SAFEKERN_CPU_LINEAR_ISA``, no compiler, build error);
+callers then use ``F.linear``.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 from typing import List, Optional, Sequence
@@ -20,11 +25,19 @@ from typing import List, Optional, Sequence
 import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_linear.cpp")
+HEADER = os.path.join(os.path.dirname(SOURCE), "cpu_linear_tile.h")
+# The fused CPU ESS controller (safekern.ops.cpu_controller) is built into the same extension.
+CONTROLLER = os.path.join(os.path.dirname(SOURCE), "cpu_controller.cpp")
+# -fopenmp: without it ATen's at::parallel_for compiles to a serial loop in an extension (its
+# OpenMP path is header code guarded by _OPENMP), and the kernel would ignore the torch threads.
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+ISAS = ("avx2", "avx512")        # the op's ``isa`` argument is an index into this
 # Above this many rows MKL's sgemm is compute-efficient and wins (bench_cpu_linear.py).
 MAX_ROWS = 32
 
 _reason: Optional[str] = None
 _loaded = False
+_isa = 0
 
 
 def _check_platform() -> Optional[str]:
@@ -35,6 +48,31 @@ def _check_platform() -> Optional[str]:
     cap = torch.backends.cpu.get_cpu_capability()
     if cap not in ("AVX2", "AVX512"):
         return f"the CPU lacks AVX2/FMA (torch reports capability {cap})"
+    return None
+
+
+def _build_name() -> str:
+    """The extension's name, keyed on its source and flags: checkouts with different kernels
+    sharing one ``TORCH_EXTENSIONS_DIR`` then keep separate builds instead of rebuilding over
+    each other."""
+    h = hashlib.sha1(" ".join(CFLAGS).encode())
+    for path in (SOURCE, HEADER, CONTROLLER):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return f"safekern_cpu_linear_{h.hexdigest()[:10]}"
+
+
+def _choose_isa() -> Optional[str]:
+    """Pick the instruction set (``SAFEKERN_CPU_LINEAR_ISA`` or the widest the CPU has);
+    None, or why the requested one cannot run."""
+    global _isa
+    have = torch.ops.safekern_cpu.isas().split(",")
+    want = os.environ.get("SAFEKERN_CPU_LINEAR_ISA", have[-1])
+    if want not in ISAS:
+        return f"SAFEKERN_CPU_LINEAR_ISA must be one of {ISAS}, got {want!r}"
+    if want not in have:
+        return f"SAFEKERN_CPU_LINEAR_ISA={want} but this CPU runs only {have}"
+    _isa = ISAS.index(want)
     return None
 
 
@@ -49,13 +87,22 @@ def unavailable_reason() -> Optional[str]:
         try:
             from torch.utils.cpp_extension import load
 
-            load(name="safekern_cpu_linear", sources=[SOURCE], is_python_module=False,
-                 extra_cflags=["-O3", "-mavx2", "-mfma"], verbose=False)
-            _loaded = True
+            load(name=_build_name(), sources=[SOURCE, CONTROLLER], is_python_module=False,
+                 extra_cflags=list(CFLAGS), extra_include_paths=[os.path.dirname(SOURCE)],
+                 verbose=False)
         except Exception as e:  # no compiler, no ninja, a build error: fall back, say why
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             _reason = f"building the C++ kernel failed ({first[:200]})"
+    if _reason is None:
+        _reason = _choose_isa()
+        _loaded = _reason is None
     return _reason
+
+
+def isa() -> Optional[str]:
+    """The instruction set the kernel runs (``"avx512"`` or ``"avx2"``), None when it cannot
+    run."""
+    return ISAS[_isa] if unavailable_reason() is None else None
 
 
 def linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -71,4 +118,4 @@ def linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
     """
     if biases is None:
         biases = [None] * len(weights)
-    return torch.ops.safekern_cpu.linear(x, list(weights), list(biases))
+    return torch.ops.safekern_cpu.linear(x, list(weights), list(biases), _isa)

@@ -1,0 +1,302 @@
+// The ESS controller of one CPU decode step as two fused loops over the batch (issue 11).
+//
+// The reference is safekern/reference/controller.py (plan_step, update_state, forced_tokens):
+// ~60 small torch ops per step, which on a tiny model cost more than the [CLS] row itself.
+// Here each is one pass over B rows with the same integer arithmetic (int32 fields, int32
+// wrap-around like torch's, the annealing interval grown in float64 and clamped before the
+// cast) and the same float32 comparison ``p_unsafe >= threshold`` (threshold rounded to
+// float32 as torch rounds a Python scalar). tests/test_cpu_controller.py checks every state
+// field against the reference after every step, every schedule x policy.
+//
+// state: the EssState tensors in the order of STATE below, all (B,) contiguous CPU tensors
+// (int32; evaluating and finished bool), refusal_ids (R,) int64.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+namespace {
+
+constexpr int32_t PENDING = 0, BENIGN = 1, SUSPECT = 2, REFUSING = 3;
+constexpr int32_t NEVER = 2147483647;  // spec.NEVER
+enum Schedule { FIRST = 0, EACH = 1, PERIODIC = 2, ANNEALING = 3 };
+enum Policy { LOW = 0, MEDIUM = 1, HIGH = 2 };
+// The order of the state tensors in both ops' ``state`` argument.
+enum Field {
+  PROMPT_LEN, QUERY_START, QUERY_END, SEQ_LEN, MODE, FLAGS, SWITCH_STEP, NEXT_EVAL, INTERVAL,
+  FORCED_IDX, TRIGGER_STEP, EVALUATING, FINISHED, N_FIELDS
+};
+
+const char* const NAMES[N_FIELDS] = {
+    "prompt_len", "query_start", "query_end", "seq_len", "mode", "flags", "switch_step",
+    "next_eval", "interval", "forced_idx", "trigger_step", "evaluating", "finished"};
+
+// int32 arithmetic that wraps like torch's int32 tensors (no signed-overflow UB).
+inline int32_t add32(int32_t a, int64_t b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b));
+}
+
+struct View {
+  int32_t* f[N_FIELDS] = {};
+  bool* ev = nullptr;
+  bool* fin = nullptr;
+  int64_t B = 0;
+};
+
+View view(at::TensorList state) {
+  TORCH_CHECK(state.size() == N_FIELDS, "cpu_controller: state must hold ", N_FIELDS,
+              " tensors, got ", state.size());
+  View v;
+  v.B = state[0].numel();
+  for (int i = 0; i < N_FIELDS; ++i) {
+    const at::Tensor& t = state[i];
+    const bool is_bool = i == EVALUATING || i == FINISHED;
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.numel() == v.B && t.is_contiguous() &&
+                    t.scalar_type() == (is_bool ? at::kBool : at::kInt),
+                "cpu_controller: state.", NAMES[i], " must be a contiguous (", v.B, ",) CPU ",
+                is_bool ? "bool" : "int32", " tensor");
+    if (!is_bool) v.f[i] = t.data_ptr<int32_t>();
+  }
+  v.ev = state[EVALUATING].data_ptr<bool>();
+  v.fin = state[FINISHED].data_ptr<bool>();
+  return v;
+}
+
+// plan_step: sets evaluating, returns the (B, 2, 2) int32 windows and how many rows evaluate
+// (a host int: the CPU engine skips the [CLS] rows when none does, without another op).
+std::tuple<at::Tensor, int64_t> plan(at::TensorList state, int64_t first_at, int64_t r1,
+                                     int64_t r2, int64_t r3) {
+  View s = view(state);
+  at::Tensor win = at::empty({s.B, 2, 2}, at::TensorOptions().dtype(at::kInt));
+  int32_t* w = win.data_ptr<int32_t>();
+  int64_t n_ev = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int32_t t = s.f[SEQ_LEN][b], P = s.f[PROMPT_LEN][b], mode = s.f[MODE][b];
+    const int32_t n = add32(t, -static_cast<int64_t>(P));
+    const bool pending = mode == PENDING && n >= first_at;
+    const bool benign = mode == BENIGN && n >= s.f[NEXT_EVAL][b];
+    const bool suspect = mode == SUSPECT;
+    s.ev[b] = pending || benign || suspect;
+    n_ev += s.ev[b];
+    int32_t w0s = 0, w0e = 0, w1s = 0, w1e = 0;
+    if (pending) {
+      w0s = s.f[QUERY_START][b];
+      w0e = s.f[QUERY_END][b];
+      w1s = P;
+      w1e = add32(P, std::min<int64_t>(n, r1));
+    } else if (benign) {
+      w1s = std::max(P, add32(t, -r2));
+      w1e = t;
+    } else if (suspect) {
+      const int32_t S = s.f[SWITCH_STEP][b];
+      w1s = std::max(P, add32(S, -r2));
+      w1e = std::min(add32(S, r3), t);
+    }
+    int32_t* o = w + b * 4;
+    o[0] = w0s, o[1] = w0e, o[2] = w1s, o[3] = w1e;
+  }
+  return {win, n_ev};
+}
+
+// head_sample_ref's controller part: p_unsafe = scores where evaluating (NaN elsewhere; a NaN
+// score of an evaluating row raises ValueError before anything changes), update_state,
+// forced_tokens, and the step's tokens = forced ? refusal token : drawn.
+// Returns (tokens (B,) int64, p_unsafe (B,) float32, forced (B,) bool).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> update(
+    at::TensorList state, const at::Tensor& scores, const at::Tensor& drawn,
+    const at::Tensor& refusal_ids, int64_t refusal_skip, double threshold, int64_t tau,
+    int64_t schedule, int64_t policy, int64_t period, double anneal_growth,
+    int64_t anneal_stop) {
+  View s = view(state);
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 1 && scores.numel() == s.B &&
+                  scores.is_contiguous() && scores.scalar_type() == at::kFloat,
+              "cpu_controller: scores must be a contiguous (", s.B, ",) float32 CPU tensor");
+  TORCH_CHECK(drawn.device().is_cpu() && drawn.dim() == 1 && drawn.numel() == s.B &&
+                  drawn.is_contiguous() && drawn.scalar_type() == at::kLong,
+              "cpu_controller: drawn must be a contiguous (", s.B, ",) int64 CPU tensor");
+  TORCH_CHECK(refusal_ids.device().is_cpu() && refusal_ids.dim() == 1 &&
+                  refusal_ids.numel() > 0 && refusal_ids.is_contiguous() &&
+                  refusal_ids.scalar_type() == at::kLong,
+              "cpu_controller: refusal_ids must be a non-empty contiguous int64 CPU tensor");
+  TORCH_CHECK(schedule >= FIRST && schedule <= ANNEALING, "cpu_controller: bad schedule id ",
+              schedule);
+  TORCH_CHECK(policy >= LOW && policy <= HIGH, "cpu_controller: bad policy id ", policy);
+  const float thr = static_cast<float>(threshold);
+  const float* sc = scores.data_ptr<float>();
+  const int64_t* dr = drawn.data_ptr<int64_t>();
+  std::string bad;
+  int64_t n_bad = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    if (s.ev[b] && std::isnan(sc[b])) {
+      if (n_bad++ < 8) bad += (bad.empty() ? "" : ", ") + std::to_string(b);
+    }
+  }
+  // The reference's error (reference/sampling.py, _raise_non_finite), before any state change.
+  TORCH_CHECK_VALUE(n_bad == 0, "head_sample: non-finite p_unsafe in rows [", bad, "]: h_cls or "
+                    "the safety head (safety_weight, safety_bias) holds NaN/inf (e.g. a weight "
+                    "changed in place through .data, which the once-per-version weight check "
+                    "cannot see)");
+  at::Tensor p_out = at::empty({s.B}, at::TensorOptions().dtype(at::kFloat));
+  float* p = p_out.data_ptr<float>();
+  for (int64_t b = 0; b < s.B; ++b) p[b] = s.ev[b] ? sc[b] : std::nanf("");
+  const int64_t* rid = refusal_ids.data_ptr<int64_t>();
+  const int64_t R = refusal_ids.numel();
+  const double cap = static_cast<double>(NEVER / 4);
+  at::Tensor forced = at::empty({s.B}, at::TensorOptions().dtype(at::kBool));
+  at::Tensor tokens = at::empty({s.B}, at::TensorOptions().dtype(at::kLong));  // the step's
+  bool* fo = forced.data_ptr<bool>();
+  int64_t* to = tokens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int32_t t = s.f[SEQ_LEN][b];
+    const int32_t n = add32(t, -static_cast<int64_t>(s.f[PROMPT_LEN][b]));
+    const bool ev = s.ev[b];
+    const bool flag = ev && p[b] >= thr;
+    const bool benign_verdict = ev && !flag;
+    const int32_t mode = s.f[MODE][b];
+    int32_t flags = s.f[FLAGS][b];
+    if (ev) flags = flag ? add32(flags, 1) : 0;
+    const bool trigger = flag && (mode == PENDING || flags >= tau);
+    const bool to_suspect = flag && !trigger && mode != SUSPECT;
+    if (benign_verdict) {
+      int32_t interval = s.f[INTERVAL][b], nxt;
+      switch (schedule) {
+        case FIRST: nxt = NEVER; break;
+        case EACH: nxt = add32(n, 1); break;
+        case PERIODIC: nxt = add32(n, period); break;
+        default: {
+          const int32_t at_n = add32(n, interval);
+          const double scaled = std::min(std::floor(static_cast<double>(interval) *
+                                                    anneal_growth), cap);
+          interval = std::min(std::max(add32(interval, 1), static_cast<int32_t>(scaled)),
+                              NEVER / 4);
+          nxt = at_n > anneal_stop ? NEVER : at_n;
+        }
+      }
+      s.f[NEXT_EVAL][b] = nxt;
+      s.f[INTERVAL][b] = interval;
+    }
+    if (to_suspect) s.f[SWITCH_STEP][b] = t;
+    else if (benign_verdict) s.f[SWITCH_STEP][b] = -1;
+    int32_t new_mode = mode;
+    if (benign_verdict) new_mode = BENIGN;
+    if (to_suspect) new_mode = SUSPECT;
+    if (trigger) new_mode = REFUSING;
+    s.f[MODE][b] = new_mode;
+    s.f[FLAGS][b] = flags;
+    if (trigger) s.f[TRIGGER_STEP][b] = t;
+    int32_t idx = s.f[FORCED_IDX][b];
+    if (policy != LOW && trigger) idx = n > 0 ? 0 : static_cast<int32_t>(refusal_skip);
+    // forced_tokens
+    const bool f = idx >= 0;
+    fo[b] = f;
+    to[b] = f ? rid[std::min<int64_t>(idx, R - 1)] : dr[b];
+    const int32_t next = f ? add32(idx, 1) : idx;
+    const bool done = f && next >= R;
+    s.f[FORCED_IDX][b] = done ? -1 : next;
+    if (policy == HIGH && done) s.fin[b] = true;
+  }
+  return {tokens, p_out, forced};
+}
+
+// Where a CPU decode step with [CLS] rows puts its two rows per sequence (the engine's
+// _cls_layout_ref, safekern/engine.py, is the reference): pos (B, 2) int64 RoPE positions
+// (token t-1; [CLS] t-1 when cls_last else 0), q_pos (B, 2) int32 (token t-1; [CLS] 0 when
+// evaluating else -1, a padding row), slots (B, 2) int64 cache slots (token t-1; [CLS] 0 when
+// evaluating else the spare slot, never read).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cls_layout(const at::Tensor& t_prev,
+                                                          const at::Tensor& evaluating,
+                                                          bool cls_last, int64_t spare_slot) {
+  const int64_t B = t_prev.numel();
+  TORCH_CHECK(t_prev.device().is_cpu() && t_prev.dim() == 1 && t_prev.is_contiguous() &&
+                  t_prev.scalar_type() == at::kInt,
+              "cpu_controller: t_prev must be a contiguous 1-D int32 CPU tensor");
+  TORCH_CHECK(evaluating.device().is_cpu() && evaluating.dim() == 1 &&
+                  evaluating.numel() == B && evaluating.is_contiguous() &&
+                  evaluating.scalar_type() == at::kBool,
+              "cpu_controller: evaluating must be a contiguous (", B, ",) bool CPU tensor");
+  auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor pos = at::empty({B, 2}, i64), slots = at::empty({B, 2}, i64);
+  at::Tensor q_pos = at::empty({B, 2}, at::TensorOptions().dtype(at::kInt));
+  const int32_t* t = t_prev.data_ptr<int32_t>();
+  const bool* ev = evaluating.data_ptr<bool>();
+  int64_t* po = pos.data_ptr<int64_t>();
+  int64_t* so = slots.data_ptr<int64_t>();
+  int32_t* qo = q_pos.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    po[2 * b] = so[2 * b] = t[b];
+    qo[2 * b] = t[b];
+    po[2 * b + 1] = cls_last ? t[b] : 0;
+    qo[2 * b + 1] = ev[b] ? 0 : -1;
+    so[2 * b + 1] = ev[b] ? 0 : spare_slot;
+  }
+  return {pos, q_pos, slots};
+}
+
+// The engine's per-step trace record (engine.py, Engine._record_ref, is the reference), in
+// place at column col[0]: out_p = p, out_ev = evaluating & emit, out_t = seq_len, and
+// reason_refusal |= emit & finished.
+void record(const at::Tensor& evaluating, const at::Tensor& seq_len, const at::Tensor& finished,
+            const at::Tensor& p, const at::Tensor& emit, const at::Tensor& col,
+            const at::Tensor& out_p, const at::Tensor& out_ev, const at::Tensor& out_t,
+            const at::Tensor& reason_refusal) {
+  const int64_t B = evaluating.numel();
+  auto vec = [&](const at::Tensor& t, at::ScalarType dt, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.numel() == B && t.is_contiguous() &&
+                    t.scalar_type() == dt,
+                "cpu_controller: ", name, " must be a contiguous (", B, ",) ", dt, " CPU tensor");
+  };
+  vec(evaluating, at::kBool, "evaluating");
+  vec(seq_len, at::kInt, "seq_len");
+  vec(finished, at::kBool, "finished");
+  vec(p, at::kFloat, "p");
+  vec(emit, at::kBool, "emit");
+  vec(reason_refusal, at::kBool, "reason_refusal");
+  TORCH_CHECK(col.device().is_cpu() && col.numel() == 1 && col.scalar_type() == at::kLong,
+              "cpu_controller: col must be a one-element int64 CPU tensor");
+  const int64_t T = out_p.dim() == 2 ? out_p.size(1) : -1;
+  const int64_t c = col.data_ptr<int64_t>()[0];
+  auto mat = [&](const at::Tensor& t, at::ScalarType dt, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(0) == B && t.size(1) == T &&
+                    t.is_contiguous() && t.scalar_type() == dt,
+                "cpu_controller: ", name, " must be a contiguous (", B, ", T) ", dt,
+                " CPU tensor like out_p");
+  };
+  mat(out_p, at::kFloat, "out_p");
+  mat(out_ev, at::kBool, "out_ev");
+  mat(out_t, at::kInt, "out_t");
+  TORCH_CHECK(c >= 0 && c < T, "cpu_controller: col ", c, " is outside [0, ", T, ")");
+  const bool* ev = evaluating.data_ptr<bool>();
+  const bool* em = emit.data_ptr<bool>();
+  const bool* fin = finished.data_ptr<bool>();
+  const int32_t* t = seq_len.data_ptr<int32_t>();
+  const float* pp = p.data_ptr<float>();
+  float* op = out_p.data_ptr<float>();
+  bool* oe = out_ev.data_ptr<bool>();
+  int32_t* ot = out_t.data_ptr<int32_t>();
+  bool* rr = reason_refusal.data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b) {
+    op[b * T + c] = pp[b];
+    oe[b * T + c] = ev[b] && em[b];
+    ot[b * T + c] = t[b];
+    rr[b] = rr[b] || (em[b] && fin[b]);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(safekern_cpu, m) {
+  m.def("ess_plan(Tensor[] state, int first_at, int r1, int r2, int r3) -> (Tensor, int)",
+        &plan);
+  m.def("ess_update(Tensor[] state, Tensor scores, Tensor drawn, Tensor refusal_ids, "
+        "int refusal_skip, float threshold, int tau, int schedule, int policy, int period, "
+        "float anneal_growth, int anneal_stop) -> (Tensor, Tensor, Tensor)", &update);
+  m.def("ess_record(Tensor evaluating, Tensor seq_len, Tensor finished, Tensor p, Tensor emit, "
+        "Tensor col, Tensor(a!) out_p, Tensor(b!) out_ev, Tensor(c!) out_t, "
+        "Tensor(d!) reason_refusal) -> ()", &record);
+  m.def("ess_cls_layout(Tensor t_prev, Tensor evaluating, bool cls_last, int spare_slot) -> "
+        "(Tensor, Tensor, Tensor)", &cls_layout);
+}

@@ -1,0 +1,123 @@
+"""The ESS controller of a CPU decode step as a few fused C++ calls (issue 11).
+
+``plan(state, ess)`` does what ``safekern.reference.controller.plan_step`` does (and counts
+the evaluating rows); ``update(state, ess, scores, drawn)`` what ``head_sample_ref`` does after
+the scores and the draw (mask the scores to evaluating rows, raise on a NaN verdict,
+``update_state``, ``forced_tokens``, override the drawn tokens). The reference stays the oracle
+(``tests/test_cpu_controller.py`` compares every state field after every step, every
+schedule x policy); each is one pass over the batch instead of ~60 small torch ops.
+``cls_layout`` and ``record`` fuse the engine's per-step [CLS] row placement and trace record
+(their references are ``Engine._cls_layout_ref`` / ``Engine._record_ref``).
+CPU tensors only; built into the ``cpu_linear`` extension, so ``unavailable_reason()`` is that
+extension's (the engine then runs the reference path).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..spec import EssConfig, EssState
+from . import cpu_linear
+
+SCHEDULE_IDS = {"first": 0, "each": 1, "periodic": 2, "annealing": 3}
+POLICY_IDS = {"low": 0, "medium": 1, "high": 2}
+_FIELDS = ("prompt_len", "query_start", "query_end", "seq_len", "mode", "flags", "switch_step",
+           "next_eval", "interval", "forced_idx", "trigger_step", "evaluating", "finished")
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the fused controller can run, else why not."""
+    return cpu_linear.unavailable_reason()
+
+
+def _check(state, ess):
+    if not cpu_linear._loaded:
+        why = unavailable_reason()                     # builds/loads on first use
+        if why is not None:
+            raise RuntimeError(f"the fused CPU controller cannot run: {why}")
+    if not isinstance(state, EssState):
+        raise TypeError(f"state must be an EssState, got {type(state).__name__}")
+    if not isinstance(ess, EssConfig):
+        raise TypeError(f"ess must be an EssConfig, got {type(ess).__name__}")
+    if state.mode.device.type != "cpu":
+        raise ValueError(f"state must be on the CPU, got {state.mode.device}")
+
+
+def _tensors(state: EssState):
+    return [getattr(state, f) for f in _FIELDS]
+
+
+def plan(state: EssState, ess: EssConfig) -> Tuple[torch.Tensor, int]:
+    """``reference.controller.plan_step``: sets ``state.evaluating``; returns the ``(B, 2, 2)``
+    int32 [CLS] windows and the number of evaluating rows (a Python int). Shapes and dtypes
+    are checked in C++ (errors name the field)."""
+    _check(state, ess)
+    return torch.ops.safekern_cpu.ess_plan(_tensors(state), ess.first_at, ess.r1, ess.r2,
+                                           ess.r3)
+
+
+def plan_step(state: EssState, ess: EssConfig) -> torch.Tensor:
+    """``reference.controller.plan_step`` exactly: the windows only."""
+    return plan(state, ess)[0]
+
+
+def update(state: EssState, ess: EssConfig, scores: torch.Tensor,
+           drawn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The controller part of ``reference.sampling.head_sample_ref``, in place: ``p_unsafe``
+    is ``scores`` on evaluating rows (NaN elsewhere), then ``update_state``, ``forced_tokens``
+    and the forced-token override of the drawn tokens.
+
+    Args:
+        scores: ``(B,)`` float32 safety scores (``safety_score_ref``); read for evaluating rows.
+        drawn: ``(B,)`` int64 tokens sampled from the logits.
+    Returns:
+        ``(tokens (B,) int64, p_unsafe (B,) float32, forced (B,) bool)``.
+    Raises:
+        ValueError (the reference's message) when an evaluating row's score is NaN; the state
+        is then unchanged.
+    """
+    _check(state, ess)
+    for name, x in (("scores", scores), ("drawn", drawn)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    return torch.ops.safekern_cpu.ess_update(
+        _tensors(state), scores, drawn, state.refusal_ids, state.refusal_skip, ess.threshold,
+        ess.tau, SCHEDULE_IDS[ess.schedule], POLICY_IDS[ess.policy], ess.period,
+        ess.anneal_growth, ess.anneal_stop)
+
+
+def cls_layout(t_prev: torch.Tensor, evaluating: torch.Tensor, cls_last: bool,
+               spare_slot: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a decode step with [CLS] rows puts its two rows per sequence, in one call (the
+    engine's ``_cls_layout_ref`` is the reference).
+
+    Args:
+        t_prev: ``(B,)`` int32, the token row's position ``t - 1``.
+        evaluating: ``(B,)`` bool, rows whose [CLS] row is evaluated this step.
+        cls_last: the [CLS] row's RoPE position is ``t - 1`` (else 0).
+        spare_slot: the cache slot non-evaluating [CLS] rows write to (never read).
+    Returns:
+        ``pos (B, 2) int64, q_pos (B, 2) int32, slots (B, 2) int64``.
+    """
+    if not cpu_linear._loaded and unavailable_reason() is not None:
+        raise RuntimeError(f"the fused CPU controller cannot run: {unavailable_reason()}")
+    for name, x in (("t_prev", t_prev), ("evaluating", evaluating)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if isinstance(spare_slot, bool) or not isinstance(spare_slot, int) or spare_slot < 0:
+        raise ValueError(f"spare_slot must be an int >= 0, got {spare_slot!r}")
+    return torch.ops.safekern_cpu.ess_cls_layout(t_prev, evaluating, bool(cls_last), spare_slot)
+
+
+def record(state: EssState, p: torch.Tensor, emit: torch.Tensor, col: torch.Tensor,
+           out_p: torch.Tensor, out_ev: torch.Tensor, out_t: torch.Tensor,
+           reason_refusal: torch.Tensor) -> None:
+    """The engine's per-step trace record in one call (``Engine._record_ref`` is the
+    reference): at column ``col`` (one-element int64 tensor) of the ``(B, T)`` buffers,
+    ``out_p = p``, ``out_ev = state.evaluating & emit``, ``out_t = state.seq_len``; and
+    ``reason_refusal |= emit & state.finished`` (all in place)."""
+    if not isinstance(state, EssState):
+        raise TypeError(f"state must be an EssState, got {type(state).__name__}")
+    torch.ops.safekern_cpu.ess_record(state.evaluating, state.seq_len, state.finished, p, emit,
+                                      col, out_p, out_ev, out_t, reason_refusal)

@@ -1,0 +1,244 @@
+"""The fused CPU controller (``safekern.ops.cpu_controller``) against the reference controller
+(``safekern.reference.controller``, the oracle): after every step of long random traces, every
+state field, the windows, the forced mask and the forced tokens are identical, for every
+schedule x policy, verdicts at and around the threshold (and NaN), prefilled responses,
+``refusal_skip``, annealing growth that overflows int32; plus input validation."""
+import zlib
+
+import pytest
+import torch
+
+from safekern.ops import cpu_controller
+from safekern.reference.controller import forced_tokens, plan_step, update_state
+from safekern.spec import BENIGN, POLICIES, REFUSING, SCHEDULES, SUSPECT, EssConfig, EssState
+
+pytestmark = pytest.mark.skipif(cpu_controller.unavailable_reason() is not None,
+                                reason=f"cpu_controller: {cpu_controller.unavailable_reason()}")
+
+REFUSAL = [7, 11, 13, 17]
+FIELDS = ("prompt_len", "query_start", "query_end", "seq_len", "mode", "flags", "switch_step",
+          "next_eval", "interval", "forced_idx", "trigger_step", "evaluating", "finished")
+
+
+def configs():
+    for schedule in SCHEDULES:
+        for policy in POLICIES:
+            for first_at in (0, 2):
+                yield EssConfig(schedule=schedule, policy=policy, period=3, anneal_start=1,
+                                anneal_growth=1.7, anneal_stop=25, first_at=first_at,
+                                threshold=0.3 if policy == "low" else 0.5,
+                                tau=2 if schedule == "each" else 3, r1=4, r2=3, r3=2)
+    # floor(2930 * 2.3) is 6738 in float64 but 6739 in float32: the interval grows in float64
+    yield EssConfig(schedule="annealing", anneal_start=2930, anneal_growth=2.3,
+                    anneal_stop=10000)
+    # interval * growth beyond int32: clamped to NEVER // 4 before the cast
+    yield EssConfig(schedule="annealing", anneal_start=3, anneal_growth=1e6, anneal_stop=10**9)
+    yield EssConfig(schedule="each", threshold=0.1, tau=1)   # 0.1 is not a float32
+
+
+@pytest.mark.parametrize("ess", list(configs()),
+                         ids=lambda e: f"{e.label}-{e.policy}-{e.first_at}-{e.threshold}")
+def test_state_trace_matches_reference(ess):
+    steps, B = 40, 16
+    g = torch.Generator().manual_seed(zlib.crc32(repr(ess).encode()))
+    P = torch.randint(3, 9, (B,), generator=g)
+    prefilled = torch.randint(0, 3, (B,), generator=g) * (torch.arange(B) % 3 == 0)
+    fused = EssState.create(P, torch.ones(B, dtype=torch.long), P - 1, REFUSAL, ess,
+                            refusal_skip=1)
+    ref = fused.clone()
+    thr = torch.tensor(ess.threshold, dtype=torch.float32)
+    seen = set()
+    for step in range(steps):
+        for s in (fused, ref):
+            s.seq_len.copy_((P + prefilled + step).int())
+        w_ref = plan_step(ref, ess)
+        w, n_ev = cpu_controller.plan(fused, ess)
+        assert torch.equal(w, w_ref) and w.dtype == w_ref.dtype, step
+        assert n_ev == int(ref.evaluating.sum())
+        assert torch.equal(cpu_controller.plan_step(fused.clone(), ess), w_ref)
+        assert torch.equal(fused.evaluating, ref.evaluating), step
+        # verdicts: around the threshold, exactly at its float32 value, one float32 ulp below;
+        # NaN on rows that do not evaluate (never read)
+        scores = (thr - 0.25 + torch.rand(B, generator=g) * 0.45).clamp(0, 1)
+        scores[0] = thr
+        scores[1] = torch.nextafter(thr, torch.tensor(0.0))
+        scores = torch.where(ref.evaluating | (torch.arange(B) % 4 != 3), scores,
+                             torch.full_like(scores, float("nan")))
+        drawn = torch.randint(0, 50, (B,), generator=g)
+        # head_sample_ref's controller part
+        p_ref = torch.where(ref.evaluating, scores, torch.full_like(scores, float("nan")))
+        update_state(ref, ess, p_ref)
+        f_ref, tok_ref = forced_tokens(ref, ess)
+        tok_ref = torch.where(f_ref, tok_ref, drawn)
+        tok, p, f = cpu_controller.update(fused, ess, scores, drawn)
+        assert torch.equal(f, f_ref) and torch.equal(tok, tok_ref), step
+        assert torch.equal(p.isnan(), p_ref.isnan())
+        assert torch.equal(p[~p.isnan()], p_ref[~p_ref.isnan()])
+        for name in FIELDS:
+            assert torch.equal(getattr(fused, name), getattr(ref, name)), (step, name)
+        seen.update(ref.mode.tolist())
+    if ess.schedule != "first" and ess.anneal_start < steps and ess.threshold == 0.5:
+        assert {BENIGN, SUSPECT, REFUSING} <= seen, seen   # every transition path exercised
+
+
+def test_nan_verdict_raises_like_the_reference_and_changes_nothing():
+    ess = EssConfig(schedule="each")
+    st = EssState.create([4, 4, 4], [1, 1, 1], [3, 3, 3], REFUSAL, ess)
+    st.evaluating.copy_(torch.tensor([True, True, False]))
+    before = st.clone()
+    scores = torch.tensor([0.1, float("nan"), float("nan")])
+    with pytest.raises(ValueError, match=r"non-finite p_unsafe in rows \[1\].*safety head"):
+        cpu_controller.update(st, ess, scores, torch.zeros(3, dtype=torch.long))
+    for name in FIELDS:
+        assert torch.equal(getattr(st, name), getattr(before, name)), name
+    # the reference raises the same error for the same inputs
+    from safekern.reference.sampling import head_sample_ref
+
+    h, W = torch.randn(3, 4), torch.randn(5, 4)
+    sw = torch.zeros(4)
+    sw[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite p_unsafe in rows \[0, 1\].*safety head"):
+        head_sample_ref(h, W, h_cls=h, safety_weight=sw, state=before, ess=ess)
+
+
+def test_validation_names_the_argument():
+    ess = EssConfig()
+    st = EssState.create([4], [1], [3], REFUSAL, ess)
+    with pytest.raises(TypeError, match="state must be an EssState"):
+        cpu_controller.plan_step(object(), ess)
+    d = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(TypeError, match="ess must be an EssConfig"):
+        cpu_controller.update(st, {}, torch.zeros(1), d)
+    with pytest.raises(TypeError, match="scores must be a tensor"):
+        cpu_controller.update(st, ess, [0.0], d)
+    with pytest.raises(TypeError, match="drawn must be a tensor"):
+        cpu_controller.update(st, ess, torch.zeros(1), [0])
+    with pytest.raises(RuntimeError, match="scores must be a contiguous"):
+        cpu_controller.update(st, ess, torch.zeros(1, dtype=torch.float64), d)
+    with pytest.raises(RuntimeError, match="scores must be a contiguous"):
+        cpu_controller.update(st, ess, torch.zeros(2), d)
+    with pytest.raises(RuntimeError, match="drawn must be a contiguous"):
+        cpu_controller.update(st, ess, torch.zeros(1), d.int())
+    bad = st.clone()
+    bad.flags = bad.flags.long()
+    with pytest.raises(RuntimeError, match="state.flags must be a contiguous"):
+        cpu_controller.plan_step(bad, ess)
+    bad = st.clone()
+    bad.evaluating = torch.zeros(2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="state.evaluating must be"):
+        cpu_controller.update(bad, ess, torch.zeros(1), d)
+
+
+# ---------------------------------------------------------------- the engine with it
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_model(bias):
+    import safekern
+    from safekern.tiny import build_tokenizer, tiny_llama_config
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        tiny_llama_config(len(tok), "llama")).eval()
+    safekern.attach(model, tok)
+    with torch.no_grad():
+        model.safety_head.weight.mul_(40.0)        # scores spread over (0, 1): flags happen
+        model.safety_head.bias.fill_(bias)
+    return model, tok
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_engine_fused_controller_matches_reference(schedule, policy):
+    """Streams, traces, finish reasons and the final state equal the reference controller's,
+    with a head whose verdicts flip (flags, SUSPECT, triggers, refusals)."""
+    from safekern.engine import Engine
+
+    model, tok = _tiny_model(bias=0.0)
+    prompts = ["How do I bake bread at home?", "hi", "Tell me a story about a fox.", "ok then"]
+    # One linear path for both ("auto" measures per engine, so two engines may round apart)
+    fused = Engine(model, tok, ignore_eos=True, cpu_linear="kernel")
+    ref = Engine(model, tok, ignore_eos=True, cpu_linear="kernel", cpu_controller=False)
+    assert fused.cpu_controller_reason is None
+    assert ref.cpu_controller_reason == "disabled by the caller"
+    ess = EssConfig(schedule=schedule, policy=policy, period=2, anneal_growth=1.5, tau=2)
+    a = fused.generate(prompts, max_new_tokens=16, safety=ess, prefill=["", "Sure", "", "x"])
+    b = ref.generate(prompts, max_new_tokens=16, safety=ess, prefill=["", "Sure", "", "x"])
+    assert not ref._fused_ctl and fused._fused_ctl
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
+        assert x.trace == y.trace
+    for f in FIELDS:
+        assert torch.equal(getattr(fused.state, f), getattr(ref.state, f)), f
+    flagged = sum(p >= ess.threshold for r in b for p in r.trace.p_unsafe)
+    benign = sum(p < ess.threshold for r in b for p in r.trace.p_unsafe)
+    assert flagged and benign                            # both verdicts happened
+
+
+def test_engine_fused_controller_off_for_logprobs_and_validated():
+    from safekern import SamplingParams
+    from safekern.engine import Engine
+
+    model, tok = _tiny_model(bias=-8.0)
+    e = Engine(model, tok, ignore_eos=True)
+    e.generate(["hi"], max_new_tokens=3, sampling=SamplingParams(logprobs=2))
+    assert not e._fused_ctl                              # logprobs: the reference path
+    e.generate(["hi"], max_new_tokens=3)
+    assert e._fused_ctl
+    with pytest.raises(TypeError, match="cpu_controller must be a bool"):
+        Engine(model, tok, cpu_controller="yes")
+
+
+def test_cls_layout_matches_the_engine_reference():
+    from safekern.engine import Engine
+
+    g = torch.Generator().manual_seed(3)
+    for B in (1, 3, 8):
+        t_prev = torch.randint(4, 200, (B,), generator=g).int()
+        ev = torch.rand(B, generator=g) < 0.5
+        for cls_last in (False, True):
+            got = cpu_controller.cls_layout(t_prev, ev, cls_last, 257)
+            want = Engine._cls_layout_ref(t_prev, ev, cls_last, 257)
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="t_prev must be"):
+        cpu_controller.cls_layout(t_prev.long(), ev, True, 9)
+    with pytest.raises(RuntimeError, match="evaluating must be"):
+        cpu_controller.cls_layout(t_prev, ev.int(), True, 9)
+    with pytest.raises(ValueError, match="spare_slot must be"):
+        cpu_controller.cls_layout(t_prev, ev, True, -1)
+    with pytest.raises(TypeError, match="t_prev must be a tensor"):
+        cpu_controller.cls_layout([1], ev, True, 1)
+
+
+def test_record_matches_the_engine_reference():
+    from safekern.engine import Engine
+
+    g = torch.Generator().manual_seed(5)
+    B, T = 5, 7
+    st = EssState.create([4] * B, [1] * B, [3] * B, REFUSAL, EssConfig())
+    bufs = [torch.full((B, T), float("nan")), torch.zeros(B, T, dtype=torch.bool),
+            torch.zeros(B, T, dtype=torch.int32), torch.zeros(B, dtype=torch.bool)]
+    ref = [b.clone() for b in bufs]
+    for c in range(T):
+        st.evaluating.copy_(torch.rand(B, generator=g) < 0.5)
+        st.finished.copy_(torch.rand(B, generator=g) < 0.3)
+        st.seq_len.copy_(torch.randint(4, 99, (B,), generator=g).int())
+        p = torch.rand(B, generator=g)
+        emit = torch.rand(B, generator=g) < 0.7
+        col = torch.tensor([c])
+        cpu_controller.record(st, p, emit, col, *bufs)
+        Engine._record_ref(st, p, emit, col, *ref)
+        for a, b in zip(bufs, ref):
+            assert torch.equal(a.isnan() if a.is_floating_point() else a,
+                               b.isnan() if b.is_floating_point() else b)
+        assert torch.equal(bufs[0].nan_to_num(-1), ref[0].nan_to_num(-1))
+    with pytest.raises(RuntimeError, match="col 7 is outside"):
+        cpu_controller.record(st, p, emit, torch.tensor([T]), *bufs)
+    with pytest.raises(RuntimeError, match="emit must be"):
+        cpu_controller.record(st, p, emit.int(), col, *bufs)
+    with pytest.raises(RuntimeError, match="out_t must be"):
+        cpu_controller.record(st, p, emit, col, bufs[0], bufs[1], bufs[2].long(), bufs[3])
+    with pytest.raises(TypeError, match="state must be an EssState"):
+        cpu_controller.record(None, p, emit, col, *bufs)
