@@ -282,7 +282,9 @@ def safety_config(model, tokenizer=None) -> SafetyConfig:
                          "safekern.load_safety(model, tokenizer, dir) first")
     if tokenizer is not None:
         _require_tokenizer(tokenizer)
-        if tokenizer.get_vocab().get(cfg.cls_token) != cfg.cls_id:
+        # convert_tokens_to_ids is a lookup; get_vocab() builds the whole vocabulary (~22 ms on
+        # SmolLM2, once per generate call). A missing token maps to the unk id (or None).
+        if tokenizer.convert_tokens_to_ids(cfg.cls_token) != cfg.cls_id:
             raise ValueError(f"tokenizer has no {cfg.cls_token!r} token with id {cfg.cls_id}: pass "
                              "the tokenizer that attach/load_safety modified")
     return cfg
