@@ -33,12 +33,12 @@ PROMPTS = ["How do I bake bread at home?", "hi", "Write a long story about a cat
 N = 16
 
 
-def _tiny(seed=0, arch="llama"):
+def _tiny(seed=0, arch="llama", cls_position="last"):
     tok = build_tokenizer()
     torch.manual_seed(seed)
     m = transformers.AutoModelForCausalLM.from_config(
         tiny_llama_config(len(tok), arch, num_attention_heads=4)).eval()
-    safekern.attach(m, tok, response_sees_cls=False, cls_position="last")
+    safekern.attach(m, tok, response_sees_cls=False, cls_position=cls_position)
     return m, tok
 
 
@@ -272,6 +272,31 @@ def test_injected_cls_in_user_text_stays_plain(tiny):
     assert traces(llm, ["inj"])["inj"]["p_unsafe"] == pytest.approx(ref.trace.p_unsafe, abs=2e-5)
 
 
+def test_nan_verdict_fails_closed(tiny, tmp_path):
+    """A NaN head (a corrupted checkpoint) must not read as benign nor kill the server: the
+    verdict counts as unsafe (the refusal is forced), the trace says so."""
+    model, tok, path, _ = tiny
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = str(tmp_path / "nan")
+    shutil.copytree(path, bad)
+    w = load_file(os.path.join(bad, "model.safetensors"))
+    w["ess_head_weight"][0, 3] = float("nan")
+    save_file(w, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
+    llm = _llm(bad)
+    try:
+        out = llm.generate([{"prompt_token_ids": _ids(model, tok, [PROMPTS[0]])[0]}],
+                           [_sp(8, ess={"schedule": "first"}, trace="nan")])[0].outputs[0]
+        tr = traces(llm, ["nan"])["nan"]
+    finally:
+        _close(llm)
+    refusal, skip = refusal_token_ids(tok, EssConfig().refusal_text)
+    assert list(out.token_ids) == refusal[skip:skip + 8]
+    assert tr["nonfinite"] and tr["trigger_step"] == 0
+
+
 def test_bad_options_are_rejected_per_request(tiny):
     model, tok, _, llm = tiny
     from vllm.exceptions import VLLMValidationError
@@ -284,9 +309,11 @@ def test_bad_options_are_rejected_per_request(tiny):
     assert len(out.token_ids) == 2
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_parity_other_archs(arch, tmp_path):
-    model, tok = _tiny(seed=1, arch=arch)
+@pytest.mark.parametrize("arch,cls_position", [("mistral", "last"), ("qwen2", "last"),
+                                               ("llama", "zero")])
+def test_parity_other_archs_and_cls_position(arch, cls_position, tmp_path):
+    """Mistral and Qwen2 (qkv biases) classes; the [CLS] row at RoPE position 0 (vLLM -1)."""
+    model, tok = _tiny(seed=1, arch=arch, cls_position=cls_position)
     path = export_for_vllm(model, tok, str(tmp_path))
     i, thr, s = _midstream(model, tok)
     ess = dict(threshold=thr, tau=1)

@@ -5,11 +5,13 @@ Two vLLM extension points share it (docs/DESIGN.md "Serving with vLLM"):
 * the logits processor (``processor.EssLogitsProcessor``) sees requests join, leave and move
   in vLLM's persistent batch (``BatchUpdate``) with their ``SamplingParams``, and forces the
   refusal tokens in ``apply(logits)``;
-* the ESS model (``model.EssLlamaForCausalLM`` and friends) runs, after vLLM's own forward and
-  inside its forward context, the step of every ESS request: the reference controller
+* the ESS model (``model.EssLlamaForCausalLM`` and friends) runs, inside vLLM's forward
+  context, the step of every ESS request: the reference controller
   (``safekern.reference.controller``: windows, verdict, forced tokens — the same code
-  ``safekern.generate`` runs), and one batched [CLS] row per evaluating request through every
-  layer, reading that request's window keys/values from vLLM's paged KV cache.
+  ``safekern.generate`` runs), and one [CLS] row per evaluating request through every layer —
+  appended to the token rows of vLLM's decoder stack (``fused_forward``) or in a pass of its own
+  after vLLM's forward (``cls_pass``) — reading that request's window keys/values from vLLM's
+  paged KV cache.
 
 Nothing here imports vLLM at module level; the forward context is read through the two small
 functions at the bottom. Positions: the state is kept in safekern's layout (docs/DESIGN.md §2:
@@ -33,7 +35,8 @@ from ...spec import NEVER, PENDING, REFUSING, EssConfig, EssState
 _STATE_FIELDS = ("mode", "flags", "switch_step", "next_eval", "interval", "forced_idx",
                  "trigger_step")
 _ACTIONS = {"low": "record", "medium": "refusal_prefix", "high": "refusal_stop"}
-MAX_TRACES = 10000
+MAX_TRACES = 10000   # traces kept in the worker (oldest dropped)
+MAX_PARKED = 4096    # requests kept after leaving the batch (preempted ones come back)
 
 
 @dataclass
@@ -110,7 +113,7 @@ class Batch:
         if req is not None:
             self.parked[id(req.output)] = req
             self.save(req)
-            while len(self.parked) > MAX_TRACES:
+            while len(self.parked) > MAX_PARKED:
                 self.parked.popitem(last=False)
 
     def unpark(self, output: list) -> Optional[Request]:
@@ -143,6 +146,12 @@ class Batch:
             while len(self.traces) > MAX_TRACES:
                 self.traces.popitem(last=False)
             self.save(req)
+
+
+def _log():
+    import logging
+
+    return logging.getLogger("safekern.vllm")
 
 
 BATCH = Batch()
@@ -223,10 +232,20 @@ def plan(rows: Dict[int, Request], seq_lens: List[int]) -> Plan:
 def commit(pl: Plan, p_unsafe: Optional[torch.Tensor]):
     """Apply this step's verdicts (``p_unsafe`` in ``pl.rows`` order) and pick forced tokens."""
     p_of = {} if p_unsafe is None else dict(zip(pl.rows, p_unsafe.tolist()))
+    bad = [r for r, v in p_of.items() if v != v]
+    if bad:
+        # A NaN score (e.g. a NaN weight) must not read as benign, and must not take the
+        # server down with every other request: fail closed, say so in the trace and the log.
+        _log().error("safekern: non-finite p_unsafe for batch rows %s: counted as unsafe", bad)
+        for r in bad:
+            p_of[r] = 1.0
     for items, st, t, ev, _ in pl.groups:
         reqs = [q for _, q in items]
         ess = reqs[0].ess
         p = torch.tensor([p_of.get(r, float("nan")) for r, _ in items])
+        for r, q in items:
+            if r in bad:
+                q.trace["nonfinite"] = True
         trig = update_state(st, ess, p).tolist()
         forced, toks = forced_tokens(st, ess)
         forced, toks = forced.tolist(), toks.tolist()
