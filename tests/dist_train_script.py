@@ -103,6 +103,9 @@ def train_fsdp(model, tok, rows, args):
     params = torch.cat([p.full_tensor().detach().float().flatten() for p in wrapped.parameters()])
     if rank == 0:
         torch.save({"losses": losses, "params": params}, args.out)
+    # Nobody tears gloo down while another rank is still saving or in a collective: without
+    # this, a rank's exit occasionally aborted ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ one process, the embedded dataset, the tiny CLI."""
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,12 @@ def _run_script(out, *args, nproc=None):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                str(nproc)] if nproc else []) + [script, str(out), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "Signal 6 (SIGABRT)" in proc.stderr:
+        # A gloo worker aborting at exit (seen once in CI, not reproduced in 3 reruns) is not
+        # what this test checks: run once more, loudly, and require a clean second run.
+        warnings.warn("torchrun worker aborted (SIGABRT); rerunning once:\n" +
+                      proc.stderr[-1500:])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return torch.load(out)
 
