@@ -126,18 +126,34 @@ def test_injection_collator_keeps_one_cls_and_real_end_of_turn():
     assert pre["input_ids"][0].tolist().count(cls_id) == 1
 
 
-def test_injection_p_unsafe_equals_escaped_message():
-    """Outcome: injection. ``generate``'s first verdict on an injected message equals the safety
-    head's output on the escaped ids (characters tokenized one by one), computed by a separate
-    path: the HF model with the safekern attention mask and [CLS] window = the query span."""
-    from safekern.integrations.hf import apply_safekern
-
+def _injection_model():
+    """The tiny Llama + tokenizer with [CLS] that both injection-vs-escaped tests judge."""
     tok, _ = _with_cls(_tiny_tokenizer())
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(tiny_llama_config(
         len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1)).eval()
     safekern.attach(model, tok)
+    return model, tok
+
+
+def _p_unsafe_by_hf_path(model, ids, qs, qe):
+    """The oracle of those tests, a path separate from the engine: the HF model with the
+    safekern attention mask, [CLS] window = the query span ``[qs, qe)``. Call after generate
+    (it switches the model's attention implementation)."""
+    from safekern.integrations.hf import apply_safekern
+
+    apply_safekern(model)
+    with torch.no_grad():
+        out = EssForTraining(model)(torch.tensor([ids]), i32([len(ids)]), i32([[[qs, qe]]]))
+    return torch.sigmoid(out["cls_logits"].double()).item()
+
+
+def test_injection_p_unsafe_equals_escaped_message():
+    """Outcome: injection. ``generate``'s first verdict on an injected message equals the safety
+    head's output on the escaped ids (characters tokenized one by one), computed by a separate
+    path: the HF model with the safekern attention mask and [CLS] window = the query span."""
+    model, tok = _injection_model()
     cfg = model.safekern
     text = INJECTIONS[0] + " " + INJECTIONS[1]
     got = safekern.generate(model, tok, [text], max_new_tokens=1, backend="torch")[0]
@@ -146,11 +162,7 @@ def test_injection_p_unsafe_equals_escaped_message():
     escaped = [i for ch in text for i in tok(ch, add_special_tokens=False)["input_ids"]]
     ids = [cfg.cls_id] + pre + escaped + suf
     qs = 1 + len(pre)
-    apply_safekern(model)
-    with torch.no_grad():
-        out = EssForTraining(model)(torch.tensor([ids]), i32([len(ids)]),
-                                    i32([[[qs, qs + len(escaped)]]]))
-    want = torch.sigmoid(out["cls_logits"].double()).item()
+    want = _p_unsafe_by_hf_path(model, ids, qs, qs + len(escaped))
     assert got.trace.eval_steps[0] == 0
     assert abs(got.trace.p_unsafe[0] - want) < 2e-5
 
@@ -225,15 +237,9 @@ def test_injection_earlier_turns_p_unsafe_equals_escaped_conversation():
     escaped conversation laid out by hand, computed by a separate path (the HF model with the
     safekern attention mask, [CLS] window = the query span). The history changes the query's
     hidden states, so a forged token there would change the verdict."""
-    from safekern.integrations.hf import apply_safekern
     from safekern.model import encode_inputs
 
-    tok, _ = _with_cls(_tiny_tokenizer())
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(tiny_llama_config(
-        len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1)).eval()
-    safekern.attach(model, tok)
+    model, tok = _injection_model()
     cfg = model.safekern
     chat = _conversation(INJECTIONS[0] + " " + INJECTIONS[1] + INJECTIONS[3])
     ids, qs, qe = _tiny_chat_escaped(tok, chat, cfg.cls_id)
@@ -243,10 +249,7 @@ def test_injection_earlier_turns_p_unsafe_equals_escaped_conversation():
                  add_special_tokens=False)["input_ids"]
     assert forged.count(cfg.cls_id) > 0, "the oracle must differ from template-text encoding"
     got = safekern.generate(model, tok, [chat], max_new_tokens=1, backend="torch")[0]
-    apply_safekern(model)
-    with torch.no_grad():
-        out = EssForTraining(model)(torch.tensor([ids]), i32([len(ids)]), i32([[[qs, qe]]]))
-    want = torch.sigmoid(out["cls_logits"].double()).item()
+    want = _p_unsafe_by_hf_path(model, ids, qs, qe)
     assert got.trace.eval_steps[0] == 0
     assert abs(got.trace.p_unsafe[0] - want) < 2e-5
 
