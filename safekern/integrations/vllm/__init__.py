@@ -194,37 +194,37 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
 def _save_tokenizer_without(tokenizer, token: str, token_id: int, out_dir: str):
     """Save ``tokenizer`` with the added ``token`` (the last id) removed from every file."""
     tokenizer.save_pretrained(out_dir)
-    path = os.path.join(out_dir, "tokenizer.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            tj = json.load(f)
-        tj["added_tokens"] = [t for t in tj.get("added_tokens", []) if t.get("content") != token]
-        with open(path, "w") as f:
-            json.dump(tj, f, ensure_ascii=False)
-    path = os.path.join(out_dir, "tokenizer_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            tc = json.load(f)
+
+    def others(xs):                   # a token list without ``token`` (entries: str or dict)
+        return [t for t in xs if (t.get("content") if isinstance(t, dict) else t) != token]
+
+    def edit(name, fix, indent=2):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                data = json.load(f)
+            fix(data)
+            with open(path, "w") as f:
+                json.dump(data, f, indent=indent, ensure_ascii=False)
+
+    def fix_config(tc):
         tc.get("added_tokens_decoder", {}).pop(str(token_id), None)
         for key in ("additional_special_tokens", "extra_special_tokens"):
             v = tc.get(key)
             if isinstance(v, list):
-                tc[key] = [t for t in v if (t.get("content") if isinstance(t, dict) else t)
-                           != token]
+                tc[key] = others(v)
             elif isinstance(v, dict):
                 tc[key] = {k: t for k, t in v.items() if t != token}
-        with open(path, "w") as f:
-            json.dump(tc, f, indent=2, ensure_ascii=False)
-    path = os.path.join(out_dir, "special_tokens_map.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            sm = json.load(f)
-        v = sm.get("additional_special_tokens")
-        if isinstance(v, list):
-            sm["additional_special_tokens"] = [
-                t for t in v if (t.get("content") if isinstance(t, dict) else t) != token]
-        with open(path, "w") as f:
-            json.dump(sm, f, indent=2, ensure_ascii=False)
+
+    def fix_map(sm):
+        if isinstance(sm.get("additional_special_tokens"), list):
+            sm["additional_special_tokens"] = others(sm["additional_special_tokens"])
+
+    edit("tokenizer.json", lambda tj: tj.__setitem__("added_tokens",
+                                                     others(tj.get("added_tokens", []))),
+         indent=None)
+    edit("tokenizer_config.json", fix_config)
+    edit("special_tokens_map.json", fix_map)
     from transformers import AutoTokenizer
 
     check = AutoTokenizer.from_pretrained(out_dir)
