@@ -18,10 +18,8 @@ the prefill and the whole text (prefill included). Both lists are lower-case sub
 """
 from __future__ import annotations
 
-import math
 import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
