@@ -1,9 +1,13 @@
 """ESS attention (docs/DESIGN.md §3): Triton kernels, launchers, validation, public function.
 
 The math is defined by ``safekern.reference.ess_attention_ref``. The ``torch`` backend runs the
-reference, except for fp32 inference calls with a finite result, which take SDPA over the
-reference's own visibility mask (same result, ~2.5x faster on a CPU decode step). The
-``triton`` backend is a FlashAttention-2-style forward (online softmax over key tiles, no (Lq, Lk) matrix): a prefill kernel that skips the tiles the mask empties and masks only the
+reference, except for fp32 inference calls with a finite result: on CPU, calls with at most
+``cpu_attention.MAX_ROWS`` query rows (decode steps) take the C++ op of
+``safekern.ops.cpu_attention`` (visibility as key ranges, no dense mask, one call per layer),
+the others SDPA over the reference's own visibility mask (same result, ~2.5x faster than the
+reference on a CPU decode step). The ``triton`` backend is a FlashAttention-2-style forward
+(online softmax over key tiles, no (Lq, Lk) matrix): a prefill kernel that skips the tiles the
+mask empties and masks only the
 boundary tiles, a separate pass for the [CLS] row over key 0 and its windows, and a split-KV
 (flash-decoding) kernel plus a combine kernel for decode steps (Lq <= 2). Inputs that require
 grad go through the ``safekern::ess_attention_fwd`` custom op, whose backward is the
@@ -20,7 +24,7 @@ import torch
 from .._checks import FLOAT_DTYPES, INT_DTYPES, check_int_range, check_tensor
 from ..reference.attention import (default_q_pos, ess_attention_ref, ess_visibility,
                                    resolve_positions)
-from . import dispatch
+from . import cpu_attention, dispatch
 
 OP = "ess_attention"
 
@@ -88,7 +92,18 @@ def _torch_backend(q, k, v, *, softmax_scale, causal, q_pos, seqlens_k, response
                 response_start=response_start, cls_windows=cls_windows, key_bias=key_bias)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, key_bias))
-    if q.dtype == torch.float32 and not return_lse and not needs_grad:
+    if not needs_grad and cpu_attention.can_take(q):
+        # Decode steps on CPU: one C++ call, visibility read as key ranges (no dense mask).
+        B, Lq, _, D = q.shape
+        q_pos, seqlens_k = resolve_positions(q_pos, seqlens_k, B, Lq, k.shape[1], q.device)
+        o, lse, bad = cpu_attention.decode_attention(
+            q, k, v, softmax_scale=D ** -0.5 if softmax_scale is None else softmax_scale,
+            causal=causal, q_pos=_as_i32(q_pos), seqlens_k=_as_i32(seqlens_k),
+            response_start=_as_i32(response_start), cls_windows=_as_i32(cls_windows),
+            key_bias=key_bias)
+        if not bad:          # a non-finite logit or output: the reference decides
+            return (o, lse) if return_lse else o
+    elif q.dtype == torch.float32 and not return_lse and not needs_grad:
         o = _sdpa_masked(q, k, v, **meta)
         # SDPA multiplies the zero probabilities of hidden keys by their values (0 * NaN = NaN)
         # and turns a row whose logits are all -inf into NaN. Any non-finite input that touches

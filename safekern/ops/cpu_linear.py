@@ -28,6 +28,8 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_linear.cp
 HEADER = os.path.join(os.path.dirname(SOURCE), "cpu_linear_tile.h")
 # The fused CPU ESS controller (safekern.ops.cpu_controller) is built into the same extension.
 CONTROLLER = os.path.join(os.path.dirname(SOURCE), "cpu_controller.cpp")
+# So is the decode-step ESS attention (safekern.ops.cpu_attention).
+ATTENTION = os.path.join(os.path.dirname(SOURCE), "cpu_attention.cpp")
 # -fopenmp: without it ATen's at::parallel_for compiles to a serial loop in an extension (its
 # OpenMP path is header code guarded by _OPENMP), and the kernel would ignore the torch threads.
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
@@ -56,7 +58,7 @@ def _build_name() -> str:
     sharing one ``TORCH_EXTENSIONS_DIR`` then keep separate builds instead of rebuilding over
     each other."""
     h = hashlib.sha1(" ".join(CFLAGS).encode())
-    for path in (SOURCE, HEADER, CONTROLLER):
+    for path in (SOURCE, HEADER, CONTROLLER, ATTENTION):
         with open(path, "rb") as f:
             h.update(f.read())
     return f"safekern_cpu_linear_{h.hexdigest()[:10]}"
@@ -87,7 +89,8 @@ def unavailable_reason() -> Optional[str]:
         try:
             from torch.utils.cpp_extension import load
 
-            load(name=_build_name(), sources=[SOURCE, CONTROLLER], is_python_module=False,
+            load(name=_build_name(), sources=[SOURCE, CONTROLLER, ATTENTION],
+                 is_python_module=False,
                  extra_cflags=list(CFLAGS), extra_include_paths=[os.path.dirname(SOURCE)],
                  verbose=False)
         except Exception as e:  # no compiler, no ninja, a build error: fall back, say why
