@@ -15,7 +15,7 @@ import torch
 
 from safekern import ess_attention
 from safekern.ops import cpu_attention
-from safekern.reference.attention import ess_attention_ref
+from safekern.reference.attention import ess_attention_ref, ess_visibility
 
 pytestmark = pytest.mark.skipif(cpu_attention.unavailable_reason() is not None,
                                 reason=f"cpu extension: {cpu_attention.unavailable_reason()}")
@@ -89,7 +89,6 @@ def test_long_context_and_batch():
 def test_hidden_keys_never_read():
     q, k, v, kw = _case(3, 2, 4, 2, 16, 31, bias=1)
     vis_o, vis_l = _compare(q, k, v, kw)
-    from safekern.reference.attention import ess_visibility
     vis = ess_visibility(kw["q_pos"], kw["seqlens_k"], 31, response_start=kw["response_start"],
                          cls_windows=kw["cls_windows"]).any(1)     # (B, Lk): seen by some row
     k2, v2, kb2 = k.clone(), v.clone(), kw["key_bias"].clone()

@@ -7,9 +7,9 @@ reference, except for fp32 inference calls with a finite result: on CPU, calls w
 the others SDPA over the reference's own visibility mask (same result, ~2.5x faster than the
 reference on a CPU decode step). The ``triton`` backend is a FlashAttention-2-style forward
 (online softmax over key tiles, no (Lq, Lk) matrix): a prefill kernel that skips the tiles the
-mask empties and masks only the
-boundary tiles, a separate pass for the [CLS] row over key 0 and its windows, and a split-KV
-(flash-decoding) kernel plus a combine kernel for decode steps (Lq <= 2). Inputs that require
+mask empties and masks only the boundary tiles, a separate pass for the [CLS] row over key 0
+and its windows, and a split-KV (flash-decoding) kernel plus a combine kernel for decode steps
+(Lq <= 2). Inputs that require
 grad go through the ``safekern::ess_attention_fwd`` custom op, whose backward is the
 FlashAttention-2-style kernels of ``_attention_bwd.py`` (recomputed from the saved LSE).
 """

@@ -249,7 +249,8 @@ std::tuple<at::Tensor, at::Tensor, bool> decode_attention(
           }
           float* orow = op + ((b * Lq + r) * Hq + h) * D;
           float* lrow = lp + (b * Hq + h) * Lq + r;
-          if (m == NEG_INF || bad) {  // no visible key, or all removed by a -inf bias
+          // No visible key, or all removed by a -inf bias; or flagged (the caller discards o).
+          if (m == NEG_INF || bad) {
             std::fill(orow, orow + D, 0.f);
             *lrow = NEG_INF;
             continue;

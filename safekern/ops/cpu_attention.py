@@ -30,7 +30,7 @@ def unavailable_reason() -> Optional[str]:
     return cpu_linear.unavailable_reason()
 
 
-def can_take(q: torch.Tensor, return_lse: bool = False) -> bool:
+def can_take(q: torch.Tensor) -> bool:
     """Does a call with this ``q`` go to the C++ op (CPU, fp32, ``Lq <= MAX_ROWS``, built)?"""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and q.dim() == 4
             and q.shape[1] <= MAX_ROWS and (cpu_linear._loaded or unavailable_reason() is None))
