@@ -9,6 +9,7 @@ measured faster on this machine. ``decode_linears`` picks one and says why.
 """
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -40,8 +41,20 @@ def _params(linears) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
 
 
 GROUPS = ("qkv", "o", "gate_up", "down")
-# Calibration: per group, this many interleaved passes over every layer per path (median).
+# The packed path keeps a copy of every projection weight (repacked at each generate, see
+# ``KernelLinears.refresh``): offered only for models whose projections fit in this many bytes
+# (small models with cache-resident weights, where per-output horizontal sums and call costs
+# dominate; a large model streams its weights from DRAM and would pay the copy per generate).
+PACK_MAX_BYTES = 16 << 20
+# Calibration: per group, interleaved passes over every layer per path (median): at least
+# CALIBRATION_REPS, and enough for CALIBRATION_SECONDS per path (a tiny model's pass is ~30 us,
+# where 5 samples mis-rank paths that differ by 30%), at most CALIBRATION_MAX_REPS.
 CALIBRATION_REPS = 5
+CALIBRATION_SECONDS = 2e-3
+CALIBRATION_MAX_REPS = 51
+# One path for every M when its pass is within this fraction of each M's fastest (``_resolve``):
+# the linears are ~20% of a tiny-model step, a second weight layout in the caches costs more.
+SHARED_PATH_SLACK = 0.10
 MODES = ("auto", "kernel")
 
 
@@ -50,13 +63,18 @@ class KernelLinears:
     of rows M and per group (q/k/v, o, gate/up, down) by measurement (issue 11).
 
     ``mode="auto"``: the first time a decode step has M rows, each group is timed over every
-    layer with both paths, interleaved (``CALIBRATION_REPS`` passes each, median), and the
-    faster one is kept for that M (``plan``). On an idle machine MKL's threaded GEMV wins at
+    layer with each path, interleaved (median of at least ``CALIBRATION_REPS`` passes each);
+    that per-group plan and the single-path plans are then timed over whole passes (all
+    groups, all layers) and the fastest is kept for that M (``plan``; times in
+    ``calibration`` and ``pass_times``). The paths: the tile kernel, MKL, and, for models
+    whose projections fit in ``PACK_MAX_BYTES``, the packed-panel kernel
+    (``cpu_linear.packed_linear`` on copies repacked each generate: no horizontal sums; on the
+    tiny model it wins at M = 8, batch 4 with its [CLS] rows). On an idle machine MKL's threaded GEMV wins at
     M = 1; the kernel wins where MKL's small-M sgemm re-reads the weights per row; which M is
     which depends on the CPU, its load and the thread count, so it is measured, not assumed.
     ``mode="kernel"``: the kernel for every M up to ``cpu_linear.MAX_ROWS`` (tests, A/B).
-    Above ``MAX_ROWS`` rows MKL always runs. Both paths are fp32 and within reference
-    tolerance of each other; only the kernel guarantees row-independent bits."""
+    Above ``MAX_ROWS`` rows MKL always runs. All paths are fp32 and within reference
+    tolerance of each other; only the two kernels guarantee row-independent bits."""
 
     def __init__(self, layers, mode: str = "auto"):
         if mode not in MODES:
@@ -70,55 +88,144 @@ class KernelLinears:
             "gate_up": [_params((layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in layers],
             "down": [_params((layer.mlp.down_proj,)) for layer in layers],
         }
-        self.plan: Dict[int, Dict[str, str]] = {}     # M -> group -> "kernel" | "mkl"
+        nbytes = sum(w.numel() * w.element_size() for per_layer in self.params.values()
+                     for ws, _ in per_layer for w in ws)
+        # group -> per layer (packs, output counts, biases); None: the packed path is not offered
+        self.packed: Optional[Dict[str, list]] = \
+            {} if mode == "auto" and nbytes <= PACK_MAX_BYTES else None
+        self.refresh()                                # packed lazily, on first use
+        self.plan: Dict[int, Dict[str, str]] = {}   # M -> group -> "kernel" | "mkl" | "packed"
         self.calibration: Dict[int, Dict[str, Dict[str, float]]] = {}   # M -> group -> s
+        self.pass_times: Dict[int, Dict[str, float]] = {}   # M -> candidate plan -> s a pass
+        self._candidates: Dict[int, Dict[str, Dict[str, str]]] = {}
 
     @staticmethod
     def _kernel(x, params):
-        lead = x.shape[:-1]
-        ys = cpu_linear.linear(x.reshape(-1, x.shape[-1]), *params)
-        return [y.view(*lead, y.shape[-1]) for y in ys]
+        return cpu_linear.linear(x, *params)          # (..., K) -> (..., N) in C++
+
+    def refresh(self) -> None:
+        """Mark the packed path's weight copies stale: the next packed call repacks them from
+        the modules' current weights (the engine calls this at the start of every generate, so
+        a weight changed in between, even through ``.data``, is never read stale; a generate
+        that runs no packed call pays nothing)."""
+        self._stale = self.packed is not None
+
+    @torch.no_grad()
+    def _repack(self) -> None:
+        self._stale = False
+        if self.packed:                      # into the same buffers (one pass at copy speed)
+            for group, per_layer in self.params.items():
+                for (ws, _), (packs, _, _) in zip(per_layer, self.packed[group]):
+                    for w, wp in zip(ws, packs):
+                        cpu_linear.pack(w, out=wp)
+            return
+        for group, per_layer in self.params.items():
+            self.packed[group] = [([cpu_linear.pack(w) for w in ws], [w.shape[0] for w in ws],
+                                   bs) for ws, bs in per_layer]
+
+    @staticmethod
+    def _packed_run(x, packed):
+        return cpu_linear.packed_linear(x, *packed)
 
     @staticmethod
     def _mkl(x, params):
         return [F.linear(x, w, b) for w, b in zip(*params)]
 
-    def _path(self, group: str, x: torch.Tensor):
+    def _run(self, group: str, i: int, x: torch.Tensor):
+        """Layer ``i``'s ``group`` projections of ``x`` by the path planned for its M."""
         M = x.numel() // x.shape[-1]
         if M > cpu_linear.MAX_ROWS:
-            return self._mkl
+            return self._mkl(x, self.params[group][i])
         if self.mode == "kernel":
-            return self._kernel
+            return self._kernel(x, self.params[group][i])
         plan = self.plan.get(M)
         if plan is None:
             plan = self._calibrate(M, x.dtype)
-        return self._kernel if plan[group] == "kernel" else self._mkl
+        return self._run_path(plan[group], group, i, x)
+
+    def _run_path(self, path: str, group: str, i: int, x: torch.Tensor):
+        if path == "packed":
+            if self._stale:
+                self._repack()
+            return self._packed_run(x, self.packed[group][i])
+        return (self._kernel if path == "kernel" else self._mkl)(x, self.params[group][i])
 
     @torch.no_grad()
     def _calibrate(self, M: int, dtype) -> Dict[str, str]:
-        """Time both paths per group at ``M`` rows over all layers; record the faster."""
+        """Time every path per group at ``M`` rows over all layers; record the fastest."""
         times, plan = {}, {}
         gen = torch.Generator().manual_seed(M)          # leaves the global RNG alone
+        if self.packed is not None and self._stale:
+            self._repack()
         for group, per_layer in self.params.items():
             K = per_layer[0][0][0].shape[1]
             x = torch.randn(M, K, dtype=dtype, generator=gen)
-            fns = {name: (lambda run: lambda: [run(x, p) for p in per_layer])(run)
-                   for name, run in (("kernel", self._kernel), ("mkl", self._mkl))}
-            times[group] = interleaved_medians(fns, reps=CALIBRATION_REPS)
+            paths = [("kernel", self._kernel, per_layer), ("mkl", self._mkl, per_layer)]
+            if self.packed is not None:
+                paths.append(("packed", self._packed_run, self.packed[group]))
+            fns = {name: (lambda run, ps: lambda: [run(x, p) for p in ps])(run, ps)
+                   for name, run, ps in paths}
+            t0 = time.perf_counter()
+            for f in fns.values():                      # warm-up, and the pass's cost
+                f()
+            per_pass = (time.perf_counter() - t0) / len(fns)
+            reps = int(min(CALIBRATION_MAX_REPS,
+                           max(CALIBRATION_REPS, CALIBRATION_SECONDS / max(per_pass, 1e-9))))
+            times[group] = interleaved_medians(fns, reps=reps)
             plan[group] = min(times[group], key=times[group].get)
-        self.calibration[M], self.plan[M] = times, plan
-        return plan
+        # Groups timed alone mis-rank paths whose cost depends on what ran before (in a decode
+        # step the weights of the other groups pass through the caches in between: on the tiny
+        # model, packed q/k/v wins alone at M = 4 and loses in a step). So the per-group plan
+        # then competes with each single-path plan over whole passes (every group, every
+        # layer, in forward order), and the fastest pass is kept.
+        names = ["kernel", "mkl"] + (["packed"] if self.packed is not None else [])
+        candidates = {"per-group": plan, **{n: dict.fromkeys(self.params, n) for n in names}}
+        xs = {g: torch.randn(M, per_layer[0][0][0].shape[1], dtype=dtype, generator=gen)
+              for g, per_layer in self.params.items()}
+
+        def whole_pass(cand):
+            def run():
+                for i in range(len(self.act)):
+                    for g, x in xs.items():
+                        self._run_path(cand[g], g, i, x)
+            return run
+
+        fns = {n: whole_pass(c) for n, c in candidates.items()}
+        per_pass = sum(times[g][plan[g]] for g in plan)
+        reps = int(min(CALIBRATION_MAX_REPS,
+                       max(CALIBRATION_REPS, CALIBRATION_SECONDS / max(per_pass, 1e-9))))
+        self.pass_times[M] = interleaved_medians(fns, reps=reps)
+        self._candidates[M] = candidates
+        self.calibration[M] = times
+        self._resolve()
+        return self.plan[M]
+
+    def _resolve(self) -> None:
+        """Each calibrated M takes its fastest pass, unless one single path is within
+        ``SHARED_PATH_SLACK`` of the fastest at every calibrated M: then all take it. Two
+        layouts of the weights (originals for MKL / the tile kernel, panels for the packed
+        path) in alternating steps double the cache footprint; on the tiny model that cost
+        the batch-4 token-only steps ~5% after [CLS] steps had run packed."""
+        shared = None
+        for path in ("packed", "mkl", "kernel"):
+            if all(path in t and t[path] <= (1 + SHARED_PATH_SLACK) * min(t.values())
+                   for t in self.pass_times.values()):
+                shared = path
+                break
+        for M, t in self.pass_times.items():
+            name = shared or min(t, key=t.get)
+            self.plan[M] = dict(self._candidates[M][name])
 
     def qkv(self, i, h):
-        return self._path("qkv", h)(h, self.params["qkv"][i])
+        return self._run("qkv", i, h)
 
     def o(self, i, a):
-        return self._path("o", a)(a, self.params["o"][i])[0]
+        return self._run("o", i, a)[0]
 
     def mlp(self, i, h):
-        gate, up = self._path("gate_up", h)(h, self.params["gate_up"][i])
+        gate, up = self._run("gate_up", i, h)
         z = self.act[i](gate) * up
-        return self._path("down", z)(z, self.params["down"][i])[0]
+        return self._run("down", i, z)[0]
 
     def describe(self) -> str:
         """The measured plan, e.g. ``M=1: mkl; M=2: kernel (o: mkl)``."""

@@ -29,11 +29,11 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .decode_linear import ModuleLinears, decode_linears
+from .decode_linear import KernelLinears, ModuleLinears, decode_linears
 from .model import encode_inputs, refusal_token_ids, safety_head_params
 from .ops import dispatch, ess_attention, head_sample
 from .ops.attention import reuse_masks
@@ -219,6 +219,7 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self._modules = ModuleLinears(self.arch.layers)
+        self._refusal_ids: Dict[Tuple[str, int], Tuple[Tuple[int, ...], int]] = {}
         self._decode_linears, self.cpu_linear_reason = decode_linears(
             self.arch.layers, self.device, self.dtype, enabled=cpu_linear is not False,
             mode="kernel" if cpu_linear == "kernel" else "auto")
@@ -283,6 +284,8 @@ class Engine:
         self._sin = sin * sign
         self._lengths = lengths
         self._bidx = torch.arange(B, device=dev)
+        if isinstance(self._decode_linears, KernelLinears):
+            self._decode_linears.refresh()           # packed weight copies: never stale
         self._ess = ess
         self._sampling = sampling
         self._generator = (torch.Generator(device=dev).manual_seed(sampling.seed)
@@ -309,7 +312,12 @@ class Engine:
             self._sw, self._sb = safety_head_params(self.model)
             # Forced after a mid-response trigger as "\n" + refusal (docs/DESIGN.md §4); a
             # trigger on an empty response skips the newline ids (chosen per row on device).
-            refusal, skip = refusal_token_ids(self.tokenizer, ess.refusal_text)
+            key = (ess.refusal_text, len(self.tokenizer))       # tokenised once per text
+            if key not in self._refusal_ids:
+                rids, rskip = refusal_token_ids(self.tokenizer, ess.refusal_text)
+                self._refusal_ids[key] = (tuple(rids), rskip)
+            refusal, skip = self._refusal_ids[key]
+            refusal = list(refusal)
             self.state = EssState.create(enc.prompt_len, enc.query_start, enc.query_end,
                                          refusal, ess, device=dev, refusal_skip=skip)
             self.state.seq_len.copy_(lengths)
@@ -342,7 +350,9 @@ class Engine:
         # they are taken of the final (possibly forced) token inside head_sample.
         self._fused_ctl = (ess is not None and head_backend == "torch" and
                            self.cpu_controller_reason is None and sampling.logprobs is None)
-        self._plan = fused_controller.plan if self._fused_ctl else \
+        # Bound once per generate: the per-step calls skip the argument checks (issue 11).
+        self._ctl = fused_controller.Bound(self.state, ess) if self._fused_ctl else None
+        self._plan = (lambda st, e: self._ctl.plan()) if self._fused_ctl else \
             (lambda st, e: (plan_step(st, e), None))
         if self._fused_ctl:
             # safety_score_ref's operands, prepared once: the score is then sigmoid(h @ w + b),
@@ -396,7 +406,7 @@ class Engine:
 
         ess_kw = dict(seqlens_k=lengths, key_bias=self._key_bias(L))
         if self._ess is not None:
-            windows = plan_step(self.state, self._ess)
+            windows = self._plan(self.state, self._ess)[0]
             ess_kw.update(response_start=self._cls_visible_from, cls_windows=windows)
         attn = lambda *args, **kw: ess_attention(*args, backend=self.backend, **kw)  # noqa: E731
         x = self._forward(ids, pos, q_pos, L, write, attn, ess_kw, self._modules)
@@ -439,7 +449,7 @@ class Engine:
                 self._sample(h, h)                    # no [CLS] row is read: none evaluates
             return
         ids = torch.cat([self._tok[:, None], self._cls_ids], 1)
-        layout = fused_controller.cls_layout if self._fused_ctl else self._cls_layout_ref
+        layout = self._ctl.cls_layout if self._fused_ctl else self._cls_layout_ref
         pos, q_pos, slots = layout(t_prev, st.evaluating,
                                    self.model.safekern.cls_position == "last", self.Lmax)
         rows = self._bidx[:, None]
@@ -496,10 +506,12 @@ class Engine:
         done = self._done | torch.isin(tok, self._eos) | (self._nonfinite != 0)
         # Without a controller update nothing below changes (outputs start as NaN/False).
         if ess is not None and controller:
-            record = fused_controller.record if self._fused_ctl and not checked else \
-                self._record_ref
-            record(self.state, p, emit, col, self._out_p, self._out_ev, self._out_t,
-                   self._reason_refusal)
+            if self._fused_ctl and not checked:
+                self._ctl.record(p, emit, col, self._out_p, self._out_ev, self._out_t,
+                                 self._reason_refusal)
+            else:
+                self._record_ref(self.state, p, emit, col, self._out_p, self._out_ev,
+                                 self._out_t, self._reason_refusal)
             if ess.cls_bias_scale != 0:
                 ev = self.state.evaluating & emit
                 pc = p.clamp(1e-6, 1 - 1e-6)
@@ -524,7 +536,7 @@ class Engine:
         scores = torch.sigmoid(h_cls.to(cd) @ w + b).float()         # safety_score_ref
         kw.update(h_cls=None, safety_weight=None, safety_bias=None, state=None, ess=None)
         drawn = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)[0]
-        tok, p, _ = fused_controller.update(self.state, self._ess, scores, drawn)
+        tok, p, _ = self._ctl.update(scores, drawn)
         return tok, p
 
     # ------------------------------------------------------------------ CUDA graph

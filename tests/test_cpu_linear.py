@@ -3,6 +3,8 @@
 * the kernel vs ``F.linear`` in float64: odd K / N (tails of the 8-lane and 8-row tiles), M = 1..33,
   biases, several weights in one call, error no worse than 2x ``F.linear``'s own fp32 error;
 * a row's result does not depend on the other rows (same bits at M = 1 and M = 2B);
+* the packed-panel path (``pack`` + ``packed_linear``) the same way, leading dims, repacking
+  after a weight change (``.data`` writes too);
 * the engine with the kernel gives the same greedy streams and traces as with ``F.linear``,
   safety off and for every schedule, on Llama / Mistral / Qwen2 (biases) tiny models, and on
   SmolLM2-135M when it is installed;
@@ -65,6 +67,78 @@ def test_rows_are_independent_and_strided_input(M, K, isa):
     for m in range(M):
         one, = cpu_linear.linear(x[m:m + 1], [w])
         assert torch.equal(one[0], full[m])
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [8, 97, 576])
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9, 17, 33])
+def test_packed_matches_float64_linear_and_rows_are_independent(K, M, isa):
+    torch.manual_seed(K * 10 + M)
+    x = torch.randn(M, 2 * K)[:, :K]                     # strided rows, unit stride in K
+    ws = [torch.randn(n, K) / math.sqrt(K) for n in (1, 13, 32, 71)]   # panel tails, exact
+    bs = [torch.randn(1), None, torch.randn(32), torch.randn(71)]
+    packs = [cpu_linear.pack(w) for w in ws]
+    P = cpu_linear.panel_width()
+    assert [tuple(p.shape) for p in packs] == [(-(-w.shape[0] // P), K, P) for w in ws]
+    outs = cpu_linear.packed_linear(x, packs, [w.shape[0] for w in ws], bs)
+    for y, w, b in zip(outs, ws, bs):
+        ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        # One FMA chain over k per output: a sequential sum's error, ~sqrt(K) u sum|x w|
+        # (MKL sums in blocks and does better); a wrong element would be off by O(|x w|).
+        scale = x.double().abs() @ w.double().abs().T
+        assert ((y.double() - ref).abs() <= 4 * math.sqrt(K) * 2 ** -24 * scale + 1e-7).all()
+    for m in range(M):                                  # same bits for a row alone
+        one = cpu_linear.packed_linear(x[m:m + 1], packs, [w.shape[0] for w in ws], bs)
+        assert all(torch.equal(a[0], full[m]) for a, full in zip(one, outs))
+    x3 = x.reshape(1, M, K)                             # leading dims kept
+    y3, = cpu_linear.packed_linear(x3, packs[3:], [71], bs[3:])
+    assert y3.shape == (1, M, 71) and torch.equal(y3[0], outs[3])
+
+
+@needs_kernel
+def test_pack_rejects_bad_input_and_repacks_in_place():
+    w = torch.randn(40, 24)
+    wp = cpu_linear.pack(w)
+    with pytest.raises(ValueError, match="w must be"):
+        cpu_linear.pack(w.double())
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_linear.pack(torch.randn(80, 24), out=wp)
+    with pytest.raises(RuntimeError, match="packed weight 0"):
+        cpu_linear.packed_linear(torch.randn(2, 24), [wp], [65])
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_linear.packed_linear(torch.randn(2, 24, dtype=torch.float64), [wp], [40])
+    w2 = torch.randn(40, 24)
+    assert cpu_linear.pack(w2, out=wp) is wp
+    assert torch.equal(wp, cpu_linear.pack(w2))
+
+
+@needs_kernel
+def test_packed_copies_follow_weight_changes():
+    """The packed path reads copies of the weights: every generate repacks them, so a weight
+    changed in between (even through ``.data``, which bumps no version) is never read stale."""
+    model, tok = _tiny("llama")
+    layers = model.model.layers
+    lin = KernelLinears(layers)
+    assert lin.packed is not None
+    x = torch.randn(1, 8, layers[0].self_attn.q_proj.weight.shape[1])
+    before = lin._run_path("packed", "qkv", 0, x)[0]
+    layers[0].self_attn.q_proj.weight.data[3] += 1.0
+    assert torch.equal(lin._run_path("packed", "qkv", 0, x)[0], before)   # stale copy
+    lin.refresh()
+    after = lin._run_path("packed", "qkv", 0, x)[0]
+    ref = F.linear(x, layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(after, before) and torch.allclose(after, ref, atol=1e-5)
+    from safekern.engine import Engine
+
+    eng = Engine(model, tok, ignore_eos=True)
+    eng._decode_linears.plan = {M: dict.fromkeys(GROUPS, "packed") for M in range(1, 9)}
+    ref_eng = Engine(model, tok, ignore_eos=True, cpu_linear=False)
+    for _ in range(2):
+        a = eng.generate(PROMPTS[:2], max_new_tokens=6, safety=EssConfig(schedule="each"))
+        b = ref_eng.generate(PROMPTS[:2], max_new_tokens=6, safety=EssConfig(schedule="each"))
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+        with torch.no_grad():
+            layers[1].mlp.down_proj.weight.data.mul_(-1.0)            # no version bump
 
 
 @needs_kernel
@@ -158,7 +232,7 @@ def _same_generation(model, tok, prompts, n, schedules):
     B = len(prompts)
     assert {B, 2 * B} <= set(auto.plan)                # token-only and [CLS] steps measured
     for M, plan in auto.plan.items():
-        assert set(plan) == set(GROUPS) and set(plan.values()) <= {"kernel", "mkl"}
+        assert set(plan) == set(GROUPS) and set(plan.values()) <= {"kernel", "mkl", "packed"}
         assert f"M={M}:" in auto.describe()
 
 

@@ -121,3 +121,42 @@ def record(state: EssState, p: torch.Tensor, emit: torch.Tensor, col: torch.Tens
         raise TypeError(f"state must be an EssState, got {type(state).__name__}")
     torch.ops.safekern_cpu.ess_record(state.evaluating, state.seq_len, state.finished, p, emit,
                                       col, out_p, out_ev, out_t, reason_refusal)
+
+
+class Bound:
+    """``plan`` / ``update`` / ``record`` bound to one generate's state and config: the
+    argument checks and the state's tensor list are made once here instead of at every step
+    (the engine's per-step controller cost; same C++ ops, same results). The state's tensors
+    must not be replaced while bound (they are updated in place, as the ops do)."""
+
+    def __init__(self, state: EssState, ess: EssConfig):
+        _check(state, ess)
+        self.state, self.ess = state, ess
+        self._tensors = _tensors(state)
+        self._plan_args = (ess.first_at, ess.r1, ess.r2, ess.r3)
+        self._update_args = (state.refusal_ids, state.refusal_skip, ess.threshold, ess.tau,
+                             SCHEDULE_IDS[ess.schedule], POLICY_IDS[ess.policy], ess.period,
+                             ess.anneal_growth, ess.anneal_stop)
+        self._record_args = (state.evaluating, state.seq_len, state.finished)
+        ops = torch.ops.safekern_cpu
+        self._ess_plan, self._ess_update, self._ess_record = \
+            ops.ess_plan, ops.ess_update, ops.ess_record
+
+    @staticmethod
+    def cls_layout(t_prev: torch.Tensor, evaluating: torch.Tensor, cls_last: bool,
+                   spare_slot: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``cls_layout`` without the Python checks (the engine's own tensors)."""
+        return torch.ops.safekern_cpu.ess_cls_layout(t_prev, evaluating, cls_last, spare_slot)
+
+    def plan(self) -> Tuple[torch.Tensor, int]:
+        """``plan(state, ess)``."""
+        return self._ess_plan(self._tensors, *self._plan_args)
+
+    def update(self, scores: torch.Tensor, drawn: torch.Tensor):
+        """``update(state, ess, scores, drawn)`` (dtypes and shapes checked in C++)."""
+        return self._ess_update(self._tensors, scores, drawn, *self._update_args)
+
+    def record(self, p, emit, col, out_p, out_ev, out_t, reason_refusal) -> None:
+        """``record(state, ...)``."""
+        self._ess_record(*self._record_args, p, emit, col, out_p, out_ev, out_t,
+                         reason_refusal)

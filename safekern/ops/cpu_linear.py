@@ -26,6 +26,7 @@ import torch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_linear.cpp")
 HEADER = os.path.join(os.path.dirname(SOURCE), "cpu_linear_tile.h")
+PACKED = os.path.join(os.path.dirname(SOURCE), "cpu_linear_packed.h")
 # The fused CPU ESS controller (safekern.ops.cpu_controller) is built into the same extension.
 CONTROLLER = os.path.join(os.path.dirname(SOURCE), "cpu_controller.cpp")
 # So is the decode-step ESS attention (safekern.ops.cpu_attention).
@@ -58,7 +59,7 @@ def _build_name() -> str:
     sharing one ``TORCH_EXTENSIONS_DIR`` then keep separate builds instead of rebuilding over
     each other."""
     h = hashlib.sha1(" ".join(CFLAGS).encode())
-    for path in (SOURCE, HEADER, CONTROLLER, ATTENTION):
+    for path in (SOURCE, HEADER, PACKED, CONTROLLER, ATTENTION):
         with open(path, "rb") as f:
             h.update(f.read())
     return f"safekern_cpu_linear_{h.hexdigest()[:10]}"
@@ -113,12 +114,50 @@ def linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
     """``[x @ w.T (+ b)]`` per weight, in one call (the kernel must be available).
 
     Args:
-        x: ``(M, K)`` float32 CPU tensor, unit stride in K.
+        x: ``(..., K)`` float32 CPU tensor, unit stride in K (leading dims flattened to M).
         weights: ``(N_i, K)`` contiguous float32 tensors (``nn.Linear.weight``).
         biases: ``(N_i,)`` float32 tensors or None, one per weight (default: no biases).
     Returns:
-        ``(M, N_i)`` float32 tensors. Each row's result is independent of the other rows.
+        ``(..., N_i)`` float32 tensors. Each row's result is independent of the other rows.
     """
     if biases is None:
         biases = [None] * len(weights)
     return torch.ops.safekern_cpu.linear(x, list(weights), list(biases), _isa)
+
+
+def panel_width() -> int:
+    """Output columns per packed panel of the running instruction set (32 AVX-512, 16 AVX2)."""
+    if unavailable_reason() is not None:
+        raise RuntimeError(f"the CPU linear kernel cannot run: {unavailable_reason()}")
+    return 32 if ISAS[_isa] == "avx512" else 16
+
+
+def pack(w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``w (N, K)`` as the packed path's ``(ceil(N / P), K, P)`` panels (a copy; columns past
+    ``N`` are zero), ``P = panel_width()``; into ``out`` (a previous ``pack`` of a weight of
+    the same shape) when given. Repack after the weight changes."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != torch.float32 or \
+            w.device.type != "cpu":
+        raise ValueError(f"w must be a (N, K) float32 CPU tensor, got "
+                         f"{getattr(w, 'shape', type(w).__name__)}")
+    P = panel_width()
+    N, K = w.shape
+    NP = -(-N // P)
+    if out is None:
+        out = w.new_zeros(NP, K, P)
+    elif out.shape != (NP, K, P) or out.dtype != w.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {(NP, K, P)} float32 tensor, got "
+                         f"{tuple(out.shape)}")
+    torch.ops.safekern_cpu.pack_weight(w.detach().contiguous(), out)
+    return out
+
+
+def packed_linear(x: torch.Tensor, packs: Sequence[torch.Tensor], ns: Sequence[int],
+                  biases: Optional[Sequence[Optional[torch.Tensor]]] = None
+                  ) -> List[torch.Tensor]:
+    """``linear(x, weights, biases)`` from ``[pack(w) for w in weights]`` and the weights'
+    output counts ``ns``: an outer-product kernel with no horizontal sums (faster than
+    ``linear`` when K is small and the weights sit in cache). Same row independence."""
+    if biases is None:
+        biases = [None] * len(packs)
+    return torch.ops.safekern_cpu.packed_linear(x, list(packs), list(ns), list(biases), _isa)
