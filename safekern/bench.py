@@ -156,7 +156,6 @@ def bare_steps(engine, prompts, new_tokens: int):
     zero = torch.zeros_like(t)
     tok = e._tok[:, None]
     pos1 = (t - 1).long()[:, None]
-    rows = e._bidx[:, None]
     ids2 = torch.cat([tok, e._cls_ids], 1)
     pos2 = torch.stack([t - 1, zero], 1).long()
     q_pos2 = torch.stack([t - 1, zero], 1).int()
@@ -164,13 +163,7 @@ def bare_steps(engine, prompts, new_tokens: int):
                            torch.stack([torch.maximum(e.state.prompt_len, t - 10), t], -1)],
                           1).int()
 
-    def write1(i, k, v):
-        e._k[i, e._bidx, pos1[:, 0]] = k[:, 0]
-        e._v[i, e._bidx, pos1[:, 0]] = v[:, 0]
-
-    def write2(i, k, v):
-        e._k[i, rows, pos2] = k
-        e._v[i, rows, pos2] = v
+    write1, write2 = e._slot_writer(pos1), e._slot_writer(pos2)      # the engine's writes
 
     def head(h_tok):
         return e._head_fn(h_tok, e._lm_w, h_cls=None, safety_weight=None, safety_bias=None,

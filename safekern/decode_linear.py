@@ -56,6 +56,7 @@ CALIBRATION_MAX_REPS = 51
 # the linears are ~20% of a tiny-model step, a second weight layout in the caches costs more.
 SHARED_PATH_SLACK = 0.10
 MODES = ("auto", "kernel")
+_SHARED_PLANS: Dict[tuple, tuple] = {}     # layer shapes, threads, ISA -> calibration state
 
 
 class KernelLinears:
@@ -94,10 +95,18 @@ class KernelLinears:
         self.packed: Optional[Dict[str, list]] = \
             {} if mode == "auto" and nbytes <= PACK_MAX_BYTES else None
         self.refresh()                                # packed lazily, on first use
-        self.plan: Dict[int, Dict[str, str]] = {}   # M -> group -> "kernel" | "mkl" | "packed"
-        self.calibration: Dict[int, Dict[str, Dict[str, float]]] = {}   # M -> group -> s
-        self.pass_times: Dict[int, Dict[str, float]] = {}   # M -> candidate plan -> s a pass
-        self._candidates: Dict[int, Dict[str, Dict[str, str]]] = {}
+        # Calibrations are shared by every instance over layers of the same shapes in this
+        # process (same threads, same ISA): engines of one model then run the same paths, so
+        # their results are bitwise equal, and a new Engine (safekern.generate makes one per
+        # call) does not re-measure.
+        key = (tuple((g, tuple((tuple(w.shape), b is not None) for ws, bs in per_layer
+                               for w, b in zip(ws, bs))) for g, per_layer in self.params.items()),
+               self.packed is not None, torch.get_num_threads(), cpu_linear._isa)
+        shared = _SHARED_PLANS.setdefault(key, ({}, {}, {}, {}))
+        self.plan: Dict[int, Dict[str, str]] = shared[0]  # M -> group -> kernel | mkl | packed
+        self.calibration: Dict[int, Dict[str, Dict[str, float]]] = shared[1]  # M -> group -> s
+        self.pass_times: Dict[int, Dict[str, float]] = shared[2]  # M -> candidate -> s a pass
+        self._candidates: Dict[int, Dict[str, Dict[str, str]]] = shared[3]
 
     @staticmethod
     def _kernel(x, params):

@@ -785,7 +785,7 @@ def _validate(q, k, v, softmax_scale, causal, q_pos, seqlens_k, response_start, 
 
 
 def _as_i32(x):
-    return None if x is None else x.to(torch.int32)
+    return x if x is None or x.dtype == torch.int32 else x.to(torch.int32)
 
 
 def ess_attention(
