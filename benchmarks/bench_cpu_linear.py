@@ -10,7 +10,10 @@ the candidates run A/B interleaved in one process over 30 weight copies per shap
   fp32 freezing path);
 * ``onednn_packed``: ``torch.ops.mkldnn._linear_pointwise`` over a prepacked oneDNN weight;
 * ``safekern_avx2`` / ``safekern_avx512``: ``safekern.ops.cpu_linear`` (reads each weight tile
-  once for all M rows) with each instruction set this CPU has.
+  once for all M rows) with each instruction set this CPU has;
+* ``safekern_packed``: ``cpu_linear.packed_linear`` over ``cpu_linear.pack`` panels (outer
+  product, no horizontal sums; the engine offers it for models whose projections fit in
+  ``decode_linear.PACK_MAX_BYTES``).
 
 Prints ms per GEMM (median), the ratio to the same candidate at M = 1, and the max error vs
 float64 relative to F.linear's; writes ``bench_out/cpu_linear.csv``.
@@ -57,6 +60,9 @@ def candidates(ws, x):
         for isa in torch.ops.safekern_cpu.isas().split(","):
             out[f"safekern_{isa}"] = _with_isa(isa, lambda: [cpu_linear.linear(x, [w])[0]
                                                             for w in ws])
+        packs = [cpu_linear.pack(w) for w in ws]
+        out["safekern_packed"] = lambda: [cpu_linear.packed_linear(x, [p], [w.shape[0]])[0]
+                                          for p, w in zip(packs, ws)]
     return out
 
 
@@ -74,6 +80,9 @@ def _with_isa(isa, fn):
 
 LAYER = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576),
          "gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
+# ``--layers --tiny``: the tiny model's layer (safekern.tiny: hidden 128, KV 32, MLP 344).
+TINY_LAYER = {"q": (128, 128), "k": (128, 32), "v": (128, 32), "o": (128, 128),
+              "gate": (128, 344), "up": (128, 344), "down": (344, 128)}
 
 
 def layer_candidates(layers, x):
@@ -96,17 +105,29 @@ def layer_candidates(layers, x):
     if cpu_linear.unavailable_reason() is None:
         for isa in torch.ops.safekern_cpu.isas().split(","):
             out[f"safekern_{isa}"] = _with_isa(isa, kernel)
+        packed = [{k: (cpu_linear.pack(v), v.shape[0]) for k, v in w.items()} for w in layers]
+
+        def run_packed():
+            lin = cpu_linear.packed_linear
+            for p in packed:
+                q, _, _ = lin(x, *zip(p["q"], p["k"], p["v"]))
+                lin(q, [p["o"][0]], [p["o"][1]])
+                g, u = lin(x, *zip(p["gate"], p["up"]))
+                lin(F.silu(g) * u, [p["down"][0]], [p["down"][1]])
+
+        out["safekern_packed"] = run_packed
     return out
 
 
 def run_layers(args, clock, reps, rows_m):
     """``--layers``: the whole decode step's projections (30 SmolLM2 layers) per M."""
-    layers = [{k: torch.randn(n, kk) / kk ** 0.5 for k, (kk, n) in LAYER.items()}
+    shapes = TINY_LAYER if args.tiny else LAYER
+    layers = [{k: torch.randn(n, kk) / kk ** 0.5 for k, (kk, n) in shapes.items()}
               for _ in range(args.copies)]
-    flops = 2 * sum(kk * n for kk, n in LAYER.values()) * args.copies
+    flops = 2 * sum(kk * n for kk, n in shapes.values()) * args.copies
     rows = []
     for M in rows_m:
-        x = torch.randn(M, 576)
+        x = torch.randn(M, shapes["q"][0])
         med = interleaved_medians(layer_candidates(layers, x), reps=reps, clock=clock)
         for k, sec in med.items():
             rows.append({"M": M, "candidate": k, "ms": sec * 1e3,
@@ -120,7 +141,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--copies", type=int, default=30, help="weight copies per shape (layers)")
+    p.add_argument("--copies", type=int, default=None,
+                   help="weight copies per shape (layers; default 30, 4 with --tiny)")
+    p.add_argument("--tiny", action="store_true",
+                   help="with --layers: the tiny model's layer shapes (4 layers by default)")
     p.add_argument("--quick", action="store_true", help="M = 1, 2, 8 and 5 reps")
     p.add_argument("--cpu-time", action="store_true",
                    help="time in process CPU time (steadier on a loaded machine; 1 thread)")
@@ -128,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", action="store_true",
                    help="time a decode step's projections over --copies layers instead")
     args = p.parse_args(argv)
+    if args.copies is None:
+        args.copies = 4 if args.tiny else 30
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows_m = (1, 2, 8) if args.quick else ROWS
