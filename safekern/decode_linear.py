@@ -4,8 +4,9 @@
 ``KernelLinears`` runs a CPU decode step's projections and MLP through
 ``safekern.ops.cpu_linear`` (reads each weight once for all rows, so the [CLS] row costs FMAs
 rather than a second pass over the weights; q/k/v and gate/up each run as one call over the
-module weights, no concatenated copies) or through MKL, per number of rows and group, whichever
-measured faster on this machine. ``decode_linears`` picks one and says why.
+module weights, no concatenated copies), through its packed-panel variant (small models: copies
+of the weights as panels, no horizontal sums) or through MKL, per number of rows and group,
+whichever measured faster on this machine. ``decode_linears`` picks one and says why.
 """
 from __future__ import annotations
 

@@ -174,10 +174,11 @@ class Engine:
             on CPU, 16 on CUDA).
         ignore_eos: decode ``max_new_tokens`` tokens regardless of EOS (benchmarks).
         cpu_linear: on CPU (float32), how decode steps run their projections and MLP:
-            ``True`` / ``"auto"``: per number of rows and projection group, whichever of
-            ``safekern.ops.cpu_linear`` (weights read once for the token and [CLS] rows) and
-            MKL measured faster on first use (``safekern.decode_linear.KernelLinears``);
-            ``"kernel"``: the kernel always; ``False``: the model's modules.
+            ``True`` / ``"auto"``: per number of rows, whichever of the
+            ``safekern.ops.cpu_linear`` kernels (weights read once for the token and [CLS]
+            rows; packed-panel copies for small models) and MKL measured faster on first use
+            (``safekern.decode_linear.KernelLinears``); ``"kernel"``: the tile kernel
+            always; ``False``: the model's modules.
             ``cpu_linear_reason`` says why the kernel is not used when it cannot run.
         cpu_controller: on CPU with the torch ``head_sample`` backend, run each decode step's
             controller (plan, update, forced token) as two fused C++ calls

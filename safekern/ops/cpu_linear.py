@@ -6,8 +6,10 @@ tiles everywhere, AVX-512 tiles where the CPU has AVX-512F: ``isa()``): a tile o
 is loaded once and multiplied by every row of ``x``, so extra rows (the [CLS] rows) cost FMAs,
 not another pass over the weights (``benchmarks/bench_cpu_linear.py``). Several weights that
 share ``x`` (q/k/v, gate/up) run in one call and one parallel loop over the torch threads,
-without concatenated copies of the weights. ``safekern.decode_linear`` decides per M whether
-this or MKL runs.
+without concatenated copies of the weights. ``pack`` + ``packed_linear`` are the packed-panel
+variant (``cpu_linear_packed.h``: an outer product over ``(N/P, K, P)`` weight copies, no
+horizontal sums; faster when K is small and the weights sit in cache). ``safekern.decode_linear``
+decides per M which of these or MKL runs.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (g++, ~20 s once, cached
 in ``TORCH_EXTENSIONS_DIR`` under a name keyed on the source and flags).
