@@ -42,10 +42,11 @@ def _params(linears) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
 
 
 GROUPS = ("qkv", "o", "gate_up", "down")
-# The packed path keeps a copy of every projection weight (repacked at each generate, see
-# ``KernelLinears.refresh``): offered only for models whose projections fit in this many bytes
-# (small models with cache-resident weights, where per-output horizontal sums and call costs
-# dominate; a large model streams its weights from DRAM and would pay the copy per generate).
+# The packed path keeps a copy of every projection weight (repacked at the first packed call of
+# each generate, see ``KernelLinears.refresh``): offered only for models whose projections fit
+# in this many bytes (small models with cache-resident weights, where the tile kernel's
+# per-output horizontal sums dominate; a large model would double its weight memory and pay
+# the repack per generate).
 PACK_MAX_BYTES = 16 << 20
 # Calibration: per group, interleaved passes over every layer per path (median): at least
 # CALIBRATION_REPS, and enough for CALIBRATION_SECONDS per path (a tiny model's pass is ~30 us,
@@ -70,9 +71,10 @@ class KernelLinears:
     groups, all layers) and the fastest is kept for that M (``plan``; times in
     ``calibration`` and ``pass_times``). The paths: the tile kernel, MKL, and, for models
     whose projections fit in ``PACK_MAX_BYTES``, the packed-panel kernel
-    (``cpu_linear.packed_linear`` on copies repacked each generate: no horizontal sums; on the
-    tiny model it wins at M = 8, batch 4 with its [CLS] rows). On an idle machine MKL's threaded GEMV wins at
-    M = 1; the kernel wins where MKL's small-M sgemm re-reads the weights per row; which M is
+    (``cpu_linear.packed_linear`` on copies repacked lazily each generate: no horizontal sums;
+    on the tiny model it wins at M = 8, batch 4 with its [CLS] rows). Plans are shared by all
+    instances over layers of the same shapes (and threads, ISA) in the process. On an idle
+    machine MKL's threaded GEMV wins at M = 1; the kernel wins where MKL's small-M sgemm re-reads the weights per row; which M is
     which depends on the CPU, its load and the thread count, so it is measured, not assumed.
     ``mode="kernel"``: the kernel for every M up to ``cpu_linear.MAX_ROWS`` (tests, A/B).
     Above ``MAX_ROWS`` rows MKL always runs. All paths are fp32 and within reference

@@ -473,8 +473,9 @@ class Engine:
     def _slot_writer(self, slots: torch.Tensor):
         """``write(layer, k, v)`` storing ``k``/``v (B, L, Hkv, D)`` at cache slots
         ``slots (B, L)`` (int64, distinct within a row) of each sequence: one ``index_copy_``
-        per tensor into the layer's flattened cache (an advanced-index assignment
-        ``cache[layer, rows, slots] = k`` costs ~3x more on CPU: 15 -> 5 us per layer)."""
+        per tensor into the layer's flattened cache (the advanced-index assignment
+        ``cache[layer, rows, slots] = k`` it replaces: 3.8 -> 2.4 us per tensor on CPU, batch 4
+        with [CLS] rows, 1 thread)."""
         flat = (self._row_base[:, None] + slots).reshape(-1)
 
         def write(layer, k, v):

@@ -89,8 +89,9 @@ std::vector<at::Tensor> linear(const at::Tensor& x_in, at::TensorList weights,
                                const c10::List<std::optional<at::Tensor>>& biases, int64_t isa) {
   TORCH_CHECK(isa == 0 || (isa == 1 && has_avx512()),
               "cpu_linear: isa must be 0 (AVX2) or 1 (AVX-512, on a CPU that has it), got ", isa);
-  TORCH_CHECK(x_in.dim() >= 2 && x_in.scalar_type() == at::kFloat && x_in.stride(-1) == 1,
-              "cpu_linear: x must be a (..., M, K) float32 tensor with unit stride in K");
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 2 && x_in.scalar_type() == at::kFloat &&
+                  x_in.stride(-1) == 1,
+              "cpu_linear: x must be a (..., M, K) float32 CPU tensor with unit stride in K");
   const at::Tensor x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});
   TORCH_CHECK(x.stride(1) == 1, "cpu_linear: x must have unit stride in K");
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
@@ -102,11 +103,12 @@ std::vector<at::Tensor> linear(const at::Tensor& x_in, at::TensorList weights,
   int64_t tiles = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& w = weights[i];
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == at::kFloat &&
-                    w.is_contiguous(),
+    TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.size(1) == K &&
+                    w.scalar_type() == at::kFloat && w.is_contiguous(),
                 "cpu_linear: weight ", i, " must be a contiguous (N, ", K, ") float32 tensor");
     std::optional<at::Tensor> b = biases.get(i);
-    TORCH_CHECK(!b || (b->dim() == 1 && b->size(0) == w.size(0) && b->is_contiguous() &&
+    TORCH_CHECK(!b || (b->device().is_cpu() && b->dim() == 1 && b->size(0) == w.size(0) &&
+                       b->is_contiguous() &&
                        b->scalar_type() == at::kFloat),
                 "cpu_linear: bias ", i, " must be a contiguous (N,) float32 tensor");
     bias_ptr.push_back(b ? b->data_ptr<float>() : nullptr);
@@ -144,8 +146,9 @@ std::vector<at::Tensor> packed_linear(const at::Tensor& x_in, at::TensorList pac
                                       int64_t isa) {
   TORCH_CHECK(isa == 0 || (isa == 1 && has_avx512()),
               "cpu_linear: isa must be 0 (AVX2) or 1 (AVX-512, on a CPU that has it), got ", isa);
-  TORCH_CHECK(x_in.dim() >= 2 && x_in.scalar_type() == at::kFloat && x_in.stride(-1) == 1,
-              "cpu_linear: x must be a (..., M, K) float32 tensor with unit stride in K");
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 2 && x_in.scalar_type() == at::kFloat &&
+                  x_in.stride(-1) == 1,
+              "cpu_linear: x must be a (..., M, K) float32 CPU tensor with unit stride in K");
   const at::Tensor x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});
   TORCH_CHECK(x.stride(1) == 1, "cpu_linear: x must have unit stride in K");
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
@@ -159,13 +162,15 @@ std::vector<at::Tensor> packed_linear(const at::Tensor& x_in, at::TensorList pac
   int64_t panels = 0;
   for (size_t i = 0; i < packs.size(); ++i) {
     const at::Tensor& w = packs[i];
-    TORCH_CHECK(w.dim() == 3 && w.size(1) == K && w.size(2) == P && ns[i] > 0 &&
+    TORCH_CHECK(w.device().is_cpu() && w.dim() == 3 && w.size(1) == K && w.size(2) == P &&
+                    ns[i] > 0 &&
                     w.size(0) == (ns[i] + P - 1) / P && w.scalar_type() == at::kFloat &&
                     w.is_contiguous(),
-                "cpu_linear: packed weight ", i, " must be a contiguous float32 (", 
+                "cpu_linear: packed weight ", i, " must be a contiguous float32 CPU (",
                 (ns[i] + P - 1) / P, ", ", K, ", ", P, ") tensor, got ", w.sizes());
     std::optional<at::Tensor> b = biases.get(i);
-    TORCH_CHECK(!b || (b->dim() == 1 && b->size(0) == ns[i] && b->is_contiguous() &&
+    TORCH_CHECK(!b || (b->device().is_cpu() && b->dim() == 1 && b->size(0) == ns[i] &&
+                       b->is_contiguous() &&
                        b->scalar_type() == at::kFloat),
                 "cpu_linear: bias ", i, " must be a contiguous (N,) float32 tensor");
     bias_ptr.push_back(b ? b->data_ptr<float>() : nullptr);
@@ -195,11 +200,12 @@ std::vector<at::Tensor> packed_linear(const at::Tensor& x_in, at::TensorList pac
 // out (NP, K, P) = the panels of w (N, K): out[p, k, j] = w[p P + j, k] (0 past N). One
 // panel's P weight rows stay in L1 while it is written in order: a pass at copy speed.
 void pack_weight(const at::Tensor& w, const at::Tensor& out) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() &&
-                  out.dim() == 3 && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+  TORCH_CHECK(w.device().is_cpu() && out.device().is_cpu() && w.dim() == 2 &&
+                  w.scalar_type() == at::kFloat && w.is_contiguous() && out.dim() == 3 && out.scalar_type() == at::kFloat && out.is_contiguous() &&
                   out.size(1) == w.size(1) && out.size(0) == (w.size(0) + out.size(2) - 1) /
                   out.size(2),
-              "cpu_linear: pack needs a contiguous float32 w (N, K) and out (ceil(N/P), K, P)");
+              "cpu_linear: pack needs a contiguous float32 CPU w (N, K) and out "
+              "(ceil(N/P), K, P)");
   const int64_t N = w.size(0), K = w.size(1), NP = out.size(0), P = out.size(2);
   const float* src = w.data_ptr<float>();
   float* dst = out.data_ptr<float>();
