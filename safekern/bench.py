@@ -156,7 +156,7 @@ def bare_steps(engine, prompts, new_tokens: int):
     zero = torch.zeros_like(t)
     tok = e._tok[:, None]
     pos1 = (t - 1).long()[:, None]
-    ids2 = torch.cat([tok, e._cls_ids], 1)
+    ids2 = e._ids2                                   # (token, [CLS]) per sequence
     pos2 = torch.stack([t - 1, zero], 1).long()
     q_pos2 = torch.stack([t - 1, zero], 1).int()
     windows = torch.stack([torch.stack([zero, zero], -1),

@@ -61,6 +61,12 @@ MODES = ("auto", "kernel")
 _SHARED_PLANS: Dict[tuple, tuple] = {}     # layer shapes, threads, ISA -> calibration state
 
 
+def _reps(per_pass: float) -> int:
+    """Calibration samples for a pass of ``per_pass`` seconds (see CALIBRATION_SECONDS)."""
+    return int(min(CALIBRATION_MAX_REPS,
+                   max(CALIBRATION_REPS, CALIBRATION_SECONDS / max(per_pass, 1e-9))))
+
+
 class KernelLinears:
     """The same layers through ``cpu_linear.linear`` or MKL (``F.linear``), chosen per number
     of rows M and per group (q/k/v, o, gate/up, down) by measurement (issue 11).
@@ -155,11 +161,15 @@ class KernelLinears:
             plan = self._calibrate(M, x.dtype)
         return self._run_path(plan[group], group, i, x)
 
+    def _packs(self, group: str) -> list:
+        """The packed path's per-layer operands of ``group``, repacked first when stale."""
+        if self._stale:
+            self._repack()
+        return self.packed[group]
+
     def _run_path(self, path: str, group: str, i: int, x: torch.Tensor):
         if path == "packed":
-            if self._stale:
-                self._repack()
-            return self._packed_run(x, self.packed[group][i])
+            return self._packed_run(x, self._packs(group)[i])
         return (self._kernel if path == "kernel" else self._mkl)(x, self.params[group][i])
 
     @torch.no_grad()
@@ -167,23 +177,19 @@ class KernelLinears:
         """Time every path per group at ``M`` rows over all layers; record the fastest."""
         times, plan = {}, {}
         gen = torch.Generator().manual_seed(M)          # leaves the global RNG alone
-        if self.packed is not None and self._stale:
-            self._repack()
         for group, per_layer in self.params.items():
             K = per_layer[0][0][0].shape[1]
             x = torch.randn(M, K, dtype=dtype, generator=gen)
             paths = [("kernel", self._kernel, per_layer), ("mkl", self._mkl, per_layer)]
             if self.packed is not None:
-                paths.append(("packed", self._packed_run, self.packed[group]))
+                paths.append(("packed", self._packed_run, self._packs(group)))
             fns = {name: (lambda run, ps: lambda: [run(x, p) for p in ps])(run, ps)
                    for name, run, ps in paths}
             t0 = time.perf_counter()
             for f in fns.values():                      # warm-up, and the pass's cost
                 f()
             per_pass = (time.perf_counter() - t0) / len(fns)
-            reps = int(min(CALIBRATION_MAX_REPS,
-                           max(CALIBRATION_REPS, CALIBRATION_SECONDS / max(per_pass, 1e-9))))
-            times[group] = interleaved_medians(fns, reps=reps)
+            times[group] = interleaved_medians(fns, reps=_reps(per_pass))
             plan[group] = min(times[group], key=times[group].get)
         # Groups timed alone mis-rank paths whose cost depends on what ran before (in a decode
         # step the weights of the other groups pass through the caches in between: on the tiny
@@ -203,10 +209,8 @@ class KernelLinears:
             return run
 
         fns = {n: whole_pass(c) for n, c in candidates.items()}
-        per_pass = sum(times[g][plan[g]] for g in plan)
-        reps = int(min(CALIBRATION_MAX_REPS,
-                       max(CALIBRATION_REPS, CALIBRATION_SECONDS / max(per_pass, 1e-9))))
-        self.pass_times[M] = interleaved_medians(fns, reps=reps)
+        self.pass_times[M] = interleaved_medians(
+            fns, reps=_reps(sum(times[g][plan[g]] for g in plan)))
         self._candidates[M] = candidates
         self.calibration[M] = times
         self._resolve()

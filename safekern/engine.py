@@ -334,7 +334,6 @@ class Engine:
             self._out_ev = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
             self._out_t = torch.zeros(B, max_new_tokens, dtype=torch.int32, device=dev)
             self._logit = torch.zeros(B, device=dev)
-            self._cls_ids = torch.full((B, 1), cfg.cls_id, dtype=torch.int64, device=dev)
             self._ids2[:, 1] = cfg.cls_id
             # Where rows start to see the [CLS] key: the response (the paper), or never (a
             # delta trained on a frozen LM, SafetyConfig.response_sees_cls=False).

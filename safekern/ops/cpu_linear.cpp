@@ -83,17 +83,52 @@ inline float vsum(vec v) {  // fixed order: halves, then the 8-lane sum of the A
 
 bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
 
-// isa: 0 = AVX2 + FMA, 1 = AVX-512F (see isas()).
-// x (..., K) is read as (M, K), M the product of the leading dims; each y_i is (..., N_i).
-std::vector<at::Tensor> linear(const at::Tensor& x_in, at::TensorList weights,
-                               const c10::List<std::optional<at::Tensor>>& biases, int64_t isa) {
+void check_isa(int64_t isa) {
   TORCH_CHECK(isa == 0 || (isa == 1 && has_avx512()),
               "cpu_linear: isa must be 0 (AVX2) or 1 (AVX-512, on a CPU that has it), got ", isa);
+}
+
+// x (..., K) checked and read as (M, K), M the product of the leading dims.
+at::Tensor rows_of(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 2 && x_in.scalar_type() == at::kFloat &&
                   x_in.stride(-1) == 1,
               "cpu_linear: x must be a (..., M, K) float32 CPU tensor with unit stride in K");
   const at::Tensor x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});
   TORCH_CHECK(x.stride(1) == 1, "cpu_linear: x must have unit stride in K");
+  return x;
+}
+
+// Bias i (or nullptr): a contiguous (N,) float32 CPU tensor.
+const float* bias_of(const c10::List<std::optional<at::Tensor>>& biases, size_t i, int64_t N) {
+  std::optional<at::Tensor> b = biases.get(i);
+  TORCH_CHECK(!b || (b->device().is_cpu() && b->dim() == 1 && b->size(0) == N &&
+                     b->is_contiguous() && b->scalar_type() == at::kFloat),
+              "cpu_linear: bias ", i, " must be a contiguous (N,) float32 tensor");
+  return b ? b->data_ptr<float>() : nullptr;
+}
+
+// One parallel loop over the work items of several weights: ends[i] is the cumulative item
+// count up to weight i; run(i, j) does item j of weight i.
+template <typename Run>
+void for_each_item(const std::vector<int64_t>& ends, int64_t grain, const Run& run) {
+  at::parallel_for(0, ends.empty() ? 0 : ends.back(), grain, [&](int64_t t0, int64_t t1) {
+    size_t i = 0;
+    int64_t start = 0;
+    while (t0 < t1) {
+      while (ends[i] <= t0) start = ends[i++];
+      const int64_t stop = std::min(t1, ends[i]);
+      for (int64_t t = t0; t < stop; ++t) run(i, t - start);
+      t0 = stop;
+    }
+  });
+}
+
+// isa: 0 = AVX2 + FMA, 1 = AVX-512F (see isas()).
+// x (..., K) is read as (M, K), M the product of the leading dims; each y_i is (..., N_i).
+std::vector<at::Tensor> linear(const at::Tensor& x_in, at::TensorList weights,
+                               const c10::List<std::optional<at::Tensor>>& biases, int64_t isa) {
+  check_isa(isa);
+  const at::Tensor x = rows_of(x_in);
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
   TORCH_CHECK(biases.size() == weights.size(), "cpu_linear: one bias (or None) per weight");
   const int64_t M = x.size(0), K = x.size(1), ldx = x.stride(0);
@@ -106,12 +141,7 @@ std::vector<at::Tensor> linear(const at::Tensor& x_in, at::TensorList weights,
     TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.size(1) == K &&
                     w.scalar_type() == at::kFloat && w.is_contiguous(),
                 "cpu_linear: weight ", i, " must be a contiguous (N, ", K, ") float32 tensor");
-    std::optional<at::Tensor> b = biases.get(i);
-    TORCH_CHECK(!b || (b->device().is_cpu() && b->dim() == 1 && b->size(0) == w.size(0) &&
-                       b->is_contiguous() &&
-                       b->scalar_type() == at::kFloat),
-                "cpu_linear: bias ", i, " must be a contiguous (N,) float32 tensor");
-    bias_ptr.push_back(b ? b->data_ptr<float>() : nullptr);
+    bias_ptr.push_back(bias_of(biases, i, w.size(0)));
     out_shape.back() = w.size(0);
     out.push_back(at::empty(out_shape, x.options()));
     tiles += (w.size(0) + NB - 1) / NB;
@@ -120,20 +150,11 @@ std::vector<at::Tensor> linear(const at::Tensor& x_in, at::TensorList weights,
   const float* xp = x.data_ptr<float>();
   // A chunk of at least ~64k multiply-adds: below that a second thread costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, 65536 / (NB * K * std::max<int64_t>(M, 1)));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    size_t i = 0;
-    int64_t start = 0;
-    while (t0 < t1) {
-      while (tile_end[i] <= t0) start = tile_end[i++];
-      const int64_t stop = std::min(t1, tile_end[i]);
-      const at::Tensor& w = weights[i];
-      const int64_t N = w.size(0);
-      auto run = isa == 1 ? avx512::tile : avx2::tile;
-      for (int64_t t = t0; t < stop; ++t)
-        run(xp, ldx, M, w.data_ptr<float>(), K, (t - start) * NB,
-            std::min(N, (t - start + 1) * NB), N, out[i].data_ptr<float>(), N, bias_ptr[i]);
-      t0 = stop;
-    }
+  auto tile = isa == 1 ? avx512::tile : avx2::tile;
+  for_each_item(tile_end, grain, [&](size_t i, int64_t j) {
+    const int64_t N = weights[i].size(0);
+    tile(xp, ldx, M, weights[i].data_ptr<float>(), K, j * NB, std::min(N, (j + 1) * NB), N,
+         out[i].data_ptr<float>(), N, bias_ptr[i]);
   });
   return out;
 }
@@ -144,13 +165,8 @@ std::vector<at::Tensor> packed_linear(const at::Tensor& x_in, at::TensorList pac
                                       at::IntArrayRef ns,
                                       const c10::List<std::optional<at::Tensor>>& biases,
                                       int64_t isa) {
-  TORCH_CHECK(isa == 0 || (isa == 1 && has_avx512()),
-              "cpu_linear: isa must be 0 (AVX2) or 1 (AVX-512, on a CPU that has it), got ", isa);
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 2 && x_in.scalar_type() == at::kFloat &&
-                  x_in.stride(-1) == 1,
-              "cpu_linear: x must be a (..., M, K) float32 CPU tensor with unit stride in K");
-  const at::Tensor x = x_in.dim() == 2 ? x_in : x_in.reshape({-1, x_in.size(-1)});
-  TORCH_CHECK(x.stride(1) == 1, "cpu_linear: x must have unit stride in K");
+  check_isa(isa);
+  const at::Tensor x = rows_of(x_in);
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
   TORCH_CHECK(biases.size() == packs.size() && ns.size() == packs.size(),
               "cpu_linear: one N and one bias (or None) per packed weight");
@@ -163,17 +179,11 @@ std::vector<at::Tensor> packed_linear(const at::Tensor& x_in, at::TensorList pac
   for (size_t i = 0; i < packs.size(); ++i) {
     const at::Tensor& w = packs[i];
     TORCH_CHECK(w.device().is_cpu() && w.dim() == 3 && w.size(1) == K && w.size(2) == P &&
-                    ns[i] > 0 &&
-                    w.size(0) == (ns[i] + P - 1) / P && w.scalar_type() == at::kFloat &&
-                    w.is_contiguous(),
+                    ns[i] > 0 && w.size(0) == (ns[i] + P - 1) / P &&
+                    w.scalar_type() == at::kFloat && w.is_contiguous(),
                 "cpu_linear: packed weight ", i, " must be a contiguous float32 CPU (",
                 (ns[i] + P - 1) / P, ", ", K, ", ", P, ") tensor, got ", w.sizes());
-    std::optional<at::Tensor> b = biases.get(i);
-    TORCH_CHECK(!b || (b->device().is_cpu() && b->dim() == 1 && b->size(0) == ns[i] &&
-                       b->is_contiguous() &&
-                       b->scalar_type() == at::kFloat),
-                "cpu_linear: bias ", i, " must be a contiguous (N,) float32 tensor");
-    bias_ptr.push_back(b ? b->data_ptr<float>() : nullptr);
+    bias_ptr.push_back(bias_of(biases, i, ns[i]));
     out_shape.back() = ns[i];
     out.push_back(at::empty(out_shape, x.options()));
     panels += w.size(0);
@@ -181,18 +191,10 @@ std::vector<at::Tensor> packed_linear(const at::Tensor& x_in, at::TensorList pac
   }
   const float* xp = x.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 65536 / (P * K * std::max<int64_t>(M, 1)));
-  at::parallel_for(0, panels, grain, [&](int64_t t0, int64_t t1) {
-    size_t i = 0;
-    int64_t start = 0;
-    while (t0 < t1) {
-      while (panel_end[i] <= t0) start = panel_end[i++];
-      const int64_t stop = std::min(t1, panel_end[i]);
-      auto run = isa == 1 ? avx512::packed_panel : avx2::packed_panel;
-      for (int64_t t = t0; t < stop; ++t)
-        run(xp, ldx, M, packs[i].data_ptr<float>(), K, t - start, ns[i],
-            out[i].data_ptr<float>(), ns[i], bias_ptr[i]);
-      t0 = stop;
-    }
+  auto panel = isa == 1 ? avx512::packed_panel : avx2::packed_panel;
+  for_each_item(panel_end, grain, [&](size_t i, int64_t j) {
+    panel(xp, ldx, M, packs[i].data_ptr<float>(), K, j, ns[i], out[i].data_ptr<float>(), ns[i],
+          bias_ptr[i]);
   });
   return out;
 }
