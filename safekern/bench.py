@@ -174,12 +174,23 @@ def bare_steps(engine, prompts, new_tokens: int):
                        dict(seqlens_k=t), e._decode_linears)
         return head(e._norm(x[:, 0]))
 
+    # The score as cheaply as the engine can take it: its prepared (hidden,) head when the
+    # fused controller runs (safety_score_ref's casts and 2-class fold done once), else the
+    # reference. A costlier score here would count as method and flatter the overhead.
+    prepared = getattr(e, "_score_wb", None) if e._fused_ctl else None
+
+    def score(h_cls):
+        if prepared is None:
+            return safety_score_ref(h_cls, e._sw, e._sb)
+        _, w, b = prepared
+        return torch.sigmoid(h_cls @ w + b)
+
     def token_cls():
         x = e._forward(ids2, pos2, q_pos2, kv_len, write2, e._attn_fns[2],
                        dict(seqlens_k=t, response_start=e.state.prompt_len,
                             cls_windows=windows), e._decode_linears)
         h = e._norm(x)
-        return head(h[:, 0]), safety_score_ref(h[:, 1], e._sw, e._sb)
+        return head(h[:, 0]), score(h[:, 1])
 
     return {"token": torch.inference_mode()(token), "token+cls": torch.inference_mode()(token_cls)}
 

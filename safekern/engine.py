@@ -357,6 +357,8 @@ class Engine:
         # The torch head_sample backend runs the reference controller as small ops; on CPU the
         # fused controller replaces it (same state trace). Logprobs stay on the reference path:
         # they are taken of the final (possibly forced) token inside head_sample.
+        # Steps without ESS lay out their rows in one C++ call where the controller can run.
+        self._fused_rows = self.cpu_controller_reason is None
         self._fused_ctl = (ess is not None and head_backend == "torch" and
                            self.cpu_controller_reason is None and sampling.logprobs is None)
         # Bound once per generate: the per-step calls skip the argument checks (issue 11).
@@ -431,43 +433,64 @@ class Engine:
         this step, the token rows run alone. A decode token row sits at ``t - 1 >= P``, so plain
         causal attention over ``[0, t)`` is exactly its ESS visibility.
         """
-        t_prev = self._lengths + (self._step_idx.int() - 1)              # t - 1 per sequence
         st = self.state if self._ess is not None else None
-        if st is not None:
-            st.seq_len.copy_(t_prev + 1)
-            windows, n_ev = self._plan(st, self._ess)
-            if n_ev is None and host_skip:
-                n_ev = int(st.evaluating.sum())
-        if st is None or (host_skip and n_ev == 0):
-            pos = t_prev.long()[:, None]
-
-            write = self._slot_writer(pos)
-
-            ess_kw = dict(seqlens_k=t_prev + 1, key_bias=self._key_bias(kv_len))
-            if st is not None and not self.model.safekern.response_sees_cls:
+        if st is None:
+            rows = fused_controller.decode_rows if self._fused_rows else self._decode_rows_ref
+            pos, q_pos, flat, seqlens = rows(self._lengths, self._step_idx, self._row_base)
+            x = self._forward(self._tok[:, None], pos, q_pos, kv_len, self._flat_writer(flat),
+                              self._attn_fns[1],
+                              dict(seqlens_k=seqlens, key_bias=self._key_bias(kv_len)),
+                              self._decode_linears)
+            self._sample(self._norm(x[:, 0]), None, controller=False)
+            return
+        args = (self._lengths, self._step_idx, self._row_base,
+                self.model.safekern.cls_position == "last", self.Lmax, host_skip)
+        windows, n_ev, pos, q_pos, flat = self._ctl.step_begin(*args) if self._fused_ctl else \
+            self._step_begin_ref(st, self._ess, *args)
+        write = self._flat_writer(flat)
+        if pos.shape[1] == 1:                 # host_skip and nobody evaluates: token rows only
+            ess_kw = dict(seqlens_k=st.seq_len, key_bias=self._key_bias(kv_len))
+            if not self.model.safekern.response_sees_cls:
                 ess_kw["response_start"] = self._cls_visible_from     # token rows skip key 0
-            x = self._forward(self._tok[:, None], pos, t_prev[:, None], kv_len, write,
+            x = self._forward(self._tok[:, None], pos, q_pos, kv_len, write,
                               self._attn_fns[1], ess_kw, self._decode_linears)
             h = self._norm(x[:, 0])
-            if st is None or not bool((st.forced_idx >= 0).any()):
+            if not bool((st.forced_idx >= 0).any()):
                 # Nobody evaluates or takes a refusal token: the controller update is a no-op.
                 self._sample(h, None, controller=False)
             else:
                 self._sample(h, h)                    # no [CLS] row is read: none evaluates
             return
-        ids = self._ids2
-        layout = self._ctl.cls_layout if self._fused_ctl else self._cls_layout_ref
-        pos, q_pos, slots = layout(t_prev, st.evaluating,
-                                   self.model.safekern.cls_position == "last", self.Lmax)
-        write = self._slot_writer(slots)
-
         ess_kw = dict(seqlens_k=st.seq_len, response_start=self._cls_visible_from,
-                      cls_windows=windows,
-                      key_bias=self._key_bias(kv_len))
-        x = self._forward(ids, pos, q_pos, kv_len, write, self._attn_fns[2], ess_kw,
+                      cls_windows=windows, key_bias=self._key_bias(kv_len))
+        x = self._forward(self._ids2, pos, q_pos, kv_len, write, self._attn_fns[2], ess_kw,
                           self._decode_linears)
         h = self._norm(x)
-        self._sample(h[:, 0], h[:, 1])
+        # the fused controller reads the [CLS] rows of h itself (a select is a ~5 us op here)
+        self._sample(h[:, 0], h if self._fused_ctl else h[:, 1])
+
+    @staticmethod
+    def _decode_rows_ref(lengths, step_idx, row_base):
+        """``cpu_controller.decode_rows``'s reference: ``(pos, q_pos, flat, seqlens_k)`` of a
+        decode step's token rows."""
+        t_prev = lengths + (step_idx.int() - 1)                          # t - 1 per sequence
+        pos = t_prev.long()[:, None]
+        return pos, t_prev[:, None], row_base + pos[:, 0], t_prev + 1
+
+    @staticmethod
+    def _step_begin_ref(st, ess, lengths, step_idx, row_base, cls_last: bool, spare_slot: int,
+                        skip_idle: bool):
+        """``cpu_controller.step_begin``'s reference: ``(windows, n_ev, pos, q_pos, flat)`` of a
+        decode step (n_ev None when no host count is needed) and ``st.seq_len`` set."""
+        t_prev = lengths + (step_idx.int() - 1)                          # t - 1 per sequence
+        st.seq_len.copy_(t_prev + 1)
+        windows = plan_step(st, ess)
+        n_ev = int(st.evaluating.sum()) if skip_idle else None
+        if skip_idle and n_ev == 0:
+            pos = t_prev.long()[:, None]
+            return windows, n_ev, pos, t_prev[:, None], (row_base[:, None] + pos).reshape(-1)
+        pos, q_pos, slots = Engine._cls_layout_ref(t_prev, st.evaluating, cls_last, spare_slot)
+        return windows, n_ev, pos, q_pos, (row_base[:, None] + slots).reshape(-1)
 
     def _slot_writer(self, slots: torch.Tensor):
         """``write(layer, k, v)`` storing ``k``/``v (B, L, Hkv, D)`` at cache slots
@@ -475,8 +498,11 @@ class Engine:
         per tensor into the layer's flattened cache (the advanced-index assignment
         ``cache[layer, rows, slots] = k`` it replaces: 3.8 -> 2.4 us per tensor on CPU, batch 4
         with [CLS] rows, 1 thread)."""
-        flat = (self._row_base[:, None] + slots).reshape(-1)
+        return self._flat_writer((self._row_base[:, None] + slots).reshape(-1))
 
+    def _flat_writer(self, flat: torch.Tensor):
+        """``_slot_writer`` with the flattened cache rows ``row_base + slot`` given, ``(B * L,)``
+        in ``(B, L)`` order."""
         def write(layer, k, v):
             self._kflat[layer].index_copy_(0, flat, k.reshape(-1, k.shape[2], k.shape[3]))
             self._vflat[layer].index_copy_(0, flat, v.reshape(-1, v.shape[2], v.shape[3]))
@@ -499,19 +525,20 @@ class Engine:
         ess = self._ess
         kw = dict(h_cls=None, safety_weight=None, safety_bias=None, state=None, ess=None,
                   sampling=self._sampling, generator=self._generator)
-        if ess is not None and controller:
+        fused = ess is not None and controller and self._fused_ctl and not checked
+        if ess is not None and controller and not fused:
             kw.update(h_cls=h_cls, safety_weight=self._sw, safety_bias=self._sb,
                       state=self.state, ess=ess)
+        emit = ~self._done
+        col = self._step_idx
         if checked:
             res = head_sample(h_tok, self._lm_w, backend=self.backend, **kw)
             tok, p = res[0], res[1]
-        elif ess is not None and controller and self._fused_ctl:
-            tok, p = self._sample_fused(h_tok, h_cls, kw)
+        elif fused:
+            tok, p = self._sample_fused(h_tok, h_cls, kw, emit)      # and the trace record
         else:
             res = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)
             tok, p = res[0], res[1]
-        emit = ~self._done
-        col = self._step_idx
         if self._sampling.logprobs is not None:
             lp = res[2]
             self._out_lp.index_copy_(1, col, lp.token[:, None])
@@ -522,17 +549,15 @@ class Engine:
         done = self._done | torch.isin(tok, self._eos) | (self._nonfinite != 0)
         # Without a controller update nothing below changes (outputs start as NaN/False).
         if ess is not None and controller:
-            if self._fused_ctl and not checked:
-                self._ctl.record(p, emit, col, self._out_p, self._out_ev, self._out_t,
-                                 self._reason_refusal)
-            else:
+            if not fused:
                 self._record_ref(self.state, p, emit, col, self._out_p, self._out_ev,
                                  self._out_t, self._reason_refusal)
             if ess.cls_bias_scale != 0:
                 ev = self.state.evaluating & emit
                 pc = p.clamp(1e-6, 1 - 1e-6)
                 self._logit.copy_(torch.where(ev, torch.log(pc) - torch.log1p(-pc), self._logit))
-            done = done | self.state.finished
+            if not fused:                             # step_end or'd it into self._done
+                done = done | self.state.finished
         self._done.copy_(done)
         self._tok.copy_(tok)
         self._step_idx += 1
@@ -545,14 +570,27 @@ class Engine:
         out_t.index_copy_(1, col, state.seq_len[:, None])
         reason_refusal |= emit & state.finished
 
-    def _sample_fused(self, h_tok, h_cls, kw):
-        """``head_sample_ref``'s step with the fused CPU controller: the same score, NaN checks,
-        state update, forced tokens and draws (the draws do not depend on the state)."""
-        cd, w, b = self._score_wb
-        scores = torch.sigmoid(h_cls.to(cd) @ w + b).float()         # safety_score_ref
-        kw.update(h_cls=None, safety_weight=None, safety_bias=None, state=None, ess=None)
+    def _sample_fused(self, h_tok, h_cls, kw, emit):
+        """``head_sample_ref``'s step with the fused CPU controller (the same score, NaN check,
+        state update, forced tokens and draws; the draws do not depend on the state), and the
+        step's trace record: ``_step_end_ref`` is the reference of the one call after the
+        draw."""
         drawn = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)[0]
-        tok, p, _ = self._ctl.update(scores, drawn)
+        _, w, b = self._score_wb
+        return self._ctl.step_end(h_cls, w, b, drawn, emit, self._step_idx, self._out_p,
+                                  self._out_ev, self._out_t, self._reason_refusal, self._done)
+
+    @staticmethod
+    def _step_end_ref(st, ess, h_cls, w, b, drawn, emit, col, out_p, out_ev, out_t,
+                      reason_refusal, done):
+        """``cpu_controller.step_end``'s reference: ``safety_score_ref``'s score with the
+        prepared head ``(w, b)``, the controller update, the trace record, ``done |=
+        st.finished``."""
+        h_cls = h_cls[:, -1] if h_cls.dim() == 3 else h_cls
+        scores = torch.sigmoid(h_cls.to(w.dtype) @ w + b).float()      # safety_score_ref
+        tok, p, _ = fused_controller.update(st, ess, scores, drawn)
+        Engine._record_ref(st, p, emit, col, out_p, out_ev, out_t, reason_refusal)
+        done |= st.finished
         return tok, p
 
     # ------------------------------------------------------------------ CUDA graph

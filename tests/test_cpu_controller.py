@@ -242,3 +242,143 @@ def test_record_matches_the_engine_reference():
         cpu_controller.record(st, p, emit, col, bufs[0], bufs[1], bufs[2].long(), bufs[3])
     with pytest.raises(TypeError, match="state must be an EssState"):
         cpu_controller.record(None, p, emit, col, *bufs)
+
+
+def _bufs(B, T):
+    return [torch.full((B, T), float("nan")), torch.zeros(B, T, dtype=torch.bool),
+            torch.zeros(B, T, dtype=torch.int32), torch.zeros(B, dtype=torch.bool)]
+
+
+@pytest.mark.parametrize("ess", [EssConfig(schedule=s, policy=p, period=2, tau=2, r1=4, r2=3,
+                                           r3=2, threshold=0.45)
+                                 for s in SCHEDULES for p in POLICIES],
+                         ids=lambda e: f"{e.label}-{e.policy}")
+def test_step_begin_and_end_match_the_engine_references(ess):
+    """The engine's two per-step controller calls against their reference sequences
+    (``Engine._step_begin_ref`` / ``_step_end_ref``) over a random trace: windows, counts,
+    layouts, flat cache rows, tokens, bit-equal p_unsafe, every state field, the trace."""
+    from safekern.engine import Engine
+
+    g = torch.Generator().manual_seed(zlib.crc32(repr(ess).encode()))
+    B, T, H, spare = 6, 24, 16, 301
+    P = torch.randint(3, 9, (B,), generator=g)
+    fused = EssState.create(P, torch.ones(B, dtype=torch.long), P - 1, REFUSAL, ess,
+                            refusal_skip=1)
+    ref = fused.clone()
+    lengths = (P + torch.randint(0, 3, (B,), generator=g)).int()
+    row_base = torch.arange(B) * (spare + 1)
+    w, b = torch.randn(H, generator=g), torch.tensor(0.1)
+    bufs, ref_bufs = _bufs(B, T), _bufs(B, T)
+    seen_skip = seen_both = seen_finished = False
+    for step in range(T):
+        col = torch.tensor([step])
+        cls_last, skip = step % 3 == 1, step % 2 == 0
+        got = cpu_controller.step_begin(fused, ess, lengths, col, row_base, cls_last, spare,
+                                        skip)
+        want = Engine._step_begin_ref(ref, ess, lengths, col, row_base, cls_last, spare, skip)
+        assert got[1] == int(ref.evaluating.sum())
+        assert want[1] is None if not skip else got[1] == want[1]
+        for x, y in zip(got[:1] + got[2:], want[:1] + want[2:]):
+            assert x.dtype == y.dtype and torch.equal(x, y), step
+        seen_skip |= got[2].shape[1] == 1
+        seen_both |= got[2].shape[1] == 2 and bool(ref.evaluating.any())
+        for name in FIELDS:
+            assert torch.equal(getattr(fused, name), getattr(ref, name)), (step, name)
+        # (B, 2, H) hidden states: the [CLS] row is a strided view, as in the engine
+        h = torch.randn(B, 2, H, generator=g) * 0.3
+        drawn = torch.randint(0, 50, (B,), generator=g)
+        emit = torch.rand(B, generator=g) < 0.85
+        done = torch.rand(B, generator=g) < 0.2
+        done_r = done.clone()
+        # the fused call reads the [CLS] row of (B, 2, H) itself; the reference gets h[:, 1]
+        tok, p = cpu_controller.step_end(fused, ess, h, w, b, drawn, emit, col, *bufs, done)
+        tok_r, p_r = Engine._step_end_ref(ref, ess, h[:, 1], w, b, drawn, emit, col, *ref_bufs,
+                                          done_r)
+        assert torch.equal(tok, tok_r) and torch.equal(p.nan_to_num(-1), p_r.nan_to_num(-1))
+        assert torch.equal(done, done_r)
+        seen_finished |= bool(ref.finished.any())
+        for name in FIELDS:
+            assert torch.equal(getattr(fused, name), getattr(ref, name)), (step, name)
+        for x, y in zip(bufs, ref_bufs):
+            assert torch.equal(x.nan_to_num(-1) if x.is_floating_point() else x,
+                               y.nan_to_num(-1) if y.is_floating_point() else y)
+    assert seen_both and (seen_skip or ess.schedule == "each")
+    assert seen_finished or ess.policy != "high"
+
+
+def test_step_begin_and_end_validate_and_fail_closed():
+    ess = EssConfig(schedule="each")
+    B = 3
+    st = EssState.create([4] * B, [1] * B, [3] * B, REFUSAL, ess)
+    lengths, col, base = torch.full((B,), 5, dtype=torch.int32), torch.tensor([2]), \
+        torch.arange(B) * 40
+    begin = cpu_controller.step_begin
+    with pytest.raises(RuntimeError, match="lengths must be"):
+        begin(st, ess, lengths.long(), col, base, False, 39, True)
+    with pytest.raises(RuntimeError, match="row_base must be"):
+        begin(st, ess, lengths, col, base.int(), False, 39, True)
+    with pytest.raises(RuntimeError, match="step_idx must be"):
+        begin(st, ess, lengths, col.int(), base, False, 39, True)
+    with pytest.raises(ValueError, match="spare_slot must be"):
+        begin(st, ess, lengths, col, base, False, -1, True)
+    with pytest.raises(TypeError, match="row_base must be a tensor"):
+        begin(st, ess, lengths, col, [0, 40, 80], False, 39, True)
+    with pytest.raises(TypeError, match="ess must be an EssConfig"):
+        begin(st, None, lengths, col, base, False, 39, True)
+    begin(st, ess, lengths, col, base, False, 39, True)
+    assert st.seq_len.tolist() == [7] * B and bool(st.evaluating.all())
+    # a NaN verdict raises the reference's error; the state and the trace stay as they were
+    h, w, b = torch.randn(B, 8), torch.randn(8), torch.tensor(0.0)
+    h[1, 3] = float("nan")
+    bufs = _bufs(B, 4)
+    before, before_bufs = st.clone(), [x.clone() for x in bufs]
+    drawn, emit = torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.bool)
+    done = torch.zeros(B, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"non-finite p_unsafe in rows \[1\]"):
+        cpu_controller.step_end(st, ess, h, w, b, drawn, emit, col, *bufs, done)
+    for name in FIELDS:
+        assert torch.equal(getattr(st, name), getattr(before, name)), name
+    for x, y in zip(bufs, before_bufs):
+        assert torch.equal(x.nan_to_num(-1) if x.is_floating_point() else x,
+                           y.nan_to_num(-1) if y.is_floating_point() else y)
+    assert not done.any()
+    h[1, 3] = 0.0
+    with pytest.raises(RuntimeError, match="h_cls must be"):
+        cpu_controller.step_end(st, ess, h[:2], w, b, drawn, emit, col, *bufs, done)
+    with pytest.raises(RuntimeError, match="safety head must be"):
+        cpu_controller.step_end(st, ess, h, w[:4], b, drawn, emit, col, *bufs, done)
+    with pytest.raises(RuntimeError, match="safety head must be"):
+        cpu_controller.step_end(st, ess, h, w, b.double(), drawn, emit, col, *bufs, done)
+    with pytest.raises(RuntimeError, match="emit must be"):
+        cpu_controller.step_end(st, ess, h, w, b, drawn, emit.int(), col, *bufs, done)
+    with pytest.raises(RuntimeError, match="drawn must be"):
+        cpu_controller.step_end(st, ess, h, w, b, drawn.int(), emit, col, *bufs, done)
+    with pytest.raises(RuntimeError, match="done must be"):
+        cpu_controller.step_end(st, ess, h, w, b, drawn, emit, col, *bufs, done.int())
+    with pytest.raises(TypeError, match="h_cls must be a tensor"):
+        cpu_controller.step_end(st, ess, None, w, b, drawn, emit, col, *bufs, done)
+    tok, p = cpu_controller.step_end(st, ess, h, w, b, drawn, emit, col, *bufs, done)
+    assert torch.equal(p, torch.sigmoid(h @ w + b)) and bufs[1][:, 2].all()
+
+
+def test_decode_rows_matches_the_engine_reference():
+    from safekern.engine import Engine
+
+    g = torch.Generator().manual_seed(9)
+    for B in (1, 4, 7):
+        lengths = torch.randint(3, 90, (B,), generator=g).int()
+        base = torch.arange(B) * 130
+        for step in (1, 5, 37):
+            col = torch.tensor([step])
+            got = cpu_controller.decode_rows(lengths, col, base)
+            want = Engine._decode_rows_ref(lengths, col, base)
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="lengths must be"):
+        cpu_controller.decode_rows(lengths.long(), col, base)
+    with pytest.raises(RuntimeError, match="row_base must be"):
+        cpu_controller.decode_rows(lengths, col, base[:2])
+    with pytest.raises(RuntimeError, match="step_idx must be"):
+        cpu_controller.decode_rows(lengths, col.int(), base)
+    with pytest.raises(TypeError, match="step_idx must be a tensor"):
+        cpu_controller.decode_rows(lengths, 3, base)

@@ -68,11 +68,8 @@ View view(at::TensorList state) {
 
 // plan_step: sets evaluating, returns the (B, 2, 2) int32 windows and how many rows evaluate
 // (a host int: the CPU engine skips the [CLS] rows when none does, without another op).
-std::tuple<at::Tensor, int64_t> plan(at::TensorList state, int64_t first_at, int64_t r1,
-                                     int64_t r2, int64_t r3) {
-  View s = view(state);
-  at::Tensor win = at::empty({s.B, 2, 2}, at::TensorOptions().dtype(at::kInt));
-  int32_t* w = win.data_ptr<int32_t>();
+int64_t plan_core(const View& s, int64_t first_at, int64_t r1, int64_t r2, int64_t r3,
+                  int32_t* w) {
   int64_t n_ev = 0;
   for (int64_t b = 0; b < s.B; ++b) {
     const int32_t t = s.f[SEQ_LEN][b], P = s.f[PROMPT_LEN][b], mode = s.f[MODE][b];
@@ -99,6 +96,14 @@ std::tuple<at::Tensor, int64_t> plan(at::TensorList state, int64_t first_at, int
     int32_t* o = w + b * 4;
     o[0] = w0s, o[1] = w0e, o[2] = w1s, o[3] = w1e;
   }
+  return n_ev;
+}
+
+std::tuple<at::Tensor, int64_t> plan(at::TensorList state, int64_t first_at, int64_t r1,
+                                     int64_t r2, int64_t r3) {
+  View s = view(state);
+  at::Tensor win = at::empty({s.B, 2, 2}, at::TensorOptions().dtype(at::kInt));
+  const int64_t n_ev = plan_core(s, first_at, r1, r2, r3, win.data_ptr<int32_t>());
   return {win, n_ev};
 }
 
@@ -106,6 +111,16 @@ std::tuple<at::Tensor, int64_t> plan(at::TensorList state, int64_t first_at, int
 // score of an evaluating row raises ValueError before anything changes), update_state,
 // forced_tokens, and the step's tokens = forced ? refusal token : drawn.
 // Returns (tokens (B,) int64, p_unsafe (B,) float32, forced (B,) bool).
+struct UpdateArgs {
+  int64_t refusal_skip, tau, schedule, policy, period, anneal_stop;
+  double threshold, anneal_growth;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> update_core(const View& s, const float* sc,
+                                                           const at::Tensor& drawn,
+                                                           const at::Tensor& refusal_ids,
+                                                           const UpdateArgs& a);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> update(
     at::TensorList state, const at::Tensor& scores, const at::Tensor& drawn,
     const at::Tensor& refusal_ids, int64_t refusal_skip, double threshold, int64_t tau,
@@ -115,6 +130,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update(
   TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 1 && scores.numel() == s.B &&
                   scores.is_contiguous() && scores.scalar_type() == at::kFloat,
               "cpu_controller: scores must be a contiguous (", s.B, ",) float32 CPU tensor");
+  return update_core(s, scores.data_ptr<float>(), drawn, refusal_ids,
+                     {refusal_skip, tau, schedule, policy, period, anneal_stop, threshold,
+                      anneal_growth});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> update_core(const View& s, const float* sc,
+                                                           const at::Tensor& drawn,
+                                                           const at::Tensor& refusal_ids,
+                                                           const UpdateArgs& a) {
+  const int64_t refusal_skip = a.refusal_skip, tau = a.tau, schedule = a.schedule,
+                policy = a.policy, period = a.period, anneal_stop = a.anneal_stop;
+  const double threshold = a.threshold, anneal_growth = a.anneal_growth;
   TORCH_CHECK(drawn.device().is_cpu() && drawn.dim() == 1 && drawn.numel() == s.B &&
                   drawn.is_contiguous() && drawn.scalar_type() == at::kLong,
               "cpu_controller: drawn must be a contiguous (", s.B, ",) int64 CPU tensor");
@@ -126,7 +153,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update(
               schedule);
   TORCH_CHECK(policy >= LOW && policy <= HIGH, "cpu_controller: bad policy id ", policy);
   const float thr = static_cast<float>(threshold);
-  const float* sc = scores.data_ptr<float>();
   const int64_t* dr = drawn.data_ptr<int64_t>();
   std::string bad;
   int64_t n_bad = 0;
@@ -286,6 +312,131 @@ void record(const at::Tensor& evaluating, const at::Tensor& seq_len, const at::T
   }
 }
 
+// A CPU decode step's controller prologue in one call. The engine's reference sequence
+// (Engine._step_begin_ref): t_prev = lengths + step_idx - 1; state.seq_len = t_prev + 1;
+// plan_step; _cls_layout_ref; cache rows flat = row_base + slots. Returns (windows (B, 2, 2)
+// int32, n_ev, pos int64, q_pos int32, flat int64): (B, 2), (B, 2), (2B,) for the token and
+// [CLS] rows; with skip_idle and no evaluating row, the token rows' alone: (B, 1), (B, 1), (B,).
+std::tuple<at::Tensor, int64_t, at::Tensor, at::Tensor, at::Tensor> step_begin(
+    at::TensorList state, const at::Tensor& lengths, const at::Tensor& step_idx,
+    const at::Tensor& row_base, int64_t first_at, int64_t r1, int64_t r2, int64_t r3,
+    bool cls_last, int64_t spare_slot, bool skip_idle) {
+  View s = view(state);
+  const int64_t B = s.B;
+  TORCH_CHECK(lengths.device().is_cpu() && lengths.dim() == 1 && lengths.numel() == B &&
+                  lengths.is_contiguous() && lengths.scalar_type() == at::kInt,
+              "cpu_controller: lengths must be a contiguous (", B, ",) int32 CPU tensor");
+  TORCH_CHECK(row_base.device().is_cpu() && row_base.dim() == 1 && row_base.numel() == B &&
+                  row_base.is_contiguous() && row_base.scalar_type() == at::kLong,
+              "cpu_controller: row_base must be a contiguous (", B, ",) int64 CPU tensor");
+  TORCH_CHECK(step_idx.device().is_cpu() && step_idx.numel() == 1 &&
+                  step_idx.scalar_type() == at::kLong,
+              "cpu_controller: step_idx must be a one-element int64 CPU tensor");
+  TORCH_CHECK(spare_slot >= 0, "cpu_controller: spare_slot must be >= 0, got ", spare_slot);
+  const int32_t* len = lengths.data_ptr<int32_t>();
+  const int64_t* base = row_base.data_ptr<int64_t>();
+  // step_idx.int() - 1, then + lengths: int32 arithmetic as torch does it
+  const int32_t step = add32(static_cast<int32_t>(step_idx.data_ptr<int64_t>()[0]), -1);
+  for (int64_t b = 0; b < B; ++b) s.f[SEQ_LEN][b] = add32(add32(len[b], step), 1);
+  at::Tensor win = at::empty({B, 2, 2}, at::TensorOptions().dtype(at::kInt));
+  const int64_t n_ev = plan_core(s, first_at, r1, r2, r3, win.data_ptr<int32_t>());
+  const int64_t L = skip_idle && n_ev == 0 ? 1 : 2;
+  auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor pos = at::empty({B, L}, i64), flat = at::empty({B * L}, i64);
+  at::Tensor q_pos = at::empty({B, L}, at::TensorOptions().dtype(at::kInt));
+  int64_t* po = pos.data_ptr<int64_t>();
+  int64_t* fo = flat.data_ptr<int64_t>();
+  int32_t* qo = q_pos.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t t = add32(len[b], step);
+    po[L * b] = t;
+    qo[L * b] = t;
+    fo[L * b] = base[b] + t;
+    if (L == 2) {
+      po[2 * b + 1] = cls_last ? t : 0;
+      qo[2 * b + 1] = s.ev[b] ? 0 : -1;
+      fo[2 * b + 1] = base[b] + (s.ev[b] ? 0 : spare_slot);
+    }
+  }
+  return {win, n_ev, pos, q_pos, flat};
+}
+
+// The rows of a decode step without ESS (the engine's Engine._decode_rows_ref is the
+// reference): t_prev = lengths + step_idx - 1 (int32 as torch), pos = t_prev (B, 1) int64,
+// q_pos = t_prev (B, 1) int32, flat cache rows row_base + t_prev (B,) int64, seqlens_k =
+// t_prev + 1 (B,) int32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_rows(
+    const at::Tensor& lengths, const at::Tensor& step_idx, const at::Tensor& row_base) {
+  const int64_t B = lengths.numel();
+  TORCH_CHECK(lengths.device().is_cpu() && lengths.dim() == 1 && lengths.is_contiguous() &&
+                  lengths.scalar_type() == at::kInt,
+              "cpu_controller: lengths must be a contiguous 1-D int32 CPU tensor");
+  TORCH_CHECK(row_base.device().is_cpu() && row_base.dim() == 1 && row_base.numel() == B &&
+                  row_base.is_contiguous() && row_base.scalar_type() == at::kLong,
+              "cpu_controller: row_base must be a contiguous (", B, ",) int64 CPU tensor");
+  TORCH_CHECK(step_idx.device().is_cpu() && step_idx.numel() == 1 &&
+                  step_idx.scalar_type() == at::kLong,
+              "cpu_controller: step_idx must be a one-element int64 CPU tensor");
+  const int32_t* len = lengths.data_ptr<int32_t>();
+  const int64_t* base = row_base.data_ptr<int64_t>();
+  const int32_t step = add32(static_cast<int32_t>(step_idx.data_ptr<int64_t>()[0]), -1);
+  auto i64 = at::TensorOptions().dtype(at::kLong), i32 = at::TensorOptions().dtype(at::kInt);
+  at::Tensor pos = at::empty({B, 1}, i64), flat = at::empty({B}, i64);
+  at::Tensor q_pos = at::empty({B, 1}, i32), seqlens = at::empty({B}, i32);
+  int64_t* po = pos.data_ptr<int64_t>();
+  int64_t* fo = flat.data_ptr<int64_t>();
+  int32_t* qo = q_pos.data_ptr<int32_t>();
+  int32_t* so = seqlens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t t = add32(len[b], step);
+    po[b] = t;
+    qo[b] = t;
+    fo[b] = base[b] + t;
+    so[b] = add32(t, 1);
+  }
+  return {pos, q_pos, flat, seqlens};
+}
+
+// A CPU decode step's controller epilogue in one call after the draw. The engine's reference
+// sequence: scores = safety_score_ref's sigmoid(h_cls.to(cd) @ w + b).float() with the same
+// ATen ops (same bits), then update (p_unsafe, state, forced tokens), then record at column
+// col with emit, then done |= finished. h_cls is (B, hidden), or (B, L, hidden) whose last row
+// per sequence is the [CLS] row. Returns (tokens (B,) int64, p_unsafe (B,) float32).
+std::tuple<at::Tensor, at::Tensor> step_end(
+    at::TensorList state, const at::Tensor& h_cls_in, const at::Tensor& w, const at::Tensor& b,
+    const at::Tensor& drawn, const at::Tensor& refusal_ids, int64_t refusal_skip,
+    double threshold, int64_t tau, int64_t schedule, int64_t policy, int64_t period,
+    double anneal_growth, int64_t anneal_stop, const at::Tensor& emit, const at::Tensor& col,
+    const at::Tensor& out_p, const at::Tensor& out_ev, const at::Tensor& out_t,
+    const at::Tensor& reason_refusal, const at::Tensor& done) {
+  View s = view(state);
+  TORCH_CHECK(h_cls_in.device().is_cpu() && (h_cls_in.dim() == 2 || h_cls_in.dim() == 3) &&
+                  h_cls_in.size(0) == s.B,
+              "cpu_controller: h_cls must be a (", s.B, ", hidden) or (", s.B,
+              ", L, hidden) CPU tensor");
+  TORCH_CHECK(done.device().is_cpu() && done.dim() == 1 && done.numel() == s.B &&
+                  done.is_contiguous() && done.scalar_type() == at::kBool,
+              "cpu_controller: done must be a contiguous (", s.B, ",) bool CPU tensor");
+  const at::Tensor h_cls =
+      h_cls_in.dim() == 3 ? h_cls_in.select(1, h_cls_in.size(1) - 1) : h_cls_in;
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == h_cls.size(1) &&
+                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) &&
+                  b.device().is_cpu() && b.dim() == 0 && b.scalar_type() == w.scalar_type(),
+              "cpu_controller: the safety head must be a (hidden,) weight and a 0-d bias, "
+              "float32 or float64 CPU tensors");
+  const at::Tensor scores =
+      at::sigmoid(at::add(at::matmul(h_cls.to(w.scalar_type()), w), b)).to(at::kFloat);
+  auto out = update_core(s, scores.data_ptr<float>(), drawn, refusal_ids,
+                         {refusal_skip, tau, schedule, policy, period, anneal_stop, threshold,
+                          anneal_growth});
+  const at::Tensor& p = std::get<1>(out);
+  record(state[EVALUATING], state[SEQ_LEN], state[FINISHED], p, emit, col, out_p, out_ev, out_t,
+         reason_refusal);
+  bool* dn = done.data_ptr<bool>();
+  for (int64_t i = 0; i < s.B; ++i) dn[i] = dn[i] || s.fin[i];
+  return {std::get<0>(out), p};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(safekern_cpu, m) {
@@ -297,6 +448,16 @@ TORCH_LIBRARY_FRAGMENT(safekern_cpu, m) {
   m.def("ess_record(Tensor evaluating, Tensor seq_len, Tensor finished, Tensor p, Tensor emit, "
         "Tensor col, Tensor(a!) out_p, Tensor(b!) out_ev, Tensor(c!) out_t, "
         "Tensor(d!) reason_refusal) -> ()", &record);
+  m.def("ess_step_begin(Tensor[] state, Tensor lengths, Tensor step_idx, Tensor row_base, "
+        "int first_at, int r1, int r2, int r3, bool cls_last, int spare_slot, bool skip_idle) "
+        "-> (Tensor, int, Tensor, Tensor, Tensor)", &step_begin);
+  m.def("decode_rows(Tensor lengths, Tensor step_idx, Tensor row_base) -> "
+        "(Tensor, Tensor, Tensor, Tensor)", &decode_rows);
+  m.def("ess_step_end(Tensor[] state, Tensor h_cls, Tensor w, Tensor b, Tensor drawn, "
+        "Tensor refusal_ids, int refusal_skip, float threshold, int tau, int schedule, "
+        "int policy, int period, float anneal_growth, int anneal_stop, Tensor emit, Tensor col, "
+        "Tensor(a!) out_p, Tensor(b!) out_ev, Tensor(c!) out_t, Tensor(d!) reason_refusal, "
+        "Tensor(e!) done) -> (Tensor, Tensor)", &step_end);
   m.def("ess_cls_layout(Tensor t_prev, Tensor evaluating, bool cls_last, int spare_slot) -> "
         "(Tensor, Tensor, Tensor)", &cls_layout);
 }

@@ -7,7 +7,11 @@ the scores and the draw (mask the scores to evaluating rows, raise on a NaN verd
 (``tests/test_cpu_controller.py`` compares every state field after every step, every
 schedule x policy); each is one pass over the batch instead of ~60 small torch ops.
 ``cls_layout`` and ``record`` fuse the engine's per-step [CLS] row placement and trace record
-(their references are ``Engine._cls_layout_ref`` / ``Engine._record_ref``).
+(their references are ``Engine._cls_layout_ref`` / ``Engine._record_ref``); ``step_begin`` and
+``step_end`` are what the engine calls: everything the controller does before a step's forward
+(seq_len, plan, layout, cache rows) and after its draw (score, update, record), one call each
+(``Engine._step_begin_ref`` / ``Engine._step_end_ref``); ``decode_rows`` is ``step_begin``
+for a step without ESS (``Engine._decode_rows_ref``).
 CPU tensors only; built into the ``cpu_linear`` extension, so ``unavailable_reason()`` is that
 extension's (the engine then runs the reference path).
 """
@@ -123,11 +127,74 @@ def record(state: EssState, p: torch.Tensor, emit: torch.Tensor, col: torch.Tens
                                       col, out_p, out_ev, out_t, reason_refusal)
 
 
+def step_begin(state: EssState, ess: EssConfig, lengths: torch.Tensor, step_idx: torch.Tensor,
+               row_base: torch.Tensor, cls_last: bool, spare_slot: int, skip_idle: bool):
+    """A CPU decode step's controller prologue in one call (``Engine._step_begin_ref`` is the
+    reference): ``state.seq_len = lengths + step_idx``, ``plan``, the token and [CLS] rows'
+    RoPE positions, query positions and flat cache rows (``row_base + slot``).
+
+    Args:
+        lengths: ``(B,)`` int32 prompt lengths; ``step_idx``: one-element int64 step index;
+        row_base: ``(B,)`` int64 first cache row of each sequence in the flattened cache;
+        cls_last / spare_slot: as in ``cls_layout``; skip_idle: when no row evaluates, lay out
+        the token rows alone.
+    Returns:
+        ``(windows (B, 2, 2) int32, n_ev int, pos int64, q_pos int32, flat int64)``, the last
+        three ``(B, 2), (B, 2), (2B,)``, or ``(B, 1), (B, 1), (B,)`` when skip_idle applies.
+    """
+    _check(state, ess)
+    for name, x in (("lengths", lengths), ("step_idx", step_idx), ("row_base", row_base)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if isinstance(spare_slot, bool) or not isinstance(spare_slot, int) or spare_slot < 0:
+        raise ValueError(f"spare_slot must be an int >= 0, got {spare_slot!r}")
+    return torch.ops.safekern_cpu.ess_step_begin(
+        _tensors(state), lengths, step_idx, row_base, ess.first_at, ess.r1, ess.r2, ess.r3,
+        bool(cls_last), spare_slot, bool(skip_idle))
+
+
+def decode_rows(lengths: torch.Tensor, step_idx: torch.Tensor, row_base: torch.Tensor):
+    """The rows of a decode step without ESS in one call (``Engine._decode_rows_ref`` is the
+    reference): ``t_prev = lengths + step_idx - 1``; returns ``pos (B, 1) int64, q_pos (B, 1)
+    int32, flat (B,) int64 = row_base + t_prev, seqlens_k (B,) int32 = t_prev + 1``."""
+    if not cpu_linear._loaded and unavailable_reason() is not None:
+        raise RuntimeError(f"the fused CPU controller cannot run: {unavailable_reason()}")
+    for name, x in (("lengths", lengths), ("step_idx", step_idx), ("row_base", row_base)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    return torch.ops.safekern_cpu.decode_rows(lengths, step_idx, row_base)
+
+
+def step_end(state: EssState, ess: EssConfig, h_cls: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor, drawn: torch.Tensor, emit: torch.Tensor, col: torch.Tensor,
+             out_p: torch.Tensor, out_ev: torch.Tensor, out_t: torch.Tensor,
+             reason_refusal: torch.Tensor, done: torch.Tensor
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A CPU decode step's controller epilogue in one call: the safety score
+    ``sigmoid(h_cls.to(weight.dtype) @ weight + bias).float()`` (``safety_score_ref``'s ops
+    with a ``(hidden,)`` weight and a 0-d bias; ``h_cls`` ``(B, hidden)``, or ``(B, L,
+    hidden)`` whose last row per sequence is the [CLS] row), then ``update``, ``record`` and
+    ``done |= state.finished`` (in place).
+
+    Returns ``(tokens (B,) int64, p_unsafe (B,) float32)``; raises ValueError like ``update``
+    on a NaN verdict (the state and the trace buffers are then unchanged)."""
+    _check(state, ess)
+    for name, x in (("h_cls", h_cls), ("weight", weight), ("bias", bias), ("drawn", drawn),
+                    ("emit", emit), ("col", col), ("done", done)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    return torch.ops.safekern_cpu.ess_step_end(
+        _tensors(state), h_cls, weight, bias, drawn, state.refusal_ids, state.refusal_skip,
+        ess.threshold, ess.tau, SCHEDULE_IDS[ess.schedule], POLICY_IDS[ess.policy], ess.period,
+        ess.anneal_growth, ess.anneal_stop, emit, col, out_p, out_ev, out_t, reason_refusal, done)
+
+
 class Bound:
-    """``plan`` / ``update`` / ``record`` bound to one generate's state and config: the
-    argument checks and the state's tensor list are made once here instead of at every step
-    (the engine's per-step controller cost; same C++ ops, same results). The state's tensors
-    must not be replaced while bound (they are updated in place, as the ops do)."""
+    """The engine's per-step controller calls (``plan`` for the prefill, ``step_begin`` and
+    ``step_end`` per decode step) bound to one generate's state and config: the argument checks
+    and the state's tensor list are made once here instead of at every step (same C++ ops,
+    same results). The state's tensors must not be replaced while bound (they are updated in
+    place, as the ops do)."""
 
     def __init__(self, state: EssState, ess: EssConfig):
         _check(state, ess)
@@ -137,26 +204,23 @@ class Bound:
         self._update_args = (state.refusal_ids, state.refusal_skip, ess.threshold, ess.tau,
                              SCHEDULE_IDS[ess.schedule], POLICY_IDS[ess.policy], ess.period,
                              ess.anneal_growth, ess.anneal_stop)
-        self._record_args = (state.evaluating, state.seq_len, state.finished)
         ops = torch.ops.safekern_cpu
-        self._ess_plan, self._ess_update, self._ess_record = \
-            ops.ess_plan, ops.ess_update, ops.ess_record
-
-    @staticmethod
-    def cls_layout(t_prev: torch.Tensor, evaluating: torch.Tensor, cls_last: bool,
-                   spare_slot: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``cls_layout`` without the Python checks (the engine's own tensors)."""
-        return torch.ops.safekern_cpu.ess_cls_layout(t_prev, evaluating, cls_last, spare_slot)
+        self._ess_plan, self._ess_step_begin, self._ess_step_end = \
+            ops.ess_plan, ops.ess_step_begin, ops.ess_step_end
 
     def plan(self) -> Tuple[torch.Tensor, int]:
         """``plan(state, ess)``."""
         return self._ess_plan(self._tensors, *self._plan_args)
 
-    def update(self, scores: torch.Tensor, drawn: torch.Tensor):
-        """``update(state, ess, scores, drawn)`` (dtypes and shapes checked in C++)."""
-        return self._ess_update(self._tensors, scores, drawn, *self._update_args)
+    def step_begin(self, lengths, step_idx, row_base, cls_last: bool, spare_slot: int,
+                   skip_idle: bool):
+        """``step_begin(state, ess, ...)`` (checked in C++)."""
+        return self._ess_step_begin(self._tensors, lengths, step_idx, row_base,
+                                    *self._plan_args, cls_last, spare_slot, skip_idle)
 
-    def record(self, p, emit, col, out_p, out_ev, out_t, reason_refusal) -> None:
-        """``record(state, ...)``."""
-        self._ess_record(*self._record_args, p, emit, col, out_p, out_ev, out_t,
-                         reason_refusal)
+    def step_end(self, h_cls, weight, bias, drawn, emit, col, out_p, out_ev, out_t,
+                 reason_refusal, done):
+        """``step_end(state, ess, ...)`` (checked in C++)."""
+        return self._ess_step_end(self._tensors, h_cls, weight, bias, drawn,
+                                  *self._update_args, emit, col, out_p, out_ev, out_t,
+                                  reason_refusal, done)
