@@ -188,7 +188,7 @@ def bare_steps(engine, prompts, new_tokens: int):
     def token_cls():
         x = e._forward(ids2, pos2, q_pos2, kv_len, write2, e._attn_fns[2],
                        dict(seqlens_k=t, response_start=e.state.prompt_len,
-                            cls_windows=windows), e._decode_linears)
+                            cls_windows=windows), e._step_linears)   # + adapter
         h = e._norm(x)
         return head(h[:, 0]), score(h[:, 1])
 

@@ -36,6 +36,17 @@ class ModuleLinears:
     def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         return self.layers[i].mlp(h)
 
+    # The MLP in its three steps (the [CLS] adapter adds deltas between them).
+    def gate_up(self, i: int, h: torch.Tensor):
+        m = self.layers[i].mlp
+        return m.gate_proj(h), m.up_proj(h)
+
+    def act(self, i: int):
+        return self.layers[i].mlp.act_fn
+
+    def down(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        return self.layers[i].mlp.down_proj(z)
+
 
 def _params(linears) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
     return [m.weight for m in linears], [m.bias for m in linears]
@@ -90,7 +101,7 @@ class KernelLinears:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        self.act = [layer.mlp.act_fn for layer in layers]
+        self.acts = [layer.mlp.act_fn for layer in layers]
         self.params = {
             "qkv": [_params((layer.self_attn.q_proj, layer.self_attn.k_proj,
                              layer.self_attn.v_proj)) for layer in layers],
@@ -203,7 +214,7 @@ class KernelLinears:
 
         def whole_pass(cand):
             def run():
-                for i in range(len(self.act)):
+                for i in range(len(self.acts)):
                     for g, x in xs.items():
                         self._run_path(cand[g], g, i, x)
             return run
@@ -239,8 +250,16 @@ class KernelLinears:
         return self._run("o", i, a)[0]
 
     def mlp(self, i, h):
-        gate, up = self._run("gate_up", i, h)
-        z = self.act[i](gate) * up
+        gate, up = self.gate_up(i, h)
+        return self.down(i, self.acts[i](gate) * up)
+
+    def gate_up(self, i, h):
+        return self._run("gate_up", i, h)
+
+    def act(self, i):
+        return self.acts[i]
+
+    def down(self, i, z):
         return self._run("down", i, z)[0]
 
     def describe(self) -> str:

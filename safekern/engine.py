@@ -8,6 +8,8 @@ preallocated KV cache ``(layers, B, Lmax, Hkv, D)``. Attention goes through
 registered backend runs. On CPU (float32) decode steps run the projections and MLPs through
 ``safekern.decode_linear`` / ``safekern.ops.cpu_linear``, which read each weight once for the
 token and [CLS] rows (MKL's small-M sgemm does not); prefill keeps the model's own modules.
+A delta with a [CLS] adapter (``safekern.adapter``) adds its low-rank deltas to the [CLS]
+rows of both (column 0 of a prefill, column 1 of a fused step) after the shared projections.
 
 Per decode step and sequence, two query rows share one forward pass (Lq = 2):
 
@@ -33,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .adapter import adapter_of, with_adapter
 from .decode_linear import KernelLinears, ModuleLinears, decode_linears
 from .model import encode_inputs, refusal_token_ids, safety_head_params
 from .ops import dispatch, ess_attention, head_sample
@@ -316,8 +319,21 @@ class Engine:
             self._out_top_lp = torch.zeros(B, max_new_tokens, k, device=dev)
         self._lm_w = self.model.lm_head.weight
         self._norm = a.base.norm
+        self._prefill_linears, self._step_linears = self._modules, self._decode_linears
         if ess is not None:
             cfg = self.model.safekern
+            if adapter_of(self.model) is not None:
+                if ess.cls_bias_scale != 0:
+                    raise ValueError("this model's delta has a [CLS] adapter, which needs "
+                                     "cls_bias_scale=0 (the bias would carry the adapted "
+                                     "verdict into token rows)")
+                self._prefill_linears = with_adapter(self.model, self._modules, 0)
+                self._step_linears = with_adapter(self.model, self._decode_linears, 1)
+            if cfg.windows is not None and (ess.r1, ess.r2, ess.r3) != tuple(cfg.windows):
+                warnings.warn(f"the safety delta was trained for windows r1, r2, r3 = "
+                              f"{tuple(cfg.windows)}; this EssConfig uses "
+                              f"{(ess.r1, ess.r2, ess.r3)}: its verdicts are out of the "
+                              "distribution it was trained on", stacklevel=4)
             self._sw, self._sb = safety_head_params(self.model)
             # Forced after a mid-response trigger as "\n" + refusal (docs/DESIGN.md §4); a
             # trigger on an empty response skips the newline ids (chosen per row on device).
@@ -420,7 +436,7 @@ class Engine:
             windows = self._plan(self.state, self._ess)[0]
             ess_kw.update(response_start=self._cls_visible_from, cls_windows=windows)
         attn = lambda *args, **kw: ess_attention(*args, backend=self.backend, **kw)  # noqa: E731
-        x = self._forward(ids, pos, q_pos, L, write, attn, ess_kw, self._modules)
+        x = self._forward(ids, pos, q_pos, L, write, attn, ess_kw, self._prefill_linears)
         h_tok = self._norm(x[self._bidx, lengths.long() - 1])
         h_cls = self._norm(x[:, 0]) if self._ess is not None else None
         self._sample(h_tok, h_cls, checked=True)
@@ -464,7 +480,7 @@ class Engine:
         ess_kw = dict(seqlens_k=st.seq_len, response_start=self._cls_visible_from,
                       cls_windows=windows, key_bias=self._key_bias(kv_len))
         x = self._forward(self._ids2, pos, q_pos, kv_len, write, self._attn_fns[2], ess_kw,
-                          self._decode_linears)
+                          self._step_linears)
         h = self._norm(x)
         # the fused controller reads the [CLS] rows of h itself (a select is a ~5 us op here)
         self._sample(h[:, 0], h if self._fused_ctl else h[:, 1])
@@ -627,7 +643,7 @@ class Engine:
     # ------------------------------------------------------------------ public
     @torch.inference_mode()
     def generate(self, prompts, *, max_new_tokens: int,
-                 safety: Optional[EssConfig] = EssConfig(),
+                 safety: Union[EssConfig, None, str] = "auto",
                  sampling: SamplingParams = SamplingParams(),
                  prefill: Optional[Sequence[str]] = None,
                  stream: Optional[Callable[[int, List[Optional[int]], List[float]], None]] = None,
@@ -638,8 +654,7 @@ class Engine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if safety is not None and not isinstance(safety, EssConfig):
-            raise TypeError(f"safety must be an EssConfig or None, got {type(safety).__name__}")
+        safety = resolve_safety(self.model, safety)
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if stream is not None and not callable(stream):
@@ -773,6 +788,20 @@ class Engine:
         return out
 
 
+def resolve_safety(model, safety) -> Optional[EssConfig]:
+    """``generate``'s ``safety`` argument as an ``EssConfig`` (or None): ``"auto"`` takes the
+    delta's measured operating point, else the paper's ``EssConfig()``."""
+    if isinstance(safety, str):
+        if safety != "auto":
+            raise ValueError(f"safety must be an EssConfig, None or 'auto', got {safety!r}")
+        cfg = getattr(model, "safekern", None)
+        return getattr(cfg, "operating_point", None) or EssConfig()
+    if safety is not None and not isinstance(safety, EssConfig):
+        raise TypeError(f"safety must be an EssConfig, None or 'auto', got "
+                        f"{type(safety).__name__}")
+    return safety
+
+
 def _ids_covering(tokenizer, ids: List[int], text: str) -> List[int]:
     """The shortest prefix of ``ids`` whose decoding starts with ``text``."""
     for k in range(len(ids) + 1):
@@ -785,7 +814,7 @@ _ENGINE_OPTIONS = ("max_cache_len", "cuda_graph", "sync_every", "ignore_eos")
 
 
 def generate(model, tokenizer, prompts, *, max_new_tokens: int,
-             safety: Optional[EssConfig] = EssConfig(),
+             safety: Union[EssConfig, None, str] = "auto",
              sampling: SamplingParams = SamplingParams(),
              prefill: Optional[Sequence[str]] = None,
              stream: Optional[Callable[[int, List[Optional[int]], List[float]], None]] = None,
@@ -814,7 +843,10 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int,
             A bare ``list[int]`` or ``list[dict]`` is one prompt. Different lengths are
             right-padded.
         max_new_tokens: tokens to generate per sequence (>= 1).
-        safety: the ``EssConfig``; None = plain decoding without the [CLS] token.
+        safety: the ``EssConfig``; None = plain decoding without the [CLS] token; ``"auto"``
+            (default) = the operating point the loaded delta was measured at
+            (``SafetyConfig.operating_point``), or ``EssConfig()`` (the paper's) when it
+            records none.
         sampling: ``SamplingParams`` (default greedy); ``seed`` seeds one generator for the run;
             ``logprobs=k`` fills ``GenerationResult.logprobs``.
         prefill: per prompt a forced start of the response (the prefill attack): those tokens

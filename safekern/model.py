@@ -11,7 +11,9 @@ the engine and the training recipe share::
 ``encode_inputs`` extends it to the other prompt forms ``generate`` takes (token ids, chat
 message lists) without changing how a user message is tokenized.
 
-Only the delta (head, [CLS] embedding row, [CLS] LM-head row when untied, config) is saved.
+Only the delta (head, [CLS] embedding row, [CLS] LM-head row when untied, the [CLS] adapter
+when there is one, config) is saved. Format version 2 adds the adapter, the windows it was
+trained for and its operating point; version-1 deltas (the linear head) load as rank 0.
 """
 from __future__ import annotations
 
@@ -19,17 +21,21 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from .adapter import TARGETS, ClsAdapter, adapter_of, adapter_shapes, check_targets
+from .spec import EssConfig
 
 # A user message that no tokenizer merges with its neighbours' template text.
 _SENTINEL = "\x00SAFEKERN_QUERY\x00"
 # The same for the j-th earlier message of a chat (chat_template_split).
 _MESSAGE_SENTINEL = "\x00SAFEKERN_MESSAGE_{}\x00"
 _ANY_SENTINEL = re.compile("\x00SAFEKERN_(?:QUERY|MESSAGE_([0-9]+))\x00")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 CLS_POSITIONS = ("zero", "last")
 
 
@@ -53,6 +59,10 @@ class SafetyConfig:
             window, which no causal LM ever does) or ``"last"`` (rotated at the position of
             the step's token row, ``t - 1``: the [CLS] looks back at its window like any
             token, which is what a frozen LM's attention knows how to do).
+        windows: ``(r1, r2, r3)`` the delta was trained for (None: unknown); ``generate`` warns
+            when an ``EssConfig`` uses others.
+        operating_point: the ``EssConfig`` the delta was measured at; ``safekern.generate``
+            uses it when called without ``safety`` (None: ``EssConfig()``, the paper's).
     """
 
     cls_token: str
@@ -62,6 +72,8 @@ class SafetyConfig:
     template_suffix: Optional[str] = None
     response_sees_cls: bool = True
     cls_position: str = "zero"
+    windows: Optional[Tuple[int, int, int]] = None
+    operating_point: Optional[EssConfig] = None
     version: int = field(default=_FORMAT_VERSION)
 
 
@@ -264,6 +276,8 @@ def attach(model, tokenizer, *, head: Optional[nn.Linear] = None, cls_token: str
         if out is not None and out.weight is not emb.weight:
             out.weight[cls_id] = out.weight[:n_old].mean(0)
     model.safety_head = _make_head(model, head)
+    if adapter_of(model) is not None:
+        model.safety_adapter = None           # a fresh delta has no adapter (add_adapter)
     prefix, suffix = template_split(tokenizer)
     model.safekern = SafetyConfig(cls_token=cls_token, cls_id=int(cls_id),
                                   num_classes=model.safety_head.out_features,
@@ -297,6 +311,35 @@ def safety_head_params(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if head.out_features == 1:
         return head.weight[0], (None if head.bias is None else head.bias[0])
     return head.weight, head.bias
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of a Llama-family transformers model (``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or len(layers) == 0:
+        raise ValueError(f"{type(model).__name__} has no model.layers: the [CLS] adapter needs "
+                         "a Llama-family decoder (Llama, Mistral, Qwen2)")
+    return list(layers)
+
+
+def add_adapter(model, rank: int = 16, alpha: Optional[float] = None,
+                targets: Sequence[str] = TARGETS) -> ClsAdapter:
+    """Give an attached ``model`` a fresh [CLS] adapter (docs/DESIGN.md §9) and return it.
+
+    Low-rank deltas on the [CLS] row's ``targets`` projections of every decoder layer
+    (``alpha`` default: ``rank``, i.e. scale 1). Needs ``response_sees_cls=False``: only then
+    does no token row read the adapted [CLS] K/V, so token rows stay the base model's bit for
+    bit. A fresh adapter (``B = 0``) changes nothing until trained (``safekern.recipe``).
+    """
+    cfg = safety_config(model)
+    if cfg.response_sees_cls:
+        raise ValueError("a [CLS] adapter needs attach(..., response_sees_cls=False): with "
+                         "response rows reading the [CLS] key, the adapter would change the "
+                         "model's answers")
+    adapter = ClsAdapter(decoder_layers(model), rank, float(rank if alpha is None else alpha),
+                         targets)
+    model.safety_adapter = adapter
+    return adapter
 
 
 def encode_for_model(model, tokenizer, prompts, prefill=None, *, safety: bool = True,
@@ -532,10 +575,15 @@ def save_safety(model, directory: str) -> str:
     untied = out is not None and out.weight is not emb
     if untied:
         tensors["cls_lm_head"] = out.weight[cfg.cls_id]
+    adapter = adapter_of(model)
+    if adapter is not None:
+        tensors.update(adapter.tensors())
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
               os.path.join(directory, "safety.safetensors"))
-    meta = {**asdict(cfg), "hidden_size": int(emb.shape[1]), "untied_lm_head": untied,
-            "model_type": getattr(getattr(model, "config", None), "model_type", None)}
+    meta = {**asdict(cfg), "version": _FORMAT_VERSION, "hidden_size": int(emb.shape[1]),
+            "untied_lm_head": untied,
+            "model_type": getattr(getattr(model, "config", None), "model_type", None),
+            "adapter": None if adapter is None else adapter.meta()}
     with open(os.path.join(directory, "safety.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return str(directory)
@@ -558,9 +606,9 @@ def _read_meta(path: str) -> dict:
     missing = [k for k in _META_FIELDS if k not in meta]
     if missing:
         raise ValueError(f"{path} is incomplete: missing {missing} (written by save_safety)")
-    if meta["version"] != _FORMAT_VERSION:
+    if meta["version"] not in _READABLE_VERSIONS:
         raise ValueError(f"{path}: unsupported safety format version {meta['version']!r} "
-                         f"(this safekern reads version {_FORMAT_VERSION})")
+                         f"(this safekern reads versions {_READABLE_VERSIONS})")
     for key, kind in _META_FIELDS.items():
         value = meta[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -577,11 +625,56 @@ def _read_meta(path: str) -> dict:
     if meta.get("cls_position", "zero") not in CLS_POSITIONS:
         raise ValueError(f"{path}: 'cls_position' must be one of {CLS_POSITIONS}, got "
                          f"{meta['cls_position']!r}")
+    _check_adapter_meta(path, meta)
+    windows = meta.get("windows")
+    if windows is not None and (not isinstance(windows, list) or len(windows) != 3 or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in windows)):
+        raise ValueError(f"{path}: 'windows' must be [r1, r2, r3] (ints >= 1), got {windows!r}")
+    op = meta.get("operating_point")
+    if op is not None:
+        if not isinstance(op, dict):
+            raise ValueError(f"{path}: 'operating_point' must be a JSON object of EssConfig "
+                             f"fields, got {op!r}")
+        try:
+            meta["operating_point"] = EssConfig(**op)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: 'operating_point' is not a valid EssConfig: {e}") from e
+    if meta.get("adapter") is not None:
+        if meta.get("response_sees_cls", True):
+            raise ValueError(f"{path}: a delta with a [CLS] adapter needs response_sees_cls "
+                             "false (token rows must not read the adapted [CLS] key)")
+        if op is not None and meta["operating_point"].cls_bias_scale != 0:
+            raise ValueError(f"{path}: a delta with a [CLS] adapter cannot run with "
+                             "cls_bias_scale != 0 (the bias would feed the adapted verdict into "
+                             "token rows)")
     return meta
 
 
-def _read_tensors(path: str, meta: dict) -> dict:
-    """``safety.safetensors``, with every tensor's shape checked against ``safety.json``."""
+def _check_adapter_meta(path: str, meta: dict) -> None:
+    a = meta.get("adapter")
+    if a is None:
+        return
+    if meta["version"] < 2:
+        raise ValueError(f"{path}: 'adapter' needs format version 2, the file says "
+                         f"{meta['version']}")
+    if not isinstance(a, dict) or set(a) != {"rank", "alpha", "targets"}:
+        raise ValueError(f"{path}: 'adapter' must be an object with rank, alpha and targets, "
+                         f"got {a!r}")
+    rank, alpha = a["rank"], a["alpha"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{path}: adapter 'rank' must be an int >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"{path}: adapter 'alpha' must be a positive number, got {alpha!r}")
+    try:
+        check_targets(a["targets"] if isinstance(a["targets"], list) else [a["targets"]])
+    except ValueError as e:
+        raise ValueError(f"{path}: adapter {e}") from e
+
+
+def _read_tensors(path: str, meta: dict, adapter_want: Dict[str, Tuple[int, ...]]) -> dict:
+    """``safety.safetensors``, with every tensor's shape checked against ``safety.json`` and the
+    adapter's against the model (``adapter_want``: name -> shape); unknown tensors are an
+    error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -598,13 +691,20 @@ def _read_tensors(path: str, meta: dict) -> dict:
         want["head.bias"] = (classes,)
     if meta["untied_lm_head"]:
         want["cls_lm_head"] = (hidden,)
+    want.update(adapter_want)
+    unknown = sorted(set(tensors) - set(want))
+    if unknown:
+        raise ValueError(f"{path} holds tensors this delta's safety.json does not describe: "
+                         f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     for key, shape in want.items():
         if key not in tensors:
-            raise ValueError(f"{path} has no {key!r} tensor (found {sorted(tensors)})")
+            raise ValueError(f"{path} has no {key!r} tensor (found {sorted(tensors)[:8]})")
         t = tensors[key]
         if tuple(t.shape) != shape:
-            raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, but safety.json "
-                             f"(hidden_size={hidden}, num_classes={classes}) needs {shape}")
+            why = ("the model's projection sizes" if key.startswith("adapter.") else
+                   f"safety.json (hidden_size={hidden}, num_classes={classes})")
+            raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, but {why} "
+                             f"needs {shape}")
         if not t.dtype.is_floating_point or not bool(torch.isfinite(t).all()):
             raise ValueError(f"{path}: {key!r} must hold finite floats, got {t.dtype} with "
                              "NaN/inf or a non-float dtype")
@@ -628,7 +728,10 @@ def load_safety(model, tokenizer, directory: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no safety.json in {str(directory)!r} (written by save_safety)")
     meta = _read_meta(path)
-    tensors = _read_tensors(os.path.join(directory, "safety.safetensors"), meta)
+    a = meta.get("adapter")
+    adapter_want = {} if a is None else adapter_shapes(decoder_layers(model),
+                                                       check_targets(a["targets"]), a["rank"])
+    tensors = _read_tensors(os.path.join(directory, "safety.safetensors"), meta, adapter_want)
     hidden = model.get_input_embeddings().weight.shape[1]
     if meta["hidden_size"] != hidden:
         raise ValueError(f"{path}: the saved safety head has hidden size {meta['hidden_size']}, "
@@ -647,10 +750,15 @@ def load_safety(model, tokenizer, directory: str):
     out = model.get_output_embeddings()
     if "cls_lm_head" in tensors and out is not None and out.weight is not emb:
         out.weight[cls_id] = tensors["cls_lm_head"].to(out.weight)
+    if a is not None:
+        add_adapter(model, a["rank"], float(a["alpha"]), a["targets"]).load_tensors(tensors)
+    windows = meta.get("windows")
+    model.safekern.windows = None if windows is None else tuple(windows)
+    model.safekern.operating_point = meta.get("operating_point")
     return model
 
 
-__all__ = ["SafetyConfig", "EncodedPrompts", "attach", "encode_prompts", "encode_for_model",
+__all__ = ["SafetyConfig", "EncodedPrompts", "attach", "add_adapter", "decoder_layers", "encode_prompts", "encode_for_model",
            "encode_inputs", "as_prompt_list", "chat_template_split", "encode_token_ids",
            "refusal_token_ids",
            "template_split", "safety_config", "safety_head_params", "save_safety", "load_safety"]

@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapter import AdaptedLinears, ClsAdapter
 from .data.real import training_rows
+from .decode_linear import ModuleLinears
 from .evaluation import roc_auc
 from .model import encode_prompts, safety_config, save_safety, template_split
 
@@ -119,8 +121,10 @@ class _Layers:
         return out
 
     def cls_rows(self, cls_emb: torch.Tensor, kv: List[Tuple[torch.Tensor, torch.Tensor]],
-                 nkeys: torch.Tensor, rope_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Final-norm hidden state of N [CLS] rows, differentiable in ``cls_emb``.
+                 nkeys: torch.Tensor, rope_pos: Optional[torch.Tensor] = None,
+                 adapter: Optional[ClsAdapter] = None) -> torch.Tensor:
+        """Final-norm hidden state of N [CLS] rows, differentiable in ``cls_emb`` (and in the
+        ``adapter``'s weights, whose deltas every row takes: they are all [CLS] rows).
 
         Args:
             cls_emb: ``(Dm,)`` the [CLS] embedding row.
@@ -128,30 +132,34 @@ class _Layers:
                 (slot 0 is overwritten by the row's own fresh [CLS] K/V).
             nkeys: ``(N,)`` valid keys per row (slot 0 included).
             rope_pos: ``(N,)`` RoPE position of each [CLS] row (None = 0, the paper's layout).
+            adapter: the [CLS] adapter (None: the base projections only).
         """
         from .ops import ess_attention
 
         a = self.arch
+        lin = ModuleLinears(a.layers)
+        if adapter is not None:
+            lin = AdaptedLinears(lin, adapter, col=None)
         N = nkeys.shape[0]
         x = cls_emb[None, None].expand(N, 1, -1)
         zero = torch.zeros(N, 1, dtype=torch.int32, device=nkeys.device)
         if rope_pos is not None:
             cos, sin = a.rope_table(int(rope_pos.max()) + 1, nkeys.device, x.dtype)
             cos, sin = cos[rope_pos.long()][:, None, None], sin[rope_pos.long()][:, None, None]
-        for layer, (kc, vc) in zip(a.layers, kv):
+        for i, (layer, (kc, vc)) in enumerate(zip(a.layers, kv)):
             h = layer.input_layernorm(x)
-            sa = layer.self_attn
-            q = sa.q_proj(h).view(N, 1, a.n_heads, a.head_dim)
-            k = sa.k_proj(h).view(N, 1, a.n_kv, a.head_dim)
-            v = sa.v_proj(h).view(N, 1, a.n_kv, a.head_dim)
+            q, k, v = lin.qkv(i, h)
+            q = q.view(N, 1, a.n_heads, a.head_dim)
+            k = k.view(N, 1, a.n_kv, a.head_dim)
+            v = v.view(N, 1, a.n_kv, a.head_dim)
             if rope_pos is not None:                                     # at 0 RoPE is identity
                 q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kk, vv = torch.cat([k, kc[:, 1:]], 1), torch.cat([v, vc[:, 1:]], 1)
             # Every listed key is visible to the [CLS] row: plain attention over nkeys keys.
             o = ess_attention(q, kk, vv, softmax_scale=a.scale, causal=False, q_pos=zero,
                               seqlens_k=nkeys, backend="torch")
-            x = x + sa.o_proj(o.reshape(N, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + lin.o(i, o.reshape(N, 1, -1))
+            x = x + lin.mlp(i, layer.post_attention_layernorm(x))
         return a.base.norm(x[:, 0])
 
 

@@ -233,6 +233,9 @@ class EssForTraining(nn.Module):
             if not hasattr(model, name):
                 raise TypeError(f"model must be a transformers *ForCausalLM with .{name} "
                                 "(call safekern.attach first)")
+        from .integrations.hf import _refuse_adapter
+
+        _refuse_adapter(model)
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if impl != "safekern":
             raise ValueError(f"model must use attn_implementation='safekern' (got {impl!r}): call "

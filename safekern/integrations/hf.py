@@ -312,6 +312,16 @@ def _check_config(config) -> None:
                          f"{_SUPPORTED_LAYER_TYPES}, this model has {bad}")
 
 
+def _refuse_adapter(model) -> None:
+    from ..adapter import adapter_of
+
+    if adapter_of(model) is not None:
+        raise ValueError("this model carries a [CLS] adapter (a delta for safekern.generate / "
+                         "the engine): transformers' own forward would compute the [CLS] row "
+                         "with the base weights and give a different verdict. Decode with "
+                         "safekern.generate, or load a delta without an adapter")
+
+
 def apply_safekern(model):
     """Switch a transformers model (and its sub-models) to ``attn_implementation="safekern"``.
 
@@ -325,13 +335,15 @@ def apply_safekern(model):
     Raises:
         TypeError: not a ``PreTrainedModel``.
         ValueError: a config feature safekern cannot compute (soft-capping, chunked or
-            bidirectional attention, unknown layer types), or a model (or sub-model) whose
-            attention does not go through ``AttentionInterface``.
+            bidirectional attention, unknown layer types), a model (or sub-model) whose
+            attention does not go through ``AttentionInterface``, or a model with a [CLS]
+            adapter (``safekern.adapter``: only the engine computes its [CLS] row).
     """
     tf = _transformers()
     if not isinstance(model, tf.PreTrainedModel):
         raise TypeError(f"model must be a transformers.PreTrainedModel, got "
                         f"{type(model).__name__}")
+    _refuse_adapter(model)
     register()
     submodels = [m for m in model.modules() if isinstance(m, tf.PreTrainedModel)]
     for sub in submodels:

@@ -1,0 +1,164 @@
+"""The [CLS] adapter: a trainable path of the [CLS] row's own (docs/DESIGN.md §9).
+
+Per decoder layer, low-rank deltas ``y += s * (x @ A) @ B`` (rank ``r``, ``s = alpha / r``) on
+some of the q, k, v, o, gate, up and down projections, added to the **[CLS] rows only**. With
+``response_sees_cls=False`` no token row reads the [CLS] key, so token rows compute the base
+model's values bit for bit whether the adapter is there or not (tested); the [CLS] row becomes a
+small classifier that reads every layer's K/V through its own adapted projections.
+
+``AdaptedLinears`` wraps the linears of one forward (``safekern.decode_linear``: the model's
+modules or the CPU kernels) and adds the deltas to one column of ``(B, L, .)`` inputs — the
+[CLS] column of a prefill (0) or a fused decode step (1) — or to every row (the training
+recipe's [CLS]-only forward). The base projections run as before, for all rows together, so a
+CPU step still reads each weight once; the delta is two thin matmuls on the [CLS] rows after.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _module(layer, target: str) -> nn.Module:
+    owner = layer.self_attn if target in _ATTN else layer.mlp
+    mod = getattr(owner, target, None)
+    if not isinstance(mod, nn.Linear):
+        raise ValueError(f"the [CLS] adapter targets {target!r}, but the decoder layer has no "
+                         f"nn.Linear of that name ({type(owner).__name__})")
+    return mod
+
+
+def adapter_shapes(layers, targets: Sequence[str], rank: int) -> Dict[str, Tuple[int, ...]]:
+    """``{tensor name: shape}`` of an adapter over ``layers``: ``A`` is ``(in, r)``, ``B``
+    ``(r, out)`` per layer and target (the names ``save_safety`` writes)."""
+    out = {}
+    for i, layer in enumerate(layers):
+        for t in targets:
+            m = _module(layer, t)
+            out[f"adapter.{i}.{t}.A"] = (m.in_features, rank)
+            out[f"adapter.{i}.{t}.B"] = (rank, m.out_features)
+    return out
+
+
+def check_targets(targets: Iterable[str]) -> Tuple[str, ...]:
+    targets = tuple(targets)
+    bad = [t for t in targets if t not in TARGETS]
+    if not targets or bad or len(set(targets)) != len(targets):
+        raise ValueError(f"adapter targets must be distinct names from {TARGETS}, got "
+                         f"{list(targets)}")
+    return tuple(t for t in TARGETS if t in targets)          # canonical order
+
+
+class ClsAdapter(nn.Module):
+    """Low-rank deltas for the [CLS] row of every decoder layer.
+
+    Args:
+        layers: the model's decoder layers (their projection sizes fix the shapes).
+        rank: ``r >= 1``; alpha: the scale is ``alpha / rank``.
+        targets: projection names from ``TARGETS`` (default all seven).
+
+    ``A`` starts random (``1/sqrt(in)``), ``B`` at zero: a fresh adapter is the identity.
+    """
+
+    def __init__(self, layers, rank: int, alpha: float, targets: Sequence[str] = TARGETS):
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        self.rank, self.alpha, self.targets = rank, float(alpha), check_targets(targets)
+        self.scale = self.alpha / rank
+        self.num_layers = len(layers)
+        ref = layers[0].self_attn.q_proj.weight
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        self._index: Dict[Tuple[int, str], int] = {}
+        for name, shape in adapter_shapes(layers, self.targets, rank).items():
+            _, i, t, ab = name.split(".")
+            if ab == "A":
+                self._index[(int(i), t)] = len(self.A)
+                w = torch.randn(shape, device=ref.device, dtype=ref.dtype) * shape[0] ** -0.5
+                self.A.append(nn.Parameter(w))
+            else:
+                self.B.append(nn.Parameter(torch.zeros(shape, device=ref.device,
+                                                       dtype=ref.dtype)))
+
+    def delta(self, i: int, target: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``s * (x @ A) @ B`` of layer ``i``'s ``target``; None where it is not adapted."""
+        j = self._index.get((i, target))
+        if j is None:
+            return None
+        return (x @ self.A[j]) @ self.B[j] * self.scale
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The delta's tensors by their ``safety.safetensors`` names."""
+        out = {}
+        for (i, t), j in self._index.items():
+            out[f"adapter.{i}.{t}.A"] = self.A[j]
+            out[f"adapter.{i}.{t}.B"] = self.B[j]
+        return out
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: Dict[str, torch.Tensor]) -> None:
+        for name, p in self.tensors().items():
+            p.copy_(tensors[name].to(p))
+
+    def meta(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+
+class AdaptedLinears:
+    """``linears`` (``ModuleLinears`` / ``KernelLinears``) plus the adapter's deltas on the
+    [CLS] rows: column ``col`` of ``(B, L, .)`` inputs, or every row when ``col`` is None.
+
+    Token rows go through ``linears`` untouched (the delta is added to a copy-free slice of
+    the [CLS] column only), so their values are bitwise those of ``linears`` alone.
+    """
+
+    def __init__(self, linears, adapter: ClsAdapter, col: Optional[int]):
+        self.base, self.adapter, self.col = linears, adapter, col
+
+    def _add(self, i: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.col is None:
+            d = self.adapter.delta(i, target, x)
+            return y if d is None else y + d
+        d = self.adapter.delta(i, target, x[:, self.col])
+        if d is not None:
+            y[:, self.col] += d
+        return y
+
+    def qkv(self, i: int, h: torch.Tensor):
+        q, k, v = self.base.qkv(i, h)
+        return (self._add(i, "q_proj", h, q), self._add(i, "k_proj", h, k),
+                self._add(i, "v_proj", h, v))
+
+    def o(self, i: int, a: torch.Tensor) -> torch.Tensor:
+        return self._add(i, "o_proj", a, self.base.o(i, a))
+
+    def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.base.gate_up(i, h)
+        gate = self._add(i, "gate_proj", h, gate)
+        up = self._add(i, "up_proj", h, up)
+        z = self.base.act(i)(gate) * up
+        return self._add(i, "down_proj", z, self.base.down(i, z))
+
+
+def adapter_of(model) -> Optional[ClsAdapter]:
+    """The model's ``ClsAdapter`` (``model.safety_adapter``), or None (a rank-0 delta)."""
+    a = getattr(model, "safety_adapter", None)
+    return a if isinstance(a, ClsAdapter) else None
+
+
+def with_adapter(model, linears, col: Optional[int]):
+    """``linears`` wrapped with the model's adapter for [CLS] column ``col``; unchanged when
+    the model has none."""
+    a = adapter_of(model)
+    return linears if a is None else AdaptedLinears(linears, a, col)
+
+
+__all__ = ["TARGETS", "ClsAdapter", "AdaptedLinears", "adapter_of", "adapter_shapes",
+           "check_targets", "with_adapter"]
