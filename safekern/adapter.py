@@ -1,7 +1,9 @@
 """The [CLS] adapter: a trainable path of the [CLS] row's own (docs/DESIGN.md §9).
 
 Per decoder layer, low-rank deltas ``y += s * (x @ A) @ B`` (rank ``r``, ``s = alpha / r``) on
-some of the q, k, v, o, gate, up and down projections, added to the **[CLS] rows only**. With
+some of the q, k, v, o, gate, up and down projections, added to the **[CLS] rows only**, and a
+[CLS] input embedding of its own (the embedding matrix's [CLS] row is left alone: with tied
+embeddings it is also the LM head's [CLS] row, which every token row's softmax reads). With
 ``response_sees_cls=False`` no token row reads the [CLS] key, so token rows compute the base
 model's values bit for bit whether the adapter is there or not (tested); the [CLS] row becomes a
 small classifier that reads every layer's K/V through its own adapted projections.
@@ -35,7 +37,7 @@ def _module(layer, target: str) -> nn.Module:
 def adapter_shapes(layers, targets: Sequence[str], rank: int) -> Dict[str, Tuple[int, ...]]:
     """``{tensor name: shape}`` of an adapter over ``layers``: ``A`` is ``(in, r)``, ``B``
     ``(r, out)`` per layer and target (the names ``save_safety`` writes)."""
-    out = {}
+    out = {"adapter.cls_embedding": (layers[0].self_attn.q_proj.in_features,)}
     for i, layer in enumerate(layers):
         for t in targets:
             m = _module(layer, t)
@@ -64,7 +66,8 @@ class ClsAdapter(nn.Module):
     ``A`` starts random (``1/sqrt(in)``), ``B`` at zero: a fresh adapter is the identity.
     """
 
-    def __init__(self, layers, rank: int, alpha: float, targets: Sequence[str] = TARGETS):
+    def __init__(self, layers, rank: int, alpha: float, targets: Sequence[str] = TARGETS,
+                 embedding: Optional[torch.Tensor] = None):
         super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {rank!r}")
@@ -74,10 +77,17 @@ class ClsAdapter(nn.Module):
         self.scale = self.alpha / rank
         self.num_layers = len(layers)
         ref = layers[0].self_attn.q_proj.weight
+        hidden = layers[0].self_attn.q_proj.in_features
+        emb = torch.zeros(hidden) if embedding is None else embedding.detach()
+        if tuple(emb.shape) != (hidden,):
+            raise ValueError(f"embedding must have shape ({hidden},), got {tuple(emb.shape)}")
+        self.embedding = nn.Parameter(emb.to(device=ref.device, dtype=ref.dtype).clone())
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
         self._index: Dict[Tuple[int, str], int] = {}
         for name, shape in adapter_shapes(layers, self.targets, rank).items():
+            if name == "adapter.cls_embedding":
+                continue
             _, i, t, ab = name.split(".")
             if ab == "A":
                 self._index[(int(i), t)] = len(self.A)
@@ -96,7 +106,7 @@ class ClsAdapter(nn.Module):
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The delta's tensors by their ``safety.safetensors`` names."""
-        out = {}
+        out = {"adapter.cls_embedding": self.embedding}
         for (i, t), j in self._index.items():
             out[f"adapter.{i}.{t}.A"] = self.A[j]
             out[f"adapter.{i}.{t}.B"] = self.B[j]
@@ -121,6 +131,12 @@ class AdaptedLinears:
 
     def __init__(self, linears, adapter: ClsAdapter, col: Optional[int]):
         self.base, self.adapter, self.col = linears, adapter, col
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, L, Dm)`` (the embedded ids) with the adapter's [CLS] embedding in the [CLS]
+        column, in place."""
+        x[:, self.col] = self.adapter.embedding.to(x.dtype)
+        return x
 
     def _add(self, i: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.col is None:

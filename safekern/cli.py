@@ -50,7 +50,8 @@ def _train(args) -> int:
         from .recipe import train_real
 
         train_real(args.model, args.out, response_windows=args.response_windows,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, rank=args.rank, epochs=args.epochs,
+                   max_minutes=args.max_minutes, max_sequences=args.max_sequences)
         return 0
     if not args.tiny and args.model != "tiny":
         print("say what to train: --model smollm2 (a real pretrained model, frozen-LM recipe) "
@@ -139,6 +140,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument("--response-windows", action="store_true", help="real model: train the "
                    "[CLS] on response windows too, not on the query windows only (the paper's "
                    "recipe, which measured better on the held-out split: BENCHMARKS.md)")
+    t.add_argument("--rank", type=int, default=16, help="real model: rank of the [CLS] "
+                   "adapter (docs/DESIGN.md §9); 0 = a linear head on the frozen [CLS] row")
+    t.add_argument("--epochs", type=int, default=None, help="real model, rank > 0: epochs "
+                   "(default: the recipe's)")
+    t.add_argument("--max-minutes", type=float, default=None, help="real model, rank > 0: stop "
+                   "training after this many minutes (the best epoch so far is kept)")
+    t.add_argument("--max-sequences", type=int, default=None, help="real model: train on a "
+                   "sample of this many sequences (a smoke run)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--tiny", action="store_true", help="the embedded tiny Llama recipe")
     t.add_argument("--out", default=None, help="output dir (default: "

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .adapter import adapter_of, with_adapter
+from .adapter import AdaptedLinears, adapter_of, with_adapter
 from .decode_linear import KernelLinears, ModuleLinears, decode_linears
 from .model import encode_inputs, refusal_token_ids, safety_head_params
 from .ops import dispatch, ess_attention, head_sample
@@ -241,6 +241,8 @@ class Engine:
         B, L = ids.shape
         kw = {"response_start": None, "cls_windows": None, "key_bias": None, **ess_kw}
         x = a.base.embed_tokens(ids)
+        if isinstance(linears, AdaptedLinears):
+            linears.embed(x)                      # the adapter's own [CLS] embedding
         cos, sin = self._cos[pos][:, :, None, :], self._sin[pos][:, :, None, :]
         half = a.head_dim // 2
         with reuse_masks():                   # one visibility mask per pass, not one per layer

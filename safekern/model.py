@@ -329,15 +329,17 @@ def add_adapter(model, rank: int = 16, alpha: Optional[float] = None,
     Low-rank deltas on the [CLS] row's ``targets`` projections of every decoder layer
     (``alpha`` default: ``rank``, i.e. scale 1). Needs ``response_sees_cls=False``: only then
     does no token row read the adapted [CLS] K/V, so token rows stay the base model's bit for
-    bit. A fresh adapter (``B = 0``) changes nothing until trained (``safekern.recipe``).
+    bit. The adapter's [CLS] input embedding starts as the model's [CLS] row. A fresh adapter
+    (``B = 0``) changes nothing until trained (``safekern.adapter_recipe``).
     """
     cfg = safety_config(model)
     if cfg.response_sees_cls:
         raise ValueError("a [CLS] adapter needs attach(..., response_sees_cls=False): with "
                          "response rows reading the [CLS] key, the adapter would change the "
                          "model's answers")
+    emb = model.get_input_embeddings().weight[cfg.cls_id]
     adapter = ClsAdapter(decoder_layers(model), rank, float(rank if alpha is None else alpha),
-                         targets)
+                         targets, embedding=emb)
     model.safety_adapter = adapter
     return adapter
 

@@ -149,14 +149,68 @@ def shipped_delta(name: str = "smollm2") -> str:
     return path
 
 
+# Architectures the engine runs (safekern.engine.SUPPORTED_ARCHS; not imported here).
+LOCAL_ARCHS = ("llama", "mistral", "qwen2")
+
+
+def is_local(name) -> bool:
+    """Whether ``name`` is a path to a local checkpoint (not a ``MODELS`` key)."""
+    return isinstance(name, (str, os.PathLike)) and str(name) not in MODELS and (
+        os.sep in str(name) or os.path.exists(str(name)) or str(name).endswith(".gguf"))
+
+
+def local_checkpoint(path) -> str:
+    """A float32 checkpoint directory for a local ``path``: a directory with ``config.json``
+    (used as it is) or a ``.gguf`` file (de-quantized once into ``cache_root()``). Raises
+    naming the path for anything else or for an architecture the engine does not run."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        cfg = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg):
+            raise ValueError(f"{path!r} is a directory without config.json: not a transformers "
+                             "checkpoint (save one with save_pretrained, or pass a .gguf file)")
+        with open(cfg) as f:
+            mtype = json.load(f).get("model_type")
+        directory = path
+    elif os.path.isfile(path) and path.endswith(".gguf"):
+        for mod in ("gguf", "accelerate"):
+            if importlib.util.find_spec(mod) is None:
+                raise ModuleNotFoundError(f"reading {path!r} needs {mod!r}: pip install "
+                                          '"safekern[real]"')
+        stem = os.path.splitext(os.path.basename(path))[0]
+        directory = os.path.join(cache_root(), f"local-{stem}-{_cache_key(path)}")
+        if not os.path.isfile(os.path.join(directory, "safekern_source.json")):
+            os.makedirs(cache_root(), exist_ok=True)
+            _dequantize_to(path, directory)
+        with open(os.path.join(directory, "config.json")) as f:
+            mtype = json.load(f).get("model_type")
+    else:
+        raise ValueError(f"model {str(path)!r} is neither a known name ({sorted(MODELS)}) nor a "
+                         "checkpoint directory with config.json nor a .gguf file")
+    if mtype not in LOCAL_ARCHS:
+        raise ValueError(f"{path!r} holds a {mtype!r} model; safekern runs {LOCAL_ARCHS} "
+                         "chat models")
+    return directory
+
+
+def model_label(name) -> str:
+    """A short name for caches and outputs: the key, or a local checkpoint's base name."""
+    if not is_local(name):
+        return _check_name(name).name
+    base = os.path.basename(os.path.normpath(os.fspath(name)))
+    return os.path.splitext(base)[0] if base.endswith(".gguf") else base
+
+
 def load(name: str = "smollm2", *, safety=False, dtype: torch.dtype = torch.float32,
          device="cpu", refresh: bool = False) -> Tuple[torch.nn.Module, object]:
     """Load a registered pretrained model: ``(model, tokenizer)`` in eval mode.
 
     Args:
-        name: a key of ``MODELS`` (``"smollm2"``).
+        name: a key of ``MODELS`` (``"smollm2"``), or a local Llama / Mistral / Qwen2 chat
+            checkpoint: a directory with ``config.json`` or a ``.gguf`` file (offline).
         safety: ``False`` (the base model, no [CLS]), ``True`` (attach the shipped trained ESS
-            delta, ``shipped_delta(name)``) or a directory written by ``save_safety`` /
+            delta, ``shipped_delta(name)``; none ships for a local checkpoint) or a
+            directory written by ``save_safety`` /
             ``safekern train --model NAME --out DIR``.
         dtype: parameter dtype (the cache holds float32).
         device: where the model goes.
@@ -175,8 +229,14 @@ def load(name: str = "smollm2", *, safety=False, dtype: torch.dtype = torch.floa
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if not isinstance(safety, (bool, str, os.PathLike)):
         raise TypeError(f"safety must be a bool or a directory, got {type(safety).__name__}")
+    if is_local(name):
+        if safety is True:
+            raise ValueError(f"no delta ships for the local checkpoint {str(name)!r}: pass "
+                             "safety=DIR (written by `safekern train --model PATH`)")
+        directory = local_checkpoint(name)
+    else:
+        directory = local_dir(name, refresh=refresh)
     delta = shipped_delta(name) if safety is True else (safety or None)
-    directory = local_dir(name, refresh=refresh)
     tok = AutoTokenizer.from_pretrained(directory)
     tok.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
@@ -186,5 +246,6 @@ def load(name: str = "smollm2", *, safety=False, dtype: torch.dtype = torch.floa
     return model, tok
 
 
-__all__ = ["MODELS", "ModelSpec", "load", "local_dir", "gguf_path", "is_available",
+__all__ = ["MODELS", "ModelSpec", "load", "local_dir", "local_checkpoint", "is_local",
+           "model_label", "gguf_path", "is_available",
            "cache_base", "cache_root", "shipped_delta"]

@@ -41,6 +41,7 @@ from .data.real import training_rows
 from .decode_linear import ModuleLinears
 from .evaluation import roc_auc
 from .model import encode_prompts, safety_config, save_safety, template_split
+from .spec import EssConfig
 
 
 @dataclass
@@ -59,7 +60,8 @@ class Window:
 def example_windows(P: int, q_span: Tuple[int, int], n_resp: int, y: int, z: int, *,
                     n_prefill: int = 0, r1: int = 10, r2: int = 10, r3: int = 10,
                     response_windows: bool = True, min_harmful_window: int = 3,
-                    ends: Sequence[int] = (1, 2, 4, 7, 10, 14, 19, 25, 32)) -> List[Tuple]:
+                    ends: Sequence[int] = (1, 2, 4, 7, 10, 14, 19, 25, 32),
+                    tau: Optional[int] = None) -> List[Tuple]:
     """``[(spans, label, kind, t)]`` for one sequence laid out as docs/DESIGN.md §2 (``t`` =
     cache length at the evaluation the window stands for).
 
@@ -67,6 +69,9 @@ def example_windows(P: int, q_span: Tuple[int, int], n_resp: int, y: int, z: int
         P: prompt length incl. [CLS]; q_span: ``[q_start, q_end)``; n_resp: response tokens
             (prefill + generated) present in the sequence; y / z: request / response labels;
         n_prefill: prefilled tokens (a prefill attack): rule 1 covers ``min(n_prefill, r1)``.
+        tau: SUSPECT windows as the state machine with this tau makes them: flagged at ``S``,
+            the next ``tau - 1`` evaluations see ``[S - r2, t)``, ``r2 + j`` tokens for
+            ``j < tau`` (capped by ``r3``); None: one ``r2 + r3`` window per end.
     """
     qs, qe = q_span
     out = [(((qs, qe),), y, "query", P)]
@@ -83,8 +88,13 @@ def example_windows(P: int, q_span: Tuple[int, int], n_resp: int, y: int, z: int
         if z == 1 and e - start < min_harmful_window:
             continue
         out.append((((P + start, P + e),), z, "response", P + e))
-        if e >= r2 + r3:                              # a SUSPECT window: S - r2 .. S + r3
-            out.append((((P + e - r2 - r3, P + e),), z, "suspect", P + e))
+        if tau is None:
+            if e >= r2 + r3:                          # a SUSPECT window: S - r2 .. S + r3
+                out.append((((P + e - r2 - r3, P + e),), z, "suspect", P + e))
+            continue
+        for j in range(1, min(tau - 1, r3) + 1):
+            if e >= r2 + j:
+                out.append((((P + e - r2 - j, P + e),), z, "suspect", P + e))
     return out
 
 
@@ -120,29 +130,31 @@ class _Layers:
             out.append((torch.cat([pad, k], 1), torch.cat([pad, v], 1)))
         return out
 
-    def cls_rows(self, cls_emb: torch.Tensor, kv: List[Tuple[torch.Tensor, torch.Tensor]],
+    def cls_rows(self, cls_emb: Optional[torch.Tensor],
+                 kv: List[Tuple[torch.Tensor, torch.Tensor]],
                  nkeys: torch.Tensor, rope_pos: Optional[torch.Tensor] = None,
                  adapter: Optional[ClsAdapter] = None) -> torch.Tensor:
         """Final-norm hidden state of N [CLS] rows, differentiable in ``cls_emb`` (and in the
         ``adapter``'s weights, whose deltas every row takes: they are all [CLS] rows).
 
         Args:
-            cls_emb: ``(Dm,)`` the [CLS] embedding row.
+            cls_emb: ``(Dm,)`` the [CLS] embedding row (None with an adapter: its own).
             kv: per layer ``(k, v)`` of shape ``(N, K, Hkv, D)``: the window keys of each row
                 (slot 0 is overwritten by the row's own fresh [CLS] K/V).
             nkeys: ``(N,)`` valid keys per row (slot 0 included).
             rope_pos: ``(N,)`` RoPE position of each [CLS] row (None = 0, the paper's layout).
             adapter: the [CLS] adapter (None: the base projections only).
         """
-        from .ops import ess_attention
-
         a = self.arch
         lin = ModuleLinears(a.layers)
         if adapter is not None:
             lin = AdaptedLinears(lin, adapter, col=None)
         N = nkeys.shape[0]
+        if cls_emb is None:
+            cls_emb = adapter.embedding
         x = cls_emb[None, None].expand(N, 1, -1)
-        zero = torch.zeros(N, 1, dtype=torch.int32, device=nkeys.device)
+        width = kv[0][0].shape[1]
+        hidden = torch.arange(width, device=nkeys.device)[None] >= nkeys[:, None].long()
         if rope_pos is not None:
             cos, sin = a.rope_table(int(rope_pos.max()) + 1, nkeys.device, x.dtype)
             cos, sin = cos[rope_pos.long()][:, None, None], sin[rope_pos.long()][:, None, None]
@@ -156,11 +168,23 @@ class _Layers:
                 q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             kk, vv = torch.cat([k, kc[:, 1:]], 1), torch.cat([v, vc[:, 1:]], 1)
             # Every listed key is visible to the [CLS] row: plain attention over nkeys keys.
-            o = ess_attention(q, kk, vv, softmax_scale=a.scale, causal=False, q_pos=zero,
-                              seqlens_k=nkeys, backend="torch")
+            o = _window_attention(q, kk, vv, hidden, a.scale)
             x = x + lin.o(i, o.reshape(N, 1, -1))
             x = x + lin.mlp(i, layer.post_attention_layernorm(x))
         return a.base.norm(x[:, 0])
+
+
+def _window_attention(q, k, v, hidden, scale):
+    """One query row per window over its keys: ``q (N, 1, H, D)``, ``k, v (N, K, Hkv, D)``,
+    ``hidden (N, K)`` True for padding keys. ``ess_attention``'s semantics for this case
+    (GQA without repeated K/V) in four ops whose autograd is cheap: the reference op builds a
+    general (Lq, Lk) visibility mask, which dominated a training step."""
+    N, _, H, D = q.shape
+    Hkv = k.shape[2]
+    s = q.view(N, Hkv, H // Hkv, D) @ k.permute(0, 2, 3, 1) * scale     # (N, Hkv, G, K)
+    s = s.masked_fill(hidden[:, None, None], float("-inf"))
+    o = torch.softmax(s, -1) @ v.transpose(1, 2)                         # (N, Hkv, G, D)
+    return o.reshape(N, 1, H * D)
 
 
 def _rope(x, cos, sin):
@@ -358,29 +382,60 @@ def train_frozen(model, tokenizer, rows: Sequence[Dict], *, response_windows: bo
 
 
 def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
-               response_windows: bool = False, cls_position: str = "last",
-               progress: bool = True, features_cache: Optional[str] = None, log=print) -> Dict:
-    """``safekern train --model NAME``: load the model, attach, fit, save the delta only."""
+               response_windows: bool = False, cls_position: str = "last", rank: int = 16,
+               epochs: Optional[int] = None, max_minutes: Optional[float] = None,
+               max_sequences: Optional[int] = None, progress: bool = True,
+               features_cache: Optional[str] = None, log=print) -> Dict:
+    """``safekern train --model NAME``: load the model, attach, train, save the delta only.
+
+    ``rank > 0``: the [CLS] adapter recipe (``safekern.adapter_recipe``), on every window kind;
+    ``rank == 0``: the linear head on the frozen [CLS] row (query windows unless
+    ``response_windows``). The delta records the operating point ``DEFAULT_OPERATING_POINT``.
+    ``name``: a ``safekern.models`` key or a local checkpoint (directory or ``.gguf``);
+    ``max_sequences``: train on a seeded sample of this many sequences (smoke runs).
+    """
     from . import models
     from .model import attach
 
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be an int >= 0, got {rank!r}")
     torch.manual_seed(0)
     model, tok = models.load(name)
     attach(model, tok, response_sees_cls=False, cls_position=cls_position)
     rows = training_rows("train")
-    summary = train_frozen(model, tok, rows, response_windows=response_windows,
-                           progress=progress, features_cache=features_cache, log=log)
+    if max_sequences is not None:
+        import random
+
+        rows = random.Random(0).sample(rows, min(max_sequences, len(rows)))
+    if rank == 0:
+        summary = train_frozen(model, tok, rows, response_windows=response_windows,
+                               progress=progress, features_cache=features_cache, log=log)
+    else:
+        from .adapter_recipe import AdapterRecipe, train_adapter
+
+        kw = {} if epochs is None else {"epochs": epochs}
+        rc = AdapterRecipe(rank=rank, alpha=2.0 * rank, max_seconds=(
+            None if max_minutes is None else 60.0 * max_minutes), **kw)
+        summary = train_adapter(model, tok, rows, rc, progress=progress, log=log)
+        model.safekern.operating_point = DEFAULT_OPERATING_POINT
     out_dir = out_dir or default_delta_dir(name)
     save_safety(model, out_dir)
     summary["out_dir"] = out_dir
     return summary
 
 
+# The operating point a trained adapter delta records (``generate(safety="auto")``): every-step
+# evaluation, and a refusal that stops (``high``) and ends as a sentence, so a forced refusal
+# is never followed by the frozen model drifting back into compliance.
+DEFAULT_OPERATING_POINT = EssConfig(schedule="each", policy="high",
+                                    refusal_text="Sorry, I can't help with that.")
+
+
 def default_delta_dir(name: str) -> str:
     """Where ``safekern train --model NAME`` writes by default (the shipped delta is read-only)."""
-    from .models import cache_base
+    from .models import cache_base, model_label
 
-    return os.path.join(cache_base(), f"{name}-ess")
+    return os.path.join(cache_base(), f"{model_label(name)}-ess")
 
 
 __all__ = ["example_windows", "chunk_windows", "cls_features", "fit_head", "select_head",

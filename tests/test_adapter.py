@@ -27,6 +27,7 @@ def _adapted(seed=3, rank=4, targets=None):
     with torch.no_grad():                       # a trained-looking adapter: B != 0
         for p in adapter.B:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        adapter.embedding.add_(torch.randn(adapter.embedding.shape, generator=g))
     return model, tok
 
 
@@ -56,8 +57,7 @@ def _recipe_p(model, tok, out, ess):
                 ((max(P, t - ess.r2), t),)
             wins.append(Window(0, spans, 0, "x", t))
         kvw, nkeys = gather_windows(kv, wins, 0)
-        h = layers.cls_rows(model.get_input_embeddings().weight[model.safekern.cls_id], kvw,
-                            nkeys, rope_pos=torch.tensor([w.t - 1 for w in wins]),
+        h = layers.cls_rows(None, kvw, nkeys, rope_pos=torch.tensor([w.t - 1 for w in wins]),
                             adapter=model.safety_adapter)
         got.append(torch.sigmoid(model.safety_head(h)[:, 0]))
     return got
@@ -125,7 +125,8 @@ def test_token_rows_bit_identical_with_the_adapter(tiny, cpu_linear):
 def test_round_trip_and_operating_point(tiny, tmp_path):
     model, tok = tiny
     model.safekern.windows = (3, 4, 10)
-    model.safekern.operating_point = EssConfig(r1=3, r2=4, schedule="annealing", policy="high")
+    model.safekern.operating_point = EssConfig(r1=3, r2=4, schedule="annealing", policy="high",
+                                                threshold=1.0)
     try:
         safekern.save_safety(model, str(tmp_path))
     finally:

@@ -1,0 +1,259 @@
+"""Train the [CLS] adapter on a frozen LM (docs/DESIGN.md §9; ``safekern train --rank R``).
+
+What trains: the adapter's low-rank deltas on the [CLS] row's projections, its [CLS] embedding
+(a leaf of its own, not a view of the embedding matrix, whose [CLS] row stays as attached) and
+the safety head. The LM stays frozen and
+no token row reads the [CLS] (``response_sees_cls=False``), so the K/V of every token is the base
+model's: one no-grad forward per chunk of sequences gives every window's keys, and each window
+is one [CLS] row through the layers (``recipe._Layers.cls_rows``), batched into one forward and
+backward per optimizer step, bucketed by window width.
+
+Windows are the inference plan's (``recipe.example_windows``): the query span (rule 1 at
+prefill), query + first response tokens, the latest ``r2`` tokens at response lengths up to the
+longest answer (rule 2), and SUSPECT windows of the lengths ``tau`` reaches (rule 3). Labels by
+content: the request's label on query windows, the response's on response windows (harmful
+continuation 1; benign answers and refusals 0). Each epoch keeps every query window and a fresh
+random sample of a sequence's response windows (``windows_per_seq``).
+
+Validation is grouped by prompt (no prompt has windows on both sides); the epoch with the best
+validation AUC is kept, and the summary reports validation AUC per window kind and the false
+positive / true positive rates at the chosen threshold.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import TARGETS
+from .evaluation import roc_auc
+from .model import add_adapter, safety_config
+from .recipe import (Window, _Layers, _rope_positions, encode_rows, example_windows,
+                     gather_windows)
+
+# Response lengths at which a latest-r2 window is trained: dense early (where the first
+# verdicts fall), then geometric up to the longest answer (every length `each` reaches is
+# within a few tokens of one of these).
+RESPONSE_ENDS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 17, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112,
+                 128, 160, 192, 256)
+
+
+@dataclass
+class AdapterRecipe:
+    """Hyper-parameters of ``train_adapter`` (defaults: the measured choice, BENCHMARKS.md)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    targets: Tuple[str, ...] = TARGETS
+    epochs: int = 3
+    lr: float = 1e-3
+    head_lr: float = 3e-3
+    weight_decay: float = 0.01
+    seqs_per_chunk: int = 16
+    rows_per_step: int = 96
+    windows_per_seq: int = 10
+    r1: int = 10
+    r2: int = 10
+    r3: int = 10
+    tau: int = 3
+    val_fraction: float = 0.15
+    seed: int = 0
+    max_seconds: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("rank", "epochs", "seqs_per_chunk", "rows_per_step", "windows_per_seq",
+                     "r1", "r2", "r3", "tau"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("alpha", "lr", "head_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if not 0 <= self.weight_decay < 1 or not 0 < self.val_fraction < 0.5:
+            raise ValueError("weight_decay must be in [0, 1) and val_fraction in (0, 0.5)")
+
+
+def split_by_prompt(rows: Sequence[Dict], fraction: float, seed: int) -> Tuple[list, list]:
+    """``(train, val)``: whole prompts go to validation, stratified by the request label."""
+    rng = random.Random(seed)
+    val_prompts = set()
+    for label in (0, 1):
+        prompts = sorted({r["prompt"] for r in rows if r["label"] == label})
+        rng.shuffle(prompts)
+        val_prompts.update(prompts[:max(1, int(len(prompts) * fraction))])
+    train = [r for r in rows if r["prompt"] not in val_prompts]
+    val = [r for r in rows if r["prompt"] in val_prompts]
+    return train, val
+
+
+def _windows(tokenizer, rows, cls_id, rc: AdapterRecipe, rng: Optional[random.Random]):
+    """Per row the ids and its windows; ``rng`` samples response windows (None: all)."""
+    enc, n_pre = encode_rows(tokenizer, rows, cls_id)
+    out = []
+    for i, r in enumerate(rows):
+        P = enc.prompt_len[i]
+        n = len(enc.ids[i]) - P
+        ends = [e for e in RESPONSE_ENDS if e < n] + ([n] if n > 0 else [])
+        wins = [Window(i, spans, lab, kind, t) for spans, lab, kind, t in example_windows(
+            P, (enc.query_start[i], enc.query_end[i]), n, r["label"],
+            r.get("response_label", r["label"]), n_prefill=n_pre[i], r1=rc.r1, r2=rc.r2,
+            r3=rc.r3, tau=rc.tau, ends=ends)]
+        first = [w for w in wins if w.kind in ("query", "query+response")]
+        rest = [w for w in wins if w.kind not in ("query", "query+response")]
+        if rng is not None and len(rest) > rc.windows_per_seq:
+            rest = rng.sample(rest, rc.windows_per_seq)
+        out.extend(first + rest)
+    return enc, out
+
+
+def _buckets(windows: List[Window], size: int) -> List[List[Window]]:
+    """Windows sorted by key count, cut into batches of ``size`` (little padding per batch)."""
+    ws = sorted(windows, key=lambda w: sum(e - s for s, e in w.spans))
+    return [ws[i:i + size] for i in range(0, len(ws), size)]
+
+
+class _Trainer:
+    def __init__(self, model, tokenizer, rc: AdapterRecipe):
+        self.model, self.tok, self.rc = model, tokenizer, rc
+        self.cfg = safety_config(model, tokenizer)
+        self.layers = _Layers(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.adapter = add_adapter(model, rc.rank, rc.alpha, rc.targets)
+        self.head = model.safety_head
+        for p in list(self.adapter.parameters()) + list(self.head.parameters()):
+            p.requires_grad_(True)
+        emb = self.adapter.embedding
+        self.opt = torch.optim.AdamW([
+            {"params": [p for p in self.adapter.parameters() if p is not emb], "lr": rc.lr},
+            {"params": [emb], "lr": rc.lr, "weight_decay": 0.0},
+            {"params": list(self.head.parameters()), "lr": rc.head_lr}],
+            weight_decay=rc.weight_decay)
+
+    def _kv(self, enc):
+        ids, lengths = enc.padded(self.tok.pad_token_id or 0, self.model.device)
+        return self.layers.sequence_kv(ids[:, 1:], lengths - 1)
+
+    def _logits(self, kv, batch):
+        kvw, nkeys = gather_windows(kv, batch, 0)
+        h = self.layers.cls_rows(None, kvw, nkeys,
+                                 rope_pos=_rope_positions(batch, self.cfg.cls_position),
+                                 adapter=self.adapter)
+        return self.head(h)[:, 0].float()
+
+    def chunks(self, rows, rng):
+        n = self.rc.seqs_per_chunk
+        for b0 in range(0, len(rows), n):
+            chunk = rows[b0:b0 + n]
+            enc, wins = _windows(self.tok, chunk, self.cfg.cls_id, self.rc, rng)
+            yield chunk, self._kv(enc), wins
+
+    def train_epoch(self, rows, rng, pos_weight: float, bar=None, deadline=None) -> float:
+        losses = []
+        for chunk, kv, wins in self.chunks(rows, rng):
+            for batch in _buckets(wins, self.rc.rows_per_step):
+                y = torch.tensor([float(w.label) for w in batch])
+                wt = torch.where(y > 0.5, pos_weight, 1.0)
+                loss = F.binary_cross_entropy_with_logits(self._logits(kv, batch), y, weight=wt)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(len(chunk))
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+        return sum(losses) / max(1, len(losses))
+
+    @torch.no_grad()
+    def scores(self, rows) -> Tuple[List[float], List[int], List[str]]:
+        p, y, kinds = [], [], []
+        for _, kv, wins in self.chunks(rows, None):
+            for batch in _buckets(wins, 4 * self.rc.rows_per_step):
+                p += torch.sigmoid(self._logits(kv, batch)).tolist()
+                y += [w.label for w in batch]
+                kinds += [w.kind for w in batch]
+        return p, y, kinds
+
+    def _params(self):
+        return list(self.adapter.parameters()) + list(self.head.parameters())
+
+    def state(self):
+        return [t.detach().clone() for t in self._params()]
+
+    @torch.no_grad()
+    def load(self, state):
+        for p, s in zip(self._params(), state):
+            p.copy_(s)
+
+
+def _metrics(p, y, kinds, threshold: float) -> Dict:
+    out = {"auc": round(roc_auc(p, y), 4)}
+    for group, names in (("first", ("query", "query+response")), ("response",
+                                                                   ("response", "suspect"))):
+        idx = [i for i, k in enumerate(kinds) if k in names]
+        ys = [y[i] for i in idx]
+        if 0 < sum(ys) < len(ys):
+            out[f"auc_{group}"] = round(roc_auc([p[i] for i in idx], ys), 4)
+        neg = [p[i] for i in idx if y[i] == 0]
+        pos = [p[i] for i in idx if y[i] == 1]
+        if neg:
+            out[f"fpr_{group}"] = round(sum(x >= threshold for x in neg) / len(neg), 4)
+        if pos:
+            out[f"tpr_{group}"] = round(sum(x >= threshold for x in pos) / len(pos), 4)
+    return out
+
+
+def train_adapter(model, tokenizer, rows: Sequence[Dict], recipe: AdapterRecipe = None, *,
+                  progress: bool = True, log=print) -> Dict:
+    """Train a [CLS] adapter (+ [CLS] embedding + head) on an attached frozen ``model``.
+
+    ``model`` must be attached with ``response_sees_cls=False``. On return the model carries
+    the best epoch's adapter, embedding row and head, and ``model.safekern.windows`` the
+    ``(r1, r2, r3)`` it was trained for. Returns a summary with validation metrics.
+    """
+    from tqdm.auto import tqdm
+
+    rc = recipe or AdapterRecipe()
+    t0 = time.perf_counter()
+    torch.manual_seed(rc.seed)
+    train, val = split_by_prompt(rows, rc.val_fraction, rc.seed)
+    tr = _Trainer(model, tokenizer, rc)
+    rng = random.Random(rc.seed)
+    labels = [w.label for w in _windows(tokenizer, train, tr.cfg.cls_id, rc, rng)[1]]
+    pos = max(1, sum(labels))
+    pos_weight = (len(labels) - pos) / pos                 # balance the classes
+    deadline = None if rc.max_seconds is None else t0 + rc.max_seconds
+    history, best = [], None
+    with tqdm(total=rc.epochs * len(train), desc="safekern train: [CLS] adapter", unit="seq",
+              disable=not progress) as bar:
+        for epoch in range(rc.epochs):
+            order = list(train)
+            rng.shuffle(order)
+            loss = tr.train_epoch(order, rng, pos_weight, bar, deadline)
+            p, y, kinds = tr.scores(val)
+            m = {"epoch": epoch + 1, "train_loss": round(loss, 4), **_metrics(p, y, kinds, 0.5),
+                 "seconds": round(time.perf_counter() - t0, 1)}
+            history.append(m)
+            if log is not None:
+                log(f"epoch {epoch + 1}: {m}")
+            if best is None or m["auc"] > best[0]["auc"]:
+                best = (m, tr.state())
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+    tr.load(best[1])
+    for p in tr._params():
+        p.requires_grad_(False)
+    model.safekern.windows = (rc.r1, rc.r2, rc.r3)
+    return {"sequences": len(train), "val_sequences": len(val), "recipe": asdict(rc),
+            "best": best[0], "history": history,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+__all__ = ["AdapterRecipe", "RESPONSE_ENDS", "split_by_prompt", "train_adapter"]

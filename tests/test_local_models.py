@@ -1,0 +1,57 @@
+"""Bring your own model: safekern.models.load / `safekern train --model` on a local checkpoint
+(a directory with config.json), offline, and the errors for anything else."""
+import json
+import os
+
+import pytest
+
+import safekern
+from safekern import EssConfig, models
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small random Qwen2 chat model saved like any transformers checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from safekern.data import corpus
+    from safekern.tiny import build_tokenizer, tiny_llama_config
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(corpus("train"), vocab_size=384)
+    cfg = tiny_llama_config(len(tok), arch="qwen2", hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "my-qwen"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_local_checkpoint_trains_and_generates(checkpoint, tmp_path):
+    from safekern.recipe import train_real
+
+    out = str(tmp_path / "delta")
+    summary = train_real(checkpoint, out, rank=2, epochs=1, max_sequences=24, progress=False,
+                         log=None)
+    assert summary["out_dir"] == out and os.path.isfile(os.path.join(out, "safety.json"))
+    assert models.model_label(checkpoint) == "my-qwen"
+    model, tok = models.load(checkpoint, safety=out)
+    assert model.config.model_type == "qwen2" and model.safety_adapter.rank == 2
+    res = safekern.generate(model, tok, ["How do I bake bread?"], max_new_tokens=3)
+    assert res[0].trace is not None and len(res[0].trace.p_unsafe) >= 1
+    assert model.safekern.operating_point == EssConfig(
+        schedule="each", policy="high", refusal_text="Sorry, I can't help with that.")
+
+
+def test_local_checkpoint_errors(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="no delta ships"):
+        models.load(checkpoint, safety=True)
+    with pytest.raises(ValueError, match="without config.json"):
+        models.load(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="'gpt2' model"):
+        models.load(str(tmp_path))
+    with pytest.raises(ValueError, match="neither a known name"):
+        models.load(str(tmp_path / "missing.gguf"))
