@@ -233,7 +233,7 @@ for D, dtype, tdt in ((128, "bf16", torch.bfloat16), (64, "fp16", torch.float16)
     (m1, n1), (m2, n2), warps, stages = A._bwd_config(D, tdt, torch.device("cuda"))
     common = dict(HAS_QPOS=True, HAS_SEQLENS=True, CAUSAL=True, IS_ESS=True, HAS_BIAS=True,
                   HEAD_DIM=D, BLOCK_D=D, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
-                  UPCAST_DOT=False)
+                  INTERP_BF16=False)
     dkdv = build(A._ess_attn_bwd_dkdv, warps, stages, dtype, BIAS_GRAD=True, BLOCK_M=m1,
                  BLOCK_N=n1, **common)
     dq = build(A._ess_attn_bwd_dq, warps, stages, dtype, BLOCK_M=m2, BLOCK_N=n2, **common)

@@ -36,7 +36,7 @@ except ImportError:  # attention.py never routes a backward here without triton
 _LOG2E = 1.4426950408889634
 
 if triton is not None:
-    from .attention import (_cls_key_end, _cls_keys, _mma, _row_key_end, _row_kinds,
+    from .attention import (_cls_key_end, _cls_keys, _mma, _narrow, _row_key_end, _row_kinds,
                             _row_positions)
 
     @triton.jit
@@ -58,16 +58,16 @@ if triton is not None:
     def _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal, is_cls, offs_n, seqlen, rs,
                     cw_ptr, W, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, IS_ESS: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
         """``(p, ds)`` of one (query tile, key tile) pair, recomputed from the log2-domain LSE."""
-        qk = _mma(q, tl.trans(k), DOT_PREC, UPCAST_DOT) * qk_scale
+        qk = _mma(q, tl.trans(k), DOT_PREC, INTERP_BF16) * qk_scale
         if HAS_BIAS:
             qk += kb[None, :] * 1.4426950408889634
         if MASKED:
             vis = _visible(pos, normal, is_cls, offs_n, seqlen, rs, cw_ptr, W, CAUSAL, IS_ESS)
             qk = tl.where(vis, qk, float("-inf"))
         p = tl.math.exp2(qk - lse2[:, None])
-        dp = _mma(do, tl.trans(v), DOT_PREC, UPCAST_DOT)
+        dp = _mma(do, tl.trans(v), DOT_PREC, INTERP_BF16)
         ds = p * (dp - delta[:, None])
         return p, ds
 
@@ -125,7 +125,7 @@ if triton is not None:
         CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
         BIAS_GRAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        INTERP_BF16: tl.constexpr,
     ):
         """dk, dv (and dkey_bias) of one key tile of one KV head, over its query-head group."""
         pid_n = tl.program_id(0)
@@ -179,13 +179,15 @@ if triton is not None:
                     if _tile_is_full(pos, normal, start_n, seqlen, rs, BLOCK_N, CAUSAL, IS_ESS):
                         p, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal, is_cls,
                                             offs_n, seqlen, rs, cw_ptr, W, qk_scale, False,
-                                            CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, UPCAST_DOT)
+                                            CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, INTERP_BF16)
                     else:
                         p, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal, is_cls,
                                             offs_n, seqlen, rs, cw_ptr, W, qk_scale, True,
-                                            CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, UPCAST_DOT)
-                    dv += _mma(tl.trans(p.to(do.dtype)), do, DOT_PREC, UPCAST_DOT)
-                    dk += _mma(tl.trans(ds.to(q.dtype)), q, DOT_PREC, UPCAST_DOT)
+                                            CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, INTERP_BF16)
+                    dv += _mma(tl.trans(_narrow(p, do.dtype, INTERP_BF16)), do, DOT_PREC,
+                               INTERP_BF16)
+                    dk += _mma(tl.trans(_narrow(ds, q.dtype, INTERP_BF16)), q, DOT_PREC,
+                               INTERP_BF16)
                     if BIAS_GRAD:
                         dkb += tl.sum(ds, 0)
             if BIAS_GRAD:
@@ -193,10 +195,11 @@ if triton is not None:
                 tl.store(DKB + (b * Hq + h) * Lk + offs_n, dkb, mask=offs_n < Lk)
         d_ok = (offs_n < Lk)[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(DK + b * stride_dkb + offs_n[:, None] * stride_dkn + hkv * stride_dkh
-                 + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty),
-                 mask=d_ok)
+                 + offs_d[None, :] * stride_dkd,
+                 _narrow(dk * sm_scale, DK.dtype.element_ty, INTERP_BF16), mask=d_ok)
         tl.store(DV + b * stride_dvb + offs_n[:, None] * stride_dvn + hkv * stride_dvh
-                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=d_ok)
+                 + offs_d[None, :] * stride_dvd, _narrow(dv, DV.dtype.element_ty, INTERP_BF16),
+                 mask=d_ok)
 
     @triton.jit
     def _ess_attn_bwd_dq(
@@ -212,7 +215,7 @@ if triton is not None:
         CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        INTERP_BF16: tl.constexpr,
     ):
         """dq of one query tile of one query head."""
         pid_m = tl.program_id(0)
@@ -260,14 +263,15 @@ if triton is not None:
                 if _tile_is_full(pos, normal, start_n, seqlen, rs, BLOCK_N, CAUSAL, IS_ESS):
                     p, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal, is_cls,
                                         offs_n, seqlen, rs, cw_ptr, W, qk_scale, False,
-                                        CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, UPCAST_DOT)
+                                        CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, INTERP_BF16)
                 else:
                     p, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal, is_cls,
                                         offs_n, seqlen, rs, cw_ptr, W, qk_scale, True,
-                                        CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, UPCAST_DOT)
-                dq += _mma(ds.to(k.dtype), k, DOT_PREC, UPCAST_DOT)
+                                        CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, INTERP_BF16)
+                dq += _mma(_narrow(ds, k.dtype, INTERP_BF16), k, DOT_PREC, INTERP_BF16)
         tl.store(DQ + b * stride_dqb + offs_m[:, None] * stride_dqm + h * stride_dqh
-                 + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
+                 + offs_d[None, :] * stride_dqd,
+                 _narrow(dq * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
                  mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
@@ -353,9 +357,9 @@ def attention_bwd_triton(do, q, k, v, o, lse, dlse=None, *, softmax_scale=None, 
                  IS_ESS=response_start is not None, HAS_BIAS=has_bias)
     block_d = max(16, triton.next_power_of_2(D))
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    upcast = dev.type != "cuda" and q.dtype == torch.bfloat16
+    interp_bf16 = dev.type != "cuda" and q.dtype == torch.bfloat16
     (m1, n1), (m2, n2), warps, stages = _bwd_config(D, q.dtype, dev)
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=dot_prec, UPCAST_DOT=upcast,
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=dot_prec, INTERP_BF16=interp_bf16,
                   num_warps=warps, num_stages=stages, **flags)
     _ess_attn_bwd_dkdv[(triton.cdiv(Lk, n1), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, dkb if bias_grad else dummy, q_pos_t, seqlens_t,
