@@ -218,7 +218,7 @@ from triton.backends.compiler import GPUTarget
 import safekern.ops._attention_bwd as A
 
 def build(fn, warps, stages, dtype, **consts):
-    ptrs = dict(LSE="*fp32", DELTA="*fp32", DKB="*fp32", KB="*fp32", QPOS="*i32",
+    ptrs = dict(LSE="*fp32", DELTA="*fp32", PDP="*fp32", DKB="*fp32", KB="*fp32", QPOS="*i32",
                 SEQLENS="*i32", RSTART="*i32", CW="*i32")
     sig = {n: "constexpr" if n in consts else ptrs.get(
         n, f"*{dtype}" if n in ("Q", "K", "V", "DO", "DQ", "DK", "DV") else
