@@ -3,8 +3,15 @@
 On CPU the kernels run under TRITON_INTERPRET=1 (conftest). Every case poisons what the
 backward must never read: K/V past ``seqlens_k``, and q / dO of padding rows (``q_pos = -1``)
 are NaN for the kernel (the reference gets clean copies). Tolerance per gradient: no worse than
-2x the error of the reference evaluated in the input dtype, plus a small floor.
+2x the error of the reference evaluated in the input dtype (for fp16/bf16 inputs: half-precision
+matmuls, float32 softmax, as transformers' eager attention), plus a small floor.
+
+The training-shape sweep runs a covering subset in CI; SAFEKERN_FULL_SWEEP=1 runs its full cross
+product (192 cases, ~40 minutes on 2 busy cores).
 """
+import itertools
+import os
+
 import pytest
 import torch
 
@@ -48,15 +55,17 @@ def poisoned(q, k, v, do, kw):
 
 
 def ref_grads(q, k, v, do, kw, key_bias, dtype, dlse=None):
-    """Gradients of the reference computed in ``dtype`` (float64 = the gold standard)."""
+    """Gradients of the reference computed in ``dtype`` (float64 = the gold standard; fp16/bf16:
+    matmuls in ``dtype``, softmax in float32)."""
     compute = None if dtype == torch.float64 else dtype
+    softmax = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
     leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     kb = None
     if key_bias is not None:
         kb = key_bias.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
         kb.requires_grad_(key_bias.requires_grad)
     o, lse = ess_attention_ref(*leaves, key_bias=kb, return_lse=True, compute_dtype=compute,
-                               **kw)
+                               softmax_dtype=softmax, **kw)
     loss = (o.double() * do.double()).sum()
     if dlse is not None:
         fin = torch.isfinite(lse)
@@ -66,8 +75,11 @@ def ref_grads(q, k, v, do, kw, key_bias, dtype, dlse=None):
 
 
 def check_grads(q, k, v, do, *, key_bias=None, bias_grad=False, with_lse=False, seed=0,
-                **kw):
-    """Kernel gradients (through ``ess_attention(backend="triton")``) vs the reference."""
+                floor=None, **kw):
+    """Kernel gradients (through ``ess_attention(backend="triton")``) vs the reference.
+
+    ``floor``: absolute slack on top of 2x the reference error; default ``4 eps`` relative to
+    the largest gradient."""
     dtype = q.dtype
     qp, kp, vp, dop, pad = poisoned(q, k, v, do, kw)
     leaves = [x.requires_grad_() for x in (qp, kp, vp)]
@@ -96,9 +108,9 @@ def check_grads(q, k, v, do, *, key_bias=None, bias_grad=False, with_lse=False, 
         assert not torch.isnan(a).any(), f"{name} has NaN (a poisoned value leaked)"
         err = (a.double() - gd).abs().max().item()
         err_ref = (lo - gd).abs().max().item()
-        floor = 4 * eps * max(1.0, gd.abs().max().item())
-        assert err <= 2 * err_ref + floor, \
-            f"{name} error {err:.3g} > 2 x reference error {err_ref:.3g} + {floor:.2g}"
+        slack = 4 * eps * max(1.0, gd.abs().max().item()) if floor is None else floor
+        assert err <= 2 * err_ref + slack, \
+            f"{name} error {err:.3g} > 2 x reference error {err_ref:.3g} + {slack:.2g}"
     assert (got[0][pad] == 0).all(), "dq of padding rows must be exactly 0"
     return got
 
@@ -136,6 +148,50 @@ def test_half_precision_broadcast_bias(device, dtype):
     q, k, v, do = make_inputs(B, L, L, Hq, Hkv, D, dtype, device, seed=3)
     kw = ess_kw(B, L, device, "alignment")
     check_grads(q, k, v, do, key_bias=torch.randn(B, 1, L, device=device), bias_grad=True, **kw)
+
+
+FULL_SWEEP = os.environ.get("SAFEKERN_FULL_SWEEP", "0") == "1"
+# (L, (Hq, Hkv), D, dtype, key bias, [CLS] windows)
+SWEEP = list(itertools.product((61, 97, 128, 255), ((4, 1), (8, 2), (2, 2)), (64, 128),
+                               (torch.bfloat16, torch.float16), (True, False), (True, False)))
+# CI: every value of every axis, issue 26's case first; the last one failed dkey_bias (3.3x)
+# while dk/dv took delta from the rounded O
+SWEEP_CI = [(97, (4, 1), 64, torch.bfloat16, True, True),
+            (61, (8, 2), 128, torch.float16, False, True),
+            (128, (2, 2), 64, torch.float16, True, False),
+            (255, (2, 2), 64, torch.bfloat16, False, True),
+            (97, (4, 1), 128, torch.bfloat16, True, True)]
+
+
+def sweep_params():
+    skip = pytest.mark.skip(reason="set SAFEKERN_FULL_SWEEP=1 to run every combination")
+    return [pytest.param(*case, marks=() if FULL_SWEEP or case in SWEEP_CI else skip,
+                         id="-".join(map(str, (case[0], f"{case[1][0]}:{case[1][1]}", case[2],
+                                               str(case[3])[6:], "bias" * case[4] or "nobias",
+                                               "cls" * case[5] or "nocls"))))
+            for case in SWEEP]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("L, heads, D, dtype, bias, cls", sweep_params())
+def test_training_shapes_sweep(device, L, heads, D, dtype, bias, cls):
+    """Issue 26: a training batch (B=2, right-padded: seqlens L and L - 14, padding rows
+    q_pos = -1; response_start = seqlens // 2 and one [CLS] window [3, response_start - 2);
+    a broadcast (B, 1, L) key bias with its gradient) under the 2x rule with a tight floor:
+    a quarter of the dtype's eps, absolute, where 4 eps relative would hide a 2.4x dq error."""
+    Hq, Hkv = heads
+    q, k, v, do = make_inputs(2, L, L, Hq, Hkv, D, dtype, device, seed=L + Hq + D)
+    seqlens = i32([L, L - 14], device)
+    i = torch.arange(L, dtype=torch.int32, device=device)[None].expand(2, L)
+    kw = dict(seqlens_k=seqlens, q_pos=torch.where(i < seqlens[:, None], i, -1))
+    if cls:
+        rs = seqlens // 2
+        kw["response_start"] = rs
+        kw["cls_windows"] = torch.stack([torch.full_like(rs, 3), rs - 2], -1)[:, None, :]
+    g = torch.Generator().manual_seed(L * D)
+    kb = torch.randn(2, 1, L, generator=g).to(device) if bias else None
+    check_grads(q, k, v, do, key_bias=kb, bias_grad=bias, floor=torch.finfo(dtype).eps / 4,
+                **kw)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -218,7 +274,7 @@ from triton.backends.compiler import GPUTarget
 import safekern.ops._attention_bwd as A
 
 def build(fn, warps, stages, dtype, **consts):
-    ptrs = dict(LSE="*fp32", DELTA="*fp32", DKB="*fp32", KB="*fp32", QPOS="*i32",
+    ptrs = dict(LSE="*fp32", DELTA="*fp32", PDP="*fp32", DKB="*fp32", KB="*fp32", QPOS="*i32",
                 SEQLENS="*i32", RSTART="*i32", CW="*i32")
     sig = {n: "constexpr" if n in consts else ptrs.get(
         n, f"*{dtype}" if n in ("Q", "K", "V", "DO", "DQ", "DK", "DV") else
@@ -233,7 +289,7 @@ for D, dtype, tdt in ((128, "bf16", torch.bfloat16), (64, "fp16", torch.float16)
     (m1, n1), (m2, n2), warps, stages = A._bwd_config(D, tdt, torch.device("cuda"))
     common = dict(HAS_QPOS=True, HAS_SEQLENS=True, CAUSAL=True, IS_ESS=True, HAS_BIAS=True,
                   HEAD_DIM=D, BLOCK_D=D, DOT_PREC="ieee" if dtype == "fp32" else "tf32",
-                  UPCAST_DOT=False)
+                  INTERP_BF16=False)
     dkdv = build(A._ess_attn_bwd_dkdv, warps, stages, dtype, BIAS_GRAD=True, BLOCK_M=m1,
                  BLOCK_N=n1, **common)
     dq = build(A._ess_attn_bwd_dq, warps, stages, dtype, BLOCK_M=m2, BLOCK_N=n2, **common)

@@ -251,7 +251,7 @@ def build(fn, warps, stages, **consts):
 
 common = dict(HAS_QPOS=True, HAS_SEQLENS=True, CAUSAL=True, IS_ESS=True, HAS_BIAS=True,
               HEAD_DIM=128, BLOCK_D=128,
-              DOT_PREC="tf32", UPCAST_DOT=False)
+              DOT_PREC="tf32", INTERP_BF16=False)
 fwd = build(A._ess_attn_fwd, 8, 3, STORE_LSE=True, BLOCK_M=128, BLOCK_N=64, **common)
 dec = build(A._ess_attn_decode_split, 4, 3, BLOCK_M=16, BLOCK_N=64, **common)
 build(A._ess_attn_decode_combine, 4, 1, STORE_LSE=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16)

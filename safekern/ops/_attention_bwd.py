@@ -5,6 +5,7 @@ defines "sees"; ``p`` is the forward's softmax, rebuilt from the saved log-sum-e
 
     s_ij   = scale * q_i . k_j + key_bias[h, j]          p_ij = exp(s_ij - lse_i)
     delta_i = sum_d dO_id * O_id  -  dlse_i               (dlse: the gradient of a returned lse)
+            = sum_j p_ij dO_i . v_j  -  dlse_i             (the same, without O's rounding)
     ds_ij  = p_ij * (dO_i . v_j - delta_i)
     dq_i = scale * sum_j ds_ij k_j    dk_j = scale * sum_i ds_ij q_i    dv_j = sum_i p_ij dO_i
     dkey_bias[h, j] = sum_i ds_ij     (summed over heads too for a broadcast (B, 1, Lk) bias)
@@ -12,14 +13,16 @@ defines "sees"; ``p`` is the forward's softmax, rebuilt from the saved log-sum-e
 Rows that see nothing (padding rows, ``lse = -inf``) have ``p = 0``: zero gradients, and they
 contribute nothing. No ``(Lq, Lk)`` tensor exists: two kernels recompute ``p`` tile by tile.
 
+* ``_ess_attn_bwd_dq`` runs first: one program per (query tile, batch * query head), the
+  forward's key loop: the causal range of its normal rows, plus the key tiles of its [CLS]
+  rows' windows. It uses ``delta`` from the stored O and also writes ``sum_j p_ij dp_ij``,
+  the delta the second kernel uses (in fp16/bf16 the stored O is rounded; see the launcher).
 * ``_ess_attn_bwd_dkdv``: one program per (key tile, batch * KV head). It loops over the G
   query heads of its KV head (GQA/MQA: dk/dv accumulate over the group in registers, K/V are
   never repeated, no atomics) and over the query tiles that reach its key tile: normal rows
   whose causal range covers the tile, and the tiles holding a [CLS] row when the key tile
   holds key 0 or a key of a [CLS] window (the [CLS] row ignores causality, so its window keys
   get its contribution even from above the diagonal). It writes dkey_bias per query head.
-* ``_ess_attn_bwd_dq``: one program per (query tile, batch * query head), the forward's key
-  loop: the causal range of its normal rows, plus the key tiles of its [CLS] rows' windows.
 
 Tiles every row sees entirely skip the per-element mask (``MASKED=False``), as in the forward.
 """
@@ -36,7 +39,7 @@ except ImportError:  # attention.py never routes a backward here without triton
 _LOG2E = 1.4426950408889634
 
 if triton is not None:
-    from .attention import (_cls_key_end, _cls_keys, _mma, _row_key_end, _row_kinds,
+    from .attention import (_cls_key_end, _cls_keys, _mma, _narrow, _row_key_end, _row_kinds,
                             _row_positions)
 
     @triton.jit
@@ -58,18 +61,19 @@ if triton is not None:
     def _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal, is_cls, offs_n, seqlen, rs,
                     cw_ptr, W, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, IS_ESS: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
-        """``(p, ds)`` of one (query tile, key tile) pair, recomputed from the log2-domain LSE."""
-        qk = _mma(q, tl.trans(k), DOT_PREC, UPCAST_DOT) * qk_scale
+                    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+        """``(p, dp, ds)`` of one (query tile, key tile) pair, recomputed from the log2-domain
+        LSE."""
+        qk = _mma(q, tl.trans(k), DOT_PREC, INTERP_BF16) * qk_scale
         if HAS_BIAS:
             qk += kb[None, :] * 1.4426950408889634
         if MASKED:
             vis = _visible(pos, normal, is_cls, offs_n, seqlen, rs, cw_ptr, W, CAUSAL, IS_ESS)
             qk = tl.where(vis, qk, float("-inf"))
         p = tl.math.exp2(qk - lse2[:, None])
-        dp = _mma(do, tl.trans(v), DOT_PREC, UPCAST_DOT)
+        dp = _mma(do, tl.trans(v), DOT_PREC, INTERP_BF16)
         ds = p * (dp - delta[:, None])
-        return p, ds
+        return p, dp, ds
 
     @triton.jit
     def _tile_is_full(pos, normal, start_n, seqlen, rs, BLOCK_N: tl.constexpr,
@@ -125,7 +129,7 @@ if triton is not None:
         CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
         BIAS_GRAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        INTERP_BF16: tl.constexpr,
     ):
         """dk, dv (and dkey_bias) of one key tile of one KV head, over its query-head group."""
         pid_n = tl.program_id(0)
@@ -177,15 +181,19 @@ if triton is not None:
                         stride_qb, stride_qm, stride_qh, stride_qd,
                         stride_dob, stride_dom, stride_doh, stride_dod, HEAD_DIM)
                     if _tile_is_full(pos, normal, start_n, seqlen, rs, BLOCK_N, CAUSAL, IS_ESS):
-                        p, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal, is_cls,
-                                            offs_n, seqlen, rs, cw_ptr, W, qk_scale, False,
-                                            CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, UPCAST_DOT)
+                        p, dp, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal,
+                                                is_cls, offs_n, seqlen, rs, cw_ptr, W, qk_scale,
+                                                False, CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC,
+                                                INTERP_BF16)
                     else:
-                        p, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal, is_cls,
-                                            offs_n, seqlen, rs, cw_ptr, W, qk_scale, True,
-                                            CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, UPCAST_DOT)
-                    dv += _mma(tl.trans(p.to(do.dtype)), do, DOT_PREC, UPCAST_DOT)
-                    dk += _mma(tl.trans(ds.to(q.dtype)), q, DOT_PREC, UPCAST_DOT)
+                        p, dp, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal,
+                                                is_cls, offs_n, seqlen, rs, cw_ptr, W, qk_scale,
+                                                True, CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC,
+                                                INTERP_BF16)
+                    dv += _mma(tl.trans(_narrow(p, do.dtype, INTERP_BF16)), do, DOT_PREC,
+                               INTERP_BF16)
+                    dk += _mma(tl.trans(_narrow(ds, q.dtype, INTERP_BF16)), q, DOT_PREC,
+                               INTERP_BF16)
                     if BIAS_GRAD:
                         dkb += tl.sum(ds, 0)
             if BIAS_GRAD:
@@ -193,14 +201,15 @@ if triton is not None:
                 tl.store(DKB + (b * Hq + h) * Lk + offs_n, dkb, mask=offs_n < Lk)
         d_ok = (offs_n < Lk)[:, None] & (offs_d < HEAD_DIM)[None, :]
         tl.store(DK + b * stride_dkb + offs_n[:, None] * stride_dkn + hkv * stride_dkh
-                 + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty),
-                 mask=d_ok)
+                 + offs_d[None, :] * stride_dkd,
+                 _narrow(dk * sm_scale, DK.dtype.element_ty, INTERP_BF16), mask=d_ok)
         tl.store(DV + b * stride_dvb + offs_n[:, None] * stride_dvn + hkv * stride_dvh
-                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=d_ok)
+                 + offs_d[None, :] * stride_dvd, _narrow(dv, DV.dtype.element_ty, INTERP_BF16),
+                 mask=d_ok)
 
     @triton.jit
     def _ess_attn_bwd_dq(
-        Q, K, V, DO, LSE, DELTA, DQ, QPOS, SEQLENS, RSTART, CW, KB,
+        Q, K, V, DO, LSE, DELTA, DQ, PDP, QPOS, SEQLENS, RSTART, CW, KB,
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
@@ -212,9 +221,9 @@ if triton is not None:
         CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        INTERP_BF16: tl.constexpr,
     ):
-        """dq of one query tile of one query head."""
+        """dq of one query tile of one query head, and its rows' ``sum_j p_ij dp_ij``."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // Hq
@@ -243,6 +252,7 @@ if triton is not None:
             if has_cls:
                 end = tl.maximum(end, _cls_key_end(cw_ptr, W, seqlen))
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        pdp = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, end, BLOCK_N):
             hit = start_n < hi
             if IS_ESS:
@@ -258,17 +268,22 @@ if triton is not None:
                 if HAS_BIAS:
                     kb = tl.load(kb_base + offs_n * stride_kbn, mask=offs_n < seqlen, other=0.0)
                 if _tile_is_full(pos, normal, start_n, seqlen, rs, BLOCK_N, CAUSAL, IS_ESS):
-                    p, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal, is_cls,
-                                        offs_n, seqlen, rs, cw_ptr, W, qk_scale, False,
-                                        CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, UPCAST_DOT)
+                    p, dp, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal,
+                                            is_cls, offs_n, seqlen, rs, cw_ptr, W, qk_scale,
+                                            False, CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC,
+                                            INTERP_BF16)
                 else:
-                    p, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal, is_cls,
-                                        offs_n, seqlen, rs, cw_ptr, W, qk_scale, True,
-                                        CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC, UPCAST_DOT)
-                dq += _mma(ds.to(k.dtype), k, DOT_PREC, UPCAST_DOT)
+                    p, dp, ds = _tile_grads(q, do, lse2, delta, k, v, kb, pos, normal,
+                                            is_cls, offs_n, seqlen, rs, cw_ptr, W, qk_scale,
+                                            True, CAUSAL, IS_ESS, HAS_BIAS, DOT_PREC,
+                                            INTERP_BF16)
+                dq += _mma(_narrow(ds, k.dtype, INTERP_BF16), k, DOT_PREC, INTERP_BF16)
+                pdp += tl.sum(p * dp, 1)
         tl.store(DQ + b * stride_dqb + offs_m[:, None] * stride_dqm + h * stride_dqh
-                 + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
+                 + offs_d[None, :] * stride_dqd,
+                 _narrow(dq * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
                  mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+        tl.store(PDP + (b * Hq + h) * Lq + offs_m, pdp, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,19 +368,28 @@ def attention_bwd_triton(do, q, k, v, o, lse, dlse=None, *, softmax_scale=None, 
                  IS_ESS=response_start is not None, HAS_BIAS=has_bias)
     block_d = max(16, triton.next_power_of_2(D))
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    upcast = dev.type != "cuda" and q.dtype == torch.bfloat16
+    interp_bf16 = dev.type != "cuda" and q.dtype == torch.bfloat16
     (m1, n1), (m2, n2), warps, stages = _bwd_config(D, q.dtype, dev)
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=dot_prec, UPCAST_DOT=upcast,
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=dot_prec, INTERP_BF16=interp_bf16,
                   num_warps=warps, num_stages=stages, **flags)
+    pdp = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev)
+    _ess_attn_bwd_dq[(triton.cdiv(Lq, m2), B * Hq)](
+        q, k, v, do, lse, delta, dq, pdp, q_pos_t, seqlens_t, rstart, cw, kb,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *kb_strides,
+        Lq, Lk, Hq, G, W, scale * _LOG2E, scale, BLOCK_M=m2, BLOCK_N=n2, **common)
+    # In fp16/bf16, rowsum(dO * O) reads O rounded to the input dtype: an error per row that
+    # every ds_ij of the row shares, so dkey_bias (a sum of ds over rows and heads) and dk pile
+    # it up (up to 3.3x eager attention's dkey_bias error, issue 26). The dq pass has p and dp
+    # of every key of its rows anyway, so it hands dk/dv delta = sum_j p_ij dp_ij in fp32 at
+    # the cost of one multiply-add per score; dq itself keeps the O-based delta (it needs delta
+    # before its loop), as FlashAttention-2 does, and stays within the 2x rule with it.
+    if dlse is not None:
+        pdp -= dlse
     _ess_attn_bwd_dkdv[(triton.cdiv(Lk, n1), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, dkb if bias_grad else dummy, q_pos_t, seqlens_t,
+        q, k, v, do, lse, pdp, dk, dv, dkb if bias_grad else dummy, q_pos_t, seqlens_t,
         rstart, cw, kb, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         *dv.stride(), *kb_strides, Lq, Lk, Hq, Hkv, G, W, scale * _LOG2E, scale,
         BIAS_GRAD=bias_grad, BLOCK_M=m1, BLOCK_N=n1, **common)
-    _ess_attn_bwd_dq[(triton.cdiv(Lq, m2), B * Hq)](
-        q, k, v, do, lse, delta, dq, q_pos_t, seqlens_t, rstart, cw, kb,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *kb_strides,
-        Lq, Lk, Hq, G, W, scale * _LOG2E, scale, BLOCK_M=m2, BLOCK_N=n2, **common)
     if bias_grad and key_bias.shape[1] == 1:
         dkb = dkb.sum(1, keepdim=True)
     return dq, dk, dv, dkb

@@ -147,13 +147,31 @@ if triton is not None:
             vis = vis | ((offs_n >= start) & (offs_n < end))
         return vis
 
+    # INTERP_BF16: bf16 inputs under the Triton interpreter (CPU), which gets two bf16 things
+    # wrong that the GPU gets right: tl.dot, and the rounding of fp32 -> bf16. The GPU path
+    # (INTERP_BF16=False) compiles to plain tensor-core dots and cvt.rn conversions.
+
     @triton.jit
-    def _mma(a, b, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr):
-        # The Triton interpreter gets bf16 tl.dot wrong; bf16 products are exact in fp32, so
+    def _mma(a, b, DOT_PREC: tl.constexpr, INTERP_BF16: tl.constexpr):
+        # The interpreter's bf16 tl.dot is wrong; bf16 products are exact in fp32, so
         # upcasting there matches the GPU's fp32-accumulated bf16 dot.
-        if UPCAST_DOT:
+        if INTERP_BF16:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         return tl.dot(a, b, input_precision=DOT_PREC)
+
+    @triton.jit
+    def _narrow(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+        """fp32 ``x`` in ``dtype``, rounded to nearest even as the GPU's conversion does."""
+        # The interpreter truncates fp32 -> bf16 (towards zero): every p, ds and stored value
+        # shrinks by half a bf16 ulp on average, a bias that sums up over the keys and doubled
+        # the backward's error against the float64 truth (issue 26). There, round the fp32
+        # bits by hand and keep their top half (NaN stays NaN: the carry could make it inf).
+        if INTERP_BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            return tl.where(x != x, x.to(tl.bfloat16), rounded)
+        return x.to(dtype)
 
     @triton.jit
     def _attn_tile(acc, l_i, m_i, q, pos, normal, is_cls, start_n, seqlen, rs,
@@ -162,7 +180,7 @@ if triton is not None:
                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IS_ESS: tl.constexpr,
                    HAS_CLS: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_2D: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                   UPCAST_DOT: tl.constexpr):
+                   INTERP_BF16: tl.constexpr):
         """One key tile of the online softmax. ``MASKED=False`` tiles are fully visible to
         every ``normal`` row (rows that are not are discarded by the caller), so they skip
         the mask and the key bound."""
@@ -176,7 +194,7 @@ if triton is not None:
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        qk = _mma(q, tl.trans(k), DOT_PREC, UPCAST_DOT) * qk_scale
+        qk = _mma(q, tl.trans(k), DOT_PREC, INTERP_BF16) * qk_scale
         if HAS_BIAS:
             if BIAS_2D:
                 kb = tl.load(kb_base[:, None] + offs_n[None, :] * stride_kbn,
@@ -201,14 +219,15 @@ if triton is not None:
             # read finite, and a non-finite value at a key a row sees makes its element NaN.
             v_bad = (v != v) | (tl.abs(v) == float("inf"))
             v = tl.where(v_bad, 0.0, v)
-            hit = _mma(vis.to(v.dtype), v_bad.to(v.dtype), DOT_PREC, UPCAST_DOT) > 0
+            hit = _mma(vis.to(v.dtype), v_bad.to(v.dtype), DOT_PREC, INTERP_BF16) > 0
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # rows that have seen nothing yet keep m = -inf; subtract 0 instead to avoid inf - inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PREC, UPCAST_DOT)
+        acc = acc * alpha[:, None] + _mma(_narrow(p, v.dtype, INTERP_BF16), v, DOT_PREC,
+                                           INTERP_BF16)
         if MASKED:
             acc = tl.where(hit, float("nan"), acc)
         return acc, l_i, m_new
@@ -285,7 +304,7 @@ if triton is not None:
         CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
         STORE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        INTERP_BF16: tl.constexpr,
     ):
         """Prefill / chunked prefill: one program per (query tile, batch * query head)."""
         # causal work grows with the tile index: launch the longest tiles first
@@ -330,7 +349,7 @@ if triton is not None:
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
                 True, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC,
-                UPCAST_DOT)
+                INTERP_BF16)
             start_full = BLOCK_N
         for start_n in range(start_full, full_end, BLOCK_N):
             acc, l_i, m_i = _attn_tile(
@@ -338,14 +357,14 @@ if triton is not None:
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
                 False, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC,
-                UPCAST_DOT)
+                INTERP_BF16)
         for start_n in range(full_end, hi, BLOCK_N):
             acc, l_i, m_i = _attn_tile(
                 acc, l_i, m_i, q, pos, normal, is_cls, start_n, seqlen, rs,
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
                 True, CAUSAL, IS_ESS, False, HAS_BIAS, False, HEAD_DIM, BLOCK_D, DOT_PREC,
-                UPCAST_DOT)
+                INTERP_BF16)
         o, lse = _finish(acc, l_i, m_i, normal)
 
         o_ptrs = (O + b * stride_ob + offs_m[:, None] * stride_om + h * stride_oh
@@ -355,7 +374,8 @@ if triton is not None:
         # [CLS] rows are written by their own pass below; everything else (normal and padding
         # rows) is written here.
         keep_rows = row_ok & ~is_cls
-        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=keep_rows[:, None] & d_ok)
+        tl.store(o_ptrs, _narrow(o, O.dtype.element_ty, INTERP_BF16),
+                 mask=keep_rows[:, None] & d_ok)
         if STORE_LSE:
             tl.store(lse_ptrs, lse, mask=keep_rows)
 
@@ -380,9 +400,10 @@ if triton is not None:
                             k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                             kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
                             True, CAUSAL, IS_ESS, True, HAS_BIAS, False, HEAD_DIM, BLOCK_D,
-                            DOT_PREC, UPCAST_DOT)
+                            DOT_PREC, INTERP_BF16)
                 o, lse = _finish(acc, l_i, m_i, is_cls)
-                tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(row_ok & is_cls)[:, None] & d_ok)
+                tl.store(o_ptrs, _narrow(o, O.dtype.element_ty, INTERP_BF16),
+                         mask=(row_ok & is_cls)[:, None] & d_ok)
                 if STORE_LSE:
                     tl.store(lse_ptrs, lse, mask=row_ok & is_cls)
 
@@ -398,7 +419,7 @@ if triton is not None:
         CAUSAL: tl.constexpr, IS_ESS: tl.constexpr, HAS_BIAS: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        INTERP_BF16: tl.constexpr,
     ):
         """Decode (flash-decoding): one program per (KV split, batch * KV head). Its rows are
         the G query heads x Lq rows that share the KV head, so each K/V tile is read once."""
@@ -442,7 +463,7 @@ if triton is not None:
                 k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                 kb_base, stride_kbn, cw_ptr, W, qk_scale, offs_n0, offs_d,
                 True, CAUSAL, IS_ESS, IS_ESS, HAS_BIAS, True, HEAD_DIM, BLOCK_D, DOT_PREC,
-                UPCAST_DOT)
+                INTERP_BF16)
         o, lse = _finish(acc, l_i, m_i, normal | is_cls)
         # partials: (B, Hq, Lq, num_splits, D) and (B, Hq, Lq, num_splits), always written
         row = (b * Hq + h) * Lq + r
@@ -455,7 +476,7 @@ if triton is not None:
         OPART, LPART, O, LSE, Lq, Hq, num_splits,
         stride_ob, stride_om, stride_oh, stride_od,
         STORE_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        BLOCK_S: tl.constexpr, INTERP_BF16: tl.constexpr,
     ):
         """Merge the split partials of one output row with their log-sum-exps."""
         row = tl.program_id(0)  # (b * Hq + h) * Lq + r
@@ -476,7 +497,7 @@ if triton is not None:
                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
         tl.store(O + b * stride_ob + r * stride_om + h * stride_oh + offs_d * stride_od,
-                 o.to(O.dtype.element_ty), mask=d_ok)
+                 _narrow(o, O.dtype.element_ty, INTERP_BF16), mask=d_ok)
         if STORE_LSE:  # a NaN total (a NaN row) keeps a NaN lse
             safe_total = tl.where(total != 0, total, 1.0)
             tl.store(LSE + row, tl.where(total != 0, m_safe + tl.log(safe_total), float("-inf")))
@@ -569,7 +590,7 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
     block_d = max(16, triton.next_power_of_2(D))
     # fp32 inputs get full-precision dots (tf32 would miss the reference tolerance)
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    upcast = dev.type != "cuda" and q.dtype == torch.bfloat16
+    interp_bf16 = dev.type != "cuda" and q.dtype == torch.bfloat16
     qk_scale = scale * _LOG2E
     use_decode = path == "decode" or (path == "auto" and Lq <= 2 and G * Lq <= _DECODE_MAX_ROWS)
 
@@ -587,13 +608,14 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
             *q.stride(), *k.stride(), *v.stride(), *kb_strides,
             Lq, Lk, Hq, Hkv, G, W, qk_scale, split_len, splits, **flags,
             HEAD_DIM=D, BLOCK_D=block_d,
-            BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec, UPCAST_DOT=upcast,
+            BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec, INTERP_BF16=interp_bf16,
             num_warps=4, num_stages=(2 if q.dtype == torch.float32 else 3) if dev.type == "cuda"
             else 1)
         _ess_attn_decode_combine[(B * Hq * Lq,)](
             o_part, l_part, o, lse, Lq, Hq, splits, *o.stride(),
             STORE_LSE=return_lse, HEAD_DIM=D, BLOCK_D=block_d,
-            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), INTERP_BF16=interp_bf16,
+            num_warps=4)
     else:
         block_m, block_n, warps, stages = _prefill_config(D, q.dtype, dev)
         _ess_attn_fwd[(triton.cdiv(Lq, block_m), B * Hq)](
@@ -601,7 +623,7 @@ def _attention_triton(q, k, v, *, softmax_scale=None, causal=True, q_pos=None, s
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *kb_strides,
             Lq, Lk, Hq, G, W, qk_scale, **flags, STORE_LSE=return_lse,
             HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec,
-            UPCAST_DOT=upcast,
+            INTERP_BF16=interp_bf16,
             num_warps=warps, num_stages=stages)
     return (o, lse) if return_lse else o
 

@@ -88,6 +88,7 @@ def ess_attention_ref(
     key_bias: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     compute_dtype: Optional[torch.dtype] = None,
+    softmax_dtype: Optional[torch.dtype] = None,
 ):
     """ESS attention, the definition (docs/DESIGN.md §3). Inputs are assumed valid.
 
@@ -97,6 +98,10 @@ def ess_attention_ref(
         key_bias: ``(B, Hq or 1, Lk)`` added to the scaled logits of visible keys.
         compute_dtype: dtype of the math; default float64 for float64 inputs, else float32.
             Pass the input dtype to measure "the reference in the input dtype" error.
+        softmax_dtype: dtype of the key bias, mask and softmax (default ``compute_dtype``).
+            ``compute_dtype=torch.bfloat16, softmax_dtype=torch.float32`` is transformers'
+            eager attention: half-precision matmuls, the scores upcast for the softmax, ``p``
+            rounded back for ``p @ v``.
     Returns:
         ``o (B, Lq, Hq, D)`` in ``q.dtype``; with ``return_lse`` also ``lse (B, Hq, Lq)``
         float32 (``-inf`` for rows that see no key). Rows that see no key output 0.
@@ -111,6 +116,8 @@ def ess_attention_ref(
     G = Hq // Hkv
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if softmax_dtype is None:
+        softmax_dtype = compute_dtype
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     q_pos, seqlens_k = resolve_positions(q_pos, seqlens_k, B, Lq, Lk, q.device)
     vis = ess_visibility(q_pos, seqlens_k, Lk, causal=causal, response_start=response_start,
@@ -119,8 +126,9 @@ def ess_attention_ref(
     qc = q.to(compute_dtype).reshape(B, Lq, Hkv, G, D)
     kc, vc = k.to(compute_dtype), v.to(compute_dtype)
     s = torch.einsum("bqhgd,bkhd->bhgqk", qc, kc) * scale                # (B, Hkv, G, Lq, Lk)
+    s = s.to(softmax_dtype)
     if key_bias is not None:
-        kb = key_bias.to(compute_dtype)
+        kb = key_bias.to(softmax_dtype)
         kb = kb.expand(B, Hq, Lk).reshape(B, Hkv, G, 1, Lk)
         s = s + kb
     mask = vis[:, None, None, :, :]
@@ -135,7 +143,7 @@ def ess_attention_ref(
     # p = 0 at a hidden key times a NaN/inf value there would be NaN: values are read finite,
     # and a non-finite value at a key the row sees makes that output element NaN.
     bad = ~torch.isfinite(vc)                                            # (B, Lk, Hkv, D)
-    o = torch.einsum("bhgqk,bkhd->bqhgd", p, vc.masked_fill(bad, 0))
+    o = torch.einsum("bhgqk,bkhd->bqhgd", p.to(compute_dtype), vc.masked_fill(bad, 0))
     hit = torch.einsum("bqk,bkhd->bqhd", vis.to(compute_dtype), bad.to(compute_dtype)) > 0
     hit = hit[:, :, :, None, :] & sees.permute(0, 3, 1, 2)[..., None]    # (B, Lq, Hkv, G, D)
     o = o.masked_fill(hit, float("nan")).reshape(B, Lq, Hq, D).to(q.dtype)
