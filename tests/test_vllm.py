@@ -459,7 +459,7 @@ def test_adapter_leaves_token_rows_exact(adapted, tmp_path, monkeypatch):
         finally:
             _close(llm)
     (ids_on, lp_on, tr_on), (ids_off, lp_off, tr_off) = got["on"], got["off"]
-    assert ids_on == ids_off and lp_on == lp_off
+    assert len(lp_on[0]) == N and ids_on == ids_off and lp_on == lp_off
     diff = max(abs(a - b) for k in range(len(prompts))
                for a, b in zip(tr_on[f"on{k}"]["p_unsafe"], tr_off[f"off{k}"]["p_unsafe"]))
     assert len(tr_on["on0"]["p_unsafe"]) == N and diff > 1e-2
@@ -506,6 +506,26 @@ def test_adapter_load_errors_name_the_tensor(adapted):
         load(w, {**meta, "rank": 0})
     with pytest.raises(ValueError, match="X/safety.json: adapter targets"):
         load(w, {**meta, "targets": ["q_proj", "nope"]})
+
+
+def test_adapter_bad_tensor_refused_at_load(adapted, tmp_path, capfd):
+    """Through vLLM's own load (load_weights): a wrong-shape adapter tensor stops the engine,
+    and the error names the file and the tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, tok, path = adapted
+    bad = str(tmp_path / "bad")
+    shutil.copytree(path, bad)
+    w = load_file(os.path.join(bad, "model.safetensors"))
+    w["ess_adapter.0.v_proj.A"] = w["ess_adapter.0.v_proj.A"][:, :3].contiguous()
+    save_file(w, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Exception):
+        _llm(bad)
+    cap = capfd.readouterr()
+    err = cap.out + cap.err                        # the worker process logs its traceback
+    assert "model.safetensors: 'ess_adapter.0.v_proj.A' has shape" in err, err[-3000:]
 
 
 # ---------------------------------------------------------------- the real model
