@@ -349,6 +349,185 @@ def test_two_pass_mode_matches(tiny, monkeypatch):
         _check(_reference(model, tok, i, e, pf), o.outputs[0].token_ids, e, tr.get(f"t{k}"))
 
 
+# ---------------------------------------------------------------- the [CLS] adapter
+def _adapted(seed=2, rank=4):
+    """A tiny model with a [CLS] adapter whose B is random (a fresh one is the identity)."""
+    from safekern.model import add_adapter
+
+    model, tok = _tiny(seed=seed)
+    model.safekern.response_sees_cls = False
+    adapter = add_adapter(model, rank=rank, alpha=2.0 * rank)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.B:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    model, tok = _adapted()
+    path = str(tmp_path_factory.mktemp("tiny_ess_adapter"))
+    export_for_vllm(model, tok, path)
+    return model, tok, path
+
+
+def _without_adapter(model):
+    class _Off:
+        def __enter__(self):
+            self.saved, model.safety_adapter = model.safety_adapter, None
+
+        def __exit__(self, *exc):
+            model.safety_adapter = self.saved
+    return _Off()
+
+
+def test_adapter_changes_p_unsafe(adapted):
+    """The adapter parity tests below can fail: without the adapter safekern.generate's verdicts
+    on the same requests are far from the adapted ones (beyond the parity tolerance)."""
+    model, tok, _ = adapted
+    cases, _ = _mixed_requests(model, tok)
+    with _without_adapter(model):
+        off = [_reference(model, tok, i, e, pf) for i, e, pf in cases if e is not None]
+    on = [_reference(model, tok, i, e, pf) for i, e, pf in cases if e is not None]
+    diff = max(abs(a - b) for r1, r2 in zip(on, off)
+               for a, b in zip(r1.trace.p_unsafe, r2.trace.p_unsafe))
+    assert diff > 1e-2
+
+
+def test_export_writes_the_adapter(adapted):
+    import json
+
+    from safetensors.torch import load_file
+
+    model, tok, path = adapted
+    with open(os.path.join(path, "safety.json")) as f:
+        meta = json.load(f)
+    assert meta["version"] == 2 and meta["adapter"] == model.safety_adapter.meta()
+    w = load_file(os.path.join(path, "model.safetensors"))
+    want = {"ess_" + k: v for k, v in model.safety_adapter.tensors().items()}
+    assert not any(k.startswith("safety_adapter.") for k in w)
+    assert {k for k in w if k.startswith("ess_adapter.")} == set(want)
+    for k, v in want.items():
+        assert torch.equal(w[k], v.detach())
+
+
+@pytest.mark.parametrize("mode", ["fused", "two-pass"])
+def test_adapter_parity_mixed_batch(adapted, mode, monkeypatch):
+    """An adapter delta: vLLM's verdicts, trigger steps and tokens equal safekern.generate's
+    (which applies the adapter to its [CLS] rows) in a mixed batch of 8, in both modes."""
+    model, tok, path = adapted
+    monkeypatch.setenv("SAFEKERN_VLLM_CLS", mode)
+    cases, s = _mixed_requests(model, tok)
+    llm = _llm(path)
+    try:
+        outs = llm.generate([{"prompt_token_ids": _ids(model, tok, [PROMPTS[i]],
+                                                       None if pf is None else [pf])[0]}
+                             for i, _, pf in cases],
+                            [_sp(ess=e, trace=None if e is None else f"a{k}")
+                             for k, (i, e, _) in enumerate(cases)])
+        tr = traces(llm)
+    finally:
+        _close(llm)
+    triggered = 0
+    for k, ((i, e, pf), o) in enumerate(zip(cases, outs)):
+        ref = _reference(model, tok, i, e, pf)
+        _check(ref, o.outputs[0].token_ids, e, tr.get(f"a{k}"))
+        triggered += ref.trace is not None and ref.trace.trigger_step is not None
+    assert triggered >= 3 and tr["a0"]["trigger_step"] == s
+
+
+def test_adapter_leaves_token_rows_exact(adapted, tmp_path, monkeypatch):
+    """Fused mode, every step evaluating, nothing triggering: the token rows' logprobs with the
+    adapter are exactly those of the same checkpoint without it, while the verdicts differ."""
+    model, tok, path = adapted
+    monkeypatch.setenv("SAFEKERN_VLLM_CLS", "fused")
+    with _without_adapter(model):
+        plain = export_for_vllm(model, tok, str(tmp_path / "plain"))
+    prompts = [{"prompt_token_ids": _ids(model, tok, [p])[0]} for p in PROMPTS[:4]]
+    ess = dict(schedule="each", threshold=1.0)
+    got = {}
+    for name, where in (("on", path), ("off", plain)):
+        llm = _llm(where)
+        try:
+            outs = llm.generate(prompts, [_sp(ess=ess, trace=f"{name}{k}", logprobs=3)
+                                          for k in range(len(prompts))])
+            got[name] = ([list(o.outputs[0].token_ids) for o in outs],
+                         [[{t: lp.logprob for t, lp in step.items()}
+                           for step in o.outputs[0].logprobs] for o in outs],
+                         traces(llm))
+        finally:
+            _close(llm)
+    (ids_on, lp_on, tr_on), (ids_off, lp_off, tr_off) = got["on"], got["off"]
+    assert len(lp_on[0]) == N and ids_on == ids_off and lp_on == lp_off
+    diff = max(abs(a - b) for k in range(len(prompts))
+               for a, b in zip(tr_on[f"on{k}"]["p_unsafe"], tr_off[f"off{k}"]["p_unsafe"]))
+    assert len(tr_on["on0"]["p_unsafe"]) == N and diff > 1e-2
+
+
+def test_adapter_load_errors_name_the_tensor(adapted):
+    """The model class's adapter check (AdapterDeltas.load, run by load_weights): a wrong shape,
+    a missing or an unknown tensor, and a bad safety.json adapter raise naming the file and the
+    tensor."""
+    from safetensors.torch import load_file
+
+    from safekern.integrations.vllm._runtime import AdapterDeltas
+
+    model, tok, path = adapted
+    cfg = model.config
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    q = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads)
+    kv = q // cfg.num_attention_heads * cfg.num_key_value_heads
+    sizes = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
+             "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+    meta = model.safety_adapter.meta()
+    w = {k: v for k, v in load_file(os.path.join(path, "model.safetensors")).items()
+         if k.startswith("ess_adapter.")}
+    L = cfg.num_hidden_layers
+
+    def load(tensors, meta=meta):
+        AdapterDeltas(meta, sizes, L, torch.float32, "cpu", "X/safety.json").load(
+            tensors, "X/model.safetensors")
+
+    load(w)                                                       # the export loads
+    bad = dict(w, **{"ess_adapter.1.k_proj.B": torch.zeros(4, kv + 1)})
+    with pytest.raises(ValueError, match=r"X/model.safetensors: 'ess_adapter.1.k_proj.B' has "
+                                         r"shape \(4, %d\)" % (kv + 1)):
+        load(bad)
+    missing = {k: v for k, v in w.items() if k != "ess_adapter.0.down_proj.A"}
+    with pytest.raises(ValueError,
+                       match="X/model.safetensors has no 'ess_adapter.0.down_proj.A'"):
+        load(missing)
+    extra = dict(w, **{f"ess_adapter.{L}.q_proj.A": torch.zeros(H, 4)})
+    with pytest.raises(ValueError,
+                       match=f"does not describe: \\['ess_adapter.{L}.q_proj.A'\\]"):
+        load(extra)
+    with pytest.raises(ValueError, match="X/safety.json: adapter 'rank'"):
+        load(w, {**meta, "rank": 0})
+    with pytest.raises(ValueError, match="X/safety.json: adapter targets"):
+        load(w, {**meta, "targets": ["q_proj", "nope"]})
+
+
+def test_adapter_bad_tensor_refused_at_load(adapted, tmp_path, capfd):
+    """Through vLLM's own load (load_weights): a wrong-shape adapter tensor stops the engine,
+    and the error names the file and the tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, tok, path = adapted
+    bad = str(tmp_path / "bad")
+    shutil.copytree(path, bad)
+    w = load_file(os.path.join(bad, "model.safetensors"))
+    w["ess_adapter.0.v_proj.A"] = w["ess_adapter.0.v_proj.A"][:, :3].contiguous()
+    save_file(w, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Exception):
+        _llm(bad)
+    cap = capfd.readouterr()
+    err = cap.out + cap.err                        # the worker process logs its traceback
+    assert "model.safetensors: 'ess_adapter.0.v_proj.A' has shape" in err, err[-3000:]
+
+
 # ---------------------------------------------------------------- the real model
 def _smollm2():
     from safekern import models

@@ -48,7 +48,7 @@ ARCHS = {"LlamaForCausalLM": "EssLlamaForCausalLM",
          "MistralForCausalLM": "EssMistralForCausalLM",
          "Qwen2ForCausalLM": "EssQwen2ForCausalLM"}
 _ESS_KEYS = {f.name for f in dataclasses.fields(EssConfig)}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the [CLS] adapter (safety.json "adapter", ess_adapter.* tensors)
 
 
 def register() -> None:
@@ -109,14 +109,17 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
     training, or ``safekern.load_safety`` / ``safekern.models.load(..., safety=True)``).
     Written to ``out_dir``: ``config.json`` (``architectures = ["Ess<Arch>ForCausalLM"]``, the base
     vocabulary size), ``model.safetensors`` (the base weights, the [CLS] embedding row as
-    ``ess_cls_embedding``, the head as ``ess_head_weight``/``ess_head_bias``), the tokenizer
+    ``ess_cls_embedding``, the head as ``ess_head_weight``/``ess_head_bias``, the [CLS] adapter
+    when the delta has one as ``ess_adapter.{layer}.{target}.A/B``), the tokenizer
     *without* the [CLS] token (the [CLS] is a weight here, not a vocabulary entry, so no text
     can forge it), ``generation_config.json`` when the model has one, and ``safety.json`` (the
-    delta's layout, the template and refusal token ids, the default ``EssConfig``).
+    delta's layout, the template and refusal token ids, the default ``EssConfig``, the
+    adapter's rank/alpha/targets or null).
     Returns ``out_dir``.
     """
     from safetensors.torch import save_file
 
+    from ...adapter import adapter_of
     from ...model import (_encode_template, refusal_token_ids, safety_config,
                           safety_head_params)
 
@@ -146,7 +149,7 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
     emb = model.get_input_embeddings().weight
     tensors = {}
     for name, w in model.state_dict().items():
-        if name.startswith("safety_head."):
+        if name.startswith(("safety_head.", "safety_adapter.")):
             continue
         if w.shape[:1] == emb.shape[:1] and w.dim() == 2 and w.shape[0] == V + 1:
             w = w[:V]                                    # embeddings / LM head: drop [CLS]
@@ -156,6 +159,9 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
     tensors["ess_head_weight"] = sw.reshape(-1, emb.shape[1])
     if sb is not None:
         tensors["ess_head_bias"] = sb.reshape(-1)
+    adapter = adapter_of(model)
+    if adapter is not None:                              # [CLS] rows only (model.py)
+        tensors.update({"ess_" + k: v for k, v in adapter.tensors().items()})
     out = model.get_output_embeddings()
     if out is not None and out.weight is emb:            # tied: vLLM ties from the config
         tensors.pop("lm_head.weight", None)
@@ -181,6 +187,7 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
         "bos_id": getattr(tokenizer, "bos_token_id", None), "eos_id": eos,
         "refusal": {"text": ess.refusal_text, "ids": refusal, "skip": skip},
         "ess": dataclasses.asdict(ess), "enabled_by_default": bool(enabled_by_default),
+        "adapter": None if adapter is None else adapter.meta(),
     }
     bad = [i for i in refusal + meta["template_prefix_ids"] + meta["template_suffix_ids"]
            if i >= V]

@@ -264,6 +264,120 @@ def commit(pl: Plan, p_unsafe: Optional[torch.Tensor]):
                 BATCH.record(req)
 
 
+# ---------------------------------------------------------------- the [CLS] adapter
+# The checkpoint's per-target tensors grouped in vLLM's fused projections' layout.
+ADAPTER_GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
+                  ("gate_up", ("gate_proj", "up_proj")), ("down", ("down_proj",)))
+
+
+class AdapterDeltas(torch.nn.Module):
+    """The [CLS] adapter (``safekern.adapter``) in vLLM's fused layout: per layer and fused
+    projection (``qkv_proj`` = q | k | v, ``o_proj``, ``gate_up_proj`` = gate | up,
+    ``down_proj``) the targets' ``A`` side by side (``in x n*r``) and their ``B`` block-diagonal
+    (``n*r x out``, zero columns where a target is not adapted), as buffers (vLLM's weight
+    loader never sees them). ``add`` puts ``s * (x @ A) @ B`` on the [CLS] rows' slice of the
+    base projection's output, so the [CLS] rows get each target's delta at its own columns and
+    token rows are not touched.
+
+    Args:
+        meta: ``safety.json["adapter"]`` (``rank``, ``alpha``, ``targets``), checked here.
+        sizes: ``{target: (in, out)}`` of one decoder layer as the model was built.
+        num_layers: decoder layers; where: the file named in errors.
+    """
+
+    def __init__(self, meta, sizes, num_layers: int, dtype, device, where: str):
+        super().__init__()
+        from ...adapter import check_targets
+
+        if not isinstance(meta, dict) or set(meta) != {"rank", "alpha", "targets"}:
+            raise ValueError(f"{where}: 'adapter' must be an object with rank, alpha and "
+                             f"targets, got {meta!r}")
+        rank, alpha = meta["rank"], meta["alpha"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{where}: adapter 'rank' must be an int >= 1, got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"{where}: adapter 'alpha' must be a positive number, got "
+                             f"{alpha!r}")
+        try:
+            targets = check_targets(meta["targets"] if isinstance(meta["targets"], list)
+                                    else [meta["targets"]])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        self.rank, self.targets, self.num_layers = rank, targets, num_layers
+        self.scale = float(alpha) / rank
+        self.sizes = dict(sizes)
+        self.shapes = {}                     # checkpoint tensor name -> shape
+        for i in range(num_layers):
+            for t in targets:
+                fan_in, fan_out = self.sizes[t]
+                self.shapes[f"ess_adapter.{i}.{t}.A"] = (fan_in, rank)
+                self.shapes[f"ess_adapter.{i}.{t}.B"] = (rank, fan_out)
+        self._groups = {}                    # (layer, group) -> (A name, B name)
+        for i in range(num_layers):
+            for g, members in ADAPTER_GROUPS:
+                present = [t for t in members if t in targets]
+                if not present:
+                    continue
+                fan_in = self.sizes[present[0]][0]
+                out = sum(self.sizes[t][1] for t in members)
+                a, b = f"A_{g}_{i}", f"B_{g}_{i}"
+                self.register_buffer(a, torch.zeros(fan_in, rank * len(present), dtype=dtype,
+                                                    device=device), persistent=False)
+                self.register_buffer(b, torch.zeros(rank * len(present), out, dtype=dtype,
+                                                    device=device), persistent=False)
+                self._groups[(i, g)] = (a, b)
+
+    def describe(self) -> str:
+        return ", ".join(f"{t} {self.sizes[t][0]}->{self.sizes[t][1]}" for t in self.targets)
+
+    @torch.no_grad()
+    def load(self, tensors: Dict[str, torch.Tensor], where: str):
+        """Copy the checkpoint's ``ess_adapter.{layer}.{target}.A/B`` tensors in; every name
+        and shape is checked against the model (errors name ``where`` and the tensor)."""
+        unknown = sorted(set(tensors) - set(self.shapes))
+        if unknown:
+            raise ValueError(f"{where} holds adapter tensors safety.json's adapter (rank "
+                             f"{self.rank}, targets {list(self.targets)}, {self.num_layers} "
+                             f"layers) does not describe: {unknown[:5]}"
+                             f"{' ...' if len(unknown) > 5 else ''}")
+        for name, shape in self.shapes.items():
+            if name not in tensors:
+                raise ValueError(f"{where} has no {name!r} tensor (safety.json names an adapter "
+                                 f"of rank {self.rank} on {list(self.targets)})")
+            w = tensors[name]
+            if tuple(w.shape) != shape:
+                raise ValueError(f"{where}: {name!r} has shape {tuple(w.shape)}, but the "
+                                 f"model's config ({self.describe()}, rank {self.rank}) needs "
+                                 f"{shape}")
+            if not w.dtype.is_floating_point:
+                raise ValueError(f"{where}: {name!r} must hold floats, got {w.dtype}")
+        for (i, g), (a, b) in self._groups.items():
+            A, B = getattr(self, a), getattr(self, b)
+            B.zero_()
+            j = col = 0
+            for t in dict(ADAPTER_GROUPS)[g]:
+                n = self.sizes[t][1]
+                if t in self.targets:
+                    r = slice(j * self.rank, (j + 1) * self.rank)
+                    A[:, r] = tensors[f"ess_adapter.{i}.{t}.A"].to(A)
+                    B[r, col:col + n] = tensors[f"ess_adapter.{i}.{t}.B"].to(B)
+                    j += 1
+                col += n
+
+    def add(self, i: int, group: str, x: torch.Tensor, y: torch.Tensor):
+        """``y += s * (x @ A) @ B`` for layer ``i``'s fused projection ``group``, in place:
+        ``x`` are the [CLS] rows' inputs, ``y`` their rows of the base output (a view)."""
+        names = self._groups.get((i, group))
+        if names is not None:
+            A, B = getattr(self, names[0]), getattr(self, names[1])
+            y += (x @ A) @ B * self.scale
+
+
+def _adapter(model) -> Optional[AdapterDeltas]:
+    a = getattr(model, "ess_adapter", None)
+    return a if isinstance(a, AdapterDeltas) else None
+
+
 # ---------------------------------------------------------------- the [CLS] pass
 def _rope_tables(rotary, pos: torch.Tensor, dtype):
     """``(cos, sin)`` of vLLM's rotary embedding at positions ``pos (E,)``, shaped to broadcast
@@ -377,14 +491,31 @@ def cls_pass(model, pl: Plan, block_table: torch.Tensor) -> torch.Tensor:
     (``cls_position="last"``, the fed token's) or 0, in safekern indices.
     """
     c = _ClsRows(model, pl, block_table)
+    ad = _adapter(model)
     x = c.embed().contiguous()
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         at = layer.self_attn
-        qkv, _ = at.qkv_proj(layer.input_layernorm(x))
+        h = layer.input_layernorm(x)
+        qkv, _ = at.qkv_proj(h)
+        if ad is not None:
+            ad.add(i, "qkv", h, qkv)
         q, k, v = qkv.split([at.q_size, at.kv_size, at.kv_size], dim=-1)
-        o, _ = at.o_proj(c.attention(at, q, k, v))
+        a = c.attention(at, q, k, v)
+        o, _ = at.o_proj(a)
+        if ad is not None:
+            ad.add(i, "o", a, o)
         x = x + o
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = layer.post_attention_layernorm(x)
+        if ad is None:
+            x = x + layer.mlp(h)
+            continue
+        mlp = layer.mlp                       # vLLM's MLP split: gate_up -> act -> down
+        y, _ = mlp.gate_up_proj(h)
+        ad.add(i, "gate_up", h, y)
+        z = mlp.act_fn(y)
+        d, _ = mlp.down_proj(z)
+        ad.add(i, "down", z, d)
+        x = x + d
     return c.p_unsafe(model.model.norm(x))
 
 
@@ -425,11 +556,12 @@ def fused_forward(model, input_ids, positions, inputs_embeds, pl: Plan,
     differently)."""
     m = model.model
     c = _ClsRows(model, pl, block_table)
+    ad = _adapter(model)
     x = m.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
     T = x.shape[0]
     x = torch.cat([x, c.embed().to(x.dtype)])
     residual = None
-    for layer in m.layers[m.start_layer:m.end_layer]:
+    for i, layer in enumerate(m.layers[m.start_layer:m.end_layer], m.start_layer):
         if residual is None:
             residual = x
             h = _rms(layer.input_layernorm, x)
@@ -437,14 +569,24 @@ def fused_forward(model, input_ids, positions, inputs_embeds, pl: Plan,
             h, residual = _rms(layer.input_layernorm, x, residual)
         at = layer.self_attn
         qkv, _ = at.qkv_proj(h)
+        if ad is not None:                    # the [CLS] rows (T:) only, in place
+            ad.add(i, "qkv", h[T:], qkv[T:])
         q, k, v = qkv.split([at.q_size, at.kv_size, at.kv_size], dim=-1)
         qt, kt = _cpu(at.rotary_emb)(positions, q[:T], k[:T])
-        o = torch.cat([at.attn(qt, kt, v[:T]), c.attention(at, q[T:], k[T:], v[T:])])
-        o, _ = at.o_proj(o)
+        ot = at.attn(qt, kt, v[:T])            # writes this step's K/V before the [CLS] reads
+        a = c.attention(at, q[T:], k[T:], v[T:])
+        o, _ = at.o_proj(torch.cat([ot, a]))
+        if ad is not None:
+            ad.add(i, "o", a, o[T:])
         h, residual = _rms(layer.post_attention_layernorm, o, residual)
         mlp = layer.mlp
         y, _ = mlp.gate_up_proj(h)
-        x, _ = mlp.down_proj(_cpu(mlp.act_fn)(y))
+        if ad is not None:
+            ad.add(i, "gate_up", h[T:], y[T:])
+        z = _cpu(mlp.act_fn)(y)
+        x, _ = mlp.down_proj(z)
+        if ad is not None:
+            ad.add(i, "down", z[T:], x[T:])
     x, _ = _rms(m.norm, x, residual)
     return x[:T], c.p_unsafe(x[T:])
 
@@ -467,5 +609,6 @@ def forward_metadata(model):
     return m.seq_lens.tolist(), m.block_table
 
 
-__all__ = ["BATCH", "Batch", "Layout", "Plan", "Request", "cls_pass", "commit",
-           "forward_metadata", "fused_forward", "plan", "prompt_layout", "read_kv", "NEVER"]
+__all__ = ["ADAPTER_GROUPS", "AdapterDeltas", "BATCH", "Batch", "Layout", "Plan", "Request",
+           "cls_pass", "commit", "forward_metadata", "fused_forward", "plan", "prompt_layout",
+           "read_kv", "NEVER"]

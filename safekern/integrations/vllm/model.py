@@ -30,6 +30,12 @@ def _read_meta(path: str) -> dict:
     if meta.get("format") != "safekern-vllm":
         raise ValueError(f"{file}: not a safekern vLLM checkpoint (format "
                          f"{meta.get('format')!r}); write it with export_for_vllm")
+    version = meta.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 2:
+        raise ValueError(f"{file}: format version {version!r} is not one this plugin reads "
+                         "(1 or 2): upgrade safekern, or re-export with this version")
+    if meta.get("adapter") is not None and version < 2:
+        raise ValueError(f"{file}: 'adapter' needs format version 2, the file says {version}")
     if meta.get("response_sees_cls", True):
         raise ValueError(f"{file}: response_sees_cls=True (the paper's layout) needs the [CLS] "
                          "key inside vLLM's attention; the plugin serves response_sees_cls=False")
@@ -62,6 +68,16 @@ class _EssMixin:
                                               requires_grad=False)
         self.ess_head_weight = nn.Parameter(torch.zeros(nc, H), requires_grad=False)
         self.ess_head_bias = nn.Parameter(torch.zeros(nc), requires_grad=False)
+        self.ess_adapter = None
+        if meta.get("adapter") is not None:      # the [CLS] adapter (format version 2)
+            at, mlp = self.model.layers[0].self_attn, self.model.layers[0].mlp
+            inter = mlp.down_proj.input_size
+            sizes = {"q_proj": (H, at.q_size), "k_proj": (H, at.kv_size),
+                     "v_proj": (H, at.kv_size), "o_proj": (at.q_size, H),
+                     "gate_proj": (H, inter), "up_proj": (H, inter), "down_proj": (inter, H)}
+            self.ess_adapter = _runtime.AdapterDeltas(
+                meta["adapter"], sizes, len(self.model.layers), mc.dtype,
+                self.ess_cls_embedding.device, os.path.join(mc.model, "safety.json"))
         self._ess_default = {"ess": meta["ess"],
                              "enabled_by_default": meta.get("enabled_by_default", False)}
         self._ess_path = mc.model
@@ -95,16 +111,24 @@ class _EssMixin:
         return out
 
     def load_weights(self, weights):
-        ess = {}
+        ess, adapter = {}, {}
 
         def base():
             for name, w in weights:
                 if name in _WEIGHTS:
                     ess[name] = w
+                elif name.startswith("ess_adapter."):
+                    adapter[name] = w
                 else:
                     yield name, w
 
         loaded = set(super().load_weights(base()))
+        where = os.path.join(self._ess_path, "model.safetensors")
+        if self.ess_adapter is not None:
+            self.ess_adapter.load(adapter, where)
+        elif adapter:
+            raise ValueError(f"{where} holds [CLS] adapter tensors ({sorted(adapter)[0]!r}, ...) "
+                             "but safety.json has no 'adapter': re-export with export_for_vllm")
         for name in _WEIGHTS:
             p = getattr(self, name)
             if name not in ess and name == "ess_head_bias":
