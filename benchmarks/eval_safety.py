@@ -180,11 +180,16 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     if name in models.MODELS:
         model, tok = models.load(name, safety=args.delta or True)
-        rows, auc, utility, _ = evaluate_real(model, tok, max_new_tokens=args.max_new_tokens,
-                                              backend=args.backend)
+        rows, auc, utility, outs = evaluate_real(model, tok, max_new_tokens=args.max_new_tokens,
+                                                 backend=args.backend)
         print(format_table(rows, REAL_COLUMNS))
         print(f"safety head ROC AUC (first verdict, held-out, harmful vs benign+borderline): "
               f"{auc:.4f}")
+        from safekern.evaluation import first_verdict_auc
+        auc5 = first_verdict_auc(next(o for k, o in outs.items() if k != "off"),
+                                 kinds=("direct", "prefill", "suffix", "benign", "borderline"))
+        print(f"  the same without the jailbreak / completion / benign_long cases (the earlier "
+              f"tables' set): {auc5:.4f}")
         for k, v in utility.items():
             print(f"benign answers: mean NLL {v['nll']:.4f} (ppl {v['ppl']:.3f}) - {k}")
         for r in rows:
