@@ -256,8 +256,8 @@ def summarize(name: str, outcomes: Sequence[Outcome], off: Optional[Sequence[Out
         row["benign_token_agreement_%"] = pct(
             np.mean([a == b for a, b in zip(o.token_ids, f.token_ids)] or [1.0])
             for o, f in pairs)
-        row["benign_long_unchanged_%"] = pct(
-            o.token_ids == f.token_ids for o, f in zip(outcomes, off) if o.case.kind == "benign_long")
+        row["benign_long_unchanged_%"] = pct(o.token_ids == f.token_ids for o, f in zip(outcomes, off)
+                                             if o.case.kind == "benign_long")
     evals = [len(o.trace.eval_steps) for o in outcomes if o.trace is not None]
     row["evals_per_seq"] = float(np.mean(evals)) if evals else 0.0
     row["seconds"] = seconds
