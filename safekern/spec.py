@@ -202,9 +202,9 @@ def sampling_from_keywords(sampling: SamplingParams, **kw) -> SamplingParams:
     if do_sample is not None and not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
     if do_sample is False:
-        only_sampling = [k for k in ("temperature", "top_k", "top_p", "min_p")
-                         if kw.get(k) not in (None, 0, 0.0) and
-                         not (k == "top_p" and kw[k] == 1.0)]
+        neutral = {"temperature": 0, "top_k": 0, "top_p": 1.0, "min_p": 0}
+        only_sampling = [k for k, off in neutral.items() if k in kw and kw[k] is not None and
+                         (isinstance(kw[k], torch.Tensor) or kw[k] != off)]
         if only_sampling:
             raise ValueError(f"do_sample=False is greedy decoding, which {only_sampling[0]}="
                              f"{kw[only_sampling[0]]!r} would not change; drop one of them")
