@@ -329,7 +329,9 @@ def run(args) -> int:
                 if on_cpu:
                     row["vs_off_cpu_time"] = cpu[name] / cpu["off"]
                 if name in ess:
-                    method = evals[name] * row_cost * (new_tokens - 1) / off
+                    # + 0.0: no evaluations times a negative row cost (noise) is -0.0,
+                    # which the table would print as "-0".
+                    method = evals[name] * row_cost * (new_tokens - 1) / off + 0.0
                     row.update(evals_per_step=evals[name], method_cost=method,
                                impl_overhead=ratio - 1 - method)
                 if name == P1_SCHEDULE:

@@ -109,6 +109,19 @@ def _registry_name(args, option: str = "--model") -> str:
                       "not supported yet")
 
 
+def _check_backend(args, device: str) -> None:
+    """A usage error for an explicit ``--backend`` that cannot run on ``device`` (an explicit
+    backend raises rather than falls back, so it would fail mid-run)."""
+    import torch
+
+    from .ops.dispatch import triton_can_run
+
+    why = ("needs --device cuda" if args.backend == "cuda" and device != "cuda" else
+           triton_can_run(torch.device(device)) if args.backend == "triton" else None)
+    if why is not None:
+        args.parser.error(f"argument --backend: {args.backend} cannot run on {device}: {why}")
+
+
 def _set_threads(n: int) -> None:
     import torch
 
@@ -126,6 +139,7 @@ def _bench(args) -> int:
         args.parser.error(f"argument --shape: applies to --model tiny (random weights), not "
                           f"--model {args.model}")
     args.shape = args.shape or "tiny"
+    _check_backend(args, args.device)
     if args.shape == "llama3-8b" and args.device == "cpu":
         args.parser.error("argument --shape: llama3-8b is a GPU benchmark (~32 GB of fp32 "
                           "weights on a CPU); use --device cuda, or --shape small on a CPU")
@@ -180,6 +194,7 @@ def _demo(args) -> int:
     from .demo import run_demo, run_demo_real
 
     name = args.model or ("smollm2" if models.is_available("smollm2") is None else "tiny")
+    _check_backend(args, "cpu")
     _set_threads(args.threads)
     if name in models.MODELS:
         why = models.is_available(name)
@@ -323,7 +338,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--max-new-tokens", type=_int_at_least(1), default=None,
                    help="tokens generated per prompt (default 48 real model, 32 tiny)")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
-                   help="backend of the safekern ops")
+                   help="backend of the safekern ops (the demo runs on the CPU: triton needs "
+                   "TRITON_INTERPRET=1, cuda cannot run)")
     d.add_argument("--threads", type=_int_at_least(0), default=1, help=THREADS_HELP)
     d.set_defaults(fn=_demo, parser=d)
     x = sub.add_parser("export-vllm", formatter_class=_HelpFormatter,

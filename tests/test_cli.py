@@ -74,6 +74,10 @@ def _usage_error(capsys, argv) -> str:
     (["bench", "--model", "smollm2", "--shape", "small"], "argument --shape: applies to --model "
                                                           "tiny"),
     (["bench", "--shape", "llama3-8b"], "argument --shape: llama3-8b is a GPU benchmark"),
+    (["bench", "--backend", "cuda"], "argument --backend: cuda cannot run on cpu: needs --device "
+                                     "cuda"),
+    (["demo", "--model", "tiny", "--backend", "cuda"], "argument --backend: cuda cannot run on "
+                                                       "cpu"),
     (["demo", "--model", "nonsense"], "argument --model: 'nonsense' is neither a known model"),
     (["demo", "--max-new-tokens", "-3"], "argument --max-new-tokens: must be >= 1, got -3"),
     (["demo", "--per-kind", "0"], "argument --per-kind: must be >= 1"),
