@@ -174,12 +174,12 @@ def _train(args) -> int:
         args.parser.error("say what to train: --model smollm2 (a real pretrained model, "
                           "frozen-LM recipe) or --tiny (the embedded tiny Llama from scratch); "
                           "for another checkpoint use safekern.train.EssTrainer from Python")
-    for opt, given in (("--response-windows", args.response_windows),
-                       ("--threads", args.threads is not None)):
+    for opt, given, why in (
+            ("--response-windows", args.response_windows, "the tiny recipe has its own windows"),
+            ("--threads", args.threads is not None, "the tiny recipe trains on one thread, so a "
+             "seed gives the same model on every machine")):
         if given:
-            args.parser.error(f"argument {opt}: applies to a real model (--model smollm2); the "
-                              "tiny recipe trains on one thread, so a seed gives the same model "
-                              "on every machine")
+            args.parser.error(f"argument {opt}: applies to a real model (--model smollm2); {why}")
     from .train import train_tiny
 
     train_tiny(args.out, steps=300 if args.steps is None else args.steps,
