@@ -175,7 +175,7 @@ def _train(args) -> int:
                           "frozen-LM recipe) or --tiny (the embedded tiny Llama from scratch); "
                           "for another checkpoint use safekern.train.EssTrainer from Python")
     for opt, given, why in (
-            ("--response-windows", args.response_windows, "the tiny recipe has its own windows"),
+            ("--response-windows", args.response_windows, "the tiny recipe has no such option"),
             ("--threads", args.threads is not None, "the tiny recipe trains on one thread, so a "
              "seed gives the same model on every machine")):
         if given:
