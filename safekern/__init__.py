@@ -15,13 +15,17 @@ _LAZY = {"attach": "model", "save_safety": "model", "load_safety": "model",
          "generate": "engine", "Engine": "engine"}
 
 
+_SUBMODULES = ("models",)        # ``safekern.models.load(...)`` after a bare ``import safekern``
+
+
 def __getattr__(name):
-    if name in _LAZY:
+    if name in _LAZY or name in _SUBMODULES:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = importlib.import_module(f".{_LAZY.get(name, name)}", __name__)
+        return module if name in _SUBMODULES else getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["ess_attention", "ess_attention_varlen", "head_sample", "plan_step", "EssConfig",
            "EssState",
-           "SamplingParams", "info", "__version__", *_LAZY]
+           "SamplingParams", "info", "__version__", *_LAZY, *_SUBMODULES]

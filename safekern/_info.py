@@ -29,8 +29,9 @@ def info(device: Optional[str] = None) -> Dict[str, Any]:
         package; ``cuda`` is the CUDA version torch was built with, ``"none"`` for a CPU-only
         build), ``device``, ``backends`` (``{op: {backend: "available" or the reason it cannot
         run}}``), ``auto`` (``{op: backend auto picks for bf16 inputs}``, fp32 on CPU) and
-        ``cpu_linear`` (``"available"`` or why the engine's CPU decode linear path cannot run;
-        the first call on a machine builds it, ~20 s).
+        ``cpu_linear`` (``"available"`` or why the C++ CPU kernels cannot run: the engine's
+        decode linear path, fused controller and decode attention, one extension; the first
+        call on a machine builds it, ~20-60 s).
 
     >>> info("cpu")["backends"]["ess_attention"]["torch"]
     'available'

@@ -15,11 +15,17 @@ and ``t_row`` are bare decode steps (forward + final norm + LM head + argmax, no
 bookkeeping) without and with the [CLS] row (plus its safety score), timed interleaved at the
 run's middle context, and ``evals_per_step`` comes from the schedule's traces. Implementation
 overhead = ``vs_off - 1 - method cost``.
+
+Noise: per repetition, each provider's time over the safety-off time of the same round (the
+rounds are interleaved, so a change of load hits both); half the p20-p80 range of those ratios
+is printed as ``±`` beside the ratio. A P1 miss smaller than that noise is reported as
+inconclusive, not as a MISS.
 """
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from typing import Dict, List
 
@@ -30,6 +36,14 @@ P1_TARGET = {"tiny": 1.15, "cpu": 1.25, "cuda": 1.05}   # docs/PERFORMANCE.md, P
 P1_OVERHEAD = 0.05          # implementation overhead budget (fraction of safety off)
 P2_TARGET = {"cpu": 1.0, "cuda": 1.5}
 P1_SCHEDULE = "each"
+
+# The text table's headers: the CSV keeps the short names (scripts read them), a reader of the
+# terminal gets words.
+HEADERS = {"ms_per_token": "ms/token", "vs_off": "time vs safety off",
+           "vs_off_cpu_time": "CPU time vs off", "evals_per_step": "[CLS] checks/token",
+           "method_cost": "cost of the [CLS] row", "impl_overhead": "other overhead",
+           "P1": "verdict", "engine_speedup": "engine speed-up", "P2": "verdict",
+           "bare_step_ms": "bare step ms", "bare_step_cls_ms": "bare step + [CLS] ms"}
 
 SHAPES = {
     "tiny": {},
@@ -124,7 +138,39 @@ def _interleaved(fns: Dict[str, callable], reps: int, device, progress):
             cpu[k].append(time.process_time() - c0)
             progress.update(1)
     return ({k: statistics.median(v) for k, v in wall.items()},
-            {k: statistics.median(v) for k, v in cpu.items()})
+            {k: statistics.median(v) for k, v in cpu.items()}, wall)
+
+
+def ratio_noise(samples: List[float], base: List[float]) -> float:
+    """Half the p20-p80 range of the per-round ratios ``samples[i] / base[i]`` (NaN with fewer
+    than 2 rounds: no spread to measure)."""
+    ratios = [a / b for a, b in zip(samples, base)]
+    if len(ratios) < 2:
+        return float("nan")
+    q = statistics.quantiles(ratios, n=5, method="inclusive")
+    return (q[3] - q[0]) / 2
+
+
+def p1_verdict(ratio: float, impl_overhead: float, noise: float, target: float) -> str:
+    """``"ok"``, ``"MISS"``, or ``"inconclusive"`` when the miss is within the noise (a NaN
+    noise, from one repetition, cannot excuse a miss)."""
+    miss = max(ratio - target, impl_overhead - P1_OVERHEAD)
+    if miss <= 0:
+        return "ok"
+    return "inconclusive" if miss <= noise else "MISS"
+
+
+def verdict_text(verdict: str, noise: float) -> str:
+    """The verdict as the table prints it."""
+    if verdict != "inconclusive":
+        return verdict
+    what = "the budget" if noise > P1_OVERHEAD else "the miss"
+    return f"inconclusive: noise larger than {what}"
+
+
+def status(message: str) -> None:
+    """One line on stderr (the table goes to stdout): what a silent wait is doing."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _hf_generate(model, tok, prompts, new_tokens, cache):
@@ -218,22 +264,32 @@ def run(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    model_name = getattr(args, "model", None) or "tiny"
+    model_name = args.model
     shape = args.shape if model_name == "tiny" else model_name
-    if shape == "llama3-8b" and device.type == "cpu":
-        raise SystemExit("--shape llama3-8b is a GPU benchmark (~32 GB of fp32 weights on CPU); "
-                         "use --device cuda, or --shape small on a CPU")
     threads = args.threads if args.threads is not None else (1 if shape == "tiny" else 2)
     if threads:
         torch.set_num_threads(threads)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    batches = args.batch or ([1] if args.quick else [1, 4]) if device.type == "cpu" else \
-        args.batch or [1, 16, 64]
-    prompt_tokens = args.prompt_tokens or (1024 if device.type == "cuda" else 64)
-    new_tokens = args.new_tokens or (256 if device.type == "cuda" else (32 if args.quick else 64))
+    on_cpu = device.type == "cpu"
+    # --quick only changes defaults: a value the user gave wins.
+    batches = args.batch or ([1, 4] if on_cpu and not args.quick else [1] if on_cpu else
+                             [1, 16, 64])
+    prompt_tokens = args.prompt_tokens or (64 if on_cpu else 1024)
+    new_tokens = args.new_tokens or (256 if not on_cpu else 32 if args.quick else 64)
     reps = args.reps or (3 if args.quick else 15)
+    if on_cpu:
+        t0 = time.perf_counter()
+        status("safekern bench: preparing the C++ decode kernels (compiled once per machine and "
+               "kernel version, ~20-60 s the first time)...")
+        why = cpu_linear.unavailable_reason()
+        status(f"safekern bench: C++ kernels {'ready' if why is None else 'unavailable: ' + why}"
+               f" ({time.perf_counter() - t0:.0f} s)")
+    t0 = time.perf_counter()
+    status(f"safekern bench: loading model {shape}...")
     model, tok = build(shape, device, dtype) if model_name == "tiny" else \
         build_real(model_name, device, dtype)
+    status(f"safekern bench: model {shape} loaded ({time.perf_counter() - t0:.0f} s); timing "
+           f"{len(batches)} batch size(s) x {reps} reps")
     env = environment(device)
     need = max(encode_prompts(tok, make_prompts(tok, 1, prompt_tokens)).lengths) + 1 + new_tokens
     engine = Engine(model, tok, backend=args.backend, max_cache_len=need + 8,
@@ -259,33 +315,40 @@ def run(args) -> int:
                 bar.update(1)
             fns["transformers"] = _hf_generate(model, tok, prompts, new_tokens,
                                                "static" if device.type == "cuda" else None)
-            med, cpu = _interleaved(fns, reps, device, bar)
-            step, _ = _interleaved(bare_steps(engine, prompts, new_tokens), 2 * reps, device,
-                                   bar)
+            med, cpu, samples = _interleaved(fns, reps, device, bar)
+            step, _, _ = _interleaved(bare_steps(engine, prompts, new_tokens), 2 * reps, device,
+                                      bar)
             row_cost = step["token+cls"] - step["token"]
             off = med["off"]
             for name in ["off", *ess]:
                 ratio = med[name] / off
                 row = {"model": shape, "batch": B, "provider": name,
                        "ms_per_token": med[name] / new_tokens * 1e3, "vs_off": ratio}
-                if device.type == "cpu":
+                if name in ess:
+                    row["vs_off_noise"] = ratio_noise(samples[name], samples["off"])
+                if on_cpu:
                     row["vs_off_cpu_time"] = cpu[name] / cpu["off"]
                 if name in ess:
-                    method = evals[name] * row_cost * (new_tokens - 1) / off
+                    # + 0.0: no evaluations times a negative row cost (noise) is -0.0,
+                    # which the table would print as "-0".
+                    method = evals[name] * row_cost * (new_tokens - 1) / off + 0.0
                     row.update(evals_per_step=evals[name], method_cost=method,
                                impl_overhead=ratio - 1 - method)
                 if name == P1_SCHEDULE:
-                    ok = ratio <= target and row["impl_overhead"] <= P1_OVERHEAD
-                    row["P1"] = "ok" if ok else "MISS"
+                    row["P1"] = p1_verdict(ratio, row["impl_overhead"], row["vs_off_noise"],
+                                           target)
                 rows.append(row)
             speedup = med["transformers"] / off
             p2_rows.append({"model": shape, "batch": B, "provider": "transformers",
                             "ms_per_token": med["transformers"] / new_tokens * 1e3,
                             "engine_speedup": speedup,
+                            "engine_speedup_noise": ratio_noise(samples["transformers"],
+                                                                samples["off"]),
                             "P2": "ok" if speedup >= P2_TARGET[device.type] else "MISS",
                             "bare_step_ms": step["token"] * 1e3,
                             "bare_step_cls_ms": step["token+cls"] * 1e3})
     cores = os.cpu_count()
+    load1 = os.getloadavg()[0]
     where = (f"{env['device']}" if device.type == "cuda" else
              f"{env['device']}, {torch.get_num_threads()} torch thread(s)")
     lin = engine._decode_linears
@@ -295,29 +358,37 @@ def run(args) -> int:
         if device.type == "cpu" else "head_sample backend"
     print(f"\nmodel {shape} | {where} | torch {env['torch']} | prompt ~{prompt_tokens} tokens | "
           f"{new_tokens} new tokens | backend {args.backend} | median of {reps} | load average "
-          f"{load0:.1f} -> {os.getloadavg()[0]:.1f} on {cores} cores\n"
+          f"{load0:.1f} -> {load1:.1f} on {cores} cores\n"
           f"linear path: {linear_path} | controller: {controller}")
-    print("P1: strategic decoding vs the same engine with safety off")
-    print(format_table(rows, ["batch", "provider", "ms_per_token", "vs_off", "vs_off_cpu_time",
-                              "evals_per_step", "method_cost", "impl_overhead", "P1"]))
-    print(f"vs_off: time per token / safety off (wall; vs_off_cpu_time: process CPU time). "
-          f"method_cost: the [CLS] row's own forward (bare steps); impl_overhead: the rest. "
-          f"Paper budget: {PAPER_BUDGET - 1:.1f}x overhead ({PAPER_BUDGET:.1f}x, annealing). "
-          f"P1 ({P1_SCHEDULE} only): vs_off <= {target:.2f}x and impl_overhead <= "
-          f"{P1_OVERHEAD:.2f}.")
+    if on_cpu and max(load0, load1) > cores:
+        print(f"note: the box was loaded (load average above its {cores} cores): wall times are "
+              "noisy; 'CPU time vs off' counts only this process's work")
+    print("\nStrategic decoding (ESS on, per re-evaluation schedule) vs the same engine with "
+          "safety off:")
+    print(format_table(_with_noise(rows, "vs_off"),
+                       ["batch", "provider", "ms_per_token", "vs_off", "vs_off_cpu_time",
+                        "evals_per_step", "method_cost", "impl_overhead", "P1"], HEADERS))
+    print(f"time vs safety off: wall time per token with ESS / without (± noise: half the "
+          f"p20-p80 spread of the per-round ratios). cost of the [CLS] row: its own forward "
+          f"pass, what the method costs; other overhead: the rest (controller, masks, "
+          f"bookkeeping). The paper's budget is {PAPER_BUDGET:.1f}x (annealing). verdict "
+          f"({P1_SCHEDULE} only): ok when time vs safety off <= {target:.2f}x and other overhead "
+          f"<= {P1_OVERHEAD:.2f}; inconclusive when a miss is smaller than the noise.")
     if engine.cpu_linear_reason is not None and device.type == "cpu":
         print(f"cpu_linear not used: {engine.cpu_linear_reason}")
-    print("\nP2: the engine (safety off) vs transformers generate")
-    print(format_table(p2_rows, ["batch", "provider", "ms_per_token", "engine_speedup", "P2",
-                                 "bare_step_ms", "bare_step_cls_ms"]))
-    print(f"engine_speedup: transformers time / engine time; P2 target >= "
-          f"{P2_TARGET[device.type]:.1f}x.")
+    print("\nThe engine (safety off) vs transformers generate:")
+    print(format_table(_with_noise(p2_rows, "engine_speedup"),
+                       ["batch", "provider", "ms_per_token", "engine_speedup", "P2",
+                        "bare_step_ms", "bare_step_cls_ms"], HEADERS))
+    print(f"engine speed-up: transformers time / engine time, target >= "
+          f"{P2_TARGET[device.type]:.1f}x. bare step: one decode step's forward + LM head, "
+          f"without and with the [CLS] row (no controller).")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"engine_{shape}_{device.type}")
     env = {**env, "torch_threads": str(torch.get_num_threads()), "prompt_tokens": prompt_tokens,
            "new_tokens": new_tokens, "reps": reps, "linear_path": linear_path,
            "controller": controller, "loadavg_1min_start": f"{load0:.2f}",
-           "loadavg_1min": f"{os.getloadavg()[0]:.2f}"}
+           "loadavg_1min": f"{load1:.2f}"}
     print("csv:", write_csv(stem + ".csv", rows + p2_rows, env))
     title = (f"{shape}, {device.type} ({torch.get_num_threads()} thr), prompt ~{prompt_tokens}, "
              f"{new_tokens} new tokens")
@@ -325,6 +396,22 @@ def run(args) -> int:
     if png:
         print("plot:", png)
     return 0
+
+
+def _with_noise(rows, column: str):
+    """Copies of ``rows`` whose ``column`` reads "1.12 ±0.03" and whose verdict is spelled out,
+    for the text table."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        noise = r.get(column + "_noise")
+        if noise is not None:
+            r[column] = f"{r[column]:.3g} ±{noise:.2f}" if noise == noise else \
+                f"{r[column]:.3g} ±?"
+        if "P1" in r:
+            r["P1"] = verdict_text(r["P1"], noise)
+        out.append(r)
+    return out
 
 
 def _plot(rows, p2_rows, batches, path, target, title):

@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -85,11 +85,14 @@ def write_csv(path: str, rows: Sequence[Dict[str, object]], env: Dict[str, str])
     return path
 
 
-def format_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:
-    """Fixed-width text table of ``columns`` from ``rows`` (floats to 3 significant digits)."""
+def format_table(rows: Sequence[Dict[str, object]], columns: Sequence[str],
+                 headers: Optional[Dict[str, str]] = None) -> str:
+    """Fixed-width text table of ``columns`` from ``rows`` (floats to 3 significant digits),
+    each column titled ``headers[column]`` where given, else by its key."""
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
+    titles = [(headers or {}).get(c, c) for c in columns]
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max(len(t), *(len(row[i]) for row in cells)) for i, t in enumerate(titles)]
     line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+    return "\n".join([line(titles), line(["-" * w for w in widths])] + [line(r) for r in cells])

@@ -1,17 +1,28 @@
-"""Command line: ``safekern bench | info | train | demo | export-vllm``; ``DESCRIPTION`` is what
---help says."""
+"""Command line: ``safekern bench | info | train | demo | export-vllm | cache``; ``DESCRIPTION``
+is what --help says.
+
+Every argument is checked here, by argparse (types, ranges, choices, paths that must exist): a bad
+value ends in a usage error (exit 2) that names the option, before anything loads or trains, and a
+value the user gave is used as given or refused, never replaced by a default."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
-DESCRIPTION = ("safekern: fused kernels for explicit safety signals (ESS) in LLMs. "
-               "Subcommands: bench (strategic decoding overhead and engine speed), info "
-               "(versions and runnable backends), train (the tiny ESS model), demo (safety off vs "
-               "strategic decoding), export-vllm (a checkpoint vLLM serves with the ESS plugin). "
-               "Spec: docs/DESIGN.md; targets: docs/PERFORMANCE.md.")
+# No file references: a wheel installs no docs/, so --help carries what a user needs to run.
+DESCRIPTION = ("safekern: fused kernels for explicit safety signals (ESS) in LLMs: a [CLS] safety "
+               "token scored by a safety head while decoding, with a refusal forced when it "
+               "turns malicious. Subcommands: bench (strategic decoding overhead and engine "
+               "speed), info (versions and runnable backends), train (an ESS delta), demo "
+               "(safety off vs strategic decoding), export-vllm (a checkpoint vLLM serves with "
+               "the ESS plugin), cache (the de-quantized model cache). Run 'safekern COMMAND "
+               "--help' for each command's options.")
+THREADS_HELP = ("torch CPU threads; 0 = torch's default (every core). On a small shared box one "
+                "thread decodes faster: a second thread waits for a core that another process "
+                "holds")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -24,9 +35,108 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _int_at_least(lo: int):
+    """argparse type: an int >= ``lo``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+    return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _delta_dir(text: str) -> str:
+    """argparse type: a directory holding an ESS delta (``safety.json``, from save_safety)."""
+    if not os.path.isfile(os.path.join(text, "safety.json")):
+        why = "does not exist" if not os.path.exists(text) else "has no safety.json"
+        raise argparse.ArgumentTypeError(f"{text!r} {why}: expected an ESS delta directory "
+                                         "(written by 'safekern train --model NAME --out DIR' or "
+                                         "safekern.save_safety)")
+    return text
+
+
+def _model_arg(names):
+    """argparse type: one of ``names`` or an existing local checkpoint (a directory with a
+    config.json, or a .gguf file); what each command can load from a path it checks itself."""
+    def parse(text: str) -> str:
+        if text in names:
+            return text
+        if os.path.isfile(os.path.join(text, "config.json")) or \
+                (os.path.isfile(text) and text.endswith(".gguf")):
+            return text
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a known model ({', '.join(names)}) nor a local checkpoint (a "
+            "directory with config.json, or a .gguf file)")
+    return parse
+
+
+def _known_models():
+    from . import models
+
+    return ("tiny", *models.MODELS)
+
+
+def _tiny_dir(path: str) -> bool:
+    """A directory written by ``safekern train --tiny`` (what the tiny demo loads)."""
+    return os.path.isfile(os.path.join(path, "safety", "safety.json"))
+
+
 def _print_info(_args) -> int:
     print(json.dumps(__import__("safekern").info(), indent=2))
     return 0
+
+
+def _registry_name(args, option: str = "--model") -> str:
+    """``args.model`` when it names a registered model; a usage error for a local checkpoint,
+    which this command cannot load yet."""
+    if args.model in _known_models():
+        return args.model
+    args.parser.error(f"argument {option}: {args.model!r}: this command runs the registered "
+                      f"models ({', '.join(_known_models())}); loading a local checkpoint is "
+                      "not supported yet")
+
+
+def _check_backend(args, device: str) -> None:
+    """A usage error for an explicit ``--backend`` that cannot run on ``device`` (an explicit
+    backend raises rather than falls back, so it would fail mid-run)."""
+    import torch
+
+    from .ops.dispatch import triton_can_run
+
+    why = ("needs --device cuda" if args.backend == "cuda" and device != "cuda" else
+           triton_can_run(torch.device(device)) if args.backend == "triton" else None)
+    if why is not None:
+        args.parser.error(f"argument --backend: {args.backend} cannot run on {device}: {why}")
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
 
 
 def _bench(args) -> int:
@@ -34,6 +144,15 @@ def _bench(args) -> int:
 
     from .bench import run
 
+    args.model = _registry_name(args)
+    if args.shape is not None and args.model != "tiny":
+        args.parser.error(f"argument --shape: applies to --model tiny (random weights), not "
+                          f"--model {args.model}")
+    args.shape = args.shape or "tiny"
+    _check_backend(args, args.device)
+    if args.shape == "llama3-8b" and args.device == "cpu":
+        args.parser.error("argument --shape: llama3-8b is a GPU benchmark (~32 GB of fp32 "
+                          "weights on a CPU); use --device cuda, or --shape small on a CPU")
     rc = run(args)
     mode = getattr(args, "vllm", "auto")
     if mode == "on" or (mode == "auto" and importlib.util.find_spec("vllm")):
@@ -46,21 +165,37 @@ def _bench(args) -> int:
 
 def _train(args) -> int:
     """Train the embedded tiny ESS model from scratch, or the ESS delta of a real model."""
-    if args.model not in (None, "tiny"):
+    model = args.model                    # a registered name or a local checkpoint path
+    if args.tiny and model not in (None, "tiny"):
+        args.parser.error(f"argument --tiny: not allowed with --model {model}")
+    if model not in (None, "tiny"):
+        for opt, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                           ("--seed", args.seed)):
+            if value is not None:
+                args.parser.error(f"argument {opt}: applies to the tiny recipe (--tiny), not "
+                                  f"--model {model}")
         from .recipe import train_real
 
-        train_real(args.model, args.out, response_windows=args.response_windows,
+        _set_threads(args.threads)
+        train_real(model, args.out, response_windows=args.response_windows,
                    progress=not args.no_progress, rank=args.rank, epochs=args.epochs,
                    max_minutes=args.max_minutes, max_sequences=args.max_sequences)
         return 0
-    if not args.tiny and args.model != "tiny":
-        print("say what to train: --model smollm2 (a real pretrained model, frozen-LM recipe) "
-              "or --tiny (the embedded tiny Llama from scratch); for another checkpoint use "
-              "safekern.train.EssTrainer (docs/TRAINING.md)", file=sys.stderr)
-        return 2
+    if not args.tiny and model != "tiny":
+        args.parser.error("say what to train: --model smollm2 (a real pretrained model, "
+                          "frozen-LM recipe) or --tiny (the embedded tiny Llama from scratch); "
+                          "for another checkpoint use safekern.train.EssTrainer from Python")
+    for opt, given, why in (
+            ("--response-windows", args.response_windows, "the tiny recipe has no such option"),
+            ("--threads", args.threads is not None, "the tiny recipe trains on one thread, so a "
+             "seed gives the same model on every machine")):
+        if given:
+            args.parser.error(f"argument {opt}: applies to a real model (--model smollm2); {why}")
     from .train import train_tiny
 
-    train_tiny(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    train_tiny(args.out, steps=300 if args.steps is None else args.steps,
+               batch_size=32 if args.batch_size is None else args.batch_size,
+               seed=0 if args.seed is None else args.seed)
     return 0
 
 
@@ -70,12 +205,27 @@ def _demo(args) -> int:
     from .demo import run_demo, run_demo_real
 
     name = args.model or ("smollm2" if models.is_available("smollm2") is None else "tiny")
+    _check_backend(args, "cpu")
+    _set_threads(args.threads)
     if name in models.MODELS:
+        why = models.is_available(name)
+        if why is not None:
+            raise SystemExit(f"--model {name} is not installed here: {why}")
         run_demo_real(name, delta=args.delta, per_kind=args.per_kind,
                       max_new_tokens=args.max_new_tokens or 48, backend=args.backend)
         return 0
+    if args.delta is not None:
+        args.parser.error(f"argument --delta: applies to a real model ({', '.join(models.MODELS)})"
+                          "; a tiny model directory holds its own delta")
+    if name != "tiny" and not _tiny_dir(name):
+        args.parser.error(f"argument --model: {name!r} is not a directory written by "
+                          "'safekern train --tiny' (no safety/safety.json); the demo loads local "
+                          "checkpoints of that kind only")
+    # "tiny" is the cache directory, trained there when missing; a path the user named is read,
+    # never trained into.
     run_demo(None if name == "tiny" else name, per_kind=args.per_kind,
-             max_new_tokens=args.max_new_tokens or 32, backend=args.backend)
+             max_new_tokens=args.max_new_tokens or 32, backend=args.backend,
+             train_if_missing=name == "tiny")
     return 0
 
 
@@ -85,7 +235,12 @@ def _export_vllm(args) -> int:
     from .integrations.vllm import export_for_vllm
     from .spec import EssConfig
 
-    model, tok = models.load(args.model, safety=args.delta or True)
+    name = _registry_name(args)
+    if name not in models.MODELS:
+        args.parser.error(f"argument --model: export-vllm writes a registered pretrained model "
+                          f"({', '.join(models.MODELS)}), not {name}")
+    _set_threads(args.threads)
+    model, tok = models.load(name, safety=args.delta or True)
     ess = EssConfig(schedule=args.schedule, policy=args.policy, threshold=args.threshold)
     out = export_for_vllm(model, tok, args.out, ess=ess,
                           enabled_by_default=args.enabled_by_default)
@@ -97,96 +252,145 @@ def _export_vllm(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    """List or clear the de-quantized model cache (safekern.models)."""
+    from . import models
+
+    entries = models.cache_entries()
+    if args.clear:
+        freed = models.clear_cache()
+        print(f"removed {len(entries)} cached model(s) from {models.cache_root()}, "
+              f"{freed / 2**20:.0f} MiB")
+        return 0
+    print(f"{models.cache_root()}:" + ("" if entries else " empty"))
+    for e in entries:
+        print(f"  {e.name}  {e.bytes / 2**20:.0f} MiB  "
+              f"{'in use' if e.current else 'stale (no installed GGUF has this content)'}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="safekern", description=DESCRIPTION,
                                 formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"safekern {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    names = _known_models()
     b = sub.add_parser("bench", formatter_class=_HelpFormatter,
-                       help="strategic decoding overhead per token (P1) and engine vs "
-                       "transformers generate (P2) on the embedded default model")
-    b.add_argument("--device", default="cpu", help="cpu or cuda")
-    b.add_argument("--model", default="tiny", choices=["tiny", "smollm2"],
+                       help="strategic decoding overhead per token and engine vs transformers "
+                       "generate on the embedded default model",
+                       description="Times strategic decoding (ESS on, per re-evaluation "
+                       "schedule) against the same engine with safety off, and the engine "
+                       "against transformers generate, A/B interleaved in one process.")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    b.add_argument("--model", default="tiny", type=_model_arg(names),
                    help="tiny: the embedded tiny Llama (or --shape), random weights; "
                    "smollm2: SmolLM2-135M-Instruct when installed (safekern.models)")
-    b.add_argument("--shape", default="tiny", choices=["tiny", "small", "llama3-8b"],
-                   help="model shape, random weights (tiny: the embedded tiny Llama; small: "
-                   "hidden 1024, 8 layers, vocab 32000)")
+    b.add_argument("--shape", default=None, choices=["tiny", "small", "llama3-8b"],
+                   help="model shape of --model tiny, random weights (tiny: the embedded tiny "
+                   "Llama; small: hidden 1024, 8 layers, vocab 32000) (default: tiny)")
     b.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
                    help="backend of the safekern ops")
-    b.add_argument("--batch", type=int, nargs="+",
-                   help="batch sizes (default: cpu 1 4, cuda 1 16 64)")
-    b.add_argument("--prompt-tokens", type=int, help="prompt length (default: cpu 64, cuda 1024)")
-    b.add_argument("--new-tokens", type=int, help="tokens per sequence (default: cpu 64, cuda 256)")
-    b.add_argument("--reps", type=int,
-                   help="timed repetitions per provider (default: 15, with --quick 3)")
-    b.add_argument("--quick", action="store_true", help="batch 1, 32 tokens, 3 reps")
+    b.add_argument("--batch", type=_int_at_least(1), nargs="+",
+                   help="batch sizes (default: cpu 1 4, cuda 1 16 64; --quick: 1)")
+    b.add_argument("--prompt-tokens", type=_int_at_least(1),
+                   help="prompt length (default: cpu 64, cuda 1024)")
+    b.add_argument("--new-tokens", type=_int_at_least(2),
+                   help="tokens per sequence, >= 2 so that there is a decode step to time "
+                   "(default: cpu 64, cuda 256; --quick: 32)")
+    b.add_argument("--reps", type=_int_at_least(1),
+                   help="timed repetitions per provider (default: 15; --quick: 3)")
+    b.add_argument("--quick", action="store_true", help="smaller defaults: batch 1, 32 tokens, "
+                   "3 reps (values given explicitly win)")
     b.add_argument("--out", default="bench_out", help="directory for the CSV and PNG")
-    b.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for the tiny model, whose matmuls are "
-                   "too small to gain from more; 2 for smollm2; 0 = torch default)")
+    b.add_argument("--threads", type=_int_at_least(0), default=None,
+                   help=THREADS_HELP + " (default: 1 for the tiny model, whose matmuls are too "
+                   "small to gain from more; 2 for smollm2)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--vllm", default="auto", choices=["auto", "on", "off"],
                    help="also time vLLM with the safekern plugin (benchmarks/bench_vllm.py); "
                    "auto: when vLLM is importable")
-    b.set_defaults(fn=_bench)
+    b.set_defaults(fn=_bench, parser=b)
     i = sub.add_parser("info", formatter_class=_HelpFormatter,
                        help="print versions, device and runnable backends as JSON")
-    i.set_defaults(fn=_print_info)
+    i.set_defaults(fn=_print_info, parser=i)
     t = sub.add_parser("train", formatter_class=_HelpFormatter,
                        help="train an ESS delta: --model smollm2 (real model) or --tiny")
-    t.add_argument("--model", default=None, help="smollm2: the frozen-LM recipe on the real "
-                   "model (writes the delta to --out, default ~/.cache/safekern/smollm2-ess); "
-                   "tiny: same as --tiny")
+    t.add_argument("--model", default=None, type=_model_arg(names),
+                   help="smollm2: the frozen-LM recipe on the real model (writes the delta to "
+                   "--out, default ~/.cache/safekern/smollm2-ess); tiny: same as --tiny")
     t.add_argument("--response-windows", action="store_true", help="real model: train the "
                    "[CLS] on response windows too, not on the query windows only (the paper's "
-                   "recipe, which measured better on the held-out split: BENCHMARKS.md)")
-    t.add_argument("--rank", type=int, default=16, help="real model: rank of the [CLS] "
+                   "recipe; the query windows measured better on the held-out split)")
+    t.add_argument("--rank", type=_int_at_least(0), default=16, help="real model: rank of the [CLS] "
                    "adapter (docs/DESIGN.md §9); 0 = a linear head on the frozen [CLS] row")
-    t.add_argument("--epochs", type=int, default=None, help="real model, rank > 0: epochs "
+    t.add_argument("--epochs", type=_int_at_least(1), default=None, help="real model, rank > 0: epochs "
                    "(default: the recipe's)")
-    t.add_argument("--max-minutes", type=float, default=None, help="real model, rank > 0: stop "
+    t.add_argument("--max-minutes", type=_positive, default=None, help="real model, rank > 0: stop "
                    "training after this many minutes (the best epoch so far is kept)")
-    t.add_argument("--max-sequences", type=int, default=None, help="real model: train on a "
-                   "sample of this many sequences (a smoke run)")
+    t.add_argument("--max-sequences", type=_int_at_least(1), default=None, help="real model: "
+                   "train on a sample of this many sequences (a smoke run)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--tiny", action="store_true", help="the embedded tiny Llama recipe")
     t.add_argument("--out", default=None, help="output dir (default: "
                    "$SAFEKERN_CACHE/tiny-<recipe key> or ~/.cache/safekern/tiny-<recipe key>; "
                    "real model: ~/.cache/safekern/smollm2-ess)")
-    t.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    t.add_argument("--batch-size", type=int, default=32, help="rows per step")
-    t.add_argument("--seed", type=int, default=0, help="seed of the weights and data order")
-    t.set_defaults(fn=_train)
+    t.add_argument("--steps", type=_int_at_least(1), help="tiny recipe: optimizer steps "
+                   "(default: 300)")
+    t.add_argument("--batch-size", type=_int_at_least(1), help="tiny recipe: rows per step "
+                   "(default: 32)")
+    t.add_argument("--seed", type=_int_at_least(0), help="tiny recipe: seed of the weights and "
+                   "data order (default: 0)")
+    t.add_argument("--threads", type=_int_at_least(0), default=None,
+                   help=THREADS_HELP + "; real model only (default: torch's)")
+    t.set_defaults(fn=_train, parser=t)
     d = sub.add_parser("demo", formatter_class=_HelpFormatter,
                        help="safety off vs strategic decoding, side by side")
-    d.add_argument("--model", default=None, help="smollm2 (default when installed), tiny, or a "
-                   "dir written by 'safekern train --tiny' (tiny: trained first when missing)")
-    d.add_argument("--delta", default=None, help="real model: ESS delta dir (default: the "
-                   "shipped one)")
-    d.add_argument("--per-kind", type=int, default=3,
+    d.add_argument("--model", default=None, type=_model_arg(names),
+                   help="smollm2 (default when installed), tiny (trained into the cache first "
+                   "when missing), or a directory written by 'safekern train --tiny'")
+    d.add_argument("--delta", default=None, type=_delta_dir,
+                   help="real model: ESS delta dir (default: the shipped one)")
+    d.add_argument("--per-kind", type=_int_at_least(1), default=3,
                    help="held-out prompts per kind (benign, borderline, harmful, prefill attack)")
-    d.add_argument("--max-new-tokens", type=int, default=None,
+    d.add_argument("--max-new-tokens", type=_int_at_least(1), default=None,
                    help="tokens generated per prompt (default 48 real model, 32 tiny)")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
-                   help="backend of the safekern ops")
-    d.set_defaults(fn=_demo)
+                   help="backend of the safekern ops (the demo runs on the CPU: triton needs "
+                   "TRITON_INTERPRET=1, cuda cannot run)")
+    d.add_argument("--threads", type=_int_at_least(0), default=1, help=THREADS_HELP)
+    d.set_defaults(fn=_demo, parser=d)
     x = sub.add_parser("export-vllm", formatter_class=_HelpFormatter,
                        help="write a real model + its ESS delta as a checkpoint vLLM serves "
                        "with the safekern plugin")
-    x.add_argument("--model", default="smollm2", choices=["smollm2"], help="the base model")
-    x.add_argument("--delta", default=None, help="ESS delta dir (default: the shipped one)")
+    x.add_argument("--model", default="smollm2", type=_model_arg(names), help="the base model")
+    x.add_argument("--delta", default=None, type=_delta_dir,
+                   help="ESS delta dir (default: the shipped one)")
     x.add_argument("--out", required=True, help="output checkpoint dir")
     x.add_argument("--schedule", default="first",
                    choices=["first", "each", "periodic", "annealing"],
                    help="default re-evaluation schedule of requests (first: the shipped "
-                   "delta's measured operating point, BENCHMARKS.md)")
+                   "delta's measured operating point)")
     x.add_argument("--policy", default="medium", choices=["low", "medium", "high"],
                    help="default policy")
-    x.add_argument("--threshold", type=float, default=0.5, help="default p_unsafe threshold")
+    x.add_argument("--threshold", type=_probability, default=0.5,
+                   help="default p_unsafe threshold, in [0, 1]")
     x.add_argument("--enabled-by-default", action="store_true", help="ESS on for requests "
                    "that do not say (default: only requests with extra_args/vllm_xargs "
                    "'safekern' are checked)")
-    x.set_defaults(fn=_export_vllm)
+    x.add_argument("--threads", type=_int_at_least(0), default=None,
+                   help=THREADS_HELP + " (default: torch's)")
+    x.set_defaults(fn=_export_vllm, parser=x)
+    c = sub.add_parser("cache", formatter_class=_HelpFormatter,
+                       help="list or clear the de-quantized model cache (one copy per GGUF "
+                       "content, shared by every environment of this user)")
+    what = c.add_mutually_exclusive_group(required=True)
+    what.add_argument("--list", action="store_true", help="each cached model, its size and "
+                      "whether an installed GGUF still uses it")
+    what.add_argument("--clear", action="store_true", help="remove every cached model (the "
+                      "next load de-quantizes again, ~20-30 s)")
+    c.set_defaults(fn=_cache, parser=c)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -75,14 +75,12 @@ def _show_groups(model, tokenizer, groups, ess, *, max_new_tokens, width, backen
 def run_demo_real(name: str = "smollm2", *, delta: Optional[str] = None, per_kind: int = 3,
                   max_new_tokens: int = 48, width: int = 48, backend: str = "auto",
                   ess=None, print_fn=print) -> List[dict]:
-    """The demo on a real pretrained model (``safekern.models``) with a trained ESS delta."""
-    import torch
-
+    """The demo on a real pretrained model (``safekern.models``) with a trained ESS delta (on the
+    caller's torch threads: ``safekern demo --threads``, default 1)."""
     from . import models
     from .evaluation import heldout_cases, judge
     from .spec import EssConfig
 
-    torch.set_num_threads(1)
     spec = models.MODELS[name]
     print_fn(f"model: {spec.description}; ESS delta: {delta or models.shipped_delta(name)}")
     print_fn("The base model has no safety alignment of its own: with safety off it answers "

@@ -43,7 +43,8 @@ from .ops.attention import reuse_masks
 from .ops import cpu_controller as fused_controller
 from .ops.head_sample import raise_non_finite
 from .reference.controller import plan_step
-from .spec import NEVER, REFUSING, EssConfig, EssState, SamplingParams
+from .spec import (NEVER, REFUSING, SAMPLING_KEYWORDS, EssConfig, EssState, SamplingParams,
+                   sampling_from_keywords)
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 _ACTIONS = {"low": "record", "medium": "refusal_prefix", "high": "refusal_stop"}
@@ -821,7 +822,8 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int,
              prefill: Optional[Sequence[str]] = None,
              stream: Optional[Callable[[int, List[Optional[int]], List[float]], None]] = None,
              stop: Optional[Sequence[str]] = None, backend: str = "auto",
-             chat_template: bool = True, **engine_kw) -> List[GenerationResult]:
+             chat_template: bool = True, threads: Optional[int] = None,
+             **kw) -> List[GenerationResult]:
     """Strategic decoding (docs/DESIGN.md §4) for a batch of user messages.
 
     Args:
@@ -857,7 +859,13 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int,
             finished sequences and ``p_unsafe[b]`` NaN where not evaluated (syncs every step).
         stop: stop strings; a sequence ends at the first one (the text is cut before it).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"cuda"`` for the ops.
-        engine_kw: ``Engine`` options (``max_cache_len``, ``cuda_graph``, ``sync_every``).
+        threads: torch CPU threads for this call (restored after it); None leaves torch's
+            setting. On a small shared CPU, 1 decodes fastest (BENCHMARKS.md, "Threads").
+        kw: transformers-style sampling keywords (``do_sample``, ``temperature``, ``top_k``,
+            ``top_p``, ``min_p``, ``seed``), mapped onto ``sampling`` by
+            ``safekern.spec.sampling_from_keywords`` (``do_sample=False``: greedy;
+            ``temperature > 0`` alone samples), and ``Engine`` options (``max_cache_len``,
+            ``cuda_graph``, ``sync_every``, ``ignore_eos``).
 
     Returns:
         One ``GenerationResult`` per prompt (text, token_ids, finish_reason, trace, logprobs).
@@ -865,14 +873,28 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int,
     A refusal forced after the response has begun (generated or prefilled tokens) starts on a
     new line: ``"\\n" + refusal_text``; one that opens the response is the text alone.
     """
-    for name in engine_kw:
-        if name not in _ENGINE_OPTIONS:
+    for name in kw:
+        if name not in _ENGINE_OPTIONS + SAMPLING_KEYWORDS:
             raise TypeError(f"safekern.generate() got an unexpected keyword argument {name!r} "
-                            f"(Engine options: {', '.join(_ENGINE_OPTIONS)})")
-    engine = Engine(model, tokenizer, backend=backend, **engine_kw)
-    return engine.generate(prompts, max_new_tokens=max_new_tokens, safety=safety,
-                           sampling=sampling, prefill=prefill, stream=stream, stop=stop,
-                           chat_template=chat_template)
+                            f"(sampling: {', '.join(SAMPLING_KEYWORDS)} or "
+                            f"sampling=SamplingParams(...); Engine options: "
+                            f"{', '.join(_ENGINE_OPTIONS)})")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or
+                                threads < 1):
+        raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    sampling = sampling_from_keywords(sampling, **{k: kw.pop(k) for k in SAMPLING_KEYWORDS
+                                                   if k in kw})
+    engine = Engine(model, tokenizer, backend=backend, **kw)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return engine.generate(prompts, max_new_tokens=max_new_tokens, safety=safety,
+                               sampling=sampling, prefill=prefill, stream=stream, stop=stop,
+                               chat_template=chat_template)
+    finally:
+        torch.set_num_threads(before)
 
 
 __all__ = ["Engine", "generate", "GenerationResult", "TokenLogprob", "Trace", "SUPPORTED_ARCHS"]

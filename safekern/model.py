@@ -670,7 +670,7 @@ def _check_adapter_meta(path: str, meta: dict) -> None:
     try:
         check_targets(a["targets"] if isinstance(a["targets"], list) else [a["targets"]])
     except ValueError as e:
-        raise ValueError(f"{path}: adapter {e}") from e
+        raise ValueError(f"{path}: {e}") from e
 
 
 def _read_tensors(path: str, meta: dict, adapter_want: Dict[str, Tuple[int, ...]]) -> dict:

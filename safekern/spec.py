@@ -6,6 +6,7 @@ Everything is validated in ``__post_init__`` so a bad config fails where it is w
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -178,6 +179,43 @@ class SamplingParams:
         """True when every row decodes greedily (temperature 0)."""
         t = self.temperature
         return bool((t == 0).all()) if isinstance(t, torch.Tensor) else t == 0
+
+
+# transformers' generate() keywords that safekern.generate maps onto SamplingParams.
+SAMPLING_KEYWORDS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "seed")
+
+
+def sampling_from_keywords(sampling: SamplingParams, **kw) -> SamplingParams:
+    """``sampling`` with transformers-style keywords applied (``safekern.generate(...,
+    temperature=0.7)``): each keyword overrides the field of the same name.
+
+    ``do_sample=False`` is greedy decoding (temperature 0) and refuses the keywords that only
+    apply when sampling; ``do_sample=True`` samples at ``temperature`` (default 1.0, as in
+    transformers). Unlike transformers, ``temperature > 0`` alone samples (transformers
+    ignores it unless ``do_sample=True``): a temperature here is never dropped silently.
+    """
+    unknown = sorted(set(kw) - set(SAMPLING_KEYWORDS))
+    if unknown:
+        raise TypeError(f"not a sampling keyword: {unknown[0]!r} (sampling keywords: "
+                        f"{', '.join(SAMPLING_KEYWORDS)})")
+    do_sample = kw.pop("do_sample", None)
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
+    if do_sample is False:
+        neutral = {"temperature": 0, "top_k": 0, "top_p": 1.0, "min_p": 0}
+        only_sampling = [k for k, off in neutral.items() if k in kw and kw[k] is not None and
+                         (isinstance(kw[k], torch.Tensor) or kw[k] != off)]
+        if only_sampling:
+            raise ValueError(f"do_sample=False is greedy decoding, which {only_sampling[0]}="
+                             f"{kw[only_sampling[0]]!r} would not change; drop one of them")
+        kw["temperature"] = 0.0
+    elif do_sample:
+        t = kw.get("temperature")
+        if t is None and sampling.is_greedy:
+            kw["temperature"] = 1.0
+        elif isinstance(t, (int, float)) and t == 0:
+            raise ValueError("do_sample=True with temperature=0 (greedy); drop one of them")
+    return dataclasses.replace(sampling, **kw)
 
 
 _STATE_FIELDS = ("prompt_len", "query_start", "query_end", "seq_len", "mode", "flags",

@@ -51,3 +51,54 @@ def test_smollm2_loads_cached_and_matches_transformers(tmp_path, monkeypatch):
     safekern.attach(model, tok)
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     assert torch.isfinite(model.safety_head.weight).all()
+
+
+def _gguf(path, payload: bytes):
+    path.write_bytes(payload)
+    return str(path)
+
+
+def test_cache_key_follows_the_content_not_the_install(tmp_path):
+    """Two environments installing the same GGUF (different mtimes) share one cache entry; a
+    GGUF that differs anywhere in the hashed blocks, even at the same size, gets its own."""
+    blob = os.urandom(3 * (1 << 20) + 12345)
+    a = _gguf(tmp_path / "a.gguf", blob)
+    b = _gguf(tmp_path / "b.gguf", blob)
+    os.utime(b, (1, 1))
+    assert models._cache_key(a) == models._cache_key(b)
+    mid = len(blob) // 2
+    for at in (0, mid, len(blob) - 1):
+        changed = _gguf(tmp_path / "c.gguf", blob[:at] + bytes([blob[at] ^ 1]) + blob[at + 1:])
+        assert models._cache_key(changed) != models._cache_key(a), at
+    assert models._cache_key(_gguf(tmp_path / "small.gguf", b"GGUF")).startswith("v2-4-")
+
+
+def test_cache_list_and_clear(tmp_path, monkeypatch, capsys):
+    from safekern.cli import main
+
+    pkg = tmp_path / "site" / "safekern_fake_models"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    gguf = _gguf(pkg / "fake.gguf", b"GGUF" + os.urandom(1000))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(models.MODELS, "fake", models.ModelSpec("fake", "safekern_fake_models",
+                                                                "fake.gguf", "pip install x", ""))
+    monkeypatch.setattr(models, "is_available", lambda name: None)
+    monkeypatch.setenv("SAFEKERN_CACHE", str(tmp_path / "cache"))
+    assert main(["cache", "--list"]) == 0 and "empty" in capsys.readouterr().out
+    current = os.path.join(models.cache_root(), f"fake-{models._cache_key(gguf)}")
+    stale = os.path.join(models.cache_root(), "fake-v1-1004-1796472628")
+    for d in (current, stale):
+        os.makedirs(d)
+        with open(os.path.join(d, "model.safetensors"), "wb") as f:
+            f.write(b"x" * (3 << 20))
+    entries = {e.name: e for e in models.cache_entries()}
+    assert entries[os.path.basename(current)].current and \
+        not entries[os.path.basename(stale)].current
+    assert entries[os.path.basename(stale)].bytes == 3 << 20
+    assert main(["cache", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert f"{os.path.basename(current)}  3 MiB  in use" in out and "stale" in out
+    assert main(["cache", "--clear"]) == 0
+    assert "removed 2 cached model(s)" in capsys.readouterr().out
+    assert models.cache_entries() == [] and os.path.isdir(models.cache_base())

@@ -243,6 +243,57 @@ def test_unknown_keyword_names_the_function_called(llama):
         safekern.Engine(model, tok).generate("hi", max_new_tokens=2, temprature=0.5)
 
 
+def test_transformers_sampling_keywords_map_onto_sampling_params(llama):
+    model, tok = llama
+
+    def tokens(**kw):
+        return [r.token_ids for r in safekern.generate(model, tok, ["hi", "a longer prompt"],
+                                                       max_new_tokens=6, **kw)]
+
+    assert tokens(temperature=5.0, top_k=50, seed=3) == tokens(
+        sampling=SamplingParams(temperature=5.0, top_k=50, seed=3))
+    assert tokens(temperature=5.0, seed=3) != tokens()         # not dropped: it samples
+    assert tokens(do_sample=False) == tokens()                  # greedy
+    assert tokens(do_sample=True, seed=3) == tokens(sampling=SamplingParams(temperature=1.0,
+                                                                            seed=3))
+    # keywords override the matching fields of sampling=
+    assert tokens(sampling=SamplingParams(temperature=5.0, seed=3), do_sample=False) == tokens()
+    with pytest.raises(ValueError, match="do_sample=False is greedy decoding, which "
+                                         "temperature=0.7 would not change"):
+        tokens(do_sample=False, temperature=0.7)
+    with pytest.raises(ValueError, match="do_sample=True with temperature=0"):
+        tokens(do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        tokens(temperature=1.0, top_p=0.0)                      # SamplingParams still checks
+    with pytest.raises(TypeError, match=r"sampling=SamplingParams\(\.\.\.\)"):
+        tokens(num_beams=4)
+
+
+def test_threads_apply_to_the_call_and_are_restored(llama):
+    model, tok = llama
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        safekern.generate(model, tok, "hi", max_new_tokens=2, threads=1,
+                          stream=lambda *a: seen.append(torch.get_num_threads()))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="threads must be an int >= 1 or None, got 0"):
+            safekern.generate(model, tok, "hi", max_new_tokens=2, threads=0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_models_is_an_attribute_of_the_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, safekern; assert 'safekern.models' not in sys.modules; "
+            "print(safekern.models.load.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "safekern.models"
+
+
 # ---------------------------------------------------------------- logprobs through the engine
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_logprobs_match_the_model(llama, backend):

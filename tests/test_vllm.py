@@ -361,6 +361,8 @@ def _adapted(seed=2, rank=4):
     with torch.no_grad():
         for p in adapter.B:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        # The adapter's own [CLS] embedding (the matrix row stays as attached).
+        adapter.embedding.add_(torch.randn(adapter.embedding.shape, generator=g))
     return model, tok
 
 

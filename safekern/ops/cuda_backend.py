@@ -71,6 +71,12 @@ def load_jit(verbose: bool = False) -> None:
     global _load_error
     if _ops_registered():
         return
+    if not os.path.isdir(CSRC):
+        # csrc/ sits beside the package in a source checkout; a wheel carries the extension it
+        # built (setup.py), not its sources.
+        raise FileNotFoundError(f"load_jit builds csrc/ of a source checkout, and there is none "
+                                f"at {CSRC}; install with `pip install . --no-build-isolation` "
+                                "where CUDA torch and nvcc are present to build safekern._C")
     from torch.utils.cpp_extension import load
 
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cu"))) + [os.path.join(CSRC, "bindings.cpp")]

@@ -161,7 +161,10 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
         tensors["ess_head_bias"] = sb.reshape(-1)
     adapter = adapter_of(model)
     if adapter is not None:                              # [CLS] rows only (model.py)
-        tensors.update({"ess_" + k: v for k, v in adapter.tensors().items()})
+        deltas = adapter.tensors()
+        # The adapter's own [CLS] input embedding is the [CLS] row's embedding in vLLM too.
+        tensors["ess_cls_embedding"] = deltas.pop("adapter.cls_embedding")
+        tensors.update({"ess_" + k: v for k, v in deltas.items()})
     out = model.get_output_embeddings()
     if out is not None and out.weight is emb:            # tied: vLLM ties from the config
         tensors.pop("lm_head.weight", None)
