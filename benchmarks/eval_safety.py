@@ -82,6 +82,7 @@ def evaluate_tiny(model, tokenizer, *, max_new_tokens: int = 32, backend: str = 
 
 REAL_CONFIGS = {
     "off": None,
+    "default": "auto",                       # the delta's operating point (generate's default)
     "first": EssConfig(schedule="first"),
     "first, high": EssConfig(schedule="first", policy="high"),
     "each": EssConfig(schedule="each"),
@@ -117,6 +118,12 @@ def evaluate_real(model, tok, *, max_new_tokens=32, backend="auto", configs=None
                                      seconds=time.perf_counter() - t0))
     with_trace = next(o for k, o in outs.items() if k != "off")
     auc = ev.first_verdict_auc(with_trace)
+    from safekern.adapter import adapter_of
+
+    if adapter_of(model) is not None:
+        # Token rows never read the adapted [CLS]: benign answers are the base model's bit for
+        # bit (tests/test_adapter.py), and transformers' forward cannot run an adapter delta.
+        return rows, auc, {}, outs
     benign = [o for o in outs["off"] if o.case.kind == "benign"]
     prompts, answers = [o.case.prompt for o in benign], [o.text for o in benign]
     nll = {"off (no [CLS])": ev.answer_nll(model, tok, prompts, answers, with_cls=False),
@@ -173,7 +180,16 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--configs", default=None, help="semicolon-separated subset of the real-model "
+                   f"configurations ({', '.join(REAL_CONFIGS)}); 'off' is always run")
     args = p.parse_args(argv)
+    configs = None
+    if args.configs:
+        names = ["off"] + [c.strip() for c in args.configs.split(";") if c.strip() != "off"]
+        bad = [c for c in names if c not in REAL_CONFIGS]
+        if bad:
+            p.error(f"argument --configs: unknown {bad}; known: {list(REAL_CONFIGS)}")
+        configs = {c: REAL_CONFIGS[c] for c in names}
     torch.set_num_threads(args.threads)
     name = args.model or ("smollm2" if models.is_available("smollm2") is None else "tiny")
     env = environment(torch.device("cpu"))
@@ -181,7 +197,7 @@ def main(argv=None) -> int:
     if name in models.MODELS:
         model, tok = models.load(name, safety=args.delta or True)
         rows, auc, utility, outs = evaluate_real(model, tok, max_new_tokens=args.max_new_tokens,
-                                                 backend=args.backend)
+                                                 backend=args.backend, configs=configs)
         print(format_table(rows, REAL_COLUMNS))
         print(f"safety head ROC AUC (first verdict, held-out, harmful vs benign+borderline): "
               f"{auc:.4f}")

@@ -323,12 +323,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument("--response-windows", action="store_true", help="real model: train the "
                    "[CLS] on response windows too, not on the query windows only (the paper's "
                    "recipe; the query windows measured better on the held-out split)")
-    t.add_argument("--rank", type=_int_at_least(0), default=16, help="real model: rank of the [CLS] "
-                   "adapter (docs/DESIGN.md §9); 0 = a linear head on the frozen [CLS] row")
-    t.add_argument("--epochs", type=_int_at_least(1), default=None, help="real model, rank > 0: epochs "
-                   "(default: the recipe's)")
-    t.add_argument("--max-minutes", type=_positive, default=None, help="real model, rank > 0: stop "
-                   "training after this many minutes (the best epoch so far is kept)")
+    t.add_argument("--rank", type=_int_at_least(0), default=16, help="real model: rank of "
+                   "the [CLS] adapter (low-rank deltas on the [CLS] row only); 0 = a linear "
+                   "head on the frozen [CLS] row")
+    t.add_argument("--epochs", type=_int_at_least(1), default=None, help="real model, "
+                   "rank > 0: epochs (default: the recipe's)")
+    t.add_argument("--max-minutes", type=_positive, default=None, help="real model, rank > 0: "
+                   "stop training after this many minutes (the best epoch so far is kept)")
     t.add_argument("--max-sequences", type=_int_at_least(1), default=None, help="real model: "
                    "train on a sample of this many sequences (a smoke run)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -408,6 +408,8 @@ def test_export_writes_the_adapter(adapted):
     assert meta["version"] == 2 and meta["adapter"] == model.safety_adapter.meta()
     w = load_file(os.path.join(path, "model.safetensors"))
     want = {"ess_" + k: v for k, v in model.safety_adapter.tensors().items()}
+    # The adapter's own [CLS] embedding is exported as the [CLS] row's embedding.
+    assert torch.equal(w["ess_cls_embedding"], want.pop("ess_adapter.cls_embedding").detach())
     assert not any(k.startswith("safety_adapter.") for k in w)
     assert {k for k in w if k.startswith("ess_adapter.")} == set(want)
     for k, v in want.items():
