@@ -87,9 +87,9 @@ def run_demo_real(name: str = "smollm2", *, delta: Optional[str] = None, per_kin
              "harmful requests. ESS adds a [CLS] safety token and head; the LM itself is "
              "unchanged.")
     model, tok = models.load(name, safety=delta or True)
-    # The shipped head is trained on query windows (BENCHMARKS.md: the measured choice), so the
-    # first verdict is the one to act on; `high` ends the answer after the refusal.
-    ess = ess or EssConfig(schedule="first", policy="high")
+    # The delta's recorded operating point (what generate uses without a safety argument);
+    # a delta that records none (format v1) is a query-window head: its first verdict, `high`.
+    ess = ess or model.safekern.operating_point or EssConfig(schedule="first", policy="high")
     print_fn(f"strategic decoding: schedule {ess.label}, {ess.policy} policy, threshold "
              f"{ess.threshold}, refusal {ess.refusal_text!r}; held-out prompts, greedy, "
              f"{max_new_tokens} tokens")
