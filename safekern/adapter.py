@@ -55,6 +55,25 @@ def check_targets(targets: Iterable[str]) -> Tuple[str, ...]:
     return tuple(t for t in TARGETS if t in targets)          # canonical order
 
 
+def check_meta(meta, where: str) -> Tuple[int, float, Tuple[str, ...]]:
+    """``(rank, alpha, targets)`` of a delta's ``"adapter"`` record (``safety.json``, the vLLM
+    checkpoint's too); every error starts with ``where`` (the file)."""
+    if not isinstance(meta, dict) or set(meta) != {"rank", "alpha", "targets"}:
+        raise ValueError(f"{where}: 'adapter' must be an object with rank, alpha and targets, "
+                         f"got {meta!r}")
+    rank, alpha = meta["rank"], meta["alpha"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{where}: adapter 'rank' must be an int >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"{where}: adapter 'alpha' must be a positive number, got {alpha!r}")
+    try:
+        targets = check_targets(meta["targets"] if isinstance(meta["targets"], list)
+                                else [meta["targets"]])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    return rank, float(alpha), targets
+
+
 class ClsAdapter(nn.Module):
     """Low-rank deltas for the [CLS] row of every decoder layer.
 
@@ -177,4 +196,4 @@ def with_adapter(model, linears, col: Optional[int]):
 
 
 __all__ = ["TARGETS", "ClsAdapter", "AdaptedLinears", "adapter_of", "adapter_shapes",
-           "check_targets", "with_adapter"]
+           "check_meta", "check_targets", "with_adapter"]

@@ -26,7 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .adapter import TARGETS, ClsAdapter, adapter_of, adapter_shapes, check_targets
+from .adapter import TARGETS, ClsAdapter, adapter_of, adapter_shapes, check_meta, check_targets
 from .spec import EssConfig
 
 # A user message that no tokenizer merges with its neighbours' template text.
@@ -659,18 +659,7 @@ def _check_adapter_meta(path: str, meta: dict) -> None:
     if meta["version"] < 2:
         raise ValueError(f"{path}: 'adapter' needs format version 2, the file says "
                          f"{meta['version']}")
-    if not isinstance(a, dict) or set(a) != {"rank", "alpha", "targets"}:
-        raise ValueError(f"{path}: 'adapter' must be an object with rank, alpha and targets, "
-                         f"got {a!r}")
-    rank, alpha = a["rank"], a["alpha"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{path}: adapter 'rank' must be an int >= 1, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"{path}: adapter 'alpha' must be a positive number, got {alpha!r}")
-    try:
-        check_targets(a["targets"] if isinstance(a["targets"], list) else [a["targets"]])
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+    check_meta(a, path)
 
 
 def _read_tensors(path: str, meta: dict, adapter_want: Dict[str, Tuple[int, ...]]) -> dict:

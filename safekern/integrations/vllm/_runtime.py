@@ -287,22 +287,9 @@ class AdapterDeltas(torch.nn.Module):
 
     def __init__(self, meta, sizes, num_layers: int, dtype, device, where: str):
         super().__init__()
-        from ...adapter import check_targets
+        from ...adapter import check_meta
 
-        if not isinstance(meta, dict) or set(meta) != {"rank", "alpha", "targets"}:
-            raise ValueError(f"{where}: 'adapter' must be an object with rank, alpha and "
-                             f"targets, got {meta!r}")
-        rank, alpha = meta["rank"], meta["alpha"]
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"{where}: adapter 'rank' must be an int >= 1, got {rank!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"{where}: adapter 'alpha' must be a positive number, got "
-                             f"{alpha!r}")
-        try:
-            targets = check_targets(meta["targets"] if isinstance(meta["targets"], list)
-                                    else [meta["targets"]])
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e
+        rank, alpha, targets = check_meta(meta, where)
         self.rank, self.targets, self.num_layers = rank, targets, num_layers
         self.scale = float(alpha) / rank
         self.sizes = dict(sizes)
