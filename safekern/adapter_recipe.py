@@ -11,13 +11,20 @@ backward per optimizer step, bucketed by window width.
 Windows are the inference plan's (``recipe.example_windows``): the query span (rule 1 at
 prefill), query + first response tokens, the latest ``r2`` tokens at response lengths up to the
 longest answer (rule 2), and SUSPECT windows of the lengths ``tau`` reaches (rule 3). Labels by
-content: the request's label on query windows, the response's on response windows (harmful
-continuation 1; benign answers and refusals 0). Each epoch keeps every query window and a fresh
-random sample of a sequence's response windows (``windows_per_seq``).
+content: the request's label on query windows, the response's on response windows (benign
+answers and refusals 0, every window). A harmful continuation is one multiple-instance *bag*
+(``bags=True``): the controller catches it when any window flags, and most of its 10-token
+windows ("I'm sorry for", "Here are some") say nothing harmful by themselves, so its windows'
+logits are pooled by a soft maximum and the pooled logit takes label 1 (``_bag_loss``); labelling
+each such window 1 taught the head to flag those phrases in benign answers. Each epoch keeps
+every query window and a fresh random sample of a sequence's response windows
+(``windows_per_seq``, ``bag_windows`` for a bag). Sequences are grouped by length into chunks
+(one padded K/V forward each; ``_Trainer.chunks``).
 
-Validation is grouped by prompt (no prompt has windows on both sides); the epoch with the best
-validation AUC is kept, and the summary reports validation AUC per window kind and the false
-positive / true positive rates at the chosen threshold.
+Validation is grouped by prompt (no prompt has windows on both sides); the summary reports
+validation AUC per window kind and the false / true positive rates at threshold 0.5, per window
+and per answer (an answer scores its highest window); the kept epoch maximises the mean of the
+first-verdict and per-answer AUCs. ``safekern.calibration`` then picks the threshold and tau.
 """
 from __future__ import annotations
 
@@ -57,6 +64,8 @@ class AdapterRecipe:
     seqs_per_chunk: int = 16
     rows_per_step: int = 96
     windows_per_seq: int = 10
+    bags: bool = True
+    bag_windows: int = 32
     r1: int = 10
     r2: int = 10
     r3: int = 10
@@ -67,7 +76,7 @@ class AdapterRecipe:
 
     def __post_init__(self):
         for name in ("rank", "epochs", "seqs_per_chunk", "rows_per_step", "windows_per_seq",
-                     "r1", "r2", "r3", "tau"):
+                     "bag_windows", "r1", "r2", "r3", "tau"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -106,10 +115,33 @@ def _windows(tokenizer, rows, cls_id, rc: AdapterRecipe, rng: Optional[random.Ra
             r3=rc.r3, tau=rc.tau, ends=ends)]
         first = [w for w in wins if w.kind in ("query", "query+response")]
         rest = [w for w in wins if w.kind not in ("query", "query+response")]
-        if rng is not None and len(rest) > rc.windows_per_seq:
-            rest = rng.sample(rest, rc.windows_per_seq)
+        cap = rc.bag_windows if rc.bags and _is_bag(rest) else rc.windows_per_seq
+        if rng is not None and len(rest) > cap:
+            rest = rng.sample(rest, cap)
         out.extend(first + rest)
     return enc, out
+
+
+def _is_bag(windows: List[Window]) -> bool:
+    """A harmful continuation's response windows: one bag, not ``len`` labels (below)."""
+    return bool(windows) and all(w.label == 1 and w.kind in ("response", "suspect")
+                                 for w in windows)
+
+
+def _bag_loss(logits: torch.Tensor, seqs: List[int], weight: float) -> torch.Tensor:
+    """Multiple-instance loss of harmful continuations: a harmful answer is caught when ANY
+    of its windows flags (what the controller does), and most of its 10-token windows ("I'm
+    sorry for", "as a chatbot", "Here are some") say nothing harmful by themselves; labelling
+    each of them 1 teaches the head that such phrases are harmful, and it then flags them in
+    benign answers. So each sequence's windows are pooled by a soft maximum,
+    ``logsumexp(z) - log(k)``, and the pooled logit takes the label (times ``weight``, the
+    positives' class weight; bags have optimizer steps of their own)."""
+    groups: Dict[int, List[int]] = {}
+    for j, s in enumerate(seqs):
+        groups.setdefault(s, []).append(j)
+    pooled = torch.stack([torch.logsumexp(logits[idx], 0) - math.log(len(idx))
+                          for idx in groups.values()])
+    return weight * F.binary_cross_entropy_with_logits(pooled, torch.ones_like(pooled))
 
 
 def _buckets(windows: List[Window], size: int) -> List[List[Window]]:
@@ -147,20 +179,54 @@ class _Trainer:
                                  adapter=self.adapter)
         return self.head(h)[:, 0].float()
 
-    def chunks(self, rows, rng):
+    def lengths(self, rows) -> List[int]:
+        """Token count of each row's ESS sequence (what its K/V forward costs)."""
+        return [len(i) for i in encode_rows(self.tok, rows, self.cfg.cls_id)[0].ids]
+
+    def chunks(self, rows, rng, lengths=None):
+        """Chunks of ``seqs_per_chunk`` rows of similar length: one padded K/V forward each,
+        and a random chunk pads every row to its longest (3x the tokens on the default data).
+        With ``rng`` (training) the rows are shuffled, cut into mega-batches of 32 chunks, and
+        sorted within each by length rounded to 4 tokens with random ties (rows of both labels
+        share a chunk, chunks differ every epoch: 1.09x the padded tokens of a full sort);
+        without it (scoring) the order is a plain sort by length."""
         n = self.rc.seqs_per_chunk
-        for b0 in range(0, len(rows), n):
-            chunk = rows[b0:b0 + n]
+        lengths = self.lengths(rows) if lengths is None else lengths
+        idx = list(range(len(rows)))
+        if rng is None:
+            order = sorted(idx, key=lambda i: lengths[i])
+        else:
+            rng.shuffle(idx)
+            mega, order = 32 * n, []
+            for m0 in range(0, len(idx), mega):
+                order += sorted(idx[m0:m0 + mega], key=lambda i: (lengths[i] // 4, rng.random()))
+        groups = [order[b0:b0 + n] for b0 in range(0, len(order), n)]
+        if rng is not None:
+            rng.shuffle(groups)
+        for g in groups:
+            chunk = [rows[i] for i in g]
             enc, wins = _windows(self.tok, chunk, self.cfg.cls_id, self.rc, rng)
             yield chunk, self._kv(enc), wins
 
-    def train_epoch(self, rows, rng, pos_weight: float, bar=None, deadline=None) -> float:
+    def train_epoch(self, rows, rng, pos_weight: float, bar=None, deadline=None,
+                    lengths=None) -> float:
         losses = []
-        for chunk, kv, wins in self.chunks(rows, rng):
-            for batch in _buckets(wins, self.rc.rows_per_step):
-                y = torch.tensor([float(w.label) for w in batch])
-                wt = torch.where(y > 0.5, pos_weight, 1.0)
-                loss = F.binary_cross_entropy_with_logits(self._logits(kv, batch), y, weight=wt)
+        for chunk, kv, wins in self.chunks(rows, rng, lengths):
+            bag = [w for w in wins if self.rc.bags and w.label == 1
+                   and w.kind in ("response", "suspect")]
+            solo = [w for w in wins if not (self.rc.bags and w.label == 1
+                                            and w.kind in ("response", "suspect"))]
+            batches = [(b, False) for b in _buckets(solo, self.rc.rows_per_step)]
+            batches += [(b, True) for b in _buckets(bag, 4 * self.rc.rows_per_step)]
+            for batch, is_bag in batches:
+                if is_bag:
+                    loss = _bag_loss(self._logits(kv, batch), [x.seq for x in batch],
+                                     pos_weight)
+                else:
+                    y = torch.tensor([float(w.label) for w in batch])
+                    wt = torch.where(y > 0.5, pos_weight, 1.0)
+                    loss = F.binary_cross_entropy_with_logits(self._logits(kv, batch), y,
+                                                              weight=wt)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
@@ -172,14 +238,17 @@ class _Trainer:
         return sum(losses) / max(1, len(losses))
 
     @torch.no_grad()
-    def scores(self, rows) -> Tuple[List[float], List[int], List[str]]:
-        p, y, kinds = [], [], []
-        for _, kv, wins in self.chunks(rows, None):
+    def scores(self, rows) -> Tuple[List[float], List[int], List[str], List[int]]:
+        """Per window of ``rows``: p_unsafe, label, kind and a sequence id."""
+        p, y, kinds, seqs, base = [], [], [], [], 0
+        for chunk, kv, wins in self.chunks(rows, None):
             for batch in _buckets(wins, 4 * self.rc.rows_per_step):
                 p += torch.sigmoid(self._logits(kv, batch)).tolist()
                 y += [w.label for w in batch]
                 kinds += [w.kind for w in batch]
-        return p, y, kinds
+                seqs += [base + w.seq for w in batch]
+            base += len(chunk)
+        return p, y, kinds, seqs
 
     def _params(self):
         return list(self.adapter.parameters()) + list(self.head.parameters())
@@ -193,8 +262,24 @@ class _Trainer:
             p.copy_(s)
 
 
-def _metrics(p, y, kinds, threshold: float) -> Dict:
+def _metrics(p, y, kinds, threshold: float, seqs: Optional[List[int]] = None) -> Dict:
+    """Window AUC (all, first verdicts, response windows), FPR/TPR at ``threshold``; with
+    ``seqs``, the same per answer (``*_answer``: an answer scores its highest response window,
+    what decides whether it is ever flagged), and ``score``, the mean of the first-verdict and
+    answer AUCs (the epoch kept)."""
     out = {"auc": round(roc_auc(p, y), 4)}
+    if seqs is not None:
+        best: Dict[int, Tuple[float, int]] = {}
+        for pi, yi, k, s in zip(p, y, kinds, seqs):
+            if k in ("response", "suspect"):
+                best[s] = (max(pi, best.get(s, (0.0, yi))[0]), yi)
+        ps, ys = [v[0] for v in best.values()], [v[1] for v in best.values()]
+        if 0 < sum(ys) < len(ys):
+            out["auc_answer"] = round(roc_auc(ps, ys), 4)
+            out["fpr_answer"] = round(sum(a >= threshold for a, b in zip(ps, ys) if b == 0)
+                                      / (len(ys) - sum(ys)), 4)
+            out["tpr_answer"] = round(sum(a >= threshold for a, b in zip(ps, ys) if b == 1)
+                                      / sum(ys), 4)
     for group, names in (("first", ("query", "query+response")), ("response",
                                                                    ("response", "suspect"))):
         idx = [i for i, k in enumerate(kinds) if k in names]
@@ -207,6 +292,8 @@ def _metrics(p, y, kinds, threshold: float) -> Dict:
             out[f"fpr_{group}"] = round(sum(x >= threshold for x in neg) / len(neg), 4)
         if pos:
             out[f"tpr_{group}"] = round(sum(x >= threshold for x in pos) / len(pos), 4)
+    parts = [out[k] for k in ("auc_first", "auc_answer") if k in out]
+    out["score"] = round(sum(parts) / len(parts), 4) if parts else out["auc"]
     return out
 
 
@@ -230,20 +317,20 @@ def train_adapter(model, tokenizer, rows: Sequence[Dict], recipe: AdapterRecipe 
     pos = max(1, sum(labels))
     pos_weight = (len(labels) - pos) / pos                 # balance the classes
     deadline = None if rc.max_seconds is None else t0 + rc.max_seconds
+    train_lengths = tr.lengths(train)
     history, best = [], None
     with tqdm(total=rc.epochs * len(train), desc="safekern train: [CLS] adapter", unit="seq",
               disable=not progress) as bar:
         for epoch in range(rc.epochs):
-            order = list(train)
-            rng.shuffle(order)
-            loss = tr.train_epoch(order, rng, pos_weight, bar, deadline)
-            p, y, kinds = tr.scores(val)
-            m = {"epoch": epoch + 1, "train_loss": round(loss, 4), **_metrics(p, y, kinds, 0.5),
+            loss = tr.train_epoch(train, rng, pos_weight, bar, deadline, train_lengths)
+            p, y, kinds, seqs = tr.scores(val)
+            m = {"epoch": epoch + 1, "train_loss": round(loss, 4),
+                 **_metrics(p, y, kinds, 0.5, seqs),
                  "seconds": round(time.perf_counter() - t0, 1)}
             history.append(m)
             if log is not None:
                 log(f"epoch {epoch + 1}: {m}")
-            if best is None or m["auc"] > best[0]["auc"]:
+            if best is None or m["score"] > best[0]["score"]:
                 best = (m, tr.state())
             if deadline is not None and time.perf_counter() > deadline:
                 break

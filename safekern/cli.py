@@ -179,7 +179,8 @@ def _train(args) -> int:
         _set_threads(args.threads)
         train_real(model, args.out, response_windows=args.response_windows,
                    progress=not args.no_progress, rank=args.rank, epochs=args.epochs,
-                   max_minutes=args.max_minutes, max_sequences=args.max_sequences)
+                   max_minutes=args.max_minutes, max_sequences=args.max_sequences,
+                   calibrate=not args.no_calibrate)
         return 0
     if not args.tiny and model != "tiny":
         args.parser.error("say what to train: --model smollm2 (a real pretrained model, "
@@ -187,6 +188,7 @@ def _train(args) -> int:
                           "for another checkpoint use safekern.train.EssTrainer from Python")
     for opt, given, why in (
             ("--response-windows", args.response_windows, "the tiny recipe has no such option"),
+            ("--no-calibrate", args.no_calibrate, "the tiny recipe has no such option"),
             ("--threads", args.threads is not None, "the tiny recipe trains on one thread, so a "
              "seed gives the same model on every machine")):
         if given:
@@ -332,6 +334,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "stop training after this many minutes (the best epoch so far is kept)")
     t.add_argument("--max-sequences", type=_int_at_least(1), default=None, help="real model: "
                    "train on a sample of this many sequences (a smoke run)")
+    t.add_argument("--no-calibrate", action="store_true", help="real model, rank > 0: keep "
+                   "threshold 0.5 and tau 3 instead of choosing them on the validation split")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--tiny", action="store_true", help="the embedded tiny Llama recipe")
     t.add_argument("--out", default=None, help="output dir (default: "

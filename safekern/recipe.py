@@ -27,6 +27,7 @@ response label ``z`` (harmful continuation 1; benign answer or refusal 0):
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -385,12 +386,15 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                response_windows: bool = False, cls_position: str = "last", rank: int = 16,
                epochs: Optional[int] = None, max_minutes: Optional[float] = None,
                max_sequences: Optional[int] = None, progress: bool = True,
-               features_cache: Optional[str] = None, log=print) -> Dict:
+               features_cache: Optional[str] = None, calibrate: bool = True,
+               log=print) -> Dict:
     """``safekern train --model NAME``: load the model, attach, train, save the delta only.
 
     ``rank > 0``: the [CLS] adapter recipe (``safekern.adapter_recipe``), on every window kind;
     ``rank == 0``: the linear head on the frozen [CLS] row (query windows unless
-    ``response_windows``). The delta records the operating point ``DEFAULT_OPERATING_POINT``.
+    ``response_windows``). The delta records the operating point ``DEFAULT_OPERATING_POINT``,
+    with an adapter its threshold and tau chosen on the validation split
+    (``calibrate_operating_point``; ``calibrate=False`` keeps 0.5 and 3).
     ``name``: a ``safekern.models`` key or a local checkpoint (directory or ``.gguf``);
     ``max_sequences``: train on a seeded sample of this many sequences (smoke runs).
     """
@@ -411,13 +415,17 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
         summary = train_frozen(model, tok, rows, response_windows=response_windows,
                                progress=progress, features_cache=features_cache, log=log)
     else:
-        from .adapter_recipe import AdapterRecipe, train_adapter
+        from .adapter_recipe import AdapterRecipe, split_by_prompt, train_adapter
 
         kw = {} if epochs is None else {"epochs": epochs}
         rc = AdapterRecipe(rank=rank, alpha=2.0 * rank, max_seconds=(
             None if max_minutes is None else 60.0 * max_minutes), **kw)
         summary = train_adapter(model, tok, rows, rc, progress=progress, log=log)
-        model.safekern.operating_point = DEFAULT_OPERATING_POINT
+        op = DEFAULT_OPERATING_POINT
+        if calibrate:
+            op, summary["calibration"] = calibrate_operating_point(
+                model, tok, split_by_prompt(rows, rc.val_fraction, rc.seed)[1], rc, log=log)
+        model.safekern.operating_point = op
     out_dir = out_dir or default_delta_dir(name)
     save_safety(model, out_dir)
     summary["out_dir"] = out_dir
@@ -429,6 +437,27 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
 # is never followed by the frozen model drifting back into compliance.
 DEFAULT_OPERATING_POINT = EssConfig(schedule="each", policy="high",
                                     refusal_text="Sorry, I can't help with that.")
+
+
+def calibrate_operating_point(model, tokenizer, val_rows: Sequence[Dict], rc=None, *,
+                              max_miss: float = 0.02, log=print):
+    """``(EssConfig, summary)``: ``DEFAULT_OPERATING_POINT`` with the threshold and tau that
+    ``safekern.calibration.calibrate`` picks on ``val_rows`` for the recipe's windows."""
+    from .calibration import calibrate
+
+    t0 = time.perf_counter()
+    w = dict(r1=10, r2=10, r3=10) if rc is None else dict(r1=rc.r1, r2=rc.r2, r3=rc.r3)
+    chosen, table = calibrate(model, tokenizer, val_rows, max_miss=max_miss, **w)
+    op = dataclasses.replace(DEFAULT_OPERATING_POINT, threshold=chosen["threshold"],
+                             tau=chosen["tau"], **w)
+    if log is not None:
+        log("calibration (validation split; false = label-0 rows flagged, miss = harmful "
+            "answers never flagged):")
+        for r in table:
+            log(f"  threshold {r['threshold']:.2f} tau {r['tau']}: false {r['false']:.3f} "
+                f"miss {r['miss']:.3f}" + ("   <- chosen" if r is chosen else ""))
+    return op, {"chosen": chosen, "table": table, "rows": len(val_rows),
+                "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def default_delta_dir(name: str) -> str:

@@ -47,7 +47,7 @@ def test_train_adapter_learns_and_the_engine_reads_it(tmp_path):
     model.safekern.cls_position = "last"
     emb_before = model.get_input_embeddings().weight.detach().clone()
     rows = _rows() * 3
-    rc = AdapterRecipe(rank=4, alpha=8.0, epochs=4, lr=5e-3, head_lr=5e-2, seqs_per_chunk=8,
+    rc = AdapterRecipe(rank=4, alpha=8.0, epochs=8, lr=5e-3, head_lr=5e-2, seqs_per_chunk=8,
                        rows_per_step=64, r1=4, r2=4, val_fraction=0.34)
     summary = train_adapter(model, tok, rows, rc, progress=False, log=None)
     assert summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
@@ -56,10 +56,11 @@ def test_train_adapter_learns_and_the_engine_reads_it(tmp_path):
     assert torch.equal(model.get_input_embeddings().weight, emb_before)
     assert model.safekern.windows == (4, 4, 10)
     assert not any(p.requires_grad for p in model.parameters())
-    out = safekern.generate(model, tok, ["How do I build a pipe bomb at home?",
-                                         "How do I bake bread?"], max_new_tokens=2,
+    prompts = [r["prompt"] for r in _rows()]                 # 6 harmful, then 6 benign
+    out = safekern.generate(model, tok, prompts, max_new_tokens=2,
                             safety=EssConfig(r1=4, r2=4, policy="low"))
-    assert out[0].trace.p_unsafe[0] > out[1].trace.p_unsafe[0]
+    first = [o.trace.p_unsafe[0] for o in out]
+    assert sum(first[:6]) / 6 > sum(first[6:]) / 6 + 0.2
     safekern.save_safety(model, str(tmp_path))
     fresh, ftok = make_tiny_ess_model(seed=5)
     safekern.load_safety(fresh, ftok, str(tmp_path))
@@ -73,3 +74,25 @@ def test_recipe_validates():
         AdapterRecipe(rank=0)
     with pytest.raises(ValueError, match="lr"):
         AdapterRecipe(lr=-1.0)
+
+
+def test_chunks_group_rows_of_similar_length():
+    """One padded K/V forward per chunk: rows are grouped by length, every row exactly once."""
+    import random
+    from safekern.adapter_recipe import _Trainer
+    model, tok = make_tiny_ess_model(seed=5)
+    model.eval()
+    model.safekern.response_sees_cls = False
+    model.safekern.cls_position = "last"
+    rows = _rows() + [dict(r, prompt=r["prompt"] + " Please answer in great detail, with "
+                           "every step spelled out and nothing left out at all.") for r in _rows()]
+    tr = _Trainer(model, tok, AdapterRecipe(rank=2, seqs_per_chunk=4, r1=4, r2=4))
+    lengths = tr.lengths(rows)
+    seen, spans = [], []
+    for chunk, _, _ in tr.chunks(rows, random.Random(0), lengths):
+        ls = [lengths[rows.index(r)] for r in chunk]
+        seen += [rows.index(r) for r in chunk]
+        spans.append((min(ls), max(ls)))
+    assert sorted(seen) == list(range(len(rows)))
+    spans.sort()
+    assert max(hi - lo for lo, hi in spans) < max(lengths) - min(lengths)   # grouped by length

@@ -41,8 +41,13 @@ def test_local_checkpoint_trains_and_generates(checkpoint, tmp_path):
     assert model.config.model_type == "qwen2" and model.safety_adapter.rank == 2
     res = safekern.generate(model, tok, ["How do I bake bread?"], max_new_tokens=3)
     assert res[0].trace is not None and len(res[0].trace.p_unsafe) >= 1
+    # The recorded operating point: the default one, its threshold and tau chosen on the
+    # validation split (the calibration table is in the summary).
+    chosen = summary["calibration"]["chosen"]
+    assert len(summary["calibration"]["table"]) == 30 and chosen in summary["calibration"]["table"]
     assert model.safekern.operating_point == EssConfig(
-        schedule="each", policy="high", refusal_text="Sorry, I can't help with that.")
+        schedule="each", policy="high", refusal_text="Sorry, I can't help with that.",
+        threshold=chosen["threshold"], tau=chosen["tau"])
 
 
 def test_local_checkpoint_errors(checkpoint, tmp_path):
