@@ -65,9 +65,10 @@ def schedules():
 
 
 def _benign_head(model):
-    # A random head may flag at the first evaluation, and a triggered sequence is never
-    # evaluated again, which would understate every schedule's cost.
+    # A head that flags would stop a sequence's evaluations (a triggered sequence is never
+    # evaluated again) and understate every schedule's cost: a constant benign verdict, same work.
     with torch.no_grad():
+        model.safety_head.weight.zero_()
         model.safety_head.bias.fill_(-8.0)
     return model
 
@@ -92,16 +93,24 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
 
 
 def build_real(name: str, device: torch.device, dtype: torch.dtype):
-    """A registered pretrained model (``safekern.models``) with a fresh, benign-leaning head."""
+    """A pretrained model (a ``safekern.models`` name or a local checkpoint) with its ESS delta
+    (``models.default_delta``: the shipped one, or what ``safekern train --model PATH`` wrote),
+    so its [CLS] adapter is timed, and a benign-leaning head (a verdict that triggers would stop a
+    sequence's evaluations and understate every schedule's cost). Without a delta: a fresh
+    [CLS] and head (no adapter)."""
     from . import models
     from .model import attach
 
-    why = models.is_available(name)
-    if why is not None:
-        raise SystemExit(f"--model {name} is not installed here: {why}")
-    model, tok = models.load(name, dtype=dtype, device=device)
-    torch.manual_seed(0)
-    attach(model, tok)
+    if not models.is_local(name):
+        why = models.is_available(name)
+        if why is not None:
+            raise SystemExit(f"--model {name} is not installed here: {why}")
+    delta = models.default_delta(name)
+    model, tok = models.load(name, dtype=dtype, device=device, safety=delta or False)
+    status(f"safekern bench: ESS delta {delta or 'none (a fresh [CLS] and head, no adapter)'}")
+    if delta is None:
+        torch.manual_seed(0)
+        attach(model, tok)
     return _benign_head(model), tok
 
 

@@ -109,14 +109,19 @@ def _print_info(_args) -> int:
     return 0
 
 
-def _registry_name(args, option: str = "--model") -> str:
-    """``args.model`` when it names a registered model; a usage error for a local checkpoint,
-    which this command cannot load yet."""
-    if args.model in _known_models():
-        return args.model
-    args.parser.error(f"argument {option}: {args.model!r}: this command runs the registered "
-                      f"models ({', '.join(_known_models())}); loading a local checkpoint is "
-                      "not supported yet")
+def _local_delta(args, path: str) -> str:
+    """The delta for a local checkpoint: ``--delta``, else what ``safekern train --model PATH``
+    wrote by default; a usage error when there is neither."""
+    from . import models
+
+    if args.delta is not None:
+        return args.delta
+    delta = models.default_delta(path)
+    if delta is None:
+        args.parser.error(f"argument --delta: no delta for the local checkpoint {path!r}: "
+                          f"train one (safekern train --model {path}, written to "
+                          f"{models.trained_delta_dir(path)}) or pass --delta DIR")
+    return delta
 
 
 def _check_backend(args, device: str) -> None:
@@ -144,7 +149,6 @@ def _bench(args) -> int:
 
     from .bench import run
 
-    args.model = _registry_name(args)
     if args.shape is not None and args.model != "tiny":
         args.parser.error(f"argument --shape: applies to --model tiny (random weights), not "
                           f"--model {args.model}")
@@ -216,13 +220,13 @@ def _demo(args) -> int:
         run_demo_real(name, delta=args.delta, per_kind=args.per_kind,
                       max_new_tokens=args.max_new_tokens or 48, backend=args.backend)
         return 0
+    if name != "tiny" and not _tiny_dir(name):      # a local pretrained checkpoint
+        run_demo_real(name, delta=_local_delta(args, name), per_kind=args.per_kind,
+                      max_new_tokens=args.max_new_tokens or 48, backend=args.backend)
+        return 0
     if args.delta is not None:
         args.parser.error(f"argument --delta: applies to a real model ({', '.join(models.MODELS)})"
                           "; a tiny model directory holds its own delta")
-    if name != "tiny" and not _tiny_dir(name):
-        args.parser.error(f"argument --model: {name!r} is not a directory written by "
-                          "'safekern train --tiny' (no safety/safety.json); the demo loads local "
-                          "checkpoints of that kind only")
     # "tiny" is the cache directory, trained there when missing; a path the user named is read,
     # never trained into.
     run_demo(None if name == "tiny" else name, per_kind=args.per_kind,
@@ -237,12 +241,13 @@ def _export_vllm(args) -> int:
     from .integrations.vllm import export_for_vllm
     from .spec import EssConfig
 
-    name = _registry_name(args)
-    if name not in models.MODELS:
-        args.parser.error(f"argument --model: export-vllm writes a registered pretrained model "
-                          f"({', '.join(models.MODELS)}), not {name}")
+    name = args.model
+    if name == "tiny":
+        args.parser.error(f"argument --model: export-vllm writes a pretrained model "
+                          f"({', '.join(models.MODELS)} or a local checkpoint), not tiny")
+    delta = args.delta or (True if name in models.MODELS else _local_delta(args, name))
     _set_threads(args.threads)
-    model, tok = models.load(name, safety=args.delta or True)
+    model, tok = models.load(name, safety=delta)
     ess = EssConfig(schedule=args.schedule, policy=args.policy, threshold=args.threshold)
     out = export_for_vllm(model, tok, args.out, ess=ess,
                           enabled_by_default=args.enabled_by_default)

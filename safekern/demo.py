@@ -81,11 +81,15 @@ def run_demo_real(name: str = "smollm2", *, delta: Optional[str] = None, per_kin
     from .evaluation import heldout_cases, judge
     from .spec import EssConfig
 
-    spec = models.MODELS[name]
-    print_fn(f"model: {spec.description}; ESS delta: {delta or models.shipped_delta(name)}")
-    print_fn("The base model has no safety alignment of its own: with safety off it answers "
-             "harmful requests. ESS adds a [CLS] safety token and head; the LM itself is "
-             "unchanged.")
+    local = models.is_local(name)
+    if local and delta is None:
+        raise ValueError(f"a local checkpoint needs delta=DIR (no delta ships for {name!r})")
+    about = f"local checkpoint {name}" if local else models.MODELS[name].description
+    print_fn(f"model: {about}; ESS delta: {delta or models.shipped_delta(name)}")
+    if not local:
+        print_fn("The base model has no safety alignment of its own: with safety off it "
+                 "answers harmful requests.")
+    print_fn("ESS adds a [CLS] safety token and head; the LM itself is unchanged.")
     model, tok = models.load(name, safety=delta or True)
     # The delta's recorded operating point (what generate uses without a safety argument);
     # a delta that records none (format v1) is a query-window head: its first verdict, `high`.

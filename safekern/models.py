@@ -243,6 +243,21 @@ def local_checkpoint(path) -> str:
     return directory
 
 
+def trained_delta_dir(name) -> str:
+    """Where ``safekern train --model NAME`` writes its delta by default (``--out``)."""
+    return os.path.join(cache_base(), f"{model_label(name)}-ess")
+
+
+def default_delta(name) -> Optional[str]:
+    """The delta the CLI uses for ``name`` when none is given: the shipped one for a registered
+    model, ``trained_delta_dir(name)`` for a local checkpoint when ``safekern train`` wrote one
+    there, else None."""
+    if not is_local(name):
+        return shipped_delta(name)
+    d = trained_delta_dir(name)
+    return d if os.path.isfile(os.path.join(d, "safety.json")) else None
+
+
 def model_label(name) -> str:
     """A short name for caches and outputs: the key, or a local checkpoint's base name."""
     if not is_local(name):

@@ -462,9 +462,9 @@ def calibrate_operating_point(model, tokenizer, val_rows: Sequence[Dict], rc=Non
 
 def default_delta_dir(name: str) -> str:
     """Where ``safekern train --model NAME`` writes by default (the shipped delta is read-only)."""
-    from .models import cache_base, model_label
+    from .models import trained_delta_dir
 
-    return os.path.join(cache_base(), f"{model_label(name)}-ess")
+    return trained_delta_dir(name)
 
 
 __all__ = ["example_windows", "chunk_windows", "cls_features", "fit_head", "select_head",

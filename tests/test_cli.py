@@ -90,7 +90,7 @@ def _usage_error(capsys, argv) -> str:
     (["train", "--model", "smollm2", "--tiny"], "argument --tiny: not allowed with --model"),
     (["export-vllm", "--out", "x", "--threshold", "1.5"], "argument --threshold: must be in "
                                                           "[0, 1], got 1.5"),
-    (["export-vllm", "--out", "x", "--model", "tiny"], "export-vllm writes a registered"),
+    (["export-vllm", "--out", "x", "--model", "tiny"], "export-vllm writes a pretrained"),
     (["cache"], "one of the arguments --list --clear is required"),
 ])
 def test_bad_arguments_are_usage_errors_naming_the_option(capsys, tmp_path, monkeypatch, argv,
@@ -110,11 +110,12 @@ def test_model_paths_are_checked_by_what_the_command_loads(capsys, tmp_path):
     delta = tmp_path / "delta"
     delta.mkdir()
     (delta / "safety.json").write_text("{}")
-    # Accepted as a path by argparse, refused by the commands that cannot load one yet.
-    assert "loading a local checkpoint is not supported yet" in _usage_error(
-        capsys, ["bench", "--model", str(gguf)])
-    assert "not a directory written by 'safekern train --tiny'" in _usage_error(
+    # A local checkpoint with no delta given and none trained: demo / export-vllm say how to
+    # get one (bench times it with a fresh head instead: tests/test_local_models.py).
+    assert "argument --delta: no delta for the local checkpoint" in _usage_error(
         capsys, ["demo", "--model", str(checkpoint)])
+    assert "safekern train --model" in _usage_error(
+        capsys, ["export-vllm", "--model", str(gguf), "--out", str(tmp_path / "x")])
     assert "neither a known model" in _usage_error(capsys, ["demo", "--model", str(tmp_path)])
     assert "argument --delta: applies to a real model" in _usage_error(
         capsys, ["demo", "--model", "tiny", "--delta", str(delta)])

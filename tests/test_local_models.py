@@ -60,3 +60,28 @@ def test_local_checkpoint_errors(checkpoint, tmp_path):
         models.load(str(tmp_path))
     with pytest.raises(ValueError, match="neither a known name"):
         models.load(str(tmp_path / "missing.gguf"))
+
+
+def test_local_checkpoint_through_the_cli(checkpoint, tmp_path, capsys, monkeypatch):
+    """demo / bench / export-vllm take a local checkpoint and its delta (--delta, or the one
+    `safekern train --model PATH` wrote to its default place)."""
+    from safekern.cli import main
+
+    monkeypatch.setenv("SAFEKERN_CACHE", str(tmp_path / "cache"))
+    default = models.trained_delta_dir(checkpoint)
+    assert models.default_delta(checkpoint) is None
+    assert main(["train", "--model", checkpoint, "--rank", "2", "--epochs", "1",
+                 "--max-sequences", "16", "--no-progress", "--no-calibrate"]) == 0
+    assert models.default_delta(checkpoint) == default
+    assert main(["demo", "--model", checkpoint, "--per-kind", "1", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"local checkpoint {checkpoint}" in out and default in out
+    xdir = str(tmp_path / "export")
+    assert main(["export-vllm", "--model", checkpoint, "--out", xdir]) == 0
+    with open(os.path.join(xdir, "safety.json")) as f:
+        meta = json.load(f)
+    assert meta["adapter"]["rank"] == 2
+    assert main(["bench", "--model", checkpoint, "--batch", "1", "--reps", "1",
+                 "--new-tokens", "4", "--prompt-tokens", "8", "--no-progress", "--vllm", "off",
+                 "--out", str(tmp_path / "bench")]) == 0
+    assert "ESS delta " + default in capsys.readouterr().err
