@@ -155,8 +155,8 @@ def grid(traces: Sequence[RowTrace], thresholds: Sequence[float] = THRESHOLDS,
          taus: Sequence[int] = TAUS) -> List[Dict]:
     """Per ``(threshold, tau)``: ``false`` (triggers on label-0 rows), ``miss`` (harmful answers
     never flagged) and the same per row kind (``by_kind``: kind -> triggered fraction)."""
-    neg = [t for t in traces if t.label == 0]
-    pos = [t for t in traces if t.label == 1 and t.response_label == 1]
+    neg = {id(t) for t in traces if t.label == 0}
+    pos = {id(t) for t in traces if t.label == 1 and t.response_label == 1}
     kinds = sorted({t.kind for t in traces})
     out = []
     for th in thresholds:
@@ -165,9 +165,9 @@ def grid(traces: Sequence[RowTrace], thresholds: Sequence[float] = THRESHOLDS,
             by_kind = {k: round(sum(h for h, t in zip(hit, traces) if t.kind == k)
                                 / sum(t.kind == k for t in traces), 4) for k in kinds}
             out.append({"threshold": th, "tau": tau,
-                        "false": round(sum(replay(t, th, tau) is not None for t in neg)
+                        "false": round(sum(h for h, t in zip(hit, traces) if id(t) in neg)
                                        / max(1, len(neg)), 4),
-                        "miss": round(sum(replay(t, th, tau) is None for t in pos)
+                        "miss": round(sum(not h for h, t in zip(hit, traces) if id(t) in pos)
                                       / max(1, len(pos)), 4),
                         "by_kind": by_kind})
     return out
