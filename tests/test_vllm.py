@@ -108,6 +108,8 @@ def test_request_options():
         request_options({"safekern": {"schedule": "never"}}, None)
     with pytest.raises(ValueError, match="'on' or 'off'"):
         request_options({"safekern": "maybe"}, None)
+    with pytest.raises(ValueError, match="cls_bias_scale must be 0 in vLLM"):
+        request_options({"safekern": "on", "safekern_cls_bias_scale": 0.5}, None)
 
 
 def test_export_has_no_cls_token(tiny):

@@ -98,6 +98,10 @@ def request_options(extra_args: Optional[Dict[str, Any]],
         ess = EssConfig(**{**base, **over})
     except (TypeError, ValueError) as e:
         raise ValueError(f"invalid safekern options {over}: {e}") from None
+    if ess.cls_bias_scale != 0:
+        # No token row sees the [CLS] key in vLLM: a bias on it would be silently ignored.
+        raise ValueError(f"invalid safekern options {over}: cls_bias_scale must be 0 in vLLM "
+                         f"(no token row sees the [CLS] key), got {ess.cls_bias_scale}")
     return (ess if on else None), (None if trace_id is None else str(trace_id))
 
 

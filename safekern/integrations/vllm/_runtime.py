@@ -135,9 +135,12 @@ class Batch:
         if d and req.trace_id is not None:
             name = "".join(c if c.isalnum() or c in "-_." else "_" for c in req.trace_id)
             os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, name[:200] + ".json"), "w") as f:
+            path = os.path.join(d, name[:200] + ".json")
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
                 json.dump({"trace_id": req.trace_id, **req.trace,
                            "output_len": len(req.output)}, f)
+            os.replace(tmp, path)     # a reader never sees a half-written file
 
     def record(self, req: Request):
         if req.trace_id is not None:
