@@ -1,4 +1,5 @@
-"""Command line: ``safekern bench | info | train | demo | export-vllm | cache``; ``DESCRIPTION``
+"""Command line: ``safekern bench | info | train | demo | export-vllm | serve | cache``;
+``DESCRIPTION``
 is what --help says.
 
 Every argument is checked here, by argparse (types, ranges, choices, paths that must exist): a bad
@@ -18,7 +19,8 @@ DESCRIPTION = ("safekern: fused kernels for explicit safety signals (ESS) in LLM
                "turns malicious. Subcommands: bench (strategic decoding overhead and engine "
                "speed), info (versions and runnable backends), train (an ESS delta), demo "
                "(safety off vs strategic decoding), export-vllm (a checkpoint vLLM serves with "
-               "the ESS plugin), cache (the de-quantized model cache). Run 'safekern COMMAND "
+               "the ESS plugin), serve (vLLM's OpenAI server on that checkpoint), cache (the "
+               "de-quantized model cache). Run 'safekern COMMAND "
                "--help' for each command's options.")
 THREADS_HELP = ("torch CPU threads; 0 = torch's default (every core). On a small shared box one "
                 "thread decodes faster: a second thread waits for a core that another process "
@@ -259,6 +261,62 @@ def _export_vllm(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    """Export (or reuse the cached export of) a checkpoint + delta, start vLLM's OpenAI server."""
+    from . import models
+    from .integrations.vllm import serve as srv
+    from .spec import EssConfig
+
+    name = args.model
+    if name == "tiny":
+        args.parser.error(f"argument --model: serve takes a pretrained model "
+                          f"({', '.join(models.MODELS)} or a local checkpoint), not tiny")
+    delta = args.delta if (args.delta or name in models.MODELS) else _local_delta(args, name)
+    for opt in srv.OWN_OPTIONS:
+        if srv._given(args.vllm_args, opt):
+            args.parser.error(f"argument {opt}: give it before '--' (it is serve's own "
+                              "option), not among the arguments passed through to vLLM")
+    try:
+        srv.check_port(args.host, args.port)
+    except srv.PortInUseError as e:
+        args.parser.error(f"argument --port: {e}")
+    try:
+        srv.check_vllm()
+    except srv.VllmMissingError as e:
+        raise SystemExit(f"safekern serve: {e}") from None
+    if name in models.MODELS:
+        why = models.is_available(name)
+        if why is not None:
+            raise SystemExit(f"--model {name} is not installed here: {why}")
+    ess = EssConfig(schedule=args.schedule, policy=args.policy, threshold=args.threshold)
+    return srv.serve(name, delta, host=args.host, port=args.port, ess=ess,
+                     enabled_by_default=args.enabled_by_default, kv_cache_gib=args.kv_cache_gib,
+                     trace_dir=args.trace_dir, vllm_args=args.vllm_args,
+                     ready_timeout=args.ready_timeout)
+
+
+def _ess_defaults(x) -> None:
+    """The default EssConfig options of an exported checkpoint (export-vllm, serve)."""
+    x.add_argument("--schedule", default="first",
+                   choices=["first", "each", "periodic", "annealing"],
+                   help="default re-evaluation schedule of requests (first: the shipped "
+                   "delta's measured operating point)")
+    x.add_argument("--policy", default="medium", choices=["low", "medium", "high"],
+                   help="default policy")
+    x.add_argument("--threshold", type=_probability, default=0.5,
+                   help="default p_unsafe threshold, in [0, 1]")
+    x.add_argument("--enabled-by-default", action="store_true", help="ESS on for requests "
+                   "that do not say (default: only requests with extra_args/vllm_xargs "
+                   "'safekern' are checked)")
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535, got {value}")
+    return value
+
+
 def _cache(args) -> int:
     """List or clear the de-quantized model cache (safekern.models)."""
     from . import models
@@ -378,20 +436,40 @@ def main(argv: Optional[List[str]] = None) -> int:
     x.add_argument("--delta", default=None, type=_delta_dir,
                    help="ESS delta dir (default: the shipped one)")
     x.add_argument("--out", required=True, help="output checkpoint dir")
-    x.add_argument("--schedule", default="first",
-                   choices=["first", "each", "periodic", "annealing"],
-                   help="default re-evaluation schedule of requests (first: the shipped "
-                   "delta's measured operating point)")
-    x.add_argument("--policy", default="medium", choices=["low", "medium", "high"],
-                   help="default policy")
-    x.add_argument("--threshold", type=_probability, default=0.5,
-                   help="default p_unsafe threshold, in [0, 1]")
-    x.add_argument("--enabled-by-default", action="store_true", help="ESS on for requests "
-                   "that do not say (default: only requests with extra_args/vllm_xargs "
-                   "'safekern' are checked)")
+    _ess_defaults(x)
     x.add_argument("--threads", type=_int_at_least(0), default=None,
                    help=THREADS_HELP + " (default: torch's)")
     x.set_defaults(fn=_export_vllm, parser=x)
+    v = sub.add_parser("serve", formatter_class=_HelpFormatter,
+                       usage="safekern serve [options] [-- VLLM_ARGS ...]",
+                       help="start vLLM's OpenAI-compatible server on a model + its ESS delta "
+                       "(exported once, then reused)",
+                       description="Exports the model with its ESS delta for vLLM (cached "
+                       "under $SAFEKERN_CACHE/vllm, default ~/.cache/safekern/vllm, and reused "
+                       "while the model, the delta and the options are the same), starts "
+                       "vLLM's OpenAI server on it with the safekern plugin, and prints the URL "
+                       "and a request with and without ESS. Arguments after '--' go to vLLM "
+                       "(e.g. -- --max-num-seqs 16 --enforce-eager); serve adds --dtype float32 "
+                       "(the precision of safekern.generate) and --served-model-name NAME-ess "
+                       "unless given there. ESS per request: vllm_xargs {\"safekern\": \"on\"}.")
+    v.add_argument("--model", default="smollm2", type=_model_arg(names),
+                   help="the base model: a known name or a local checkpoint")
+    v.add_argument("--delta", default=None, type=_delta_dir,
+                   help="ESS delta dir (default: the shipped one; a local checkpoint: the one "
+                   "safekern train --model PATH wrote)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every "
+                   "interface)")
+    v.add_argument("--port", default=8000, type=_port, help="port to listen on")
+    _ess_defaults(v)
+    v.add_argument("--kv-cache-gib", type=_int_at_least(1), default=2,
+                   help="vLLM's CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE; an existing "
+                   "value of that variable wins)")
+    v.add_argument("--trace-dir", default=None, help="write each traced request's verdicts "
+                   "(vllm_xargs safekern_trace_id) to DIR/TRACE_ID.json "
+                   "(SAFEKERN_VLLM_TRACE_DIR)")
+    v.add_argument("--ready-timeout", type=_positive, default=900.0,
+                   help="seconds to wait for the server to answer before giving up")
+    v.set_defaults(fn=_serve, parser=v)
     c = sub.add_parser("cache", formatter_class=_HelpFormatter,
                        help="list or clear the de-quantized model cache (one copy per GGUF "
                        "content, shared by every environment of this user)")
@@ -401,7 +479,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     what.add_argument("--clear", action="store_true", help="remove every cached model (the "
                       "next load de-quantizes again, ~20-30 s)")
     c.set_defaults(fn=_cache, parser=c)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed = []
+    if "--" in argv:                      # serve: what follows goes to vLLM as it is
+        cut = argv.index("--")
+        argv, passed = argv[:cut], argv[cut + 1:]
     args = p.parse_args(argv)
+    if args.cmd != "serve" and passed:
+        args.parser.error(f"unrecognized arguments after '--': {' '.join(passed)} (only "
+                          "serve passes arguments through)")
+    args.vllm_args = passed
     return args.fn(args)
 
 

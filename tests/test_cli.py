@@ -6,7 +6,7 @@ import pytest
 import safekern
 from safekern.cli import main
 
-SUBCOMMANDS = ("bench", "info", "train", "demo")
+SUBCOMMANDS = ("bench", "info", "train", "demo", "serve")
 
 
 def _help(capsys, *argv) -> str:
