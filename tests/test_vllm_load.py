@@ -217,11 +217,27 @@ def _report(rounds, mem, capsys):
         rows.append(f"  {tag:4s} all      {s['requests']:3d} streams in {wall:5.1f} s: "
                     f"{s['tok_s']:6.1f} tok/s aggregate; peak running {peaks['running']:.0f}, "
                     f"waiting {peaks['waiting']:.0f}")
+    total = [sum(m.values()) for m in mem]
+    procs = ", ".join(f"{_name(pid)} {mem[0].get(pid, 0) / 2**20:.0f} -> {b / 2**20:.0f}"
+                      for pid, b in sorted(mem[1].items()))
     with capsys.disabled():
         print(f"\nload test (SmolLM2 + delta, max_num_seqs {MAX_NUM_SEQS}, {MAX_TOKENS} tokens, "
               f"load average {os.getloadavg()[0]:.1f}):\n" + "\n".join(rows) +
-              f"\n  server RSS (process tree) after r1 {mem[0] / 2**20:.0f} MiB, after r3 "
-              f"{mem[1] / 2**20:.0f} MiB ({100 * (mem[1] / mem[0] - 1):+.1f}%)", flush=True)
+              f"\n  server RSS (process tree) after r1 {total[0] / 2**20:.0f} MiB, after r3 "
+              f"{total[1] / 2**20:.0f} MiB ({100 * (total[1] / total[0] - 1):+.1f}%): {procs} "
+              "MiB", flush=True)
+
+
+def _name(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return str(pid)
+    for known in ("safekern.cli", "api_server"):
+        if any(known in a for a in args):
+            return known
+    return os.path.basename(args[0]) or str(pid)
 
 
 def test_serve_prints_the_url_and_how_to_ask(server):
@@ -279,6 +295,8 @@ def test_load_three_rounds_with_faults(server, offline, capsys):
         if tag in ("r1", "r3"):
             _idle(base)
             time.sleep(2)
-            mem.append(sum(lt.server_rss(proc.pid).values()))
+            mem.append(lt.server_rss(proc.pid))
     _report(rounds, mem, capsys)
-    assert abs(mem[1] / mem[0] - 1) <= 0.05, mem
+    total = [sum(m.values()) for m in mem]
+    assert abs(total[1] / total[0] - 1) <= 0.05, mem
+    assert set(mem[1]) == set(mem[0]), mem               # no process came or went

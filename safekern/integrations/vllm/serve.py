@@ -299,6 +299,8 @@ def server_env(*, kv_cache_gib: Optional[int] = None, trace_dir: Optional[str] =
             raise ValueError(f"kv_cache_gib must be an integer >= 1, got {kv_cache_gib!r}")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     if trace_dir is not None:
+        if not isinstance(trace_dir, (str, os.PathLike)) or not os.fspath(trace_dir):
+            raise TypeError(f"trace_dir must be a directory path, got {trace_dir!r}")
         env["SAFEKERN_VLLM_TRACE_DIR"] = os.path.abspath(os.fspath(trace_dir))
     return env
 
