@@ -1,5 +1,6 @@
 """``safekern serve`` under concurrent streaming load: ESS off vs on, time to first token and
-tokens/s (SmolLM2 + the shipped delta, the load test's traffic: safekern.integrations.vllm.loadtest).
+tokens/s (SmolLM2 + the shipped delta, the load test's traffic:
+safekern.integrations.vllm.loadtest).
 
 For each ``--max-num-seqs`` value: start ``safekern serve`` (a fresh server), one warm-up round,
 then ``--reps`` times a round of 64 concurrent streaming chat requests per ESS setting,

@@ -254,7 +254,8 @@ def test_load_three_rounds_with_faults(server, offline, capsys):
     # another request's tokens cannot pass (refusals share their text; their verdicts differ).
     plain = [tuple(offline[i, "off"][0].token_ids) for i in range(len(lt.CASES))]
     assert len(set(plain)) == len(plain)
-    refused = [i for i in range(len(lt.CASES)) if offline[i, "on"][0].trace.trigger_step is not None]
+    refused = [i for i in range(len(lt.CASES))
+               if offline[i, "on"][0].trace.trigger_step is not None]
     assert {"harmful", "prefill", "jailbreak"} <= {lt.CASES[i][0] for i in refused}, refused
     pu = [tuple(round(p, 4) for p in offline[i, "on"][0].trace.p_unsafe) for i in refused]
     assert len(set(pu)) == len(pu)

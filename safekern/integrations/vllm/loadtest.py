@@ -91,6 +91,7 @@ async def _stream(client, model: str, req: LoadRequest, timeout: float,
     import openai
 
     res = LoadResult(req.key)
+    hung_up = False
     t0 = time.perf_counter()
     try:
         stream = await client.chat.completions.create(
@@ -115,13 +116,16 @@ async def _stream(client, model: str, req: LoadRequest, timeout: float,
                 if chunk.usage is not None:
                     res.usage_tokens = chunk.usage.completion_tokens
                 if stop_after is not None and len(res.token_ids) >= stop_after:
+                    hung_up = True
                     break                        # the client hangs up mid-stream
         finally:
             await stream.close()
         res.duration = time.perf_counter() - t0
-        res.ok = stop_after is None and res.finish_reason is not None
-        if stop_after is not None:
+        res.ok = not hung_up and res.finish_reason is not None
+        if hung_up:
             res.error = f"disconnected after {len(res.token_ids)} tokens"
+        elif res.finish_reason is None:
+            res.error = "the stream ended without a finish reason"
     except openai.APIStatusError as e:
         res.status, res.error = e.status_code, _message(e)
     except (openai.APIError, asyncio.TimeoutError) as e:

