@@ -57,7 +57,7 @@ class AdapterRecipe:
     rank: int = 16
     alpha: float = 32.0
     targets: Tuple[str, ...] = TARGETS
-    epochs: int = 3
+    epochs: int = 2   # the best epoch was the 2nd in both measured 3-epoch runs
     lr: float = 1e-3
     head_lr: float = 3e-3
     weight_decay: float = 0.01
