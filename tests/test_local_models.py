@@ -7,25 +7,14 @@ import pytest
 
 import safekern
 from safekern import EssConfig, models
+from tests.tiny_ess import save_random_qwen2
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A small random Qwen2 chat model saved like any transformers checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from safekern.data import corpus
-    from safekern.tiny import build_tokenizer, tiny_llama_config
-
-    torch.manual_seed(0)
-    tok = build_tokenizer(corpus("train"), vocab_size=384)
-    cfg = tiny_llama_config(len(tok), arch="qwen2", hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(cfg)
     path = tmp_path_factory.mktemp("ckpt") / "my-qwen"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    save_random_qwen2(path)
     return str(path)
 
 

@@ -102,22 +102,12 @@ def test_local_checkpoint_without_delta_says_how_to_get_one(capsys, cache, tmp_p
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     """A small random Qwen2 chat checkpoint and an (untrained) ESS delta for it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     import safekern
-    from safekern.data import corpus
-    from safekern.tiny import build_tokenizer, tiny_llama_config
+    from tests.tiny_ess import save_random_qwen2
 
-    torch.manual_seed(0)
-    tok = build_tokenizer(corpus("train"), vocab_size=384)
-    cfg = tiny_llama_config(len(tok), arch="qwen2", hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(cfg)
     root = tmp_path_factory.mktemp("local")
     path = root / "my-qwen"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    model, tok = save_random_qwen2(path)
     safekern.attach(model, tok, response_sees_cls=False)
     safekern.save_safety(model, str(root / "delta"))
     return str(path), str(root / "delta")

@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -65,20 +64,13 @@ def server(tmp_path_factory):
                              "--enforce-eager"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 400
-        while True:
-            if proc.poll() is not None:
-                log.flush()
-                raise RuntimeError("vllm serve exited:\n" + open(log.name).read()[-4000:])
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError("vllm serve did not come up in 400 s")
-            time.sleep(2)
+        from safekern.integrations.vllm.serve import wait_ready
+
+        try:
+            wait_ready(proc, base, timeout=400)
+        except RuntimeError:
+            log.flush()
+            raise RuntimeError("vllm serve exited:\n" + open(log.name).read()[-4000:]) from None
         yield base, traces
     finally:
         proc.terminate()

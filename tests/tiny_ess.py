@@ -1,4 +1,5 @@
-"""The tiny ESS model the training tests and tests/dist_train_script.py share."""
+"""The tiny ESS model the training tests and tests/dist_train_script.py share, and the small
+random chat checkpoint of the local-checkpoint tests."""
 import torch
 
 
@@ -19,4 +20,23 @@ def make_tiny_ess_model(seed: int):
                                                num_attention_heads=4, num_key_value_heads=1))
     attach(model, tok)
     apply_safekern(model)
+    return model, tok
+
+
+def save_random_qwen2(path):
+    """A small random Qwen2 chat model (2 layers, GQA) and its BPE tokenizer saved to ``path``
+    like any transformers checkpoint (``torch.manual_seed(0)`` first); returns the model and
+    the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from safekern.data import corpus
+    from safekern.tiny import build_tokenizer, tiny_llama_config
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(corpus("train"), vocab_size=384)
+    cfg = tiny_llama_config(len(tok), arch="qwen2", hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
     return model, tok

@@ -109,13 +109,22 @@ def _file_key(path: str) -> str:
     return _cache_key(path)            # size + hash of the first/middle/last MiB
 
 
-def _tree_keys(root: str) -> List[Tuple[str, str]]:
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tree_keys(root: str, key=_file_key) -> List[Tuple[str, str]]:
+    """``(relative path, key(path))`` of every file under ``root``, in a fixed order."""
     out = []
     for d, dirs, files in os.walk(root):
         dirs.sort()
         for f in sorted(files):
             p = os.path.join(d, f)
-            out.append((os.path.relpath(p, root), _file_key(p)))
+            out.append((os.path.relpath(p, root), key(p)))
     return out
 
 
@@ -136,17 +145,7 @@ def _model_source(model: str) -> dict:
 
 def _delta_files(delta: str) -> List[Tuple[str, str]]:
     """The delta's files with a full content hash each (deltas are small: ~19 MB shipped)."""
-    out = []
-    for d, dirs, files in os.walk(delta):
-        dirs.sort()
-        for f in sorted(files):
-            p = os.path.join(d, f)
-            h = hashlib.sha256()
-            with open(p, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            out.append((os.path.relpath(p, delta), h.hexdigest()))
-    return out
+    return _tree_keys(delta, key=_sha256)
 
 
 def resolve_delta(model: str, delta: Optional[str]) -> str:
