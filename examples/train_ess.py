@@ -89,6 +89,12 @@ def main():
         final.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()})
         out = save_tiny(final, tok, os.path.join(args.out, "final"))
         print(f"saved the model to {out} and the ESS delta to {os.path.join(out, 'safety')}")
+    # torchrun: tear the process group down before the interpreter does (left to interpreter
+    # exit, a gloo worker thread can abort the rank: "terminate called without an active
+    # exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

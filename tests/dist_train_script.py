@@ -61,6 +61,19 @@ def main():
     if trainer.is_world_process_zero():
         params = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
         torch.save({"losses": losses, "params": params}, args.out)
+    _teardown()
+
+
+def _teardown():
+    """Nobody tears gloo down while another rank is still saving or in a collective, and the
+    process group is destroyed before the interpreter exits: left to interpreter shutdown, a
+    gloo worker thread is destroyed while joinable and the rank aborts ("terminate called
+    without an active exception", SIGABRT; seen in CI with transformers 5.6 / accelerate 1.3)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def train_fsdp(model, tok, rows, args):
@@ -103,10 +116,7 @@ def train_fsdp(model, tok, rows, args):
     params = torch.cat([p.full_tensor().detach().float().flatten() for p in wrapped.parameters()])
     if rank == 0:
         torch.save({"losses": losses, "params": params}, args.out)
-    # Nobody tears gloo down while another rank is still saving or in a collective: without
-    # this, a rank's exit occasionally aborted ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    _teardown()
 
 
 if __name__ == "__main__":
