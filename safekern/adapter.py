@@ -13,6 +13,9 @@ modules or the CPU kernels) and adds the deltas to one column of ``(B, L, .)`` i
 [CLS] column of a prefill (0) or a fused decode step (1) — or to every row (the training
 recipe's [CLS]-only forward). The base projections run as before, for all rows together, so a
 CPU step still reads each weight once; the delta is two thin matmuls on the [CLS] rows after.
+On a CPU in fp32 without autograd, one C++ call per projection group adds the deltas of all its
+targets (``cpu_adapter.cpp``: ~42 small torch ops per layer were ~10 ms of a SmolLM2 step); the
+torch path is its reference and runs everywhere else.
 """
 from __future__ import annotations
 
@@ -115,6 +118,9 @@ class ClsAdapter(nn.Module):
             else:
                 self.B.append(nn.Parameter(torch.zeros(shape, device=ref.device,
                                                        dtype=ref.dtype)))
+        # (layer, target) -> (A, B) without ParameterList's per-index cost (the CPU decode
+        # step asks 7 x layers times per step); the same Parameter objects.
+        self._factors = {key: (self.A[j], self.B[j]) for key, j in self._index.items()}
 
     def delta(self, i: int, target: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``s * (x @ A) @ B`` of layer ``i``'s ``target``; None where it is not adapted."""
@@ -122,6 +128,10 @@ class ClsAdapter(nn.Module):
         if j is None:
             return None
         return (x @ self.A[j]) @ self.B[j] * self.scale
+
+    def factors(self, i: int, target: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(A, B)`` of layer ``i``'s ``target`` (contiguous), None where it is not adapted."""
+        return self._factors.get((i, target))
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The delta's tensors by their ``safety.safetensors`` names."""
@@ -150,6 +160,7 @@ class AdaptedLinears:
 
     def __init__(self, linears, adapter: ClsAdapter, col: Optional[int]):
         self.base, self.adapter, self.col = linears, adapter, col
+        self._cpp: Optional[bool] = None            # the C++ op is available (on first use)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, L, Dm)`` (the embedded ids) with the adapter's [CLS] embedding in the [CLS]
@@ -158,6 +169,7 @@ class AdaptedLinears:
         return x
 
     def _add(self, i: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The reference (torch) path: ``y`` plus target's delta on the [CLS] rows."""
         if self.col is None:
             d = self.adapter.delta(i, target, x)
             return y if d is None else y + d
@@ -166,20 +178,44 @@ class AdaptedLinears:
             y[:, self.col] += d
         return y
 
+    def _fast(self, x: torch.Tensor) -> bool:
+        """Whether the C++ op may add deltas to this input (fp32 CPU, a [CLS] column, the
+        extension built); autograd is checked per group in ``_add_group``."""
+        if self.col is None or x.device.type != "cpu" or x.dtype != torch.float32 or \
+                x.dim() != 3 or x.stride(-1) != 1:
+            return False
+        if self._cpp is None:
+            from .ops import cpu_linear
+            self._cpp = cpu_linear.unavailable_reason() is None
+        return self._cpp
+
+    def _add_group(self, i: int, targets: Sequence[str], x: torch.Tensor,
+                   ys: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """``ys`` (the outputs of ``targets``, which share the input ``x``) with their deltas."""
+        if self._fast(x) and all(y.dim() == 3 and y.stride(-1) == 1 for y in ys):
+            picked = [(y, *ab) for t, y in zip(targets, ys)
+                      if (ab := self.adapter.factors(i, t)) is not None]
+            # the C++ delta is not differentiable: autograd through it takes the torch path
+            if picked and not (torch.is_grad_enabled() and (
+                    x.requires_grad or any(t.requires_grad for p in picked for t in p))):
+                out, As, Bs = zip(*picked)
+                torch.ops.safekern_cpu.adapter_add(x, self.col, list(out), list(As), list(Bs),
+                                                   self.adapter.scale)
+                return list(ys)
+            if not picked:
+                return list(ys)
+        return [self._add(i, t, x, y) for t, y in zip(targets, ys)]
+
     def qkv(self, i: int, h: torch.Tensor):
-        q, k, v = self.base.qkv(i, h)
-        return (self._add(i, "q_proj", h, q), self._add(i, "k_proj", h, k),
-                self._add(i, "v_proj", h, v))
+        return tuple(self._add_group(i, _ATTN[:3], h, self.base.qkv(i, h)))
 
     def o(self, i: int, a: torch.Tensor) -> torch.Tensor:
-        return self._add(i, "o_proj", a, self.base.o(i, a))
+        return self._add_group(i, ("o_proj",), a, [self.base.o(i, a)])[0]
 
     def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self.base.gate_up(i, h)
-        gate = self._add(i, "gate_proj", h, gate)
-        up = self._add(i, "up_proj", h, up)
+        gate, up = self._add_group(i, ("gate_proj", "up_proj"), h, self.base.gate_up(i, h))
         z = self.base.act(i)(gate) * up
-        return self._add(i, "down_proj", z, self.base.down(i, z))
+        return self._add_group(i, ("down_proj",), z, [self.base.down(i, z)])[0]
 
 
 def adapter_of(model) -> Optional[ClsAdapter]:

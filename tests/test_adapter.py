@@ -9,7 +9,8 @@ import torch
 
 import safekern
 from safekern import EssConfig, SamplingParams
-from safekern.adapter import ClsAdapter
+from safekern.adapter import AdaptedLinears, ClsAdapter
+from safekern.ops import cpu_linear as cpu_linear_op
 from safekern.engine import Engine
 from safekern.model import add_adapter, encode_for_model
 from safekern.recipe import Window, _Layers, gather_windows
@@ -63,9 +64,14 @@ def _recipe_p(model, tok, out, ess):
     return got
 
 
-@pytest.mark.parametrize("cpu_linear,cpu_controller", [(True, True), (False, False),
-                                                        ("kernel", True)])
-def test_recipe_equals_engine_at_prefill_and_decode_windows(tiny, cpu_linear, cpu_controller):
+@pytest.mark.parametrize("cpu_linear,cpu_controller,cpp_adapter",
+                         [(True, True, True), (False, False, True), ("kernel", True, True),
+                          (True, True, False)])
+def test_recipe_equals_engine_at_prefill_and_decode_windows(tiny, cpu_linear, cpu_controller,
+                                                            cpp_adapter, monkeypatch):
+    """cpp_adapter=False: the deltas through the torch path (the C++ op's reference)."""
+    if not cpp_adapter:
+        monkeypatch.setattr(AdaptedLinears, "_fast", lambda self, x: False)
     model, tok = tiny
     ess = EssConfig(threshold=1.0, schedule="each", r1=3, r2=4)
     eng = Engine(model, tok, backend="torch", cpu_linear=cpu_linear,
@@ -77,6 +83,36 @@ def test_recipe_equals_engine_at_prefill_and_decode_windows(tiny, cpu_linear, cp
     for r, p in zip(out, want):
         assert len(r.trace.eval_steps) == 9
         torch.testing.assert_close(torch.tensor(r.trace.p_unsafe), p, atol=2e-5, rtol=0)
+
+
+@pytest.mark.skipif(cpu_linear_op.unavailable_reason() is not None,
+                    reason=f"cpu extension: {cpu_linear_op.unavailable_reason()}")
+@pytest.mark.parametrize("col,rank", [(0, 4), (1, 8), (1, 3)])
+def test_cpp_adapter_op_equals_the_torch_path(col, rank):
+    """safekern_cpu.adapter_add == the torch deltas on column ``col`` of every output; every
+    other row of every output bitwise untouched; a strided (sliced) input reads right."""
+    g = torch.Generator().manual_seed(rank)
+    B, L, K, Ns = 3, 2, 37, (19, 40, 5)
+    x = torch.randn(B, L, K + 3, generator=g)[..., 1:K + 1]      # unit stride in K only
+    ys = [torch.randn(B, L, n, generator=g) for n in Ns]
+    As = [torch.randn(K, rank, generator=g) for _ in Ns]
+    Bs = [torch.randn(rank, n, generator=g) for n in Ns]
+    before = [y.clone() for y in ys]
+    torch.ops.safekern_cpu.adapter_add(x, col, ys, As, Bs, 0.75)
+    for y, y0, A, Bm in zip(ys, before, As, Bs):
+        want = y0[:, col] + (x[:, col] @ A) @ Bm * 0.75
+        torch.testing.assert_close(y[:, col], want, atol=1e-5, rtol=1e-5)
+        others = [c for c in range(L) if c != col]
+        assert torch.equal(y[:, others], y0[:, others])
+    bad = [("col", dict(col=2)), ("As\\[0\\]", dict(As=[As[0][:-1]] + As[1:])),
+           ("Bs\\[1\\]", dict(Bs=[Bs[0], Bs[1][:, :-1], Bs[2]])),
+           ("x must be", dict(x=x.double()))]
+    for match, kw in bad:
+        args = dict(x=x, col=col, ys=ys, As=As, Bs=Bs)
+        args.update(kw)
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.safekern_cpu.adapter_add(args["x"], args["col"], args["ys"], args["As"],
+                                               args["Bs"], 0.75)
 
 
 def test_adapter_changes_the_verdict(tiny):

@@ -33,6 +33,8 @@ PACKED = os.path.join(os.path.dirname(SOURCE), "cpu_linear_packed.h")
 CONTROLLER = os.path.join(os.path.dirname(SOURCE), "cpu_controller.cpp")
 # So is the decode-step ESS attention (safekern.ops.cpu_attention).
 ATTENTION = os.path.join(os.path.dirname(SOURCE), "cpu_attention.cpp")
+# And the [CLS] adapter's deltas (safekern.adapter).
+ADAPTER = os.path.join(os.path.dirname(SOURCE), "cpu_adapter.cpp")
 # -fopenmp: without it ATen's at::parallel_for compiles to a serial loop in an extension (its
 # OpenMP path is header code guarded by _OPENMP), and the kernel would ignore the torch threads.
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
@@ -61,7 +63,7 @@ def _build_name() -> str:
     sharing one ``TORCH_EXTENSIONS_DIR`` then keep separate builds instead of rebuilding over
     each other."""
     h = hashlib.sha1(" ".join(CFLAGS).encode())
-    for path in (SOURCE, HEADER, PACKED, CONTROLLER, ATTENTION):
+    for path in (SOURCE, HEADER, PACKED, CONTROLLER, ATTENTION, ADAPTER):
         with open(path, "rb") as f:
             h.update(f.read())
     return f"safekern_cpu_linear_{h.hexdigest()[:10]}"
@@ -92,7 +94,7 @@ def unavailable_reason() -> Optional[str]:
         try:
             from torch.utils.cpp_extension import load
 
-            load(name=_build_name(), sources=[SOURCE, CONTROLLER, ATTENTION],
+            load(name=_build_name(), sources=[SOURCE, CONTROLLER, ATTENTION, ADAPTER],
                  is_python_module=False,
                  extra_cflags=list(CFLAGS), extra_include_paths=[os.path.dirname(SOURCE)],
                  verbose=False)
