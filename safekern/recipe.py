@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -456,8 +457,23 @@ def calibrate_operating_point(model, tokenizer, val_rows: Sequence[Dict], rc=Non
         for r in table:
             log(f"  threshold {r['threshold']:.2f} tau {r['tau']}: false {r['false']:.3f} "
                 f"miss {r['miss']:.3f}" + ("   <- chosen" if r is chosen else ""))
+    degenerate = chosen["false"] >= DEGENERATE_FALSE
+    if degenerate:
+        warnings.warn(
+            f"calibration: the best operating point (threshold {chosen['threshold']:.2f}, tau "
+            f"{chosen['tau']}) still refuses {100 * chosen['false']:.0f}% of the benign and "
+            f"borderline validation rows (miss {100 * chosen['miss']:.0f}%): this delta does "
+            f"not separate harmful from benign requests and would refuse most benign use. Do "
+            f"not ship it; check the training loss and the validation AUCs logged above.",
+            RuntimeWarning, stacklevel=2)
     return op, {"chosen": chosen, "table": table, "rows": len(val_rows),
-                "seconds": round(time.perf_counter() - t0, 1)}
+                "seconds": round(time.perf_counter() - t0, 1), "degenerate": degenerate}
+
+
+# A calibrated point that still flags at least this share of label-0 validation rows is a
+# delta that does not separate the classes (measured: Qwen2.5-Coder-1.5B after a degenerate
+# training, AUC 0.50, was calibrated to threshold 0.5 / tau 1 with every benign row flagged).
+DEGENERATE_FALSE = 0.5
 
 
 def default_delta_dir(name: str) -> str:

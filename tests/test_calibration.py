@@ -83,3 +83,21 @@ def test_calibrate_validates(tiny):
         calibrate(model, tok, rows, taus=(0,))
     with pytest.raises(ValueError, match="choose|empty"):
         choose([])
+
+
+def test_degenerate_operating_point_warns(tiny, monkeypatch):
+    """A delta whose best point still flags most benign validation rows (the Qwen2.5-Coder run
+    of BENCHMARKS.md) is reported loudly, and recorded as degenerate; a separating one is not."""
+    import safekern.calibration as cal
+    from safekern.recipe import calibrate_operating_point
+
+    model, tok = tiny
+    for false, warns in ((1.0, True), (0.1, False)):
+        row = {"threshold": 0.5, "tau": 1, "false": false, "miss": 0.0, "by_kind": {}}
+        monkeypatch.setattr(cal, "calibrate", lambda *a, **k: (row, [row]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            op, summary = calibrate_operating_point(model, tok, [], log=None)
+        hit = [w for w in caught if "does not separate" in str(w.message)]
+        assert bool(hit) is warns and summary["degenerate"] is warns
+        assert op.threshold == 0.5 and op.tau == 1
