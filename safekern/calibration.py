@@ -51,10 +51,14 @@ class RowTrace:
 @torch.no_grad()
 def window_traces(model, tokenizer, rows: Sequence[Dict], *, r1: int = 10, r2: int = 10,
                   r3: int = 10, max_tau: int = max(TAUS), min_threshold: float = min(THRESHOLDS),
-                  batch_size: int = 16, windows_per_forward: int = 512) -> List[RowTrace]:
+                  batch_size: int = 16, windows_per_forward: int = 512,
+                  query_in_windows: bool = False) -> List[RowTrace]:
     """One ``RowTrace`` per row (``prompt``, ``prefill``, ``response``, ``label``,
     ``response_label``, ``kind``: the training rows' format; ``response_ids`` instead of
-    ``response`` gives the answer as token ids), in the order of ``rows``."""
+    ``response`` gives the answer as token ids), in the order of ``rows``.
+
+    ``query_in_windows``: an experiment, not what the controller does — rule-2/3 windows that
+    also hold the query span (``Q ∪ latest r2``, the shape of rule 1; BENCHMARKS.md)."""
     cfg = safety_config(model, tokenizer)
     if cfg.response_sees_cls:
         raise ValueError("calibration replays fixed answers: it needs response_sees_cls=False")
@@ -84,6 +88,8 @@ def window_traces(model, tokenizer, rows: Sequence[Dict], *, r1: int = 10, r2: i
         ids, lengths = enc.padded(tokenizer.pad_token_id or 0, model.device)
         kv = layers.sequence_kv(ids[:, 1:], lengths - 1)
         recs, wins, meta = [], [], []
+        qw = [((enc.query_start[j], enc.query_end[j]),) if query_in_windows else ()
+              for j in range(len(chunk))]
         for j, r in enumerate(chunk):
             P, k = enc.prompt_len[j], n_pre[j]
             n = len(enc.ids[j]) - P
@@ -94,7 +100,8 @@ def window_traces(model, tokenizer, rows: Sequence[Dict], *, r1: int = 10, r2: i
                                "first", P + k))
             meta.append((j, None))
             for m in range(k + 1, n):          # the last token is never decided on
-                wins.append(Window(b0 + j, ((max(P, P + m - r2), P + m),), 0, "r2", P + m))
+                wins.append(Window(b0 + j, qw[j] + ((max(P, P + m - r2), P + m),), 0, "r2",
+                                   P + m))
                 meta.append((j, m))
         for (j, m), p in zip(meta, score(kv, wins, b0)):
             if m is None:
@@ -109,8 +116,8 @@ def window_traces(model, tokenizer, rows: Sequence[Dict], *, r1: int = 10, r2: i
                     continue
                 S = P + s
                 for m in range(s + 1, min(rec.n - 1, s + max_tau - 1) + 1):
-                    wins.append(Window(b0 + j, ((max(P, S - r2), min(S + r3, P + m)),), 0, "r3",
-                                       P + m))
+                    wins.append(Window(b0 + j, qw[j] + ((max(P, S - r2), min(S + r3, P + m)),),
+                                       0, "r3", P + m))
                     meta.append((j, s, m))
         if wins:
             for (j, s, m), p in zip(meta, score(kv, wins, b0)):

@@ -101,3 +101,17 @@ def test_degenerate_operating_point_warns(tiny, monkeypatch):
         hit = [w for w in caught if "does not separate" in str(w.message)]
         assert bool(hit) is warns and summary["degenerate"] is warns
         assert op.threshold == 0.5 and op.tau == 1
+
+
+def test_query_in_windows_adds_the_query_span(tiny):
+    """The experiment's windows (Q ∪ latest r2) differ from the controller's in the rule-2
+    scores only; the first verdict (rule 1 already holds Q) is the same."""
+    model, tok = tiny
+    rows = [{"prompt": p, "prefill": f, "response": " and then some more words follow here.",
+             "label": 0} for p, f in zip(PROMPTS, PREFILLS)]
+    plain = window_traces(model, tok, rows, r1=3, r2=4, r3=3, max_tau=2, min_threshold=0.0)
+    withq = window_traces(model, tok, rows, r1=3, r2=4, r3=3, max_tau=2, min_threshold=0.0,
+                          query_in_windows=True)
+    for a, b in zip(plain, withq):
+        assert a.first == b.first and a.p2.keys() == b.p2.keys() and a.p2
+        assert max(abs(a.p2[m] - b.p2[m]) for m in a.p2) > 1e-4
