@@ -388,7 +388,7 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                epochs: Optional[int] = None, max_minutes: Optional[float] = None,
                max_sequences: Optional[int] = None, progress: bool = True,
                features_cache: Optional[str] = None, calibrate: bool = True,
-               log=print) -> Dict:
+               lr: Optional[float] = None, log=print) -> Dict:
     """``safekern train --model NAME``: load the model, attach, train, save the delta only.
 
     ``rank > 0``: the [CLS] adapter recipe (``safekern.adapter_recipe``), on every window kind;
@@ -397,13 +397,18 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
     with an adapter its threshold and tau chosen on the validation split
     (``calibrate_operating_point``; ``calibrate=False`` keeps 0.5 and 3).
     ``name``: a ``safekern.models`` key or a local checkpoint (directory or ``.gguf``);
-    ``max_sequences``: train on a seeded sample of this many sequences (smoke runs).
+    ``max_sequences``: train on a seeded sample of this many sequences (smoke runs);
+    ``lr``: the adapter's learning rate (the head's is ``3 * lr``; default the recipe's).
     """
     from . import models
     from .model import attach
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+    if lr is not None and (rank == 0 or isinstance(lr, bool) or not isinstance(lr, (int, float))
+                           or not lr > 0):
+        raise ValueError(f"lr must be a positive number and needs rank > 0 (the adapter "
+                         f"recipe), got lr={lr!r}, rank={rank}")
     torch.manual_seed(0)
     model, tok = models.load(name)
     attach(model, tok, response_sees_cls=False, cls_position=cls_position)
@@ -419,6 +424,8 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
         from .adapter_recipe import AdapterRecipe, split_by_prompt, train_adapter
 
         kw = {} if epochs is None else {"epochs": epochs}
+        if lr is not None:
+            kw.update(lr=float(lr), head_lr=3.0 * float(lr))
         rc = AdapterRecipe(rank=rank, alpha=2.0 * rank, max_seconds=(
             None if max_minutes is None else 60.0 * max_minutes), **kw)
         summary = train_adapter(model, tok, rows, rc, progress=progress, log=log)

@@ -88,6 +88,8 @@ def _usage_error(capsys, argv) -> str:
     (["train", "--tiny", "--response-windows"], "argument --response-windows: applies to a real"),
     (["train", "--model", "smollm2", "--steps", "5"], "argument --steps: applies to the tiny"),
     (["train", "--model", "smollm2", "--tiny"], "argument --tiny: not allowed with --model"),
+    (["train", "--tiny", "--lr", "1e-4"], "argument --lr: applies to a real model"),
+    (["train", "--model", "smollm2", "--lr", "0"], "argument --lr"),
     (["export-vllm", "--out", "x", "--threshold", "1.5"], "argument --threshold: must be in "
                                                           "[0, 1], got 1.5"),
     (["export-vllm", "--out", "x", "--model", "tiny"], "export-vllm writes a pretrained"),
