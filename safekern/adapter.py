@@ -26,6 +26,8 @@ from torch import nn
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The projection groups that share an input (one C++ delta call each).
+_QKV, _O, _GATE_UP, _DOWN = _ATTN[:3], ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
 
 
 def _module(layer, target: str) -> nn.Module:
@@ -161,6 +163,7 @@ class AdaptedLinears:
     def __init__(self, linears, adapter: ClsAdapter, col: Optional[int]):
         self.base, self.adapter, self.col = linears, adapter, col
         self._cpp: Optional[bool] = None            # the C++ op is available (on first use)
+        self._lists: Dict[tuple, tuple] = {}         # (layer, targets) -> adapted factors
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, L, Dm)`` (the embedded ids) with the adapter's [CLS] embedding in the [CLS]
@@ -181,7 +184,7 @@ class AdaptedLinears:
     def _fast(self, x: torch.Tensor) -> bool:
         """Whether the C++ op may add deltas to this input (fp32 CPU, a [CLS] column, the
         extension built); autograd is checked per group in ``_add_group``."""
-        if self.col is None or x.device.type != "cpu" or x.dtype != torch.float32 or \
+        if self.col is None or not x.is_cpu or x.dtype is not torch.float32 or \
                 x.dim() != 3 or x.stride(-1) != 1:
             return False
         if self._cpp is None:
@@ -189,33 +192,47 @@ class AdaptedLinears:
             self._cpp = cpu_linear.unavailable_reason() is None
         return self._cpp
 
-    def _add_group(self, i: int, targets: Sequence[str], x: torch.Tensor,
-                   ys: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """``ys`` (the outputs of ``targets``, which share the input ``x``) with their deltas."""
-        if self._fast(x) and all(y.dim() == 3 and y.stride(-1) == 1 for y in ys):
-            picked = [(y, *ab) for t, y in zip(targets, ys)
-                      if (ab := self.adapter.factors(i, t)) is not None]
-            # the C++ delta is not differentiable: autograd through it takes the torch path
-            if picked and not (torch.is_grad_enabled() and (
-                    x.requires_grad or any(t.requires_grad for p in picked for t in p))):
-                out, As, Bs = zip(*picked)
-                torch.ops.safekern_cpu.adapter_add(x, self.col, list(out), list(As), list(Bs),
-                                                   self.adapter.scale)
-                return list(ys)
-            if not picked:
-                return list(ys)
+    def _factor_lists(self, i: int, targets: Tuple[str, ...]):
+        """``(positions in targets, As, Bs)`` of the adapted targets, built once per group."""
+        key = (i, targets)
+        got = self._lists.get(key)
+        if got is None:
+            pos, As, Bs = [], [], []
+            for j, t in enumerate(targets):
+                ab = self.adapter.factors(i, t)
+                if ab is not None:
+                    pos.append(j)
+                    As.append(ab[0])
+                    Bs.append(ab[1])
+            got = self._lists[key] = (pos, As, Bs)
+        return got
+
+    def _add_group(self, i: int, targets: Tuple[str, ...], x: torch.Tensor,
+                   ys: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """``ys`` (the outputs of ``targets``, which share the input ``x``) with their deltas.
+        The C++ op when it can run (this is the CPU decode step's hot path: ~120 calls a step
+        on SmolLM2, so the checks are kept to a few attribute reads), else the torch path."""
+        pos, As, Bs = self._factor_lists(i, targets)
+        if not pos:
+            return ys
+        if self._fast(x) and not (torch.is_grad_enabled() and (
+                x.requires_grad or any(t.requires_grad for t in As + Bs))):
+            out = [ys[j] for j in pos]
+            if all(y.stride(-1) == 1 and y.dim() == 3 for y in out):
+                torch.ops.safekern_cpu.adapter_add(x, self.col, out, As, Bs, self.adapter.scale)
+                return ys
         return [self._add(i, t, x, y) for t, y in zip(targets, ys)]
 
     def qkv(self, i: int, h: torch.Tensor):
-        return tuple(self._add_group(i, _ATTN[:3], h, self.base.qkv(i, h)))
+        return tuple(self._add_group(i, _QKV, h, self.base.qkv(i, h)))
 
     def o(self, i: int, a: torch.Tensor) -> torch.Tensor:
-        return self._add_group(i, ("o_proj",), a, [self.base.o(i, a)])[0]
+        return self._add_group(i, _O, a, [self.base.o(i, a)])[0]
 
     def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self._add_group(i, ("gate_proj", "up_proj"), h, self.base.gate_up(i, h))
+        gate, up = self._add_group(i, _GATE_UP, h, self.base.gate_up(i, h))
         z = self.base.act(i)(gate) * up
-        return self._add_group(i, ("down_proj",), z, [self.base.down(i, z)])[0]
+        return self._add_group(i, _DOWN, z, [self.base.down(i, z)])[0]
 
 
 def adapter_of(model) -> Optional[ClsAdapter]:

@@ -43,22 +43,23 @@ void adapter_add(const at::Tensor& x, int64_t col, at::TensorList ys, at::Tensor
                     y.scalar_type() == at::kFloat && y.device().is_cpu() && y.stride(2) == 1,
                 "adapter_add: ys[", i, "] must be a (", B, ", ", L, ", ", N,
                 ") float32 CPU tensor, unit stride in N");
-    const float* ap = A.data_ptr<float>();
-    const float* bp = Bm.data_ptr<float>();
+    const float* __restrict ap = A.data_ptr<float>();
+    const float* __restrict bp = Bm.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     u.assign(r, 0.f);
+    float* __restrict up = u.data();
     for (int64_t b = 0; b < B; ++b) {
-      const float* xr = xp + b * x.stride(0) + col * x.stride(1);
+      const float* __restrict xr = xp + b * x.stride(0) + col * x.stride(1);
       std::fill(u.begin(), u.end(), 0.f);
       for (int64_t k = 0; k < K; ++k) {          // u = x_row @ A (over r: vectorised)
         const float xv = xr[k];
-        const float* ak = ap + k * r;
-        for (int64_t j = 0; j < r; ++j) u[j] += xv * ak[j];
+        const float* __restrict ak = ap + k * r;
+        for (int64_t j = 0; j < r; ++j) up[j] += xv * ak[j];
       }
-      float* yr = yp + b * y.stride(0) + col * y.stride(1);
+      float* __restrict yr = yp + b * y.stride(0) + col * y.stride(1);
       for (int64_t j = 0; j < r; ++j) {          // y_row += (s * u) @ B (over N: vectorised)
-        const float uj = s * u[j];
-        const float* bj = bp + j * N;
+        const float uj = s * up[j];
+        const float* __restrict bj = bp + j * N;
         for (int64_t n = 0; n < N; ++n) yr[n] += uj * bj[n];
       }
     }
