@@ -124,9 +124,11 @@ def _ess_attention_cuda(q, k, v, *, softmax_scale, causal, q_pos, seqlens_k, res
 # --------------------------------------------------------------------------- head_sample
 
 def head_sample_can_run(device: torch.device, dtype=None, vocab=None, sampling=None,
-                        **ctx) -> Optional[str]:
+                        probe=False, **ctx) -> Optional[str]:
     if device.type != "cuda":
         return f"the cuda backend needs CUDA tensors (got {device.type})"
+    if probe:
+        return "the cascade's screening probe is served by the torch reference (not yet fused)"
     if dtype not in DTYPES:
         return f"the cuda backend supports float16, bfloat16 and float32, not {dtype}"
     if vocab is not None and vocab >= 2**31 - 1:

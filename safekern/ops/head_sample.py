@@ -5,6 +5,7 @@ themselves as backends of the ``"head_sample"`` op.
 """
 from __future__ import annotations
 
+import math
 import struct
 import weakref
 from typing import Dict, Optional, Tuple
@@ -20,7 +21,8 @@ OP = "head_sample"
 
 
 def _torch_backend(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bias, state, ess,
-                   sampling, generator, rng_state=None):
+                   sampling, generator, rng_state=None, probe_weight=None, probe_bias=None,
+                   probe_threshold=None, probe_out=None):
     if rng_state is not None and generator is None:
         # The reference reads rng_state on the host (a sync); the Triton backend does not.
         seed, offset = (int(v) for v in rng_state.tolist())
@@ -28,7 +30,8 @@ def _torch_backend(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bias, 
             (seed * 0x9E3779B1 + offset) % 2**63)
     return head_sample_ref(h_tok, lm_head_weight, h_cls=h_cls, safety_weight=safety_weight,
                            safety_bias=safety_bias, state=state, ess=ess, sampling=sampling,
-                           generator=generator)
+                           generator=generator, probe_weight=probe_weight, probe_bias=probe_bias,
+                           probe_threshold=probe_threshold, probe_out=probe_out)
 
 
 dispatch.register(OP, "torch", _torch_backend, lambda **ctx: None)
@@ -615,10 +618,12 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
     return tokens, p_unsafe, Logprobs(lp, top_ids, top_lp)
 
 
-def _triton_can_run(device, dtype, **ctx):
+def _triton_can_run(device, dtype, probe=False, **ctx):
     why = dispatch.triton_can_run(device)
     if why is None and dtype == torch.float64:
         return "float64 is served by the torch reference (no fp64 tl.dot)"
+    if why is None and probe:
+        return "the cascade's screening probe is served by the torch reference (not yet fused)"
     return why
 
 
@@ -639,6 +644,39 @@ def _check_weight_finite(name: str, w: torch.Tensor):
     check_finite(name, w)
     _checked_weights[id(w)] = (weakref.ref(w, lambda _, k=id(w): _checked_weights.pop(k, None)),
                                w._version)
+
+
+def _validate_probe(h_tok, state, ess, probe_weight, probe_bias, probe_threshold, probe_out):
+    """The cascade's probe arguments: all or none, a ``(Dm,)`` weight, a finite scalar bias, a
+    threshold in [0, 1]; schedule ``"cascade"`` needs them."""
+    cascade = isinstance(ess, EssConfig) and ess.schedule == "cascade"
+    if probe_weight is None:
+        if cascade and state is not None:
+            raise ValueError("ess.schedule='cascade' needs the screening probe: pass "
+                             "probe_weight, probe_bias and probe_threshold (a delta with a probe)")
+        if probe_bias is not None or probe_threshold is not None or probe_out is not None:
+            raise ValueError("probe_bias / probe_threshold / probe_out given without "
+                             "probe_weight")
+        return
+    dev, (B, Dm) = h_tok.device, h_tok.shape
+    check_tensor("probe_weight", probe_weight, dtypes=FLOAT_DTYPES, device=dev, shape=(Dm,))
+    _check_weight_finite("probe_weight", probe_weight)
+    if isinstance(probe_bias, torch.Tensor):
+        if tuple(probe_bias.shape) not in ((), (1,)) or probe_bias.device != dev:
+            raise ValueError(f"probe_bias must be a 0-d tensor on {dev}, got "
+                             f"{tuple(probe_bias.shape)} on {probe_bias.device}")
+        _check_weight_finite("probe_bias", probe_bias)
+    elif isinstance(probe_bias, bool) or not isinstance(probe_bias, (int, float)) or \
+            not math.isfinite(probe_bias):
+        raise TypeError(f"probe_bias must be a finite float or 0-d tensor, got {probe_bias!r}")
+    if isinstance(probe_threshold, bool) or not isinstance(probe_threshold, (int, float)) or \
+            not 0.0 <= probe_threshold <= 1.0:
+        raise ValueError(f"probe_threshold must be a float in [0, 1], got {probe_threshold!r}")
+    if state is None:
+        raise ValueError("probe_weight is given without state: the probe only schedules "
+                         "evaluations of an EssState")
+    if probe_out is not None:
+        check_tensor("probe_out", probe_out, dtypes=(torch.float32,), device=dev, shape=(B,))
 
 
 def _validate(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, state, ess, sampling,
@@ -720,6 +758,10 @@ def head_sample(
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
     rng_state: Optional[torch.Tensor] = None,
+    probe_weight: Optional[torch.Tensor] = None,
+    probe_bias=None,
+    probe_threshold: Optional[float] = None,
+    probe_out: Optional[torch.Tensor] = None,
 ):
     """Next tokens and safety scores from the last hidden states of a decode step.
 
@@ -743,6 +785,12 @@ def head_sample(
         rng_state: optional ``(2,)`` int64 tensor ``[seed, offset]`` on the inputs' device,
             read by the kernel (CUDA-graph safe); the caller advances ``offset`` between steps.
             Same ``[seed, offset]`` -> same tokens.
+        probe_weight, probe_bias, probe_threshold: the cascade's token-row screening probe
+            (``(Dm,)`` weight, float or 0-d bias, threshold in [0, 1]; required with
+            ``ess.schedule == "cascade"``): ``sigmoid(h_tok . w + b)`` per row, and a BENIGN
+            row that did not evaluate this step and scores ``>= probe_threshold`` is evaluated
+            at the next step (``reference.controller.escalate``, after the state update).
+        probe_out: optional ``(B,)`` float32 tensor that receives the probe scores.
 
     Returns:
         ``next_tokens (B,) int64`` and ``p_unsafe (B,) float32`` (NaN where not evaluated).
@@ -765,12 +813,18 @@ def head_sample(
     """
     _validate(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, state, ess, sampling,
               generator, rng_state)
+    _validate_probe(h_tok, state, ess, probe_weight, probe_bias, probe_threshold, probe_out)
     _, fn = dispatch.choose(OP, backend, device=h_tok.device, dtype=h_tok.dtype,
                             batch=h_tok.shape[0], vocab=lm_head_weight.shape[0],
-                            hidden=h_tok.shape[1], sampling=sampling)
+                            hidden=h_tok.shape[1], sampling=sampling,
+                            probe=probe_weight is not None)
+    probe = {} if probe_weight is None else dict(
+        probe_weight=probe_weight, probe_bias=probe_bias, probe_threshold=float(probe_threshold),
+        probe_out=probe_out)
     return fn(h_tok, lm_head_weight, h_cls=h_cls, safety_weight=safety_weight,
               safety_bias=safety_bias, state=state, ess=ess, sampling=sampling,
-              generator=generator, **({} if rng_state is None else {"rng_state": rng_state}))
+              generator=generator, **({} if rng_state is None else {"rng_state": rng_state}),
+              **probe)
 
 
 __all__ = ["head_sample"]
