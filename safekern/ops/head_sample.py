@@ -651,12 +651,12 @@ def _validate_probe(h_tok, state, ess, probe_weight, probe_bias, probe_threshold
     threshold in [0, 1]; schedule ``"cascade"`` needs them."""
     cascade = isinstance(ess, EssConfig) and ess.schedule == "cascade"
     if probe_weight is None:
-        if cascade and state is not None:
-            raise ValueError("ess.schedule='cascade' needs the screening probe: pass "
-                             "probe_weight, probe_bias and probe_threshold (a delta with a probe)")
         if probe_bias is not None or probe_threshold is not None or probe_out is not None:
             raise ValueError("probe_bias / probe_threshold / probe_out given without "
                              "probe_weight")
+        if cascade and state is not None:
+            raise ValueError("ess.schedule='cascade' needs the screening probe: pass "
+                             "probe_weight, probe_bias and probe_threshold (a delta with a probe)")
         return
     dev, (B, Dm) = h_tok.device, h_tok.shape
     check_tensor("probe_weight", probe_weight, dtypes=FLOAT_DTYPES, device=dev, shape=(Dm,))
