@@ -90,11 +90,26 @@ REAL_CONFIGS = {
     "annealing": EssConfig(schedule="annealing"),
     "each, high": EssConfig(schedule="each", policy="high"),
     "annealing, high": EssConfig(schedule="annealing", policy="high"),
+    # the delta's operating point with the cascade schedule (issue 27; needs a probe)
+    "cascade": "auto:cascade",
+    "cascade+net": "auto:cascade+net",
 }
 REAL_COLUMNS = ["config", "direct_asr_%", "prefill_asr_%", "prefill_asr_whole_%",
                 "suffix_asr_%", "jailbreak_asr_%", "completion_asr_%", "benign_over_refusal_%",
                 "benign_long_over_refusal_%", "borderline_over_refusal_%", "benign_unchanged_%",
-                "benign_long_unchanged_%", "drift_%", "evals_per_seq", "seconds"]
+                "benign_long_unchanged_%", "drift_%", "evals_per_seq",
+                "benign_evals_per_step_%", "seconds"]
+
+
+def resolve_config(model, ess):
+    """``"auto:cascade"`` / ``"auto:cascade+net"``: the delta's operating point (else
+    ``EssConfig()``) with the cascade schedule; anything else as given."""
+    import dataclasses
+
+    if not (isinstance(ess, str) and ess.startswith("auto:")):
+        return ess
+    op = model.safekern.operating_point or EssConfig()
+    return dataclasses.replace(op, schedule="cascade", cascade_net=ess == "auto:cascade+net")
 
 
 def evaluate_real(model, tok, *, max_new_tokens=32, backend="auto", configs=None, cases=None,
@@ -112,6 +127,7 @@ def evaluate_real(model, tok, *, max_new_tokens=32, backend="auto", configs=None
     with tqdm(total=len(cases) * len(configs), desc="eval_safety", unit="seq") as bar:
         for name, ess in configs.items():
             t0 = time.perf_counter()
+            ess = resolve_config(model, ess)
             outs[name] = ev.run_config(model, tok, cases, ess, max_new_tokens=max_new_tokens,
                                        backend=backend, progress=bar)
             rows.append(ev.summarize(name, outs[name], outs.get("off"),

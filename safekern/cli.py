@@ -180,9 +180,26 @@ def _train(args) -> int:
             if value is not None:
                 args.parser.error(f"argument {opt}: applies to the tiny recipe (--tiny), not "
                                   f"--model {model}")
+        _set_threads(args.threads)
+        if args.probe_only:
+            for opt, given in (("--response-windows", args.response_windows),
+                               ("--rank", args.rank != 16), ("--epochs", args.epochs is not None),
+                               ("--max-minutes", args.max_minutes is not None),
+                               ("--no-calibrate", args.no_calibrate)):
+                if given:
+                    args.parser.error(f"argument {opt}: not allowed with --probe-only (only the "
+                                      "screening probe is fitted; the delta's adapter and head "
+                                      "stay)")
+            from .probe_fit import fit_probe_for_delta
+
+            fit_probe_for_delta(model, args.delta, args.out, max_sequences=args.max_sequences,
+                                progress=not args.no_progress)
+            return 0
+        if args.delta is not None:
+            args.parser.error("argument --delta: applies to --probe-only (the delta whose probe "
+                              "is fitted)")
         from .recipe import train_real
 
-        _set_threads(args.threads)
         train_real(model, args.out, response_windows=args.response_windows,
                    progress=not args.no_progress, rank=args.rank, epochs=args.epochs,
                    max_minutes=args.max_minutes, max_sequences=args.max_sequences,
@@ -195,6 +212,8 @@ def _train(args) -> int:
     for opt, given, why in (
             ("--response-windows", args.response_windows, "the tiny recipe has no such option"),
             ("--no-calibrate", args.no_calibrate, "the tiny recipe has no such option"),
+            ("--probe-only", args.probe_only, "the tiny recipe has no such option"),
+            ("--delta", args.delta is not None, "the tiny recipe has no such option"),
             ("--threads", args.threads is not None, "the tiny recipe trains on one thread, so a "
              "seed gives the same model on every machine")):
         if given:
@@ -401,6 +420,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "train on a sample of this many sequences (a smoke run)")
     t.add_argument("--no-calibrate", action="store_true", help="real model, rank > 0: keep "
                    "threshold 0.5 and tau 3 instead of choosing them on the validation split")
+    t.add_argument("--probe-only", action="store_true", help="real model: fit only the cascade's "
+                   "token-row screening probe for an existing delta (--delta, default the "
+                   "shipped one) and write the delta with it to --out")
+    t.add_argument("--delta", default=None, help="real model, --probe-only: the delta to add "
+                   "the probe to (default: the shipped one)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--tiny", action="store_true", help="the embedded tiny Llama recipe")
     t.add_argument("--out", default=None, help="output dir (default: "

@@ -101,6 +101,10 @@ def request_options(extra_args: Optional[Dict[str, Any]],
         ess = EssConfig(**{**base, **over})
     except (TypeError, ValueError) as e:
         raise ValueError(f"invalid safekern options {over}: {e}") from None
+    if ess.schedule == "cascade":
+        raise ValueError(f"invalid safekern options {over}: schedule 'cascade' is not served "
+                         "by the vLLM plugin yet (its screening probe runs in safekern's own "
+                         "engine only); use 'each' or 'annealing'")
     if ess.cls_bias_scale != 0:
         # No token row sees the [CLS] key in vLLM: a bias on it would be silently ignored.
         raise ValueError(f"invalid safekern options {over}: cls_bias_scale must be 0 in vLLM "
@@ -135,6 +139,10 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
         ess = EssConfig()
     if not isinstance(ess, EssConfig):
         raise TypeError(f"ess must be an EssConfig or None, got {type(ess).__name__}")
+    if ess.schedule == "cascade":
+        raise ValueError("ess.schedule='cascade' is not served by the vLLM plugin yet (its "
+                         "screening probe runs in safekern's own engine only); export with "
+                         "'each' or 'annealing'")
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     if arch not in ARCHS:
         raise ValueError(f"export_for_vllm supports {', '.join(ARCHS)}; the model is {arch}")
