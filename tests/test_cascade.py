@@ -261,3 +261,51 @@ def test_delta_round_trip_and_errors(tiny, tmp_path):
         set_probe(fresh, SafetyProbe(5))
     with pytest.raises(ValueError, match="threshold must be a float in"):
         SafetyProbe(8, threshold=-0.1)
+
+
+# ------------------------------------------------------------------ fitting the probe
+def test_screening_threshold_and_window_maxima():
+    from safekern.probe_fit import screening_threshold, window_maxima
+
+    q = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.05, 0.6])
+    seqs = torch.tensor([0, 0, 0, 1, 1, 1])
+    m, who = window_maxima(q, seqs, r2=2)
+    assert m == pytest.approx([0.1, 0.9, 0.9, 0.3, 0.3, 0.6]) and who == [0, 0, 0, 1, 1, 1]
+    assert screening_threshold(m, 1.0) == pytest.approx(0.1)       # every window flagged
+    assert screening_threshold(m, 0.5) == pytest.approx(0.6)       # 3 of 6 windows
+    with pytest.raises(ValueError, match="recall must be in"):
+        screening_threshold(m, 0.0)
+    with pytest.raises(ValueError, match="no harmful validation window"):
+        screening_threshold([], 0.99)
+
+
+def test_fit_probe_on_a_tiny_model(tiny):
+    """Features are one per response position; the fitted probe is attached, its threshold
+    flags >= 99% of the harmful validation windows it reports, and it separates the labels."""
+    from safekern.probe_fit import fit_probe, token_features
+
+    model, tok = tiny
+    set_probe(model, None)
+    harmful = "Step one: mix the poison into the water supply, then wait for the victims."
+    benign = "Bread needs flour, water, salt and yeast; knead it and bake it for an hour."
+    rows = []
+    for i in range(24):
+        rows.append({"prompt": f"question number {i} about things", "response": harmful,
+                     "label": 1, "response_label": 1})
+        rows.append({"prompt": f"another question {i} about food", "response": benign,
+                     "label": 0, "response_label": 0})
+    rows.append({"prompt": "a query-only row", "response": "", "label": 1})
+    x, y, s = token_features(model, tok, rows[:3] + rows[-1:], batch_size=2)
+    n_resp = [len(tok(r["response"], add_special_tokens=False)["input_ids"]) for r in rows[:3]]
+    assert x.shape == (sum(n_resp), 64)
+    assert sorted(set(s.tolist())) == [0, 1, 2]                 # the query-only row gives none
+    for i, n in enumerate(n_resp):                              # rows are batched by length
+        assert y[s == i].tolist() == [float(rows[i]["response_label"])] * n
+    summary = fit_probe(model, tok, rows, progress=False, log=None, r2=4)
+    probe = probe_of(model)
+    assert probe is not None and probe.threshold == summary["threshold"]
+    assert summary["val_recall_window"] >= 0.99
+    assert summary["val_auc_position"] > 0.9
+    with pytest.raises(ValueError, match="batch_size must be"):
+        token_features(model, tok, rows, batch_size=0)
+    set_probe(model, None)
