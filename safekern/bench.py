@@ -311,6 +311,13 @@ def run(args) -> int:
     from .probe import probe_of
 
     ess = schedules(cascade=probe_of(model) is not None)
+    wanted = getattr(args, "schedules", None)
+    if wanted:
+        missing = [s for s in wanted if s not in ess]
+        if missing:
+            raise SystemExit(f"--schedules: {missing[0]!r} is not timed here (known: "
+                             f"{', '.join(ess)}; cascade needs a delta with a probe)")
+        ess = {s: ess[s] for s in wanted}
     providers = ["off"] + list(ess) + ["transformers"]
     target = p1_target(shape, device.type)
     rows, p2_rows = [], []

@@ -146,6 +146,16 @@ def _set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _schedule_list(text: str):
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    known = ("each", "periodic(10)", "annealing", "first", "cascade")
+    bad = [s for s in names if s not in known]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {', '.join(known)}"
+                                         f", got {text!r}")
+    return names
+
+
 def _bench(args) -> int:
     import importlib.util
 
@@ -390,6 +400,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("--quick", action="store_true", help="smaller defaults: batch 1, 32 tokens, "
                    "3 reps (values given explicitly win)")
     b.add_argument("--out", default="bench_out", help="directory for the CSV and PNG")
+    b.add_argument("--schedules", type=_schedule_list, default=None,
+                   help="comma-separated ESS schedules to time (default: each, periodic(10), "
+                   "annealing, first, and cascade when the delta has a screening probe)")
     b.add_argument("--threads", type=_int_at_least(0), default=None,
                    help=THREADS_HELP + " (default: 1 for the tiny model, whose matmuls are too "
                    "small to gain from more; 2 for smollm2)")
