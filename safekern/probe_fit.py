@@ -97,30 +97,12 @@ def screening_threshold(window_max: Sequence[float], recall: float) -> float:
     return float(ranked[k - 1])
 
 
-def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r2: int = 10,
-              val_fraction: float = 0.15, seed: int = 0, batch_size: int = 16,
-              progress: bool = True, log=print) -> Dict:
-    """Fit the screening probe on ``rows`` (training rows; those with a response give the
-    positions, the split is ``split_by_prompt`` of all of them, as the adapter's), attach it to
-    ``model`` (``set_probe``) and return a summary: the chosen weight decay, validation AUC per
-    position, the threshold, and at it the recall per harmful window / position / answer and
-    the escalation rate (share of benign and borderline validation positions flagged)."""
-    from tqdm.auto import tqdm
-
-    from .adapter_recipe import split_by_prompt
-
-    t0 = time.perf_counter()
-    # the adapter's split (on every row), then the rows with a response
-    train, val = (
-        [r for r in part if r.get("response")]
-        for part in split_by_prompt(rows, val_fraction, seed))
-    rows = train + val
-    with tqdm(total=len(rows), desc="safekern train: probe features", unit="seq",
-              disable=not progress) as bar:
-        x_tr, y_tr, _ = token_features(model, tokenizer, train, batch_size=batch_size,
-                                       progress=bar)
-        x_va, y_va, s_va = token_features(model, tokenizer, val, batch_size=batch_size,
-                                          progress=bar)
+def probe_from_features(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor,
+                        y_va: torch.Tensor, s_va: torch.Tensor, *, recall: float = 0.99,
+                        r2: int = 10, log=print) -> SafetyProbe:
+    """The probe ``fit_probe`` fits, from ``token_features`` of the training and validation
+    rows: the weight decay of the best validation AUC per position, the threshold for
+    ``recall`` of the harmful validation windows; what it measured is in ``probe.info``."""
     if not 0 < float(y_tr.sum()) < len(y_tr) or not 0 < float(y_va.sum()) < len(y_va):
         raise ValueError("the probe needs harmful and benign response positions in both the "
                          "training and the validation split")
@@ -148,14 +130,43 @@ def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r
         "val_recall_answer": round(len(answers_hit) / len(set(s_va[harm].tolist())), 4),
         "val_escalation_rate": round(float(flag[~harm].float().mean()), 4),
         "train_positions": int(len(y_tr)), "val_positions": int(len(y_va)),
-        "train_sequences": len(train), "val_sequences": len(val),
     }
     probe = SafetyProbe(head.weight.shape[1], thr, info)
     with torch.no_grad():
         probe.weight.copy_(head.weight[0])
         probe.bias.copy_(head.bias[0])
+    return probe
+
+
+def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r2: int = 10,
+              val_fraction: float = 0.15, seed: int = 0, batch_size: int = 16,
+              progress: bool = True, log=print) -> Dict:
+    """Fit the screening probe on ``rows`` (training rows; those with a response give the
+    positions, the split is ``split_by_prompt`` of all of them, as the adapter's), attach it to
+    ``model`` (``set_probe``) and return a summary: the chosen weight decay, validation AUC per
+    position, the threshold, and at it the recall per harmful window / position / answer and
+    the escalation rate (share of benign and borderline validation positions flagged)."""
+    from tqdm.auto import tqdm
+
+    from .adapter_recipe import split_by_prompt
+
+    t0 = time.perf_counter()
+    # the adapter's split (on every row), then the rows with a response
+    train, val = (
+        [r for r in part if r.get("response")]
+        for part in split_by_prompt(rows, val_fraction, seed))
+    rows = train + val
+    with tqdm(total=len(rows), desc="safekern train: probe features", unit="seq",
+              disable=not progress) as bar:
+        x_tr, y_tr, _ = token_features(model, tokenizer, train, batch_size=batch_size,
+                                       progress=bar)
+        x_va, y_va, s_va = token_features(model, tokenizer, val, batch_size=batch_size,
+                                          progress=bar)
+    probe = probe_from_features(x_tr, y_tr, x_va, y_va, s_va, recall=recall, r2=r2, log=log)
+    info = probe.info
+    info.update(train_sequences=len(train), val_sequences=len(val))
     set_probe(model, probe)
-    summary = {"threshold": thr, **info, "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {"threshold": probe.threshold, **info, "seconds": round(time.perf_counter() - t0, 1)}
     if log is not None:
         log(f"screening probe: {summary}")
     return summary
@@ -188,5 +199,6 @@ def fit_probe_for_delta(name: str = "smollm2", delta: Optional[str] = None,
     return summary
 
 
-__all__ = ["token_features", "window_maxima", "screening_threshold", "fit_probe",
+__all__ = ["token_features", "window_maxima", "screening_threshold", "probe_from_features",
+           "fit_probe",
            "fit_probe_for_delta"]
