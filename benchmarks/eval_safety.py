@@ -196,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--probe-threshold", type=float, default=None,
+                   help="override the delta's screening-probe threshold (the cascade rows)")
     p.add_argument("--configs", default=None, help="semicolon-separated subset of the real-model "
                    f"configurations ({', '.join(REAL_CONFIGS)}); 'off' is always run")
     args = p.parse_args(argv)
@@ -212,6 +214,14 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     if name in models.MODELS:
         model, tok = models.load(name, safety=args.delta or True)
+        if args.probe_threshold is not None:
+            from safekern.probe import probe_of
+
+            if probe_of(model) is None or not 0 <= args.probe_threshold <= 1:
+                p.error("argument --probe-threshold: needs a delta with a probe and a value in "
+                        "[0, 1]")
+            probe_of(model).threshold = args.probe_threshold
+            print(f"screening probe threshold: {args.probe_threshold} (overridden)")
         rows, auc, utility, outs = evaluate_real(model, tok, max_new_tokens=args.max_new_tokens,
                                                  backend=args.backend, configs=configs)
         print(format_table(rows, REAL_COLUMNS))
