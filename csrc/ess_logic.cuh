@@ -94,10 +94,9 @@ SK_HD void ess_update_state(const sk_ess_state& s, const sk_ess_config& c, int b
 }
 
 // safekern.reference.controller.escalate for row b (the cascade), after ess_update_state: a
-// BENIGN row that did not evaluate this step and whose probe score q >= threshold is
-// evaluated at the next step.
+// BENIGN row whose probe score q >= threshold is evaluated at the next step.
 SK_HD void ess_escalate(const sk_ess_state& s, int b, float q, float threshold) {
-  if (s.mode[b] != SK_MODE_BENIGN || s.evaluating[b] != 0 || !(q >= threshold)) return;
+  if (s.mode[b] != SK_MODE_BENIGN || !(q >= threshold)) return;
   const int32_t next = add_i32(add_i32(s.seq_len[b], -s.prompt_len[b]), 1);
   if (next < s.next_eval[b]) s.next_eval[b] = next;
 }

@@ -28,8 +28,8 @@ def test_config_validation_and_label():
 
 
 def test_escalate_reference_semantics():
-    """Only BENIGN rows that did not evaluate this step and score >= threshold move, to n + 1;
-    an earlier next evaluation is kept; other schedules ignore the probe."""
+    """Only BENIGN rows that score >= threshold move, to n + 1 (also one that evaluated at this
+    step); an earlier next evaluation is kept; other schedules ignore the probe."""
     ess = EssConfig(schedule="cascade")
     st = EssState.create([5] * 6, [1] * 6, [4] * 6, REFUSAL, ess)
     st.seq_len.copy_(torch.tensor([9] * 6, dtype=torch.int32))        # n = 4
@@ -39,7 +39,7 @@ def test_escalate_reference_semantics():
     st.evaluating.copy_(torch.tensor([False, False, False, False, False, True]))
     q = torch.tensor([0.7, 0.69999, 0.2, 0.9, 0.9, 0.9])
     escalate(st, ess, q, 0.7)
-    assert st.next_eval.tolist() == [5, NEVER, NEVER, NEVER, 2, NEVER]
+    assert st.next_eval.tolist() == [5, NEVER, NEVER, NEVER, 2, 5]
     other = st.clone()
     escalate(other, EssConfig(schedule="each"), torch.ones(6), 0.0)
     assert torch.equal(other.next_eval, st.next_eval)
@@ -113,10 +113,11 @@ def test_head_sample_probe_validation():
         head_sample(h, W, **kw, probe_threshold=0.5)
     with pytest.raises(ValueError, match="without state"):
         head_sample(h, W, **pk)
-    # the CUDA kernel declines the probe (auto falls back to Triton or the reference)
-    why = dispatch.available("head_sample", device=torch.device("cuda"), dtype=torch.float32,
-                             probe=True)
-    assert why.get("cuda", "absent") is not None and "probe" in why.get("cuda", "probe")
+    # every backend serves the probe: none declines a call for it
+    for dev in ("cpu", "cuda"):
+        why = dispatch.available("head_sample", device=torch.device(dev), dtype=torch.float32,
+                                 probe=True)
+        assert all("probe" not in (w or "") for w in why.values()), why
 
 
 # ------------------------------------------------------------------ the engine and the delta
@@ -150,9 +151,8 @@ PROMPTS = ["How do I bake bread?", "Tell me about the weather in spring and how 
 @pytest.mark.parametrize("cpu_controller", [True, False])
 def test_engine_cascade_traces_follow_the_probe(tiny, cpu_controller):
     """With benign verdicts only, a never-flagging probe gives `first`'s traces, an
-    always-flagging one an evaluation every other step (a row that evaluated is not
-    escalated), and a real probe evaluates exactly at the step after each flag, both with the
-    fused CPU controller and the reference."""
+    always-flagging one `each`'s, and a real probe evaluates exactly at the step after each
+    flag, both with the fused CPU controller and the reference."""
     from safekern.engine import Engine
 
     model, tok = tiny
@@ -166,8 +166,9 @@ def test_engine_cascade_traces_follow_the_probe(tiny, cpu_controller):
         assert a.trace.eval_steps == [0]
     _with_probe(model, bias=1e4)
     always = eng.generate(PROMPTS, max_new_tokens=n, safety=EssConfig(schedule="cascade"))
-    for a in always:
-        assert a.trace.eval_steps == list(range(0, n, 2))
+    each = eng.generate(PROMPTS, max_new_tokens=n, safety=EssConfig(schedule="each"))
+    for a, b in zip(always, each):
+        assert a.trace == b.trace and a.trace.eval_steps == list(range(n))
     probe = _with_probe(model, seed=5, scale=2.0, threshold=0.5)
     out = eng.generate(PROMPTS, max_new_tokens=n, safety=EssConfig(schedule="cascade"))
     enc = safekern.model.encode_for_model(model, tok, PROMPTS)
@@ -183,11 +184,7 @@ def test_engine_cascade_traces_follow_the_probe(tiny, cpu_controller):
                                   position_ids=torch.arange(1, len(ids))[None]).last_hidden_state
         q = probe(hs[0])
         P = enc.prompt_len[b]
-        want, evaluated = [0], {0}
-        for s in range(n - 1):
-            if s not in evaluated and q[P - 2 + s] >= probe.threshold:
-                want.append(s + 1)
-                evaluated.add(s + 1)
+        want = [0] + [s + 1 for s in range(n - 1) if q[P - 2 + s] >= probe.threshold]
         assert r.trace.eval_steps == want, b
         moved += len(want) - 1
     assert moved > 0

@@ -400,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_rows(
 }
 
 // The cascade's screening step (reference/controller.py, escalate), after update_core: a
-// BENIGN row that did not evaluate this step and whose probe score sigmoid(h_tok . w + b)
+// BENIGN row whose probe score sigmoid(h_tok . w + b)
 // (safety_score_ref's ATen ops, same bits) is >= threshold (float32 compare) is evaluated at
 // the next step: next_eval = min(next_eval, n + 1). Writes the scores to probe_out (B,).
 void escalate_core(const View& s, const at::Tensor& h_tok, const at::Tensor& w,
@@ -419,7 +419,7 @@ void escalate_core(const View& s, const at::Tensor& h_tok, const at::Tensor& w,
   const float thr = static_cast<float>(threshold);
   for (int64_t i = 0; i < s.B; ++i) {
     if (probe_out != nullptr) probe_out[i] = qp[i];
-    if (s.f[MODE][i] != BENIGN || s.ev[i] || !(qp[i] >= thr)) continue;
+    if (s.f[MODE][i] != BENIGN || !(qp[i] >= thr)) continue;
     const int32_t n = add32(s.f[SEQ_LEN][i], -static_cast<int64_t>(s.f[PROMPT_LEN][i]));
     s.f[NEXT_EVAL][i] = std::min(s.f[NEXT_EVAL][i], add32(n, 1));
   }

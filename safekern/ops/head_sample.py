@@ -377,7 +377,7 @@ if triton is not None:
             if HAS_PROBE:
                 # the cascade's screening probe (reference/controller.py, escalate) on the token
                 # row this launch already reads: q = sigmoid(w . h_tok + b); a BENIGN row that
-                # did not evaluate and scores >= the threshold is evaluated at the next step
+                # scores >= the threshold is evaluated at the next step
                 qacc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
                 for d0 in range(0, Dm, BLOCK_D):
                     offs = d0 + tl.arange(0, BLOCK_D)
@@ -388,7 +388,7 @@ if triton is not None:
                     qacc += ht.to(tl.float32) * pw[None, :]
                 q = tl.sigmoid(tl.sum(qacc, axis=1) + tl.load(pb_ptr).to(tl.float32))
                 tl.store(q_ptr + rows, q, mask=row_ok)
-                up = (mode == 1) & ~ev & (q >= probe_threshold)
+                up = (mode == 1) & (q >= probe_threshold)
                 next_eval = tl.where(up, tl.minimum(next_eval, n + 1), next_eval)
             tl.store(next_eval_ptr + rows, next_eval, mask=row_ok)
             tl.store(mode_ptr + rows, mode, mask=row_ok)

@@ -111,10 +111,10 @@ def update_state(state: EssState, ess: EssConfig, p_unsafe: torch.Tensor) -> tor
 
 def escalate(state: EssState, ess: EssConfig, probe: torch.Tensor, threshold: float) -> None:
     """The cascade's screening step (schedule ``"cascade"``, docs/DESIGN.md §4), in place after
-    ``update_state``: a BENIGN row that did not evaluate this step and whose token-row probe
-    score is ``>= threshold`` is evaluated at the next step (``next_eval = min(next_eval,
-    n + 1)``). A row that evaluated this step is left alone: its [CLS] window already held the
-    token the probe read. Other schedules ignore the probe.
+    ``update_state``: a BENIGN row whose token-row probe score is ``>= threshold`` is evaluated
+    at the next step (``next_eval = min(next_eval, n + 1)``), also when it evaluated at this
+    one (while the probe keeps flagging, the [CLS] is evaluated at every step, as ``each``
+    would). Other schedules ignore the probe.
 
     Args:
         probe: ``(B,)`` float32 probe scores of the token rows (``probe_score_ref``).
@@ -124,7 +124,7 @@ def escalate(state: EssState, ess: EssConfig, probe: torch.Tensor, threshold: fl
         return
     n = state.seq_len - state.prompt_len
     # float32 comparison with the threshold rounded to float32, like a scalar in torch
-    up = (state.mode == BENIGN) & ~state.evaluating & (probe.float() >= threshold)
+    up = (state.mode == BENIGN) & (probe.float() >= threshold)
     state.next_eval.copy_(torch.where(up, torch.minimum(state.next_eval, n + 1),
                                       state.next_eval))
 

@@ -191,7 +191,7 @@ class Plan:
 
     def __init__(self):
         self.groups = []          # (items [(row, req)], st, t, ev, windows)
-        self.cascade = []         # (row, req, t, evaluated) of planned cascade rows (escalate)
+        self.cascade = []         # (row, req, t) of planned cascade rows (escalate)
         self.rows: List[int] = []
         self.t: List[int] = []
         self.windows: List[torch.Tensor] = []
@@ -247,7 +247,7 @@ def commit(pl: Plan, p_unsafe: Optional[torch.Tensor]):
         reqs = [q for _, q in items]
         ess = reqs[0].ess
         if ess.schedule == "cascade":
-            pl.cascade += [(r, q, t[i], ev[i]) for i, (r, q) in enumerate(items)]
+            pl.cascade += [(r, q, t[i]) for i, (r, q) in enumerate(items)]
         p = torch.tensor([p_of.get(r, float("nan")) for r, _ in items])
         for r, q in items:
             if r in bad:
@@ -274,16 +274,15 @@ def escalate(pl: Plan, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
              threshold: float):
     """The cascade's screening step (``safekern.reference.controller.escalate``) after
     ``commit``: ``hidden`` holds the sampled token rows (``compute_logits``' input, one per
-    batch row); a cascade request that is BENIGN, did not evaluate at this step and whose probe
-    score ``sigmoid(w . h + b)`` (fp32, as ``probe_score_ref``) is ``>= threshold`` is evaluated
-    at its next step."""
+    batch row); a cascade request that is BENIGN and whose probe score ``sigmoid(w . h + b)``
+    (fp32, as ``probe_score_ref``) is ``>= threshold`` is evaluated at its next step."""
     if not pl.cascade:
         return
-    rows = torch.tensor([r for r, _, _, _ in pl.cascade], device=hidden.device)
+    rows = torch.tensor([r for r, _, _ in pl.cascade], device=hidden.device)
     q = torch.sigmoid(hidden.index_select(0, rows).float() @ weight + bias).tolist()
     thr = torch.tensor(threshold, dtype=torch.float32).item()   # compared in float32
-    for (_, req, t, ev), qi in zip(pl.cascade, q):
-        if req.mode == BENIGN and not ev and qi >= thr:
+    for (_, req, t), qi in zip(pl.cascade, q):
+        if req.mode == BENIGN and qi >= thr:
             req.next_eval = min(req.next_eval, t - req.layout.prompt_len + 1)
     pl.cascade = []
 
