@@ -219,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_sample(
     }
   }
   if (probe_weight.has_value()) {
-    TORCH_CHECK(!state.empty(), "probe_weight requires the state (the probe schedules evaluations)");
+    TORCH_CHECK(!state.empty(),
+                "probe_weight requires the state (the probe schedules evaluations)");
     check_vector(*probe_weight, "probe_weight", at::kFloat, Dm, device);
   }
   if (probe_bias.has_value()) check_vector(*probe_bias, "probe_bias", at::kFloat, 1, device);

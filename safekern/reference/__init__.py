@@ -7,6 +7,7 @@ from .sampling import (Logprobs, filter_logits_ref, head_sample_ref, logprobs_re
 __all__ = [
     "default_q_pos", "ess_attention_ref", "ess_visibility", "resolve_positions",
     "NUM_WINDOWS", "plan_step", "update_state", "escalate", "forced_tokens",
-    "safety_score_ref", "probe_score_ref", "filter_logits_ref", "sample_ref", "head_sample_ref", "make_generator",
+    "safety_score_ref", "probe_score_ref", "filter_logits_ref", "sample_ref", "head_sample_ref",
+    "make_generator",
     "Logprobs", "logprobs_ref",
 ]
