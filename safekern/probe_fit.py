@@ -31,6 +31,10 @@ from .recipe import _Layers, encode_rows, fit_head
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)
 
 
+class ProbeDataError(ValueError):
+    """The rows cannot fit a probe (no response, or one label missing from a split)."""
+
+
 @torch.no_grad()
 def token_features(model, tokenizer, rows: Sequence[Dict], *, batch_size: int = 16,
                    progress=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,7 +72,7 @@ def token_features(model, tokenizer, rows: Sequence[Dict], *, batch_size: int = 
         if progress is not None:
             progress.update(len(idx))
     if not feats:
-        raise ValueError("no row has a response: the probe is fitted on response positions")
+        raise ProbeDataError("no row has a response: the probe is fitted on response positions")
     return torch.cat(feats), torch.cat(labels), torch.cat(seqs)
 
 
@@ -104,8 +108,8 @@ def probe_from_features(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tens
     rows: the weight decay of the best validation AUC per position, the threshold for
     ``recall`` of the harmful validation windows; what it measured is in ``probe.info``."""
     if not 0 < float(y_tr.sum()) < len(y_tr) or not 0 < float(y_va.sum()) < len(y_va):
-        raise ValueError("the probe needs harmful and benign response positions in both the "
-                         "training and the validation split")
+        raise ProbeDataError("the probe needs harmful and benign response positions in both "
+                             "the training and the validation split")
     best = None
     for wd in WEIGHT_DECAYS:
         head = fit_head(x_tr, y_tr, weight_decay=wd)
@@ -199,6 +203,6 @@ def fit_probe_for_delta(name: str = "smollm2", delta: Optional[str] = None,
     return summary
 
 
-__all__ = ["token_features", "window_maxima", "screening_threshold", "probe_from_features",
-           "fit_probe",
+__all__ = ["ProbeDataError", "token_features", "window_maxima", "screening_threshold",
+           "probe_from_features", "fit_probe",
            "fit_probe_for_delta"]

@@ -430,10 +430,16 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                 model, tok, split_by_prompt(rows, rc.val_fraction, rc.seed)[1], rc, log=log)
         model.safekern.operating_point = op
         if probe:
-            from .probe_fit import fit_probe
+            from .probe_fit import ProbeDataError, fit_probe
 
-            summary["probe"] = fit_probe(model, tok, rows, r2=rc.r2, val_fraction=rc.val_fraction,
-                                         seed=rc.seed, progress=progress, log=log)
+            try:
+                summary["probe"] = fit_probe(model, tok, rows, r2=rc.r2,
+                                             val_fraction=rc.val_fraction, seed=rc.seed,
+                                             progress=progress, log=log)
+            except ProbeDataError as e:          # e.g. a --max-sequences smoke run
+                summary["probe"] = {"skipped": str(e)}
+                if log is not None:
+                    log(f"screening probe not fitted (the delta has none): {e}")
     out_dir = out_dir or default_delta_dir(name)
     save_safety(model, out_dir)
     summary["out_dir"] = out_dir
