@@ -90,11 +90,26 @@ REAL_CONFIGS = {
     "annealing": EssConfig(schedule="annealing"),
     "each, high": EssConfig(schedule="each", policy="high"),
     "annealing, high": EssConfig(schedule="annealing", policy="high"),
+    # the delta's operating point with the cascade schedule (issue 27; needs a probe)
+    "cascade": "auto:cascade",
+    "cascade+net": "auto:cascade+net",
 }
 REAL_COLUMNS = ["config", "direct_asr_%", "prefill_asr_%", "prefill_asr_whole_%",
                 "suffix_asr_%", "jailbreak_asr_%", "completion_asr_%", "benign_over_refusal_%",
                 "benign_long_over_refusal_%", "borderline_over_refusal_%", "benign_unchanged_%",
-                "benign_long_unchanged_%", "drift_%", "evals_per_seq", "seconds"]
+                "benign_long_unchanged_%", "drift_%", "evals_per_seq",
+                "benign_evals_per_step_%", "seconds"]
+
+
+def resolve_config(model, ess):
+    """``"auto:cascade"`` / ``"auto:cascade+net"``: the delta's operating point (else
+    ``EssConfig()``) with the cascade schedule; anything else as given."""
+    import dataclasses
+
+    if not (isinstance(ess, str) and ess.startswith("auto:")):
+        return ess
+    op = model.safekern.operating_point or EssConfig()
+    return dataclasses.replace(op, schedule="cascade", cascade_net=ess == "auto:cascade+net")
 
 
 def evaluate_real(model, tok, *, max_new_tokens=32, backend="auto", configs=None, cases=None,
@@ -112,6 +127,7 @@ def evaluate_real(model, tok, *, max_new_tokens=32, backend="auto", configs=None
     with tqdm(total=len(cases) * len(configs), desc="eval_safety", unit="seq") as bar:
         for name, ess in configs.items():
             t0 = time.perf_counter()
+            ess = resolve_config(model, ess)
             outs[name] = ev.run_config(model, tok, cases, ess, max_new_tokens=max_new_tokens,
                                        backend=backend, progress=bar)
             rows.append(ev.summarize(name, outs[name], outs.get("off"),
@@ -180,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--probe-threshold", type=float, default=None,
+                   help="override the delta's screening-probe threshold (the cascade rows)")
     p.add_argument("--configs", default=None, help="semicolon-separated subset of the real-model "
                    f"configurations ({', '.join(REAL_CONFIGS)}); 'off' is always run")
     args = p.parse_args(argv)
@@ -196,6 +214,14 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     if name in models.MODELS:
         model, tok = models.load(name, safety=args.delta or True)
+        if args.probe_threshold is not None:
+            from safekern.probe import probe_of
+
+            if probe_of(model) is None or not 0 <= args.probe_threshold <= 1:
+                p.error("argument --probe-threshold: needs a delta with a probe and a value in "
+                        "[0, 1]")
+            probe_of(model).threshold = args.probe_threshold
+            print(f"screening probe threshold: {args.probe_threshold} (overridden)")
         rows, auc, utility, outs = evaluate_real(model, tok, max_new_tokens=args.max_new_tokens,
                                                  backend=args.backend, configs=configs)
         print(format_table(rows, REAL_COLUMNS))

@@ -174,7 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_sample(
     const at::Tensor& seed, at::TensorList state, int64_t refusal_skip, double threshold,
     int64_t tau, int64_t policy,
     int64_t schedule, int64_t period, int64_t anneal_stop, double anneal_growth, bool logprobs,
-    const at::Tensor& nonfinite) {
+    const at::Tensor& nonfinite, const std::optional<at::Tensor>& probe_weight,
+    const std::optional<at::Tensor>& probe_bias, double probe_threshold,
+    const std::optional<at::Tensor>& probe_out) {
   const at::Device device = h_tok.device();
   check_cuda(h_tok, "h_tok", device);
   check_cuda(lm_head_weight, "lm_head_weight", device);
@@ -216,6 +218,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_sample(
       check_vector(state[i], kStateNames[i], is_bool ? at::kBool : at::kInt, B, device);
     }
   }
+  if (probe_weight.has_value()) {
+    TORCH_CHECK(!state.empty(),
+                "probe_weight requires the state (the probe schedules evaluations)");
+    check_vector(*probe_weight, "probe_weight", at::kFloat, Dm, device);
+  }
+  if (probe_bias.has_value()) check_vector(*probe_bias, "probe_bias", at::kFloat, 1, device);
+  if (probe_out.has_value()) check_vector(*probe_out, "probe_out", at::kFloat, B, device);
   if (!state.empty()) {
     TORCH_CHECK(h_cls.has_value(), "state requires h_cls");
     TORCH_CHECK(refusal_skip >= 0 && refusal_skip < state[kStateSize - 1].numel(),
@@ -253,6 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_sample(
   p.lse_max = logprobs ? lse_max.data_ptr<float>() : nullptr;
   p.lse_sum = logprobs ? lse_sum.data_ptr<float>() : nullptr;
   p.nonfinite = nonfinite.data_ptr<int32_t>();
+  p.probe_w = opt_ptr<float>(probe_weight);
+  p.probe_b = opt_ptr<float>(probe_bias);
+  p.probe_threshold = (float)probe_threshold;
+  p.probe_out = probe_out.has_value() ? probe_out->data_ptr<float>() : nullptr;
   if (!state.empty()) {
     sk_ess_state& s = p.state;
     s.prompt_len = state[0].data_ptr<int32_t>();
@@ -296,7 +309,8 @@ TORCH_LIBRARY_FRAGMENT(safekern, m) {
       "Tensor? safety_bias, Tensor temperature, Tensor seed, Tensor(a!)[] state, int refusal_skip, "
       "float threshold, "
       "int tau, int policy, int schedule, int period, int anneal_stop, float anneal_growth, "
-      "bool logprobs, Tensor(b!) nonfinite) -> (Tensor, Tensor, Tensor)");
+      "bool logprobs, Tensor(b!) nonfinite, Tensor? probe_weight=None, Tensor? probe_bias=None, "
+      "float probe_threshold=1.0, Tensor(c!)? probe_out=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(safekern, CUDA, m) {

@@ -63,7 +63,8 @@ SK_HD void ess_update_state(const sk_ess_state& s, const sk_ess_config& c, int b
     switch (c.schedule) {
       case SK_SCHEDULE_EACH: nxt = add_i32(n, 1); break;
       case SK_SCHEDULE_PERIODIC: nxt = add_i32(n, c.period); break;
-      case SK_SCHEDULE_ANNEALING: {
+      case SK_SCHEDULE_ANNEALING:
+      case SK_SCHEDULE_CASCADE_NET: {
         nxt = add_i32(n, interval);
         if (nxt > c.anneal_stop) nxt = kNever;
         // max(interval + 1, floor(interval * growth)), clamped to NEVER // 4. The product is
@@ -74,7 +75,7 @@ SK_HD void ess_update_state(const sk_ess_state& s, const sk_ess_config& c, int b
         if (interval > kNever / 4) interval = kNever / 4;
         break;
       }
-      default: break;  // SK_SCHEDULE_FIRST: never again, interval unchanged
+      default: break;  // FIRST, CASCADE: never again (a probe flag may bring it), interval kept
     }
     s.next_eval[b] = nxt;
     s.interval[b] = interval;
@@ -90,6 +91,14 @@ SK_HD void ess_update_state(const sk_ess_state& s, const sk_ess_config& c, int b
     // Mid-response the refusal starts on a new line (all ids); an empty response skips it.
     if (c.policy != SK_POLICY_LOW) s.forced_idx[b] = n > 0 ? 0 : s.refusal_skip;
   }
+}
+
+// safekern.reference.controller.escalate for row b (the cascade), after ess_update_state: a
+// BENIGN row whose probe score q >= threshold is evaluated at the next step.
+SK_HD void ess_escalate(const sk_ess_state& s, int b, float q, float threshold) {
+  if (s.mode[b] != SK_MODE_BENIGN || !(q >= threshold)) return;
+  const int32_t next = add_i32(add_i32(s.seq_len[b], -s.prompt_len[b]), 1);
+  if (next < s.next_eval[b]) s.next_eval[b] = next;
 }
 
 // safekern.reference.controller.forced_tokens for row b (advances the index): token or -1.

@@ -195,6 +195,24 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
 
+  // The cascade's screening probe on the token row (uniform across the CTA): q in thread 0.
+  const bool probe = p.probe_w != nullptr && has_state;
+  float q = NAN;
+  if (probe) {
+    const T* ht = static_cast<const T*>(p.h_tok) + (int64_t)b * p.h_stride;
+    float acc = 0.f;
+    for (int d = threadIdx.x; d < p.hidden; d += kThreads) acc += to_float(ht[d]) * p.probe_w[d];
+    acc = warp_sum(acc);
+    if (lane == 0) red_v[warp] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float z = p.probe_b != nullptr ? *p.probe_b : 0.f;
+      for (int w = 0; w < kWarps; ++w) z += red_v[w];
+      q = 1.f / (1.f + expf(-z));
+    }
+    __syncthreads();
+  }
+
   float bv = -INFINITY;
   int bi = INT_MAX, bad = 0;  // bad: a tile of this row saw a NaN/inf logit
   for (int t = threadIdx.x; t < num_tiles; t += kThreads) {
@@ -235,6 +253,10 @@ __global__ void __launch_bounds__(kThreads)
     int64_t token = bi < p.vocab ? bi : 0;
     if (has_state) {
       ess_update_state(p.state, p.ess, b, p_unsafe);
+      if (probe) {
+        ess_escalate(p.state, b, q, p.probe_threshold);
+        if (p.probe_out != nullptr) p.probe_out[b] = q;
+      }
       const int64_t forced = ess_forced_token(p.state, p.ess.policy, b);
       if (forced >= 0) token = forced;
     }
@@ -308,6 +330,7 @@ extern "C" cudaError_t sk_head_sample(const sk_head_sample_params* params, cudaS
   if (p.batch < 0 || p.vocab <= 0 || p.hidden <= 0 ||
       (p.h_cls != nullptr && p.safety_w == nullptr) ||
       (p.state.mode != nullptr && p.state.refusal_len <= 0) ||
+      (p.probe_w != nullptr && p.state.mode == nullptr) ||
       (p.token_logprob != nullptr) != (p.lse_max != nullptr) ||
       (p.lse_max != nullptr) != (p.lse_sum != nullptr))
     return cudaErrorInvalidValue;

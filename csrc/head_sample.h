@@ -14,8 +14,9 @@ extern "C" {
 // safekern.spec constants.
 enum { SK_MODE_PENDING = 0, SK_MODE_BENIGN = 1, SK_MODE_SUSPECT = 2, SK_MODE_REFUSING = 3 };
 enum { SK_POLICY_LOW = 0, SK_POLICY_MEDIUM = 1, SK_POLICY_HIGH = 2 };
+// CASCADE: only the screening probe brings evaluations; CASCADE_NET: and annealing's points.
 enum { SK_SCHEDULE_FIRST = 0, SK_SCHEDULE_EACH = 1, SK_SCHEDULE_PERIODIC = 2,
-       SK_SCHEDULE_ANNEALING = 3 };
+       SK_SCHEDULE_ANNEALING = 3, SK_SCHEDULE_CASCADE = 4, SK_SCHEDULE_CASCADE_NET = 5 };
 
 // safekern.spec.EssState as raw (B,) device pointers, updated in place. mode == NULL: no state.
 typedef struct {
@@ -65,6 +66,12 @@ typedef struct {
   // buffer and reads it when it syncs anyway): 1 = a NaN/inf logit, 2 = a NaN safety score of
   // a row that scored. The token of a flagged row stays in [0, vocab).
   int32_t* nonfinite;
+  // Optional (probe_w NULL = off; needs the state): the cascade's screening probe on the token
+  // row, q = sigmoid(probe_w . h_tok + probe_b), applied after the state update (ess_escalate).
+  const float* probe_w;       // (Dm,) fp32
+  const float* probe_b;       // (1,) fp32 or NULL
+  float probe_threshold;
+  float* probe_out;           // (B,) out or NULL
   sk_ess_state state;
   sk_ess_config ess;
   int batch, hidden, vocab;

@@ -56,12 +56,17 @@ SHAPES = {
 MODELS = ("tiny", "smollm2")
 
 
-def schedules():
-    """The ESS configurations compared with safety off (the paper's ablation)."""
+def schedules(cascade: bool = False):
+    """The ESS configurations compared with safety off (the paper's ablation), and with
+    ``cascade`` (a delta with a screening probe) the cascade (issue 27): its evaluations are
+    those the delta's probe asks for on the generated text."""
     from .spec import EssConfig
 
-    return {"each": EssConfig(schedule="each"), "periodic(10)": EssConfig(schedule="periodic"),
-            "annealing": EssConfig(schedule="annealing"), "first": EssConfig(schedule="first")}
+    out = {"each": EssConfig(schedule="each"), "periodic(10)": EssConfig(schedule="periodic"),
+           "annealing": EssConfig(schedule="annealing"), "first": EssConfig(schedule="first")}
+    if cascade:
+        out["cascade"] = EssConfig(schedule="cascade")
+    return out
 
 
 def _benign_head(model):
@@ -303,7 +308,16 @@ def run(args) -> int:
     need = max(encode_prompts(tok, make_prompts(tok, 1, prompt_tokens)).lengths) + 1 + new_tokens
     engine = Engine(model, tok, backend=args.backend, max_cache_len=need + 8,
                     cuda_graph=device.type == "cuda", ignore_eos=True)
-    ess = schedules()
+    from .probe import probe_of
+
+    ess = schedules(cascade=probe_of(model) is not None)
+    wanted = getattr(args, "schedules", None)
+    if wanted:
+        missing = [s for s in wanted if s not in ess]
+        if missing:
+            raise SystemExit(f"--schedules: {missing[0]!r} is not timed here (known: "
+                             f"{', '.join(ess)}; cascade needs a delta with a probe)")
+        ess = {s: ess[s] for s in wanted}
     providers = ["off"] + list(ess) + ["transformers"]
     target = p1_target(shape, device.type)
     rows, p2_rows = [], []

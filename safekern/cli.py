@@ -146,6 +146,16 @@ def _set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _schedule_list(text: str):
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    known = ("each", "periodic(10)", "annealing", "first", "cascade")
+    bad = [s for s in names if s not in known]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {', '.join(known)}"
+                                         f", got {text!r}")
+    return names
+
+
 def _bench(args) -> int:
     import importlib.util
 
@@ -180,9 +190,27 @@ def _train(args) -> int:
             if value is not None:
                 args.parser.error(f"argument {opt}: applies to the tiny recipe (--tiny), not "
                                   f"--model {model}")
+        _set_threads(args.threads)
+        if args.probe_only:
+            for opt, given in (("--response-windows", args.response_windows),
+                               ("--rank", args.rank != 16), ("--epochs", args.epochs is not None),
+                               ("--max-minutes", args.max_minutes is not None),
+                               ("--no-calibrate", args.no_calibrate),
+                               ("--lr", args.lr is not None)):
+                if given:
+                    args.parser.error(f"argument {opt}: not allowed with --probe-only (only the "
+                                      "screening probe is fitted; the delta's adapter and head "
+                                      "stay)")
+            from .probe_fit import fit_probe_for_delta
+
+            fit_probe_for_delta(model, args.delta, args.out, max_sequences=args.max_sequences,
+                                progress=not args.no_progress)
+            return 0
+        if args.delta is not None:
+            args.parser.error("argument --delta: applies to --probe-only (the delta whose probe "
+                              "is fitted)")
         from .recipe import train_real
 
-        _set_threads(args.threads)
         train_real(model, args.out, response_windows=args.response_windows,
                    progress=not args.no_progress, rank=args.rank, epochs=args.epochs,
                    max_minutes=args.max_minutes, max_sequences=args.max_sequences,
@@ -196,6 +224,8 @@ def _train(args) -> int:
             ("--response-windows", args.response_windows, "the tiny recipe has no such option"),
             ("--no-calibrate", args.no_calibrate, "the tiny recipe has no such option"),
             ("--lr", args.lr is not None, "the tiny recipe has no such option"),
+            ("--probe-only", args.probe_only, "the tiny recipe has no such option"),
+            ("--delta", args.delta is not None, "the tiny recipe has no such option"),
             ("--threads", args.threads is not None, "the tiny recipe trains on one thread, so a "
              "seed gives the same model on every machine")):
         if given:
@@ -301,9 +331,10 @@ def _serve(args) -> int:
 def _ess_defaults(x) -> None:
     """The default EssConfig options of an exported checkpoint (export-vllm, serve)."""
     x.add_argument("--schedule", default="first",
-                   choices=["first", "each", "periodic", "annealing"],
+                   choices=["first", "each", "periodic", "annealing", "cascade"],
                    help="default re-evaluation schedule of requests (first: the shipped "
-                   "delta's measured operating point)")
+                   "delta's measured operating point; cascade: needs a delta with a screening "
+                   "probe)")
     x.add_argument("--policy", default="medium", choices=["low", "medium", "high"],
                    help="default policy")
     x.add_argument("--threshold", type=_probability, default=0.5,
@@ -372,6 +403,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("--quick", action="store_true", help="smaller defaults: batch 1, 32 tokens, "
                    "3 reps (values given explicitly win)")
     b.add_argument("--out", default="bench_out", help="directory for the CSV and PNG")
+    b.add_argument("--schedules", type=_schedule_list, default=None,
+                   help="comma-separated ESS schedules to time (default: each, periodic(10), "
+                   "annealing, first, and cascade when the delta has a screening probe)")
     b.add_argument("--threads", type=_int_at_least(0), default=None,
                    help=THREADS_HELP + " (default: 1 for the tiny model, whose matmuls are too "
                    "small to gain from more; 2 for smollm2)")
@@ -405,6 +439,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "train on a sample of this many sequences (a smoke run)")
     t.add_argument("--no-calibrate", action="store_true", help="real model, rank > 0: keep "
                    "threshold 0.5 and tau 3 instead of choosing them on the validation split")
+    t.add_argument("--probe-only", action="store_true", help="real model: fit only the cascade's "
+                   "token-row screening probe for an existing delta (--delta, default the "
+                   "shipped one) and write the delta with it to --out")
+    t.add_argument("--delta", default=None, help="real model, --probe-only: the delta to add "
+                   "the probe to (default: the shipped one)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--tiny", action="store_true", help="the embedded tiny Llama recipe")
     t.add_argument("--out", default=None, help="output dir (default: "

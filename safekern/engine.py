@@ -42,7 +42,8 @@ from .ops import dispatch, ess_attention, head_sample
 from .ops.attention import reuse_masks
 from .ops import cpu_controller as fused_controller
 from .ops.head_sample import raise_non_finite
-from .reference.controller import plan_step
+from .probe import probe_params
+from .reference.controller import escalate, plan_step
 from .spec import (NEVER, REFUSING, SAMPLING_KEYWORDS, EssConfig, EssState, SamplingParams,
                    sampling_from_keywords)
 
@@ -323,6 +324,7 @@ class Engine:
         self._lm_w = self.model.lm_head.weight
         self._norm = a.base.norm
         self._prefill_linears, self._step_linears = self._modules, self._decode_linears
+        self._probe = None
         if ess is not None:
             cfg = self.model.safekern
             if adapter_of(self.model) is not None:
@@ -338,6 +340,9 @@ class Engine:
                               f"{(ess.r1, ess.r2, ess.r3)}: its verdicts are out of the "
                               "distribution it was trained on", stacklevel=4)
             self._sw, self._sb = safety_head_params(self.model)
+            # The cascade's screening probe (docs/DESIGN.md §4): (w, b, threshold), or None.
+            self._probe = probe_params(self.model, self.dtype) \
+                if ess.schedule == "cascade" else None
             # Forced after a mid-response trigger as "\n" + refusal (docs/DESIGN.md §4); a
             # trigger on an empty response skips the newline ids (chosen per row on device).
             key = (ess.refusal_text, len(self.tokenizer))       # tokenised once per text
@@ -366,7 +371,8 @@ class Engine:
         self._attn_fns = {lq: fn for lq, (_, fn) in attn.items()}
         head_backend, self._head_fn = dispatch.choose(
             "head_sample", self.backend, device=dev, dtype=self.dtype, batch=B,
-            vocab=self._lm_w.shape[0], hidden=self._lm_w.shape[1], sampling=sampling)
+            vocab=self._lm_w.shape[0], hidden=self._lm_w.shape[1], sampling=sampling,
+            probe=self._probe is not None)
         # NaN/inf logits or scores (e.g. a weight changed through .data): the torch reference
         # raises at the step; the Triton and CUDA kernels flag the row here (no host sync), the
         # row ends, and _results raises before any token is returned.
@@ -381,7 +387,8 @@ class Engine:
         self._fused_ctl = (ess is not None and head_backend == "torch" and
                            self.cpu_controller_reason is None and sampling.logprobs is None)
         # Bound once per generate: the per-step calls skip the argument checks (issue 11).
-        self._ctl = fused_controller.Bound(self.state, ess) if self._fused_ctl else None
+        self._ctl = fused_controller.Bound(self.state, ess, self._probe) if self._fused_ctl \
+            else None
         self._plan = (lambda st, e: self._ctl.plan()) if self._fused_ctl else \
             (lambda st, e: (plan_step(st, e), None))
         if self._fused_ctl:
@@ -474,8 +481,9 @@ class Engine:
             x = self._forward(self._tok[:, None], pos, q_pos, kv_len, write,
                               self._attn_fns[1], ess_kw, self._decode_linears)
             h = self._norm(x[:, 0])
-            if not bool((st.forced_idx >= 0).any()):
-                # Nobody evaluates or takes a refusal token: the controller update is a no-op.
+            if self._probe is None and not bool((st.forced_idx >= 0).any()):
+                # Nobody evaluates or takes a refusal token: the controller update is a no-op
+                # (under the cascade it is not: the probe screens every step).
                 self._sample(h, None, controller=False)
             else:
                 self._sample(h, h)                    # no [CLS] row is read: none evaluates
@@ -548,6 +556,9 @@ class Engine:
         if ess is not None and controller and not fused:
             kw.update(h_cls=h_cls, safety_weight=self._sw, safety_bias=self._sb,
                       state=self.state, ess=ess)
+            if self._probe is not None:
+                kw.update(probe_weight=self._probe[0], probe_bias=self._probe[1],
+                          probe_threshold=self._probe[2])
         emit = ~self._done
         col = self._step_idx
         if checked:
@@ -597,17 +608,21 @@ class Engine:
         drawn = self._head_fn(h_tok, self._lm_w, **kw, **self._head_kw)[0]
         _, w, b = self._score_wb
         return self._ctl.step_end(h_cls, w, b, drawn, emit, self._step_idx, self._out_p,
-                                  self._out_ev, self._out_t, self._reason_refusal, self._done)
+                                  self._out_ev, self._out_t, self._reason_refusal, self._done,
+                                  h_tok)
 
     @staticmethod
     def _step_end_ref(st, ess, h_cls, w, b, drawn, emit, col, out_p, out_ev, out_t,
-                      reason_refusal, done):
+                      reason_refusal, done, probe=None):
         """``cpu_controller.step_end``'s reference: ``safety_score_ref``'s score with the
-        prepared head ``(w, b)``, the controller update, the trace record, ``done |=
-        st.finished``."""
+        prepared head ``(w, b)``, the controller update, the cascade's ``escalate`` when
+        ``probe = (h_tok, w, b, threshold)``, the trace record, ``done |= st.finished``."""
         h_cls = h_cls[:, -1] if h_cls.dim() == 3 else h_cls
         scores = torch.sigmoid(h_cls.to(w.dtype) @ w + b).float()      # safety_score_ref
         tok, p, _ = fused_controller.update(st, ess, scores, drawn)
+        if probe is not None:
+            h_tok, pw, pb, thr = probe
+            escalate(st, ess, torch.sigmoid(h_tok.to(pw.dtype) @ pw + pb).float(), thr)
         Engine._record_ref(st, p, emit, col, out_p, out_ev, out_t, reason_refusal)
         done |= st.finished
         return tok, p

@@ -260,6 +260,12 @@ def summarize(name: str, outcomes: Sequence[Outcome], off: Optional[Sequence[Out
                                              if o.case.kind == "benign_long")
     evals = [len(o.trace.eval_steps) for o in outcomes if o.trace is not None]
     row["evals_per_seq"] = float(np.mean(evals)) if evals else 0.0
+    # [CLS] evaluations per decode step after the first verdict, on label-0 answers (benign,
+    # long benign, borderline): 100% for `each`, the escalation rate for the cascade
+    neg = [o for o in outcomes if o.trace is not None and o.case.label == 0]
+    steps = sum(max(0, len(o.token_ids) - 1) for o in neg)
+    row["benign_evals_per_step_%"] = (100.0 * sum(len(o.trace.eval_steps) - 1 for o in neg)
+                                      / steps) if steps else float("nan")
     row["seconds"] = seconds
     return row
 

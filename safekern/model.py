@@ -14,6 +14,9 @@ message lists) without changing how a user message is tokenized.
 Only the delta (head, [CLS] embedding row, [CLS] LM-head row when untied, the [CLS] adapter
 when there is one, config) is saved. Format version 2 adds the adapter, the windows it was
 trained for and its operating point; version-1 deltas (the linear head) load as rank 0.
+Version 3 is a version-2 delta with the cascade's token-row screening probe (``safekern.probe``:
+``probe.weight``, ``probe.bias`` and a ``"probe"`` record); a delta without a probe is still
+written as version 2.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from .adapter import TARGETS, ClsAdapter, adapter_of, adapter_shapes, check_meta, check_targets
+from .probe import check_probe_meta, probe_from, probe_of, probe_shapes, set_probe
 from .spec import EssConfig
 
 # A user message that no tokenizer merges with its neighbours' template text.
@@ -35,7 +39,8 @@ _SENTINEL = "\x00SAFEKERN_QUERY\x00"
 _MESSAGE_SENTINEL = "\x00SAFEKERN_MESSAGE_{}\x00"
 _ANY_SENTINEL = re.compile("\x00SAFEKERN_(?:QUERY|MESSAGE_([0-9]+))\x00")
 _FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+_READABLE_VERSIONS = (1, 2, 3)
+_PROBE_VERSION = 3  # a delta with the cascade's screening probe (safekern.probe)
 CLS_POSITIONS = ("zero", "last")
 
 
@@ -278,6 +283,8 @@ def attach(model, tokenizer, *, head: Optional[nn.Linear] = None, cls_token: str
     model.safety_head = _make_head(model, head)
     if adapter_of(model) is not None:
         model.safety_adapter = None           # a fresh delta has no adapter (add_adapter)
+    if probe_of(model) is not None:
+        model.safety_probe = None             # nor a screening probe (set_probe)
     prefix, suffix = template_split(tokenizer)
     model.safekern = SafetyConfig(cls_token=cls_token, cls_id=int(cls_id),
                                   num_classes=model.safety_head.out_features,
@@ -580,12 +587,17 @@ def save_safety(model, directory: str) -> str:
     adapter = adapter_of(model)
     if adapter is not None:
         tensors.update(adapter.tensors())
+    probe = probe_of(model)
+    if probe is not None:
+        tensors.update(probe.tensors())
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
               os.path.join(directory, "safety.safetensors"))
-    meta = {**asdict(cfg), "version": _FORMAT_VERSION, "hidden_size": int(emb.shape[1]),
-            "untied_lm_head": untied,
+    meta = {**asdict(cfg), "version": _FORMAT_VERSION if probe is None else _PROBE_VERSION,
+            "hidden_size": int(emb.shape[1]), "untied_lm_head": untied,
             "model_type": getattr(getattr(model, "config", None), "model_type", None),
             "adapter": None if adapter is None else adapter.meta()}
+    if probe is not None:
+        meta["probe"] = probe.meta()
     with open(os.path.join(directory, "safety.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return str(directory)
@@ -628,6 +640,7 @@ def _read_meta(path: str) -> dict:
         raise ValueError(f"{path}: 'cls_position' must be one of {CLS_POSITIONS}, got "
                          f"{meta['cls_position']!r}")
     _check_adapter_meta(path, meta)
+    check_probe_meta(meta.get("probe"), path, meta["version"])
     windows = meta.get("windows")
     if windows is not None and (not isinstance(windows, list) or len(windows) != 3 or not all(
             isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in windows)):
@@ -683,6 +696,8 @@ def _read_tensors(path: str, meta: dict, adapter_want: Dict[str, Tuple[int, ...]
     if meta["untied_lm_head"]:
         want["cls_lm_head"] = (hidden,)
     want.update(adapter_want)
+    if meta.get("probe") is not None:
+        want.update(probe_shapes(hidden))
     unknown = sorted(set(tensors) - set(want))
     if unknown:
         raise ValueError(f"{path} holds tensors this delta's safety.json does not describe: "
@@ -693,6 +708,7 @@ def _read_tensors(path: str, meta: dict, adapter_want: Dict[str, Tuple[int, ...]
         t = tensors[key]
         if tuple(t.shape) != shape:
             why = ("the model's projection sizes" if key.startswith("adapter.") else
+                   f"safety.json (hidden_size={hidden})" if key.startswith("probe.") else
                    f"safety.json (hidden_size={hidden}, num_classes={classes})")
             raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)}, but {why} "
                              f"needs {shape}")
@@ -743,6 +759,8 @@ def load_safety(model, tokenizer, directory: str):
         out.weight[cls_id] = tensors["cls_lm_head"].to(out.weight)
     if a is not None:
         add_adapter(model, a["rank"], float(a["alpha"]), a["targets"]).load_tensors(tensors)
+    set_probe(model, None if meta.get("probe") is None else
+              probe_from(tensors, meta["probe"], hidden))
     windows = meta.get("windows")
     model.safekern.windows = None if windows is None else tuple(windows)
     model.safekern.operating_point = meta.get("operating_point")

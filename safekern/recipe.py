@@ -388,14 +388,17 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                epochs: Optional[int] = None, max_minutes: Optional[float] = None,
                max_sequences: Optional[int] = None, progress: bool = True,
                features_cache: Optional[str] = None, calibrate: bool = True,
-               lr: Optional[float] = None, log=print) -> Dict:
+               probe: bool = True, lr: Optional[float] = None, log=print) -> Dict:
     """``safekern train --model NAME``: load the model, attach, train, save the delta only.
 
     ``rank > 0``: the [CLS] adapter recipe (``safekern.adapter_recipe``), on every window kind;
     ``rank == 0``: the linear head on the frozen [CLS] row (query windows unless
     ``response_windows``). The delta records the operating point ``DEFAULT_OPERATING_POINT``,
     with an adapter its threshold and tau chosen on the validation split
-    (``calibrate_operating_point``; ``calibrate=False`` keeps 0.5 and 3).
+    (``calibrate_operating_point``; ``calibrate=False`` keeps 0.5 and 3), and with ``probe``
+    the cascade's screening probe fitted on the same rows and split
+    (``safekern.probe_fit.fit_probe``; the token rows are the frozen model's, so it does not
+    depend on the adapter).
     ``name``: a ``safekern.models`` key or a local checkpoint (directory or ``.gguf``);
     ``max_sequences``: train on a seeded sample of this many sequences (smoke runs);
     ``lr``: the adapter's learning rate (the head's is ``3 * lr``; default the recipe's).
@@ -434,6 +437,17 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
             op, summary["calibration"] = calibrate_operating_point(
                 model, tok, split_by_prompt(rows, rc.val_fraction, rc.seed)[1], rc, log=log)
         model.safekern.operating_point = op
+        if probe:
+            from .probe_fit import ProbeDataError, fit_probe
+
+            try:
+                summary["probe"] = fit_probe(model, tok, rows, r2=rc.r2,
+                                             val_fraction=rc.val_fraction, seed=rc.seed,
+                                             progress=progress, log=log)
+            except ProbeDataError as e:          # e.g. a --max-sequences smoke run
+                summary["probe"] = {"skipped": str(e)}
+                if log is not None:
+                    log(f"screening probe not fitted (the delta has none): {e}")
     out_dir = out_dir or default_delta_dir(name)
     save_safety(model, out_dir)
     summary["out_dir"] = out_dir

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 POLICIES = ("low", "medium", "high")
-SCHEDULES = ("first", "each", "periodic", "annealing")
+SCHEDULES = ("first", "each", "periodic", "annealing", "cascade")
 
 # Per-sequence controller modes (docs/DESIGN.md §4), stored as int32 in EssState.mode.
 PENDING, BENIGN, SUSPECT, REFUSING = 0, 1, 2, 3
@@ -55,7 +55,11 @@ class EssConfig:
         schedule: when a BENIGN sequence is re-evaluated: ``"first"`` (never), ``"each"``
             (every step), ``"periodic"`` (every ``period`` tokens), ``"annealing"`` (interval
             ``anneal_start``, then ``max(interval + 1, floor(interval * anneal_growth))``;
-            evaluation points past ``anneal_stop`` response tokens become never).
+            evaluation points past ``anneal_stop`` response tokens become never),
+            ``"cascade"`` (only at the step after the delta's token-row screening probe flags
+            the sequence's token row; docs/DESIGN.md §4; needs a delta with a probe).
+        cascade_net: with ``"cascade"``, also evaluate at ``"annealing"``'s points (a sparse
+            safety net under the probe); False = the probe alone.
         first_at: the first evaluation happens at the first step with ``n >= first_at``
             response tokens (0 = at prefill).
         refusal_text: the prefix forced by the medium and high policies.
@@ -77,6 +81,7 @@ class EssConfig:
     first_at: int = 0
     refusal_text: str = "Sorry, I cannot fulfill your request because"
     cls_bias_scale: float = 0.0
+    cascade_net: bool = False
 
     def __post_init__(self):
         for name in ("r1", "r2", "r3", "tau", "period", "anneal_start"):
@@ -90,6 +95,11 @@ class EssConfig:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not isinstance(self.cascade_net, bool):
+            raise TypeError(f"cascade_net must be a bool, got {type(self.cascade_net).__name__}")
+        if self.cascade_net and self.schedule != "cascade":
+            raise ValueError(f"cascade_net applies to schedule='cascade' only, got schedule="
+                             f"{self.schedule!r}")
         if not isinstance(self.refusal_text, str) or not self.refusal_text.strip():
             raise ValueError("refusal_text must be a non-empty string")
 
@@ -100,6 +110,9 @@ class EssConfig:
             return f"periodic({self.period})"
         if self.schedule == "annealing":
             return f"annealing({self.anneal_start},{self.anneal_growth:g},{self.anneal_stop})"
+        if self.schedule == "cascade" and self.cascade_net:
+            return (f"cascade+annealing({self.anneal_start},{self.anneal_growth:g},"
+                    f"{self.anneal_stop})")
         return self.schedule
 
 
@@ -239,7 +252,8 @@ class EssState:
         flags: consecutive flagged evaluations.
         switch_step: ``S``, the value of ``t`` at the evaluation that entered SUSPECT (-1).
         next_eval: response length ``n`` at which a BENIGN sequence is evaluated next
-            (``NEVER`` = never again).
+            (``NEVER`` = never again). Under ``"cascade"`` a probe flag at ``n`` sets it to
+            ``n + 1``.
         interval: the next annealing interval.
         forced_idx: index of the next refusal-prefix token to force (-1 = none).
         trigger_step: ``t`` at the evaluation that triggered the policy (-1 = none).

@@ -168,7 +168,8 @@ extern "C" int emu_head_sample(const void* h_tok, const void* lm_head, const voi
                                int tau, int policy, int schedule, int period, int anneal_stop,
                                double anneal_growth, int batch, int hidden, int vocab,
                                int dtype, float* token_logprob, float* lse_max,
-                               float* lse_sum, int32_t* nonfinite) {
+                               float* lse_sum, int32_t* nonfinite, const float* probe_w,
+                               const float* probe_b, float probe_threshold, float* probe_out) {
   sk_head_sample_params p{};
   p.h_tok = h_tok, p.lm_head = lm_head, p.h_stride = hidden, p.w_stride = hidden;
   p.h_cls = h_cls, p.cls_stride = hidden, p.safety_w = safety_w, p.safety_b = safety_b;
@@ -176,6 +177,8 @@ extern "C" int emu_head_sample(const void* h_tok, const void* lm_head, const voi
   p.p_unsafe = p_unsafe, p.cand_val = cand_val, p.cand_idx = cand_idx;
   p.token_logprob = token_logprob, p.lse_max = lse_max, p.lse_sum = lse_sum;
   p.nonfinite = nonfinite;
+  p.probe_w = probe_w, p.probe_b = probe_b, p.probe_threshold = probe_threshold;
+  p.probe_out = probe_out;
   if (state != nullptr) {
     p.state = sk_ess_state{(const int32_t*)state[0], (const int32_t*)state[1],
                            (int32_t*)state[2], (int32_t*)state[3], (int32_t*)state[4],

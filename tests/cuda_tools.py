@@ -97,7 +97,8 @@ def build_emulator(out_dir):
         ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.emu_head_sample.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_int,
                                                              ctypes.c_float] + \
-        [ctypes.c_int] * 5 + [ctypes.c_double] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4
+        [ctypes.c_int] * 5 + [ctypes.c_double] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4 + \
+        [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_void_p]
     return lib
 
 
@@ -106,11 +107,13 @@ def _ptr(t):
 
 
 def emu_head_sample_raw(lib, h, w, h_cls, sw, sb, temperature, seed, state, refusal_skip, cfg,
-                        logprobs, nonfinite):
+                        logprobs, nonfinite, probe_w=None, probe_b=None, probe_threshold=1.0,
+                        probe_out=None):
     """What bindings.cpp's head_sample does, over host tensors, with outputs and workspaces
     poisoned: ``state`` is [] or the 12 tensors in bindings.cpp's order, ``cfg`` (threshold,
     tau, policy, schedule, period, anneal_stop, anneal_growth), ``nonfinite`` a (B,) int32
-    tensor or None (NULL: off). Returns (tokens, p_unsafe, token logprobs or None)."""
+    tensor or None (NULL: off); ``probe_*``: the cascade's probe (fp32 weight (Dm,), bias (1,),
+    threshold, (B,) scores out) or None. Returns (tokens, p_unsafe, token logprobs or None)."""
     B, Dm = h.shape
     V = w.shape[0]
     tiles = -(-V // 256)
@@ -128,7 +131,7 @@ def emu_head_sample_raw(lib, h, w, h_cls, sw, sb, temperature, seed, state, refu
         ctypes.cast(fields, ctypes.c_void_p) if fields is not None else None,
         _ptr(state[11]) if state else None, state[11].numel() if state else 0,
         refusal_skip, *cfg, B, Dm, V, DTYPE_CODE[h.dtype], _ptr(lp), _ptr(lse_m), _ptr(lse_s),
-        _ptr(nonfinite))
+        _ptr(nonfinite), _ptr(probe_w), _ptr(probe_b), float(probe_threshold), _ptr(probe_out))
     assert rc == 0, f"launcher returned cudaError {rc}"
     return tokens, p_unsafe, lp
 
@@ -142,12 +145,13 @@ def route_cuda_head_sample_to_emulator(monkeypatch, lib):
 
     def op(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, temperature, seed, state,
            refusal_skip, threshold, tau, policy, schedule, period, anneal_stop, anneal_growth,
-           logprobs, nonfinite):
+           logprobs, nonfinite, probe_weight=None, probe_bias=None, probe_threshold=1.0,
+           probe_out=None):
         tokens, p, lp = emu_head_sample_raw(
             lib, h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, temperature, seed,
             list(state), refusal_skip,
             (threshold, tau, policy, schedule, period, anneal_stop, anneal_growth), logprobs,
-            nonfinite)
+            nonfinite, probe_weight, probe_bias, probe_threshold, probe_out)
         return tokens, p, lp if lp is not None else torch.empty(0)
 
     def can_run(device, **ctx):

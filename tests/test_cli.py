@@ -90,6 +90,10 @@ def _usage_error(capsys, argv) -> str:
     (["train", "--model", "smollm2", "--tiny"], "argument --tiny: not allowed with --model"),
     (["train", "--tiny", "--lr", "1e-4"], "argument --lr: applies to a real model"),
     (["train", "--model", "smollm2", "--lr", "0"], "argument --lr"),
+    (["train", "--model", "smollm2", "--probe-only", "--epochs", "2"],
+     "argument --epochs: not allowed with --probe-only"),
+    (["train", "--model", "smollm2", "--delta", "x"], "argument --delta: applies to --probe-only"),
+    (["train", "--tiny", "--probe-only"], "argument --probe-only: applies to a real model"),
     (["export-vllm", "--out", "x", "--threshold", "1.5"], "argument --threshold: must be in "
                                                           "[0, 1], got 1.5"),
     (["export-vllm", "--out", "x", "--model", "tiny"], "export-vllm writes a pretrained"),

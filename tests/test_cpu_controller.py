@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from safekern.ops import cpu_controller
-from safekern.reference.controller import forced_tokens, plan_step, update_state
+from safekern.reference.controller import escalate, forced_tokens, plan_step, update_state
+from safekern.reference.sampling import probe_score_ref
 from safekern.spec import BENIGN, POLICIES, REFUSING, SCHEDULES, SUSPECT, EssConfig, EssState
 
 pytestmark = pytest.mark.skipif(cpu_controller.unavailable_reason() is not None,
@@ -34,6 +35,12 @@ def configs():
     # interval * growth beyond int32: clamped to NEVER // 4 before the cast
     yield EssConfig(schedule="annealing", anneal_start=3, anneal_growth=1e6, anneal_stop=10**9)
     yield EssConfig(schedule="each", threshold=0.1, tau=1)   # 0.1 is not a float32
+    # the cascade with annealing's points as its safety net
+    yield EssConfig(schedule="cascade", cascade_net=True, anneal_growth=1.7, anneal_stop=25,
+                    tau=2)
+
+
+PROBE_THRESHOLD = 0.6   # not a float32: the compare is in float32 on both sides
 
 
 @pytest.mark.parametrize("ess", list(configs()),
@@ -47,7 +54,7 @@ def test_state_trace_matches_reference(ess):
                             refusal_skip=1)
     ref = fused.clone()
     thr = torch.tensor(ess.threshold, dtype=torch.float32)
-    seen = set()
+    seen, escalated = set(), False
     for step in range(steps):
         for s in (fused, ref):
             s.seq_len.copy_((P + prefilled + step).int())
@@ -76,9 +83,28 @@ def test_state_trace_matches_reference(ess):
         assert torch.equal(p[~p.isnan()], p_ref[~p_ref.isnan()])
         for name in FIELDS:
             assert torch.equal(getattr(fused, name), getattr(ref, name)), (step, name)
+        # the cascade's screening step (a no-op for other schedules): random token rows, one
+        # row's score exactly at the threshold's float32 value
+        gp = torch.Generator().manual_seed(1000 + step)     # g's stream stays as it was
+        h_tok, pw = torch.randn(B, 6, generator=gp), torch.randn(6, generator=gp)
+        pb = torch.tensor(0.2)
+        q_ref = probe_score_ref(h_tok, pw, pb)
+        if ess.schedule == "cascade":
+            h_tok[2] = 0.0
+            pb = torch.logit(torch.tensor(PROBE_THRESHOLD, dtype=torch.float32).double()).float()
+            q_ref = probe_score_ref(h_tok, pw, pb)
+        next_before = ref.next_eval.clone()
+        escalate(ref, ess, q_ref, PROBE_THRESHOLD)
+        q = cpu_controller.escalate(fused, ess, h_tok, pw, pb, PROBE_THRESHOLD)
+        assert torch.equal(q, q_ref), step
+        for name in FIELDS:
+            assert torch.equal(getattr(fused, name), getattr(ref, name)), (step, name)
+        if ess.schedule == "cascade":
+            escalated |= bool((ref.next_eval < next_before).any())
         seen.update(ref.mode.tolist())
     if ess.schedule != "first" and ess.anneal_start < steps and ess.threshold == 0.5:
         assert {BENIGN, SUSPECT, REFUSING} <= seen, seen   # every transition path exercised
+    assert escalated or ess.schedule != "cascade"       # the probe moved an evaluation
 
 
 def test_nan_verdict_raises_like_the_reference_and_changes_nothing():
@@ -135,6 +161,7 @@ transformers = pytest.importorskip("transformers")
 
 def _tiny_model(bias):
     import safekern
+    from safekern.probe import SafetyProbe, set_probe
     from safekern.tiny import build_tokenizer, tiny_llama_config
 
     tok = build_tokenizer()
@@ -145,6 +172,12 @@ def _tiny_model(bias):
     with torch.no_grad():
         model.safety_head.weight.mul_(40.0)        # scores spread over (0, 1): flags happen
         model.safety_head.bias.fill_(bias)
+    # a screening probe whose scores spread over (0, 1) too: the cascade escalates sometimes
+    hidden = model.get_input_embeddings().weight.shape[1]
+    probe = SafetyProbe(hidden, threshold=0.5)
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(hidden, generator=torch.Generator().manual_seed(1)) * 3)
+    set_probe(model, probe)
     return model, tok
 
 
@@ -174,6 +207,8 @@ def test_engine_fused_controller_matches_reference(schedule, policy):
     flagged = sum(p >= ess.threshold for r in b for p in r.trace.p_unsafe)
     benign = sum(p < ess.threshold for r in b for p in r.trace.p_unsafe)
     assert flagged and benign                            # both verdicts happened
+    if schedule == "cascade":                            # escalations after the first verdict
+        assert any(len(r.trace.eval_steps) > 1 for r in b)
 
 
 def test_engine_fused_controller_off_for_logprobs_and_validated():
@@ -268,6 +303,7 @@ def test_step_begin_and_end_match_the_engine_references(ess):
     lengths = (P + torch.randint(0, 3, (B,), generator=g)).int()
     row_base = torch.arange(B) * (spare + 1)
     w, b = torch.randn(H, generator=g), torch.tensor(0.1)
+    pw, pb = torch.randn(H, generator=g) * 4, torch.tensor(-0.2)
     bufs, ref_bufs = _bufs(B, T), _bufs(B, T)
     seen_skip = seen_both = seen_finished = False
     for step in range(T):
@@ -291,9 +327,12 @@ def test_step_begin_and_end_match_the_engine_references(ess):
         done = torch.rand(B, generator=g) < 0.2
         done_r = done.clone()
         # the fused call reads the [CLS] row of (B, 2, H) itself; the reference gets h[:, 1]
-        tok, p = cpu_controller.step_end(fused, ess, h, w, b, drawn, emit, col, *bufs, done)
+        # the cascade's probe reads the token rows h[:, 0] (a strided view, as in the engine)
+        probe = (h[:, 0], pw, pb, 0.55) if ess.schedule == "cascade" else None
+        tok, p = cpu_controller.step_end(fused, ess, h, w, b, drawn, emit, col, *bufs, done,
+                                         probe=probe)
         tok_r, p_r = Engine._step_end_ref(ref, ess, h[:, 1], w, b, drawn, emit, col, *ref_bufs,
-                                          done_r)
+                                          done_r, probe=probe)
         assert torch.equal(tok, tok_r) and torch.equal(p.nan_to_num(-1), p_r.nan_to_num(-1))
         assert torch.equal(done, done_r)
         seen_finished |= bool(ref.finished.any())
@@ -359,6 +398,24 @@ def test_step_begin_and_end_validate_and_fail_closed():
         cpu_controller.step_end(st, ess, None, w, b, drawn, emit, col, *bufs, done)
     tok, p = cpu_controller.step_end(st, ess, h, w, b, drawn, emit, col, *bufs, done)
     assert torch.equal(p, torch.sigmoid(h @ w + b)) and bufs[1][:, 2].all()
+    # the cascade's probe: required, a 4-tuple of tensors + threshold, shapes checked in C++
+    cas = EssConfig(schedule="cascade")
+    with pytest.raises(ValueError, match="cascade' needs probe"):
+        cpu_controller.step_end(st, cas, h, w, b, drawn, emit, col, *bufs, done)
+    with pytest.raises(TypeError, match="probe must be a tuple"):
+        cpu_controller.step_end(st, cas, h, w, b, drawn, emit, col, *bufs, done, probe=(h, w))
+    with pytest.raises(TypeError, match="probe weight must be a tensor"):
+        cpu_controller.step_end(st, cas, h, w, b, drawn, emit, col, *bufs, done,
+                                probe=(h, None, b, 0.5))
+    with pytest.raises(RuntimeError, match="probe must be a"):
+        cpu_controller.step_end(st, cas, h, w, b, drawn, emit, col, *bufs, done,
+                                probe=(h, w[:4], b, 0.5))
+    with pytest.raises(RuntimeError, match="h_tok must be"):
+        cpu_controller.escalate(st, cas, h[:2], w, b, 0.5)
+    with pytest.raises(TypeError, match="threshold must be a float"):
+        cpu_controller.escalate(st, cas, h, w, b, "0.5")
+    with pytest.raises(ValueError, match="cascade' needs probe"):
+        cpu_controller.Bound(st, cas)
 
 
 def test_decode_rows_matches_the_engine_reference():

@@ -18,7 +18,7 @@ import torch
 from cuda_tools import DTYPE_CODE, assert_step_matches, build_emulator, emu_head_sample_raw
 from safekern.reference import ess_attention_ref, plan_step
 from safekern.reference.attention import default_q_pos
-from safekern.reference.sampling import head_sample_ref, safety_score_ref
+from safekern.reference.sampling import head_sample_ref, probe_score_ref, safety_score_ref
 from safekern.spec import POLICIES, SCHEDULES, EssConfig, EssState
 
 DTYPE_ID = dict(ids=lambda d: str(d).replace("torch.", ""))
@@ -188,20 +188,23 @@ def test_num_splits_heuristic(emu):
 # --------------------------------------------------------------------------- head_sample
 
 def emu_head_sample(lib, h, w, *, h_cls=None, sw=None, sb=None, temperature=0.0, seed=0,
-                    state=None, ess=None, logprobs=False, nonfinite=None):
+                    state=None, ess=None, logprobs=False, nonfinite=None, probe=None):
     """The emulated launcher; with ``logprobs`` returns the emitted tokens' logprobs too.
-    ``nonfinite``: a (B,) int32 tensor the kernel ORs its NaN/inf flags into (None: NULL, off)."""
+    ``nonfinite``: a (B,) int32 tensor the kernel ORs its NaN/inf flags into (None: NULL, off).
+    ``probe``: the cascade's ``(weight (Dm,), bias (1,), threshold, out (B,))`` or None."""
     B = h.shape[0]
     temp = temperature if isinstance(temperature, torch.Tensor) else torch.full((B,), temperature)
     names = ("prompt_len", "seq_len", "mode", "flags", "switch_step", "next_eval", "interval",
              "forced_idx", "trigger_step", "evaluating", "finished", "refusal_ids")
     fields = [] if state is None else [getattr(state, n) for n in names]
-    cfg = (ess.threshold, ess.tau, POLICIES.index(ess.policy), SCHEDULES.index(ess.schedule),
+    schedule = 0 if not ess else 5 if ess.cascade_net else SCHEDULES.index(ess.schedule)
+    cfg = (ess.threshold, ess.tau, POLICIES.index(ess.policy), schedule,
            ess.period, ess.anneal_stop, ess.anneal_growth) if ess else (0.5, 1, 0, 0, 1, 0, 1.0)
     tokens, p_unsafe, lp = emu_head_sample_raw(
         lib, h, w, h_cls, sw, sb, temp.float().contiguous(),
         torch.tensor([seed], dtype=torch.int64), fields,
-        state.refusal_skip if state is not None else 0, cfg, logprobs, nonfinite)
+        state.refusal_skip if state is not None else 0, cfg, logprobs, nonfinite,
+        *(probe or ()))
     return (tokens, p_unsafe, lp) if logprobs else (tokens, p_unsafe)
 
 
@@ -253,6 +256,43 @@ def test_fused_state_update_matches_reference(emu, policy, schedule):
         t_ours, p_ours = emu_head_sample(emu, h, w, h_cls=h_cls, sw=sw, state=ours, ess=ess)
         t_ref, p_ref = head_sample_ref(h, w, h_cls=h_cls, safety_weight=sw, state=ref, ess=ess)
         assert_step_matches(ours, ref, t_ours, t_ref, p_ours, p_ref, step, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("net", [False, True])
+def test_cascade_probe_and_escalation_match_reference(emu, net):
+    """The cascade: the probe score on the token rows equals probe_score_ref, and the state
+    after update_state + escalate equals the reference step by step (with annealing's net)."""
+    B, Dm, V = 7, 48, 300
+    ess = EssConfig(schedule="cascade", cascade_net=net, tau=2, anneal_stop=20)
+    g = torch.Generator().manual_seed(5 + net)
+    P = torch.randint(4, 10, (B,), generator=g)
+    ours = EssState.create(P.tolist(), [1] * B, (P - 1).tolist(), [7, 8, 9], ess, refusal_skip=1)
+    ref = ours.clone()
+    w = torch.randn(V, Dm, generator=g) / math.sqrt(Dm)
+    sw, pw = torch.randn(Dm, generator=g), torch.randn(Dm, generator=g)
+    escalated = 0
+    for step in range(14):
+        for s in (ours, ref):
+            s.seq_len.copy_((P + step).int())
+            plan_step(s, ess)
+        z = torch.where(torch.rand(B, generator=g) < 0.15, 1.0, -1.0) * \
+            (0.5 + torch.rand(B, generator=g))
+        h_cls = z[:, None] * sw / sw.dot(sw)      # logits far from the 0.5 threshold
+        h = 10 * w[torch.randint(0, V, (B,), generator=g)]  # one clear greedy token per row
+        # probe logits far from the threshold's (0 here): flags on about half the rows
+        zq = torch.where(torch.rand(B, generator=g) < 0.5, 1.0, -1.0) * \
+            (0.5 + torch.rand(B, generator=g))
+        h = h - (h @ pw / pw.dot(pw))[:, None] * pw + zq[:, None] * pw / pw.dot(pw)
+        q = torch.full((B,), NAN)
+        before = ref.next_eval.clone()
+        t_ours, p_ours = emu_head_sample(emu, h, w, h_cls=h_cls, sw=sw, state=ours, ess=ess,
+                                         probe=(pw, torch.tensor([0.0]), 0.5, q))
+        t_ref, p_ref = head_sample_ref(h, w, h_cls=h_cls, safety_weight=sw, state=ref, ess=ess,
+                                       probe_weight=pw, probe_bias=0.0, probe_threshold=0.5)
+        assert_step_matches(ours, ref, t_ours, t_ref, p_ours, p_ref, step, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(q, probe_score_ref(h, pw, 0.0), atol=1e-6, rtol=1e-5)
+        escalated += int(((ref.next_eval < before) & ~ref.evaluating).sum())
+    assert escalated > 0
 
 
 def test_temperature_sampling_across_vocab_tiles(emu):

@@ -15,8 +15,8 @@ import torch
 from safekern import EssConfig, EssState, SamplingParams, head_sample
 from safekern.ops import dispatch
 from safekern.ops.head_sample import head_sample_triton
-from safekern.reference import (filter_logits_ref, forced_tokens, head_sample_ref, plan_step,
-                                safety_score_ref, update_state)
+from safekern.reference import (escalate, filter_logits_ref, forced_tokens, head_sample_ref,
+                                plan_step, probe_score_ref, safety_score_ref, update_state)
 from safekern.spec import BENIGN, REFUSING, SCHEDULES, SUSPECT
 
 DEVICES = [pytest.param("cpu", id="interp"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
@@ -141,6 +141,7 @@ def trace_configs():
     # floor(2930 * 2.3) is 6738 in float64 but 6739 in float32: the interval grows in float64
     yield EssConfig(schedule="annealing", anneal_start=2930, anneal_growth=2.3,
                     anneal_stop=10000)
+    yield EssConfig(schedule="cascade", cascade_net=True, anneal_growth=1.7, anneal_stop=25)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -160,7 +161,8 @@ def test_state_trace_matches_controller(device, ess):
                          refusal_skip=1)
     ref = st.clone()
     logit_thr = math.log(ess.threshold / (1 - ess.threshold)) - bias
-    seen = set()
+    pw = (torch.randn(Dm, generator=g) * 0.5).to(device)
+    seen, escalated = set(), False
     for step in range(steps):
         for s in (st, ref):
             s.seq_len.copy_(P.to(device, torch.int32) + step)
@@ -170,12 +172,23 @@ def test_state_trace_matches_controller(device, ess):
         h_cls[:, 0] = logit_thr - 0.4 + torch.randn(B, generator=g) * 0.6
         h_cls[0, 0] = logit_thr                          # p rounds to the threshold itself
         h_cls = h_cls.to(device)
-        tok, p = run(h, W, h_cls=h_cls, safety_weight=sw, safety_bias=bias, state=st, ess=ess)
+        # the cascade's probe on the token rows, scores spread around its threshold
+        q = torch.full((B,), -3.0, device=device)
+        probe = {} if ess.schedule != "cascade" else dict(
+            probe_weight=pw, probe_bias=torch.tensor(-0.1, device=device), probe_threshold=0.6,
+            probe_out=q)
+        tok, p = run(h, W, h_cls=h_cls, safety_weight=sw, safety_bias=bias, state=st, ess=ess,
+                     **probe)
         ev = ref.evaluating.clone()
         want_p = safety_score_ref(h_cls, sw, bias)
         torch.testing.assert_close(p[ev], want_p[ev], rtol=1e-5, atol=1e-6)
         assert torch.isnan(p[~ev]).all()
         update_state(ref, ess, p)
+        if probe:
+            torch.testing.assert_close(q, probe_score_ref(h, pw, -0.1), rtol=1e-5, atol=1e-6)
+            before = ref.next_eval.clone()
+            escalate(ref, ess, q, 0.6)                   # fed the kernel's own probe scores
+            escalated |= bool((ref.next_eval < before).any())
         forced, ftok = forced_tokens(ref, ess)
         want_tok = torch.where(forced, ftok, separated_argmax(h @ W.t(), gap=1e-4))
         assert torch.equal(tok, want_tok), step
@@ -185,6 +198,7 @@ def test_state_trace_matches_controller(device, ess):
     re_evaluates = ess.schedule != "first" and ess.anneal_start < steps
     want_modes = {BENIGN, SUSPECT, REFUSING} if re_evaluates else {BENIGN, REFUSING}
     assert want_modes <= seen, seen                      # every transition path was exercised
+    assert escalated or ess.schedule != "cascade"        # the probe brought an evaluation
 
 
 # ---- statistical sampling: one launch, row groups with per-row parameters ---------------

@@ -351,6 +351,71 @@ def test_two_pass_mode_matches(tiny, monkeypatch):
         _check(_reference(model, tok, i, e, pf), o.outputs[0].token_ids, e, tr.get(f"t{k}"))
 
 
+# ---------------------------------------------------------------- the cascade (issue 27)
+def _with_probe(model, tok, prompts):
+    """A screening probe on ``model`` whose threshold sits in the widest gap of its scores over
+    the safety-off answers to ``prompts`` near their median (so vLLM's and safekern's float
+    differences cannot move a flag), returned with its scores."""
+    from safekern.probe import SafetyProbe, set_probe
+
+    hidden = model.get_input_embeddings().weight.shape[1]
+    probe = SafetyProbe(hidden)
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(hidden, generator=torch.Generator().manual_seed(4)))
+    off = safekern.generate(model, tok, prompts, max_new_tokens=N, safety=None, ignore_eos=True)
+    qs = []
+    for ids, r in zip(encode_inputs(model, tok, prompts).ids, off):
+        seq = ids[1:] + r.token_ids                       # the token rows: no [CLS]
+        with torch.no_grad():
+            h = model.model(input_ids=torch.tensor([seq]),
+                            position_ids=torch.arange(1, len(seq) + 1)[None]).last_hidden_state
+        qs += probe(h[0]).tolist()
+    qs = sorted(qs)
+    mid = len(qs) // 2
+    i = max(range(mid - len(qs) // 4, mid + len(qs) // 4), key=lambda j: qs[j + 1] - qs[j])
+    assert qs[i + 1] - qs[i] > 1e-4
+    probe.threshold = (qs[i] + qs[i + 1]) / 2
+    set_probe(model, probe)
+    return probe
+
+
+@pytest.mark.parametrize("mode", ["fused", "two-pass"])
+def test_cascade_parity_with_generate(mode, tmp_path, monkeypatch):
+    """schedule='cascade': the probe on the token rows compute_logits gets escalates the same
+    steps as safekern.generate (benign verdicts, so the probe alone decides), next to
+    requests on `each` and off in the same batch; fused and two-pass [CLS] rows."""
+    monkeypatch.setenv("SAFEKERN_VLLM_CLS", mode)
+    model, tok = _tiny(seed=3)
+    prompts = PROMPTS[:6]
+    _with_probe(model, tok, prompts)
+    path = str(tmp_path / "cascade")
+    export_for_vllm(model, tok, path)
+    cases = [(i, dict(schedule="cascade", threshold=1.0)) for i in range(4)] + \
+        [(4, dict(schedule="each", threshold=1.0)), (5, None)]
+    llm = _llm(path)
+    try:
+        outs = llm.generate([{"prompt_token_ids": _ids(model, tok, [prompts[i]])[0]}
+                             for i, _ in cases],
+                            [_sp(ess=e, trace=None if e is None else f"c{k}")
+                             for k, (_, e) in enumerate(cases)])
+        tr = traces(llm)
+    finally:
+        _close(llm)
+    escalated = 0
+    for k, ((i, e), o) in enumerate(zip(cases, outs)):
+        ref = _reference(model, tok, i, e, None)
+        _check(ref, o.outputs[0].token_ids, e, tr.get(f"c{k}"))
+        if e is not None and e["schedule"] == "cascade":
+            escalated += len(ref.trace.eval_steps) - 1
+    assert escalated > 0                                  # the probe brought evaluations
+
+
+def test_cascade_needs_a_probe(tiny, tmp_path):
+    model, tok, _, _ = tiny
+    with pytest.raises(ValueError, match="cascade' needs a delta with a screening probe"):
+        export_for_vllm(model, tok, str(tmp_path / "x"), ess=EssConfig(schedule="cascade"))
+
+
 # ---------------------------------------------------------------- the [CLS] adapter
 def _adapted(seed=2, rank=4):
     """A tiny model with a [CLS] adapter whose B is random (a fresh one is the identity)."""

@@ -23,7 +23,8 @@ namespace {
 
 constexpr int32_t PENDING = 0, BENIGN = 1, SUSPECT = 2, REFUSING = 3;
 constexpr int32_t NEVER = 2147483647;  // spec.NEVER
-enum Schedule { FIRST = 0, EACH = 1, PERIODIC = 2, ANNEALING = 3 };
+// CASCADE: evaluations only after a probe flag (escalate); CASCADE_NET: and annealing's points.
+enum Schedule { FIRST = 0, EACH = 1, PERIODIC = 2, ANNEALING = 3, CASCADE = 4, CASCADE_NET = 5 };
 enum Policy { LOW = 0, MEDIUM = 1, HIGH = 2 };
 // The order of the state tensors in both ops' ``state`` argument.
 enum Field {
@@ -149,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update_core(const View& s, const 
                   refusal_ids.numel() > 0 && refusal_ids.is_contiguous() &&
                   refusal_ids.scalar_type() == at::kLong,
               "cpu_controller: refusal_ids must be a non-empty contiguous int64 CPU tensor");
-  TORCH_CHECK(schedule >= FIRST && schedule <= ANNEALING, "cpu_controller: bad schedule id ",
+  TORCH_CHECK(schedule >= FIRST && schedule <= CASCADE_NET, "cpu_controller: bad schedule id ",
               schedule);
   TORCH_CHECK(policy >= LOW && policy <= HIGH, "cpu_controller: bad policy id ", policy);
   const float thr = static_cast<float>(threshold);
@@ -193,7 +194,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update_core(const View& s, const 
         case FIRST: nxt = NEVER; break;
         case EACH: nxt = add32(n, 1); break;
         case PERIODIC: nxt = add32(n, period); break;
-        default: {
+        case CASCADE: nxt = NEVER; break;
+        default: {  // ANNEALING, CASCADE_NET
           const int32_t at_n = add32(n, interval);
           const double scaled = std::min(std::floor(static_cast<double>(interval) *
                                                     anneal_growth), cap);
@@ -397,19 +399,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_rows(
   return {pos, q_pos, flat, seqlens};
 }
 
+// The cascade's screening step (reference/controller.py, escalate), after update_core: a
+// BENIGN row whose probe score sigmoid(h_tok . w + b)
+// (safety_score_ref's ATen ops, same bits) is >= threshold (float32 compare) is evaluated at
+// the next step: next_eval = min(next_eval, n + 1). Writes the scores to probe_out (B,).
+void escalate_core(const View& s, const at::Tensor& h_tok, const at::Tensor& w,
+                   const at::Tensor& b, double threshold, float* probe_out) {
+  TORCH_CHECK(h_tok.device().is_cpu() && h_tok.dim() == 2 && h_tok.size(0) == s.B,
+              "cpu_controller: h_tok must be a (", s.B, ", hidden) CPU tensor");
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == h_tok.size(1) &&
+                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) &&
+                  b.device().is_cpu() && b.dim() == 0 && b.scalar_type() == w.scalar_type(),
+              "cpu_controller: the probe must be a (hidden,) weight and a 0-d bias, float32 or "
+              "float64 CPU tensors");
+  const at::Tensor q =
+      at::sigmoid(at::add(at::matmul(h_tok.to(w.scalar_type()), w), b)).to(at::kFloat)
+          .contiguous();
+  const float* qp = q.data_ptr<float>();
+  const float thr = static_cast<float>(threshold);
+  for (int64_t i = 0; i < s.B; ++i) {
+    if (probe_out != nullptr) probe_out[i] = qp[i];
+    if (s.f[MODE][i] != BENIGN || !(qp[i] >= thr)) continue;
+    const int32_t n = add32(s.f[SEQ_LEN][i], -static_cast<int64_t>(s.f[PROMPT_LEN][i]));
+    s.f[NEXT_EVAL][i] = std::min(s.f[NEXT_EVAL][i], add32(n, 1));
+  }
+}
+
+// escalate as an op of its own (tests/test_cpu_controller.py compares it with the reference).
+void escalate(at::TensorList state, const at::Tensor& h_tok, const at::Tensor& w,
+              const at::Tensor& b, double threshold, const at::Tensor& probe_out) {
+  View s = view(state);
+  TORCH_CHECK(probe_out.device().is_cpu() && probe_out.dim() == 1 && probe_out.numel() == s.B &&
+                  probe_out.is_contiguous() && probe_out.scalar_type() == at::kFloat,
+              "cpu_controller: probe_out must be a contiguous (", s.B, ",) float32 CPU tensor");
+  escalate_core(s, h_tok, w, b, threshold, probe_out.data_ptr<float>());
+}
+
 // A CPU decode step's controller epilogue in one call after the draw. The engine's reference
 // sequence: scores = safety_score_ref's sigmoid(h_cls.to(cd) @ w + b).float() with the same
 // ATen ops (same bits), then update (p_unsafe, state, forced tokens), then record at column
 // col with emit, then done |= finished. h_cls is (B, hidden), or (B, L, hidden) whose last row
-// per sequence is the [CLS] row. Returns (tokens (B,) int64, p_unsafe (B,) float32).
+// per sequence is the [CLS] row. With the cascade's probe (h_tok, probe_w, probe_b defined),
+// escalate_core after the update. Returns (tokens (B,) int64, p_unsafe (B,) float32).
 std::tuple<at::Tensor, at::Tensor> step_end(
     at::TensorList state, const at::Tensor& h_cls_in, const at::Tensor& w, const at::Tensor& b,
     const at::Tensor& drawn, const at::Tensor& refusal_ids, int64_t refusal_skip,
     double threshold, int64_t tau, int64_t schedule, int64_t policy, int64_t period,
     double anneal_growth, int64_t anneal_stop, const at::Tensor& emit, const at::Tensor& col,
     const at::Tensor& out_p, const at::Tensor& out_ev, const at::Tensor& out_t,
-    const at::Tensor& reason_refusal, const at::Tensor& done) {
+    const at::Tensor& reason_refusal, const at::Tensor& done,
+    const c10::optional<at::Tensor>& h_tok, const c10::optional<at::Tensor>& probe_w,
+    const c10::optional<at::Tensor>& probe_b, double probe_threshold) {
   View s = view(state);
+  const bool probe = h_tok.has_value() && h_tok->defined();
+  TORCH_CHECK(probe == (probe_w.has_value() && probe_w->defined()) &&
+                  probe == (probe_b.has_value() && probe_b->defined()),
+              "cpu_controller: h_tok, probe_w and probe_b are given together or not at all");
   TORCH_CHECK(h_cls_in.device().is_cpu() && (h_cls_in.dim() == 2 || h_cls_in.dim() == 3) &&
                   h_cls_in.size(0) == s.B,
               "cpu_controller: h_cls must be a (", s.B, ", hidden) or (", s.B,
@@ -429,6 +474,7 @@ std::tuple<at::Tensor, at::Tensor> step_end(
   auto out = update_core(s, scores.data_ptr<float>(), drawn, refusal_ids,
                          {refusal_skip, tau, schedule, policy, period, anneal_stop, threshold,
                           anneal_growth});
+  if (probe) escalate_core(s, *h_tok, *probe_w, *probe_b, probe_threshold, nullptr);
   const at::Tensor& p = std::get<1>(out);
   record(state[EVALUATING], state[SEQ_LEN], state[FINISHED], p, emit, col, out_p, out_ev, out_t,
          reason_refusal);
@@ -457,7 +503,10 @@ TORCH_LIBRARY_FRAGMENT(safekern_cpu, m) {
         "Tensor refusal_ids, int refusal_skip, float threshold, int tau, int schedule, "
         "int policy, int period, float anneal_growth, int anneal_stop, Tensor emit, Tensor col, "
         "Tensor(a!) out_p, Tensor(b!) out_ev, Tensor(c!) out_t, Tensor(d!) reason_refusal, "
-        "Tensor(e!) done) -> (Tensor, Tensor)", &step_end);
+        "Tensor(e!) done, Tensor? h_tok=None, Tensor? probe_w=None, Tensor? probe_b=None, "
+        "float probe_threshold=1.0) -> (Tensor, Tensor)", &step_end);
+  m.def("ess_escalate(Tensor[] state, Tensor h_tok, Tensor w, Tensor b, float threshold, "
+        "Tensor(a!) probe_out) -> ()", &escalate);
   m.def("ess_cls_layout(Tensor t_prev, Tensor evaluating, bool cls_last, int spare_slot) -> "
         "(Tensor, Tensor, Tensor)", &cls_layout);
 }

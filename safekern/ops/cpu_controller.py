@@ -24,10 +24,17 @@ import torch
 from ..spec import EssConfig, EssState
 from . import cpu_linear
 
-SCHEDULE_IDS = {"first": 0, "each": 1, "periodic": 2, "annealing": 3}
+SCHEDULE_IDS = {"first": 0, "each": 1, "periodic": 2, "annealing": 3, "cascade": 4}
+_CASCADE_NET = 5        # cascade with annealing's points as a safety net (cpu_controller.cpp)
 POLICY_IDS = {"low": 0, "medium": 1, "high": 2}
 _FIELDS = ("prompt_len", "query_start", "query_end", "seq_len", "mode", "flags", "switch_step",
            "next_eval", "interval", "forced_idx", "trigger_step", "evaluating", "finished")
+
+
+def schedule_id(ess: EssConfig) -> int:
+    """The C++ controller's schedule id of ``ess`` (cascade with its net is an id of its own)."""
+    return _CASCADE_NET if ess.schedule == "cascade" and ess.cascade_net else \
+        SCHEDULE_IDS[ess.schedule]
 
 
 def unavailable_reason() -> Optional[str]:
@@ -87,8 +94,28 @@ def update(state: EssState, ess: EssConfig, scores: torch.Tensor,
             raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     return torch.ops.safekern_cpu.ess_update(
         _tensors(state), scores, drawn, state.refusal_ids, state.refusal_skip, ess.threshold,
-        ess.tau, SCHEDULE_IDS[ess.schedule], POLICY_IDS[ess.policy], ess.period,
+        ess.tau, schedule_id(ess), POLICY_IDS[ess.policy], ess.period,
         ess.anneal_growth, ess.anneal_stop)
+
+
+def escalate(state: EssState, ess: EssConfig, h_tok: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``reference.controller.escalate`` with the probe score ``sigmoid(h_tok.to(weight.dtype)
+    @ weight + bias).float()`` (``probe_score_ref``'s ops with a ``(hidden,)`` weight and a 0-d
+    bias), in place; a no-op unless ``ess.schedule == "cascade"``. Returns the ``(B,)``
+    float32 probe scores."""
+    _check(state, ess)
+    for name, x in (("h_tok", h_tok), ("weight", weight), ("bias", bias)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+    out = torch.empty(state.batch_size, dtype=torch.float32)
+    if ess.schedule != "cascade":
+        return out.copy_(torch.sigmoid(h_tok.to(weight.dtype) @ weight + bias).float())
+    torch.ops.safekern_cpu.ess_escalate(_tensors(state), h_tok, weight, bias, float(threshold),
+                                        out)
+    return out
 
 
 def cls_layout(t_prev: torch.Tensor, evaluating: torch.Tensor, cls_last: bool,
@@ -168,13 +195,14 @@ def decode_rows(lengths: torch.Tensor, step_idx: torch.Tensor, row_base: torch.T
 def step_end(state: EssState, ess: EssConfig, h_cls: torch.Tensor, weight: torch.Tensor,
              bias: torch.Tensor, drawn: torch.Tensor, emit: torch.Tensor, col: torch.Tensor,
              out_p: torch.Tensor, out_ev: torch.Tensor, out_t: torch.Tensor,
-             reason_refusal: torch.Tensor, done: torch.Tensor
+             reason_refusal: torch.Tensor, done: torch.Tensor, probe=None
              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """A CPU decode step's controller epilogue in one call: the safety score
     ``sigmoid(h_cls.to(weight.dtype) @ weight + bias).float()`` (``safety_score_ref``'s ops
     with a ``(hidden,)`` weight and a 0-d bias; ``h_cls`` ``(B, hidden)``, or ``(B, L,
     hidden)`` whose last row per sequence is the [CLS] row), then ``update``, ``record`` and
-    ``done |= state.finished`` (in place).
+    ``done |= state.finished`` (in place). ``probe = (h_tok, weight, bias, threshold)``: the
+    cascade's ``escalate`` after the update (``ess.schedule == "cascade"`` requires it).
 
     Returns ``(tokens (B,) int64, p_unsafe (B,) float32)``; raises ValueError like ``update``
     on a NaN verdict (the state and the trace buffers are then unchanged)."""
@@ -185,8 +213,27 @@ def step_end(state: EssState, ess: EssConfig, h_cls: torch.Tensor, weight: torch
             raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     return torch.ops.safekern_cpu.ess_step_end(
         _tensors(state), h_cls, weight, bias, drawn, state.refusal_ids, state.refusal_skip,
-        ess.threshold, ess.tau, SCHEDULE_IDS[ess.schedule], POLICY_IDS[ess.policy], ess.period,
-        ess.anneal_growth, ess.anneal_stop, emit, col, out_p, out_ev, out_t, reason_refusal, done)
+        ess.threshold, ess.tau, schedule_id(ess), POLICY_IDS[ess.policy], ess.period,
+        ess.anneal_growth, ess.anneal_stop, emit, col, out_p, out_ev, out_t, reason_refusal, done,
+        *_probe_args(ess, probe))
+
+
+def _probe_args(ess: EssConfig, probe) -> tuple:
+    """``step_end``'s trailing probe arguments: ``(h_tok, w, b, threshold)`` or none."""
+    if probe is None:
+        if ess.schedule == "cascade":
+            raise ValueError("ess.schedule='cascade' needs probe=(h_tok, weight, bias, "
+                             "threshold): the delta's screening probe")
+        return (None, None, None, 1.0)
+    if not isinstance(probe, tuple) or len(probe) != 4:
+        raise TypeError("probe must be a tuple (h_tok, weight, bias, threshold)")
+    h_tok, w, b, thr = probe
+    for name, x in (("probe h_tok", h_tok), ("probe weight", w), ("probe bias", b)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)):
+        raise TypeError(f"probe threshold must be a float, got {type(thr).__name__}")
+    return (h_tok, w, b, float(thr)) if ess.schedule == "cascade" else (None, None, None, 1.0)
 
 
 class Bound:
@@ -196,13 +243,19 @@ class Bound:
     same results). The state's tensors must not be replaced while bound (they are updated in
     place, as the ops do)."""
 
-    def __init__(self, state: EssState, ess: EssConfig):
+    def __init__(self, state: EssState, ess: EssConfig, probe=None):
+        """``probe = (weight, bias, threshold)``: the cascade's screening probe (prepared
+        operands, as ``step_end`` takes them; required with schedule ``"cascade"``)."""
         _check(state, ess)
+        if ess.schedule == "cascade" and probe is None:
+            raise ValueError("ess.schedule='cascade' needs probe=(weight, bias, threshold)")
+        self._probe = None if ess.schedule != "cascade" else (probe[0], probe[1],
+                                                                float(probe[2]))
         self.state, self.ess = state, ess
         self._tensors = _tensors(state)
         self._plan_args = (ess.first_at, ess.r1, ess.r2, ess.r3)
         self._update_args = (state.refusal_ids, state.refusal_skip, ess.threshold, ess.tau,
-                             SCHEDULE_IDS[ess.schedule], POLICY_IDS[ess.policy], ess.period,
+                             schedule_id(ess), POLICY_IDS[ess.policy], ess.period,
                              ess.anneal_growth, ess.anneal_stop)
         ops = torch.ops.safekern_cpu
         self._ess_plan, self._ess_step_begin, self._ess_step_end = \
@@ -219,8 +272,13 @@ class Bound:
                                     *self._plan_args, cls_last, spare_slot, skip_idle)
 
     def step_end(self, h_cls, weight, bias, drawn, emit, col, out_p, out_ev, out_t,
-                 reason_refusal, done):
-        """``step_end(state, ess, ...)`` (checked in C++)."""
+                 reason_refusal, done, h_tok=None):
+        """``step_end(state, ess, ...)`` (checked in C++); ``h_tok``: the token rows the
+        cascade's probe reads."""
+        if self._probe is None:
+            return self._ess_step_end(self._tensors, h_cls, weight, bias, drawn,
+                                      *self._update_args, emit, col, out_p, out_ev, out_t,
+                                      reason_refusal, done)
         return self._ess_step_end(self._tensors, h_cls, weight, bias, drawn,
                                   *self._update_args, emit, col, out_p, out_ev, out_t,
-                                  reason_refusal, done)
+                                  reason_refusal, done, h_tok, *self._probe)

@@ -179,14 +179,16 @@ _STATE_ORDER = ("prompt_len", "seq_len", "mode", "flags", "switch_step", "next_e
 
 
 def _head_sample_cuda(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bias, state, ess,
-                      sampling, generator, nonfinite=None):
+                      sampling, generator, nonfinite=None, probe_weight=None, probe_bias=None,
+                      probe_threshold=None, probe_out=None):
     """``nonfinite``: optional ``(B,)`` int32 buffer the kernel ORs flags into (1: a NaN/inf
     logit, 2: a NaN score of a row that scored), without a host sync; the caller checks it at
     its own sync points (``raise_non_finite``), as for the Triton backend. Without it the flags
     are read here after the launch (one host read, skipped while value checks are off: CUDA-graph
     capture, ``SAFEKERN_SKIP_VALUE_CHECKS=1``, ``no_value_checks()``) and raise as the
     reference; with the checks off a flagged row's token stays in ``[0, V)`` and a NaN score
-    counts as benign."""
+    counts as benign. The cascade's probe (``probe_weight`` ...) runs in the finalize kernel on
+    the token rows, after the state update; ``probe_out`` receives its scores."""
     dev, B = h_tok.device, h_tok.shape[0]
     check_here = nonfinite is None
     if check_here:
@@ -206,14 +208,20 @@ def _head_sample_cuda(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bia
     if state is not None:
         state_list = [getattr(state, name) for name in _STATE_ORDER]
         cfg = dict(threshold=ess.threshold, tau=ess.tau, policy=POLICIES.index(ess.policy),
-                   schedule=SCHEDULES.index(ess.schedule), period=ess.period,
+                   schedule=5 if ess.schedule == "cascade" and ess.cascade_net else
+                   SCHEDULES.index(ess.schedule), period=ess.period,
                    anneal_stop=ess.anneal_stop, anneal_growth=ess.anneal_growth)
+    probe = ()
+    if probe_weight is not None and state is not None:
+        pb = torch.as_tensor(0.0 if probe_bias is None else probe_bias, device=dev)
+        probe = (probe_weight.to(device=dev, dtype=torch.float32).contiguous(),
+                 pb.to(torch.float32).reshape(1), float(probe_threshold), probe_out)
     tokens, p_unsafe, token_lp = torch.ops.safekern.cuda_head_sample(
         _unit_stride_last(h_tok), _unit_stride_last(lm_head_weight), h_cls, w, b, temperature,
         _seed_tensor(sampling, generator, dev), state_list,
         0 if state is None else state.refusal_skip, float(cfg["threshold"]), cfg["tau"],
         cfg["policy"], cfg["schedule"], cfg["period"], cfg["anneal_stop"],
-        float(cfg["anneal_growth"]), sampling.logprobs is not None, nonfinite)
+        float(cfg["anneal_growth"]), sampling.logprobs is not None, nonfinite, *probe)
     if check_here and value_checks_enabled():
         raise_non_finite(nonfinite)
     if sampling.logprobs is None:

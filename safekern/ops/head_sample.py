@@ -5,6 +5,7 @@ themselves as backends of the ``"head_sample"`` op.
 """
 from __future__ import annotations
 
+import math
 import struct
 import weakref
 from typing import Dict, Optional, Tuple
@@ -20,7 +21,8 @@ OP = "head_sample"
 
 
 def _torch_backend(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bias, state, ess,
-                   sampling, generator, rng_state=None):
+                   sampling, generator, rng_state=None, probe_weight=None, probe_bias=None,
+                   probe_threshold=None, probe_out=None):
     if rng_state is not None and generator is None:
         # The reference reads rng_state on the host (a sync); the Triton backend does not.
         seed, offset = (int(v) for v in rng_state.tolist())
@@ -28,7 +30,8 @@ def _torch_backend(h_tok, lm_head_weight, *, h_cls, safety_weight, safety_bias, 
             (seed * 0x9E3779B1 + offset) % 2**63)
     return head_sample_ref(h_tok, lm_head_weight, h_cls=h_cls, safety_weight=safety_weight,
                            safety_bias=safety_bias, state=state, ess=ess, sampling=sampling,
-                           generator=generator)
+                           generator=generator, probe_weight=probe_weight, probe_bias=probe_bias,
+                           probe_threshold=probe_threshold, probe_out=probe_out)
 
 
 dispatch.register(OP, "torch", _torch_backend, lambda **ctx: None)
@@ -78,7 +81,8 @@ try:
 except ImportError:  # the torch backend still works; can_run reports the missing package
     triton = None
 
-_SCHEDULE_IDS = {"first": 0, "each": 1, "periodic": 2, "annealing": 3}
+# cascade: 4; cascade with annealing's points as its net: 5 (the annealing arithmetic)
+_SCHEDULE_IDS = {"first": 0, "each": 1, "periodic": 2, "annealing": 3, "cascade": 4}
 _POLICY_IDS = {"low": 0, "medium": 1, "high": 2}
 
 if triton is not None:
@@ -282,12 +286,13 @@ if triton is not None:
         seq_len_ptr, prompt_len_ptr, mode_ptr, flags_ptr, switch_ptr, next_eval_ptr,
         interval_ptr, forced_ptr, trigger_ptr, evaluating_ptr, finished_ptr, refusal_ptr, R,
         refusal_skip, threshold, tau, period, anneal_stop, growth_bits,
+        pw_ptr, pb_ptr, probe_threshold, q_ptr,
         B, V, Dm, n_tiles,
         TEMP_PER_ROW: tl.constexpr, TOPK_PER_ROW: tl.constexpr, TOPP_PER_ROW: tl.constexpr,
         MINP_PER_ROW: tl.constexpr, SEED_FROM_PTR: tl.constexpr, FILTERS: tl.constexpr,
         HAS_SAFETY: tl.constexpr, TWO_CLASS: tl.constexpr, BIAS_MODE: tl.constexpr,
         HAS_STATE: tl.constexpr, SCHEDULE: tl.constexpr, POLICY: tl.constexpr,
-        LOGPROBS: tl.constexpr,
+        LOGPROBS: tl.constexpr, HAS_PROBE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_F: tl.constexpr,
     ):
@@ -352,13 +357,16 @@ if triton is not None:
             elif SCHEDULE == 2:
                 nxt = n + period
                 grown = interval
-            else:
+            elif SCHEDULE == 4:                          # cascade: only the probe brings it
+                nxt = n * 0 + NEVER
+                grown = interval
+            else:                                        # annealing, cascade + its net
                 growth = growth_bits.to(tl.float64, bitcast=True)
                 scaled = tl.minimum(interval.to(tl.float64) * growth, NEVER // 4)
                 grown = tl.minimum(tl.maximum(interval + 1, scaled.to(tl.int32)), NEVER // 4)
                 nxt = n + interval
                 nxt = tl.where(nxt > anneal_stop, NEVER, nxt)
-            tl.store(next_eval_ptr + rows, tl.where(benign, nxt, next_eval), mask=row_ok)
+            next_eval = tl.where(benign, nxt, next_eval)
             tl.store(interval_ptr + rows, tl.where(benign, grown, interval), mask=row_ok)
             switch = tl.load(switch_ptr + rows, mask=row_ok, other=0)
             tl.store(switch_ptr + rows, tl.where(to_suspect, t, tl.where(benign, -1, switch)),
@@ -366,6 +374,23 @@ if triton is not None:
             mode = tl.where(benign, 1, mode)
             mode = tl.where(to_suspect, 2, mode)
             mode = tl.where(trigger, 3, mode)
+            if HAS_PROBE:
+                # the cascade's screening probe (reference/controller.py, escalate) on the token
+                # row this launch already reads: q = sigmoid(w . h_tok + b); a BENIGN row that
+                # scores >= the threshold is evaluated at the next step
+                qacc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+                for d0 in range(0, Dm, BLOCK_D):
+                    offs = d0 + tl.arange(0, BLOCK_D)
+                    hm = row_ok[:, None] & (offs < Dm)[None, :]
+                    ht = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_hb + offs[None, :],
+                                 mask=hm, other=0.0)
+                    pw = tl.load(pw_ptr + offs, mask=offs < Dm, other=0.0).to(tl.float32)
+                    qacc += ht.to(tl.float32) * pw[None, :]
+                q = tl.sigmoid(tl.sum(qacc, axis=1) + tl.load(pb_ptr).to(tl.float32))
+                tl.store(q_ptr + rows, q, mask=row_ok)
+                up = (mode == 1) & (q >= probe_threshold)
+                next_eval = tl.where(up, tl.minimum(next_eval, n + 1), next_eval)
+            tl.store(next_eval_ptr + rows, next_eval, mask=row_ok)
             tl.store(mode_ptr + rows, mode, mask=row_ok)
             tl.store(flags_ptr + rows, flags, mask=row_ok)
             trig_step = tl.load(trigger_ptr + rows, mask=row_ok, other=0)
@@ -505,9 +530,13 @@ def raise_non_finite(nonfinite: torch.Tensor) -> None:
 
 def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
                        safety_bias=None, state=None, ess=None, sampling=SamplingParams(),
-                       generator=None, rng_state=None, out=None, nonfinite=None):
+                       generator=None, rng_state=None, out=None, nonfinite=None,
+                       probe_weight=None, probe_bias=None, probe_threshold=None, probe_out=None):
     """Triton backend of ``head_sample`` (inputs already validated). 2 launches, +1 when the
     randomness comes from a ``torch.Generator`` (a device-side seed draw).
+
+    The cascade's probe (``probe_weight`` ...): the finalize launch computes it from the same
+    ``h_tok`` rows, after the state update (no extra launch); ``probe_out`` receives it.
 
     ``out``: optional ``(tokens (B,) int64, p_unsafe (B,) float32)`` buffers to write into.
     ``sampling.logprobs``: the LM-head launch also keeps each tile's (max, sum exp) of
@@ -587,17 +616,30 @@ def head_sample_triton(h_tok, lm_head_weight, *, h_cls=None, safety_weight=None,
         cfg = (float(ess.threshold), ess.tau, ess.period, ess.anneal_stop,
                struct.unpack("<q", struct.pack("<d", float(ess.anneal_growth)))[0])
         schedule, policy = _SCHEDULE_IDS[ess.schedule], _POLICY_IDS[ess.policy]
+        if ess.schedule == "cascade" and ess.cascade_net:
+            schedule = 5
     else:
         st = (dummy_i32,) * 12 + (1, 0)
         cfg, schedule, policy = (0.5, 1, 1, 0, 0), 0, 0
     lp = torch.empty(B, device=dev, dtype=torch.float32) if want_lp else p_unsafe
     lse = torch.empty(B, device=dev, dtype=torch.float32) if want_lp else p_unsafe
+    has_probe = probe_weight is not None and state is not None
+    if has_probe:
+        # the bias as a device scalar: a 0-d tensor is never read on the host (no sync)
+        probe = (probe_weight.contiguous(),
+                 torch.as_tensor(probe_bias if probe_bias is not None else 0.0,
+                                 device=dev).to(torch.float32).reshape(1),
+                 float(probe_threshold),
+                 probe_out if probe_out is not None else torch.empty(B, device=dev))
+    else:
+        probe = (p_unsafe, p_unsafe, 1.0, p_unsafe)
     _finalize_kernel[(triton.cdiv(B, block_r),)](
         part_val, part_idx, logits, tokens, p_unsafe, nonfinite, part_m, part_s, lp, lse,
-        h_tok, W, h_tok.stride(0), W.stride(0), *param_args, *safety, *st, *cfg,
+        h_tok, W, h_tok.stride(0), W.stride(0), *param_args, *safety, *st, *cfg, *probe,
         B, V, Dm, n_tiles, **param_flags, FILTERS=filters,
         HAS_SAFETY=has_safety, TWO_CLASS=two_class, BIAS_MODE=bias_mode,
         HAS_STATE=state is not None, SCHEDULE=schedule, POLICY=policy, LOGPROBS=want_lp,
+        HAS_PROBE=has_probe,
         BLOCK_R=block_r, BLOCK_T=min(1024, triton.next_power_of_2(n_tiles)),
         BLOCK_D=min(1024, triton.next_power_of_2(Dm)),
         BLOCK_F=min(512, triton.next_power_of_2(V)), num_warps=4)
@@ -639,6 +681,39 @@ def _check_weight_finite(name: str, w: torch.Tensor):
     check_finite(name, w)
     _checked_weights[id(w)] = (weakref.ref(w, lambda _, k=id(w): _checked_weights.pop(k, None)),
                                w._version)
+
+
+def _validate_probe(h_tok, state, ess, probe_weight, probe_bias, probe_threshold, probe_out):
+    """The cascade's probe arguments: all or none, a ``(Dm,)`` weight, a finite scalar bias, a
+    threshold in [0, 1]; schedule ``"cascade"`` needs them."""
+    cascade = isinstance(ess, EssConfig) and ess.schedule == "cascade"
+    if probe_weight is None:
+        if probe_bias is not None or probe_threshold is not None or probe_out is not None:
+            raise ValueError("probe_bias / probe_threshold / probe_out given without "
+                             "probe_weight")
+        if cascade and state is not None:
+            raise ValueError("ess.schedule='cascade' needs the screening probe: pass "
+                             "probe_weight, probe_bias and probe_threshold (a delta with a probe)")
+        return
+    dev, (B, Dm) = h_tok.device, h_tok.shape
+    check_tensor("probe_weight", probe_weight, dtypes=FLOAT_DTYPES, device=dev, shape=(Dm,))
+    _check_weight_finite("probe_weight", probe_weight)
+    if isinstance(probe_bias, torch.Tensor):
+        if tuple(probe_bias.shape) not in ((), (1,)) or probe_bias.device != dev:
+            raise ValueError(f"probe_bias must be a 0-d tensor on {dev}, got "
+                             f"{tuple(probe_bias.shape)} on {probe_bias.device}")
+        _check_weight_finite("probe_bias", probe_bias)
+    elif isinstance(probe_bias, bool) or not isinstance(probe_bias, (int, float)) or \
+            not math.isfinite(probe_bias):
+        raise TypeError(f"probe_bias must be a finite float or 0-d tensor, got {probe_bias!r}")
+    if isinstance(probe_threshold, bool) or not isinstance(probe_threshold, (int, float)) or \
+            not 0.0 <= probe_threshold <= 1.0:
+        raise ValueError(f"probe_threshold must be a float in [0, 1], got {probe_threshold!r}")
+    if state is None:
+        raise ValueError("probe_weight is given without state: the probe only schedules "
+                         "evaluations of an EssState")
+    if probe_out is not None:
+        check_tensor("probe_out", probe_out, dtypes=(torch.float32,), device=dev, shape=(B,))
 
 
 def _validate(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, state, ess, sampling,
@@ -720,6 +795,10 @@ def head_sample(
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
     rng_state: Optional[torch.Tensor] = None,
+    probe_weight: Optional[torch.Tensor] = None,
+    probe_bias=None,
+    probe_threshold: Optional[float] = None,
+    probe_out: Optional[torch.Tensor] = None,
 ):
     """Next tokens and safety scores from the last hidden states of a decode step.
 
@@ -743,6 +822,12 @@ def head_sample(
         rng_state: optional ``(2,)`` int64 tensor ``[seed, offset]`` on the inputs' device,
             read by the kernel (CUDA-graph safe); the caller advances ``offset`` between steps.
             Same ``[seed, offset]`` -> same tokens.
+        probe_weight, probe_bias, probe_threshold: the cascade's token-row screening probe
+            (``(Dm,)`` weight, float or 0-d bias, threshold in [0, 1]; required with
+            ``ess.schedule == "cascade"``): ``sigmoid(h_tok . w + b)`` per row, and a BENIGN
+            row that did not evaluate this step and scores ``>= probe_threshold`` is evaluated
+            at the next step (``reference.controller.escalate``, after the state update).
+        probe_out: optional ``(B,)`` float32 tensor that receives the probe scores.
 
     Returns:
         ``next_tokens (B,) int64`` and ``p_unsafe (B,) float32`` (NaN where not evaluated).
@@ -765,12 +850,18 @@ def head_sample(
     """
     _validate(h_tok, lm_head_weight, h_cls, safety_weight, safety_bias, state, ess, sampling,
               generator, rng_state)
+    _validate_probe(h_tok, state, ess, probe_weight, probe_bias, probe_threshold, probe_out)
     _, fn = dispatch.choose(OP, backend, device=h_tok.device, dtype=h_tok.dtype,
                             batch=h_tok.shape[0], vocab=lm_head_weight.shape[0],
-                            hidden=h_tok.shape[1], sampling=sampling)
+                            hidden=h_tok.shape[1], sampling=sampling,
+                            probe=probe_weight is not None)
+    probe = {} if probe_weight is None else dict(
+        probe_weight=probe_weight, probe_bias=probe_bias, probe_threshold=float(probe_threshold),
+        probe_out=probe_out)
     return fn(h_tok, lm_head_weight, h_cls=h_cls, safety_weight=safety_weight,
               safety_bias=safety_bias, state=state, ess=ess, sampling=sampling,
-              generator=generator, **({} if rng_state is None else {"rng_state": rng_state}))
+              generator=generator, **({} if rng_state is None else {"rng_state": rng_state}),
+              **probe)
 
 
 __all__ = ["head_sample"]

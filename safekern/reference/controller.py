@@ -7,7 +7,9 @@ One decode step, as the engine runs it:
   2. the forward pass computes ``p_unsafe`` for the evaluating rows.
   3. ``update_state(state, ess, p_unsafe)`` counts flags and triggers the policy.
   4. ``forced_tokens(state, ess)`` says which rows take a refusal-prefix token this step.
-Steps 2-4 are what ``head_sample`` fuses.
+  5. ``escalate(state, ess, probe, threshold)`` (schedule ``"cascade"``): BENIGN rows whose
+     token-row probe flags are evaluated at the next step.
+Steps 2-5 are what ``head_sample`` fuses.
 """
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ def _schedule_next(state: EssState, ess: EssConfig, n: torch.Tensor):
         return n + 1, state.interval
     if ess.schedule == "periodic":
         return n + ess.period, state.interval
+    if ess.schedule == "cascade" and not ess.cascade_net:
+        return never, state.interval          # only the probe brings the next evaluation
     nxt = n + state.interval
     # Clamp in float64 before the cast: interval * growth can exceed int32 (e.g. growth 1e6).
     scaled = torch.clamp((state.interval.double() * ess.anneal_growth).floor(), max=NEVER // 4)
@@ -103,6 +107,26 @@ def update_state(state: EssState, ess: EssConfig, p_unsafe: torch.Tensor) -> tor
         start = torch.where(n > 0, torch.zeros_like(t), torch.full_like(t, state.refusal_skip))
         state.forced_idx.copy_(torch.where(trigger, start, state.forced_idx))
     return trigger
+
+
+def escalate(state: EssState, ess: EssConfig, probe: torch.Tensor, threshold: float) -> None:
+    """The cascade's screening step (schedule ``"cascade"``, docs/DESIGN.md §4), in place after
+    ``update_state``: a BENIGN row whose token-row probe score is ``>= threshold`` is evaluated
+    at the next step (``next_eval = min(next_eval, n + 1)``), also when it evaluated at this
+    one (while the probe keeps flagging, the [CLS] is evaluated at every step, as ``each``
+    would). Other schedules ignore the probe.
+
+    Args:
+        probe: ``(B,)`` float32 probe scores of the token rows (``probe_score_ref``).
+        threshold: the screening threshold (the delta's ``SafetyProbe.threshold``).
+    """
+    if ess.schedule != "cascade":
+        return
+    n = state.seq_len - state.prompt_len
+    # float32 comparison with the threshold rounded to float32, like a scalar in torch
+    up = (state.mode == BENIGN) & (probe.float() >= threshold)
+    state.next_eval.copy_(torch.where(up, torch.minimum(state.next_eval, n + 1),
+                                      state.next_eval))
 
 
 def forced_tokens(state: EssState, ess: EssConfig):

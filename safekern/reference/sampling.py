@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..spec import EssConfig, EssState, SamplingParams
-from .controller import forced_tokens, update_state
+from .controller import escalate, forced_tokens, update_state
 
 
 class Logprobs(NamedTuple):
@@ -61,6 +61,14 @@ def safety_score_ref(h_cls: torch.Tensor, safety_weight: torch.Tensor,
         w = w[1] - w[0]
         b = b[1] - b[0] if b.dim() == 1 else b
     return torch.sigmoid(h @ w + b).float()
+
+
+def probe_score_ref(h_tok: torch.Tensor, probe_weight: torch.Tensor,
+                    probe_bias) -> torch.Tensor:
+    """The cascade's screening score ``sigmoid(h_tok . w + b)`` of the token rows (``(Dm,)``
+    weight, scalar bias; docs/DESIGN.md §4): ``safety_score_ref``'s arithmetic on ``h_tok``.
+    Returns ``(B,)`` fp32."""
+    return safety_score_ref(h_tok, probe_weight, probe_bias)
 
 
 def filter_logits_ref(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
@@ -152,6 +160,10 @@ def head_sample_ref(
     ess: Optional[EssConfig] = None,
     sampling: SamplingParams = SamplingParams(),
     generator: Optional[torch.Generator] = None,
+    probe_weight: Optional[torch.Tensor] = None,
+    probe_bias=None,
+    probe_threshold: Optional[float] = None,
+    probe_out: Optional[torch.Tensor] = None,
 ):
     """The decode step's tail, defined in plain PyTorch. Inputs are assumed valid.
 
@@ -162,6 +174,9 @@ def head_sample_ref(
             (every row when ``state`` is None).
         safety_weight / safety_bias: the safety head, ``(Dm,)`` + scalar or ``(2, Dm)`` + ``(2,)``.
         state / ess: the batched ESS state (updated in place) and its config.
+        probe_weight / probe_bias / probe_threshold: the cascade's token-row screening probe
+            (``(Dm,)`` + scalar, docs/DESIGN.md §4): its score ``probe_score_ref(h_tok)`` goes
+            to ``escalate`` after ``update_state``; ``probe_out`` ``(B,)`` float32 receives it.
     Returns:
         ``next_tokens (B,) int64`` and ``p_unsafe (B,) float32`` (NaN where not evaluated);
         with ``sampling.logprobs`` not None, a third element: the step's ``Logprobs``.
@@ -184,6 +199,11 @@ def head_sample_ref(
     forced = None
     if state is not None:
         update_state(state, ess, p_unsafe)
+        if probe_weight is not None:
+            q = probe_score_ref(h_tok, probe_weight, probe_bias)
+            escalate(state, ess, q, probe_threshold)
+            if probe_out is not None:
+                probe_out.copy_(q)
         forced, forced_tok = forced_tokens(state, ess)
     tokens = sample_ref(logits, sampling, generator)
     if forced is not None:

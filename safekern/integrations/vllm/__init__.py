@@ -135,6 +135,12 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
         ess = EssConfig()
     if not isinstance(ess, EssConfig):
         raise TypeError(f"ess must be an EssConfig or None, got {type(ess).__name__}")
+    from ...probe import probe_of
+
+    probe = probe_of(model)
+    if ess.schedule == "cascade" and probe is None:
+        raise ValueError("ess.schedule='cascade' needs a delta with a screening probe (safekern "
+                         "train --model NAME --probe-only); this model's has none")
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     if arch not in ARCHS:
         raise ValueError(f"export_for_vllm supports {', '.join(ARCHS)}; the model is {arch}")
@@ -156,7 +162,7 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
     emb = model.get_input_embeddings().weight
     tensors = {}
     for name, w in model.state_dict().items():
-        if name.startswith(("safety_head.", "safety_adapter.")):
+        if name.startswith(("safety_head.", "safety_adapter.", "safety_probe.")):
             continue
         if w.shape[:1] == emb.shape[:1] and w.dim() == 2 and w.shape[0] == V + 1:
             w = w[:V]                                    # embeddings / LM head: drop [CLS]
@@ -172,6 +178,9 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
         # The adapter's own [CLS] input embedding is the [CLS] row's embedding in vLLM too.
         tensors["ess_cls_embedding"] = deltas.pop("adapter.cls_embedding")
         tensors.update({"ess_" + k: v for k, v in deltas.items()})
+    if probe is not None:                                # the cascade's screening probe
+        tensors["ess_probe_weight"] = probe.weight
+        tensors["ess_probe_bias"] = probe.bias.reshape(1)
     out = model.get_output_embeddings()
     if out is not None and out.weight is emb:            # tied: vLLM ties from the config
         tensors.pop("lm_head.weight", None)
@@ -189,7 +198,7 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
     refusal, skip = refusal_token_ids(tokenizer, ess.refusal_text)
     eos = getattr(tokenizer, "eos_token_id", None)
     meta = {
-        "format": "safekern-vllm", "version": FORMAT_VERSION,
+        "format": "safekern-vllm", "version": FORMAT_VERSION if probe is None else 3,
         "cls_token": cfg.cls_token, "num_classes": cfg.num_classes,
         "response_sees_cls": cfg.response_sees_cls, "cls_position": cfg.cls_position,
         "template_prefix_ids": _encode_template(tokenizer, cfg.template_prefix or ""),
@@ -198,6 +207,7 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
         "refusal": {"text": ess.refusal_text, "ids": refusal, "skip": skip},
         "ess": dataclasses.asdict(ess), "enabled_by_default": bool(enabled_by_default),
         "adapter": None if adapter is None else adapter.meta(),
+        "probe": None if probe is None else {"threshold": probe.threshold},
     }
     bad = [i for i in refusal + meta["template_prefix_ids"] + meta["template_suffix_ids"]
            if i >= V]

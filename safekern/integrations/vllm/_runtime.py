@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ...reference.controller import forced_tokens, plan_step, update_state
-from ...spec import NEVER, PENDING, REFUSING, EssConfig, EssState
+from ...spec import BENIGN, NEVER, PENDING, REFUSING, EssConfig, EssState
 
 # Fields of EssState kept per request as Python ints between steps.
 _STATE_FIELDS = ("mode", "flags", "switch_step", "next_eval", "interval", "forced_idx",
@@ -191,6 +191,7 @@ class Plan:
 
     def __init__(self):
         self.groups = []          # (items [(row, req)], st, t, ev, windows)
+        self.cascade = []         # (row, req, t) of planned cascade rows (escalate)
         self.rows: List[int] = []
         self.t: List[int] = []
         self.windows: List[torch.Tensor] = []
@@ -245,6 +246,8 @@ def commit(pl: Plan, p_unsafe: Optional[torch.Tensor]):
     for items, st, t, ev, _ in pl.groups:
         reqs = [q for _, q in items]
         ess = reqs[0].ess
+        if ess.schedule == "cascade":
+            pl.cascade += [(r, q, t[i]) for i, (r, q) in enumerate(items)]
         p = torch.tensor([p_of.get(r, float("nan")) for r, _ in items])
         for r, q in items:
             if r in bad:
@@ -265,6 +268,23 @@ def commit(pl: Plan, p_unsafe: Optional[torch.Tensor]):
                 req.force = int(toks[i])
             if ev[i] or trig[i]:
                 BATCH.record(req)
+
+
+def escalate(pl: Plan, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             threshold: float):
+    """The cascade's screening step (``safekern.reference.controller.escalate``) after
+    ``commit``: ``hidden`` holds the sampled token rows (``compute_logits``' input, one per
+    batch row); a cascade request that is BENIGN and whose probe score ``sigmoid(w . h + b)``
+    (fp32, as ``probe_score_ref``) is ``>= threshold`` is evaluated at its next step."""
+    if not pl.cascade:
+        return
+    rows = torch.tensor([r for r, _, _ in pl.cascade], device=hidden.device)
+    q = torch.sigmoid(hidden.index_select(0, rows).float() @ weight + bias).tolist()
+    thr = torch.tensor(threshold, dtype=torch.float32).item()   # compared in float32
+    for (_, req, t), qi in zip(pl.cascade, q):
+        if req.mode == BENIGN and qi >= thr:
+            req.next_eval = min(req.next_eval, t - req.layout.prompt_len + 1)
+    pl.cascade = []
 
 
 # ---------------------------------------------------------------- the [CLS] adapter

@@ -1,4 +1,5 @@
-"""vLLM with the safekern plugin: safety off vs ESS ``each`` / ``annealing``, per decode step.
+"""vLLM with the safekern plugin: safety off vs ESS ``each`` / ``annealing`` (/ ``cascade`` when
+the delta has a screening probe), per decode step.
 
     python benchmarks/bench_vllm.py [--batch 1 8 32] [--new-tokens 32] [--reps 3] [--out DIR]
     safekern bench            # runs it too when vLLM is importable (--vllm off to skip)
@@ -57,14 +58,19 @@ def main(argv=None) -> int:
         print(f"SmolLM2 is not installed: {why}")
         return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from safekern.probe import probe_of
+
     model, tok = models.load("smollm2", safety=True)
+    configs = dict(CONFIGS)
+    if probe_of(model) is not None:    # the cascade: the evaluations the probe asks for
+        configs["cascade"] = {"schedule": "cascade", "threshold": 1.0}
     with tempfile.TemporaryDirectory(prefix="safekern-vllm-bench-") as path:  # ~0.5 GB
         export_for_vllm(model, tok, path, ess=EssConfig(schedule="first"))
         del model
-        return _bench(vllm, torch, tok, path, args)
+        return _bench(vllm, torch, tok, path, args, configs)
 
 
-def _bench(vllm, torch, tok, path, args) -> int:
+def _bench(vllm, torch, tok, path, args, configs=CONFIGS) -> int:
     from safekern.bench import PAPER_BUDGET
     from safekern.benchmarking import environment, write_csv
 
@@ -87,16 +93,16 @@ def _bench(vllm, torch, tok, path, args) -> int:
 
     rows = []
     for batch in args.batch:
-        for name, cfg in CONFIGS.items():               # warm-up
+        for name, cfg in configs.items():               # warm-up
             run(batch, cfg, 2)
-        times = {name: ([], []) for name in CONFIGS}
+        times = {name: ([], []) for name in configs}
         for _ in range(args.reps):
-            for name, cfg in CONFIGS.items():
+            for name, cfg in configs.items():
                 times[name][0].append(run(batch, cfg, args.new_tokens))
                 times[name][1].append(run(batch, cfg, 1))
         step = {name: (statistics.median(a) - statistics.median(b)) / (args.new_tokens - 1)
                 for name, (a, b) in times.items()}
-        for name in CONFIGS:
+        for name in configs:
             ratio = step[name] / step["off"]
             rows.append({"batch": batch, "config": name, "ms_per_step": 1e3 * step[name],
                          "tok_per_s": batch / step[name], "vs_off": ratio,

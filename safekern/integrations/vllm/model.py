@@ -18,6 +18,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from . import _runtime, request_options
 
 _WEIGHTS = ("ess_cls_embedding", "ess_head_weight", "ess_head_bias")
+_PROBE = ("ess_probe_weight", "ess_probe_bias")   # the cascade's screening probe (version 3)
 
 
 def _read_meta(path: str) -> dict:
@@ -31,9 +32,15 @@ def _read_meta(path: str) -> dict:
         raise ValueError(f"{file}: not a safekern vLLM checkpoint (format "
                          f"{meta.get('format')!r}); write it with export_for_vllm")
     version = meta.get("version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 2:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 3:
         raise ValueError(f"{file}: format version {version!r} is not one this plugin reads "
-                         "(1 or 2): upgrade safekern, or re-export with this version")
+                         "(1 to 3): upgrade safekern, or re-export with this version")
+    probe = meta.get("probe")
+    if probe is not None and (version < 3 or not isinstance(probe, dict) or isinstance(
+            probe.get("threshold"), bool) or not isinstance(probe.get("threshold"), (int, float))
+            or not 0 <= probe["threshold"] <= 1):
+        raise ValueError(f"{file}: 'probe' must be {{\"threshold\": a float in [0, 1]}} in a "
+                         f"format version 3 checkpoint, got {probe!r} (version {version})")
     if meta.get("adapter") is not None and version < 2:
         raise ValueError(f"{file}: 'adapter' needs format version 2, the file says {version}")
     if meta.get("response_sees_cls", True):
@@ -68,6 +75,12 @@ class _EssMixin:
                                               requires_grad=False)
         self.ess_head_weight = nn.Parameter(torch.zeros(nc, H), requires_grad=False)
         self.ess_head_bias = nn.Parameter(torch.zeros(nc), requires_grad=False)
+        self.ess_probe = None
+        if meta.get("probe") is not None:         # the cascade's screening probe (version 3)
+            self.ess_probe_weight = nn.Parameter(torch.zeros(H), requires_grad=False)
+            self.ess_probe_bias = nn.Parameter(torch.zeros(1), requires_grad=False)
+            self.ess_probe = float(meta["probe"]["threshold"])
+        self._ess_plan = None
         self.ess_adapter = None
         if meta.get("adapter") is not None:      # the [CLS] adapter (format version 2)
             at, mlp = self.model.layers[0].self_attn, self.model.layers[0].mlp
@@ -90,6 +103,7 @@ class _EssMixin:
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
+        self._ess_plan = None
         rows = _runtime.BATCH.rows
         md = _runtime.forward_metadata(self) if rows else None
         if md is None:
@@ -108,14 +122,25 @@ class _EssMixin:
                 if pl:
                     p = _runtime.cls_pass(self, pl, block_table)
             _runtime.commit(pl, p)
+            self._ess_plan = pl if pl.cascade else None
         return out
+
+    def compute_logits(self, hidden_states, *args, **kwargs):
+        """vLLM's logits of the sampled rows; first the cascade's probe on those rows (the
+        token rows' final hidden states, one per batch row), for this step's plan."""
+        pl, self._ess_plan = self._ess_plan, None
+        if pl is not None and self.ess_probe is not None:
+            with torch.no_grad():
+                _runtime.escalate(pl, hidden_states, self.ess_probe_weight,
+                                  self.ess_probe_bias[0], self.ess_probe)
+        return super().compute_logits(hidden_states, *args, **kwargs)
 
     def load_weights(self, weights):
         ess, adapter = {}, {}
 
         def base():
             for name, w in weights:
-                if name in _WEIGHTS:
+                if name in _WEIGHTS or name in _PROBE:
                     ess[name] = w
                 elif name.startswith("ess_adapter."):
                     adapter[name] = w
@@ -129,7 +154,11 @@ class _EssMixin:
         elif adapter:
             raise ValueError(f"{where} holds [CLS] adapter tensors ({sorted(adapter)[0]!r}, ...) "
                              "but safety.json has no 'adapter': re-export with export_for_vllm")
-        for name in _WEIGHTS:
+        names = _WEIGHTS + (_PROBE if self.ess_probe is not None else ())
+        if self.ess_probe is None and any(n in ess for n in _PROBE):
+            raise ValueError(f"{where} holds the screening probe but safety.json has no 'probe': "
+                             "re-export with export_for_vllm")
+        for name in names:
             p = getattr(self, name)
             if name not in ess and name == "ess_head_bias":
                 loaded.add(name)                       # a head without bias: stays 0
@@ -151,6 +180,9 @@ class _EssMixin:
         ess, trace_id = request_options(params.extra_args, self._ess_default)
         if ess is None:
             return None
+        if ess.schedule == "cascade" and self.ess_probe is None:
+            raise ValueError("safekern: schedule 'cascade' needs a checkpoint with the screening "
+                             "probe (export a delta that has one); this one has none")
         key = repr(ess)
         ess = self._ess_configs.setdefault(key, ess)   # equal configs share one controller
         meta = self.ess_meta
