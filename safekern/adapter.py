@@ -132,7 +132,7 @@ class ClsAdapter(nn.Module):
         return (x @ self.A[j]) @ self.B[j] * self.scale
 
     def factors(self, i: int, target: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(A, B)`` of layer ``i``'s ``target`` (contiguous), None where it is not adapted."""
+        """``(A, B)`` of layer ``i``'s ``target`` (the Parameters), None where it is not adapted."""
         return self._factors.get((i, target))
 
     def tensors(self) -> Dict[str, torch.Tensor]:
