@@ -87,8 +87,9 @@ def main():
     traces = window_traces(model, tok, rows, min_threshold=min(args.thresholds),
                            query_in_windows=args.query_windows)
     kinds = HARM + OVER
-    print(f"delta {args.delta or 'shipped'}{' | query in rule-2/3 windows' if args.query_windows else ''}"
-          f" | {len(cases)} held-out cases | {time.perf_counter() - t0:.0f} s")
+    extra = " | query in rule-2/3 windows" if args.query_windows else ""
+    print(f"delta {args.delta or 'shipped'}{extra} | {len(cases)} held-out cases | "
+          f"{time.perf_counter() - t0:.0f} s")
     print("thr  tau " + " ".join(f"{k[:10]:>10}" for k in kinds) + "   (% ASR | % over-refusal)")
     for th, tau, res in grid(cases, off, traces, args.thresholds, args.taus):
         print(f"{th:.2f} {tau:3d} " + " ".join(f"{res.get(k, float('nan')):10.1f}" for k in kinds))
