@@ -170,6 +170,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// sigmoid(h . w + bias) of one row over the CTA (every thread must call it): the value in
+// thread 0, NaN in the others; red is kWarps floats of shared memory. The safety head's score
+// of the [CLS] row and the cascade probe's of the token row.
+template <typename T>
+__device__ float block_sigmoid_dot(const T* h, const float* w, const float* bias, int hidden,
+                                   float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float acc = 0.f;
+  for (int d = threadIdx.x; d < hidden; d += kThreads) acc += to_float(h[d]) * w[d];
+  acc = warp_sum(acc);
+  if (lane == 0) red[warp] = acc;
+  __syncthreads();
+  float out = NAN;
+  if (threadIdx.x == 0) {
+    float z = bias != nullptr ? *bias : 0.f;
+    for (int i = 0; i < kWarps; ++i) z += red[i];
+    out = 1.f / (1.f + expf(-z));
+  }
+  __syncthreads();
+  return out;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     head_sample_finalize_kernel(const sk_head_sample_params p, int num_tiles) {
@@ -180,38 +202,16 @@ __global__ void __launch_bounds__(kThreads)
   const bool score = p.h_cls != nullptr && (!has_state || p.state.evaluating[b] != 0);
 
   float p_unsafe = NAN;  // meaningful in thread 0
-  if (score) {
-    const T* hc = static_cast<const T*>(p.h_cls) + (int64_t)b * p.cls_stride;
-    float acc = 0.f;
-    for (int d = threadIdx.x; d < p.hidden; d += kThreads) acc += to_float(hc[d]) * p.safety_w[d];
-    acc = warp_sum(acc);
-    if (lane == 0) red_v[warp] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float z = p.safety_b != nullptr ? *p.safety_b : 0.f;
-      for (int w = 0; w < kWarps; ++w) z += red_v[w];
-      p_unsafe = 1.f / (1.f + expf(-z));
-    }
-    __syncthreads();
-  }
+  if (score)
+    p_unsafe = block_sigmoid_dot(static_cast<const T*>(p.h_cls) + (int64_t)b * p.cls_stride,
+                                 p.safety_w, p.safety_b, p.hidden, red_v);
 
   // The cascade's screening probe on the token row (uniform across the CTA): q in thread 0.
   const bool probe = p.probe_w != nullptr && has_state;
   float q = NAN;
-  if (probe) {
-    const T* ht = static_cast<const T*>(p.h_tok) + (int64_t)b * p.h_stride;
-    float acc = 0.f;
-    for (int d = threadIdx.x; d < p.hidden; d += kThreads) acc += to_float(ht[d]) * p.probe_w[d];
-    acc = warp_sum(acc);
-    if (lane == 0) red_v[warp] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float z = p.probe_b != nullptr ? *p.probe_b : 0.f;
-      for (int w = 0; w < kWarps; ++w) z += red_v[w];
-      q = 1.f / (1.f + expf(-z));
-    }
-    __syncthreads();
-  }
+  if (probe)
+    q = block_sigmoid_dot(static_cast<const T*>(p.h_tok) + (int64_t)b * p.h_stride, p.probe_w,
+                          p.probe_b, p.hidden, red_v);
 
   float bv = -INFINITY;
   int bi = INT_MAX, bad = 0;  // bad: a tile of this row saw a NaN/inf logit

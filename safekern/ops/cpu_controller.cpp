@@ -399,6 +399,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_rows(
   return {pos, q_pos, flat, seqlens};
 }
 
+// sigmoid(h @ w + b) as (B,) contiguous float32, through safety_score_ref's ATen ops (same
+// bits): the safety head's score of the [CLS] rows and the cascade probe's of the token rows.
+// `what` names the (w, b) pair in the error.
+at::Tensor linear_score(const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
+                        const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == h.size(1) &&
+                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) &&
+                  b.device().is_cpu() && b.dim() == 0 && b.scalar_type() == w.scalar_type(),
+              "cpu_controller: ", what, " must be a (hidden,) weight and a 0-d bias, float32 "
+              "or float64 CPU tensors");
+  return at::sigmoid(at::add(at::matmul(h.to(w.scalar_type()), w), b)).to(at::kFloat)
+      .contiguous();
+}
+
 // The cascade's screening step (reference/controller.py, escalate), after update_core: a
 // BENIGN row whose probe score sigmoid(h_tok . w + b)
 // (safety_score_ref's ATen ops, same bits) is >= threshold (float32 compare) is evaluated at
@@ -407,14 +421,7 @@ void escalate_core(const View& s, const at::Tensor& h_tok, const at::Tensor& w,
                    const at::Tensor& b, double threshold, float* probe_out) {
   TORCH_CHECK(h_tok.device().is_cpu() && h_tok.dim() == 2 && h_tok.size(0) == s.B,
               "cpu_controller: h_tok must be a (", s.B, ", hidden) CPU tensor");
-  TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == h_tok.size(1) &&
-                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) &&
-                  b.device().is_cpu() && b.dim() == 0 && b.scalar_type() == w.scalar_type(),
-              "cpu_controller: the probe must be a (hidden,) weight and a 0-d bias, float32 or "
-              "float64 CPU tensors");
-  const at::Tensor q =
-      at::sigmoid(at::add(at::matmul(h_tok.to(w.scalar_type()), w), b)).to(at::kFloat)
-          .contiguous();
+  const at::Tensor q = linear_score(h_tok, w, b, "the probe");
   const float* qp = q.data_ptr<float>();
   const float thr = static_cast<float>(threshold);
   for (int64_t i = 0; i < s.B; ++i) {
@@ -464,13 +471,7 @@ std::tuple<at::Tensor, at::Tensor> step_end(
               "cpu_controller: done must be a contiguous (", s.B, ",) bool CPU tensor");
   const at::Tensor h_cls =
       h_cls_in.dim() == 3 ? h_cls_in.select(1, h_cls_in.size(1) - 1) : h_cls_in;
-  TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == h_cls.size(1) &&
-                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) &&
-                  b.device().is_cpu() && b.dim() == 0 && b.scalar_type() == w.scalar_type(),
-              "cpu_controller: the safety head must be a (hidden,) weight and a 0-d bias, "
-              "float32 or float64 CPU tensors");
-  const at::Tensor scores =
-      at::sigmoid(at::add(at::matmul(h_cls.to(w.scalar_type()), w), b)).to(at::kFloat);
+  const at::Tensor scores = linear_score(h_cls, w, b, "the safety head");
   auto out = update_core(s, scores.data_ptr<float>(), drawn, refusal_ids,
                          {refusal_skip, tau, schedule, policy, period, anneal_stop, threshold,
                           anneal_growth});
