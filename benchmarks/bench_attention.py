@@ -16,7 +16,7 @@ Questions answered (docs/PERFORMANCE.md P3, P4):
     python benchmarks/bench_attention.py --quick    # small CPU shapes, < 1 minute
 
 On CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1): CPU numbers say the
-script works, nothing about kernel speed. Timing: ``safekern.benchmarking.time_fn``
+script works, nothing about kernel speed. Timing: ``safekern.ops.timing.time_fn``
 (``triton.testing.do_bench`` on GPU, perf_counter medians on CPU); decode on GPU is timed
 inside a CUDA graph (``do_bench_cudagraph``) as the engine runs it, falling back to do_bench
 for a provider that cannot be captured. safekern is called through its launcher, as the
@@ -37,7 +37,7 @@ if not torch.cuda.is_available():  # before safekern defines its kernels
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from safekern.ops.attention import _attention_triton, _ess_attention_fwd_op  # noqa: E402
-from safekern.benchmarking import environment, format_table, time_fn, write_csv  # noqa: E402
+from safekern.ops.timing import environment, format_table, time_fn, write_csv  # noqa: E402
 from safekern.reference import ess_attention_ref  # noqa: E402
 
 

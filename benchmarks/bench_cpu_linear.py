@@ -9,7 +9,7 @@ the candidates run A/B interleaved in one process over 30 weight copies per shap
 * ``mkl_packed``: ``torch.ops.mkl._mkl_linear`` over a weight packed for that M (inductor's
   fp32 freezing path);
 * ``onednn_packed``: ``torch.ops.mkldnn._linear_pointwise`` over a prepacked oneDNN weight;
-* ``safekern_avx2`` / ``safekern_avx512``: ``safekern.ops.cpu_linear`` (reads each weight tile
+* ``safekern_avx2`` / ``safekern_avx512``: ``safekern.ops.cpu.linear`` (reads each weight tile
   once for all M rows) with each instruction set this CPU has;
 * ``safekern_packed``: ``cpu_linear.packed_linear`` over ``cpu_linear.pack`` panels (outer
   product, no horizontal sums; the engine offers it for models whose projections fit in
@@ -21,7 +21,7 @@ float64 relative to F.linear's; writes ``bench_out/cpu_linear.csv``.
     python benchmarks/bench_cpu_linear.py [--threads 2] [--reps 15] [--quick] [--layers]
 
 ``--layers``: instead, a whole decode step's projections over 30 layers per M, as the engine
-calls them (the numbers behind ``safekern.decode_linear``'s per-M choice).
+calls them (the numbers behind ``safekern.ops.cpu.decode_linear``'s per-M choice).
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from safekern.benchmarking import environment, format_table, interleaved_medians, write_csv
-from safekern.ops import cpu_linear
+from safekern.ops.timing import environment, format_table, interleaved_medians, write_csv
+from safekern.ops.cpu import linear as cpu_linear
 
 SHAPES = {"q,o": (576, 576), "k,v": (576, 192), "qkv": (576, 960), "gate,up": (576, 1536),
           "gate+up": (576, 3072), "down": (1536, 576), "lm_head": (576, 49152)}
@@ -80,7 +80,7 @@ def _with_isa(isa, fn):
 
 LAYER = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576),
          "gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
-# ``--layers --tiny``: the tiny model's layer (safekern.tiny: hidden 128, KV 32, MLP 344).
+# ``--layers --tiny``: the tiny model's layer (safekern.models.tiny: hidden 128, KV 32, MLP 344).
 TINY_LAYER = {"q": (128, 128), "k": (128, 32), "v": (128, 32), "o": (128, 128),
               "gate": (128, 344), "up": (128, 344), "down": (344, 128)}
 

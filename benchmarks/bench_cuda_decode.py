@@ -23,7 +23,7 @@ os.environ.setdefault("SAFEKERN_SKIP_VALUE_CHECKS", "1")  # value checks sync wi
 import torch  # noqa: E402
 
 import safekern  # noqa: E402
-from safekern.benchmarking import environment, format_table, time_fn, write_csv  # noqa: E402
+from safekern.ops.timing import environment, format_table, time_fn, write_csv  # noqa: E402
 from safekern.ops import cuda_backend, dispatch  # noqa: E402
 from safekern.spec import EssConfig, EssState, SamplingParams  # noqa: E402
 

@@ -32,7 +32,7 @@ if not torch.cuda.is_available():  # before safekern defines its kernels
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from safekern import EssConfig, EssState, SamplingParams, head_sample  # noqa: E402
-from safekern.benchmarking import environment, format_table, time_fn, write_csv  # noqa: E402
+from safekern.ops.timing import environment, format_table, time_fn, write_csv  # noqa: E402
 
 CASES = {
     "greedy": dict(temperature=0.0),

@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from safekern.bench import build, build_real, make_prompts
-from safekern.benchmarking import environment, format_table, write_csv
-from safekern.engine import Engine
+from safekern.evaluation.bench import build, build_real, make_prompts
+from safekern.ops.timing import environment, format_table, write_csv
+from safekern.runtime.engine import Engine
 from safekern.spec import EssConfig
 
 

@@ -27,12 +27,12 @@ import time
 
 import numpy as np
 
-from safekern.benchmarking import environment, format_table, write_csv
+from safekern.ops.timing import environment, format_table, write_csv
 from safekern.data import is_refusal, load_split
-from safekern.engine import generate
+from safekern.runtime.engine import generate
 from safekern.evaluation import roc_auc  # noqa: F401  (re-exported: tests import it from here)
 from safekern.spec import EssConfig
-from safekern.train import default_cache_dir, load_tiny, train_tiny
+from safekern.training.trainer import default_cache_dir, load_tiny, train_tiny
 
 
 CONFIGS = {
@@ -134,7 +134,7 @@ def evaluate_real(model, tok, *, max_new_tokens=32, backend="auto", configs=None
                                      seconds=time.perf_counter() - t0))
     with_trace = next(o for k, o in outs.items() if k != "off")
     auc = ev.first_verdict_auc(with_trace)
-    from safekern.adapter import adapter_of
+    from safekern.safety.adapter import adapter_of
 
     if adapter_of(model) is not None:
         # Token rows never read the adapted [CLS]: benign answers are the base model's bit for
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     if name in models.MODELS:
         model, tok = models.load(name, safety=args.delta or True)
         if args.probe_threshold is not None:
-            from safekern.probe import probe_of
+            from safekern.safety.probe import probe_of
 
             if probe_of(model) is None or not 0 <= args.probe_threshold <= 1:
                 p.error("argument --probe-threshold: needs a delta with a probe and a value in "

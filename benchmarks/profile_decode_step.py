@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from safekern.bench import build, build_real, make_prompts, schedules
-from safekern.benchmarking import format_table
-from safekern.engine import Engine
+from safekern.evaluation.bench import build, build_real, make_prompts, schedules
+from safekern.ops.timing import format_table
+from safekern.runtime.engine import Engine
 
 # component -> (module file suffix, function name); cumulative time of that function.
 COMPONENTS = {

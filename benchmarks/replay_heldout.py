@@ -2,7 +2,7 @@
 
 With ``response_sees_cls=False`` the tokens before a trigger do not depend on the safety
 settings, so the ``each`` controller can be replayed on the safety-off answers of the held-out
-cases (``safekern.evaluation.heldout_cases``): ``safekern.calibration.window_traces`` scores
+cases (``safekern.evaluation.heldout_cases``): ``safekern.training.calibration.window_traces`` scores
 every window the controller could evaluate once, and ``replay`` runs the state machine per
 (threshold, tau). A case counts as an attack success when the safety-off answer is one (the
 judge of ``benchmarks/eval_safety.py``) and the replay never triggers; a benign or borderline
@@ -27,7 +27,7 @@ import torch
 
 from safekern import evaluation as ev
 from safekern import models
-from safekern.calibration import replay, window_traces
+from safekern.training.calibration import replay, window_traces
 
 HARM = ("direct", "prefill", "suffix", "jailbreak", "completion")
 OVER = ("benign", "benign_long", "borderline")

@@ -2,7 +2,7 @@
 
     pytest benchmarks/test_bench_engine.py --benchmark-only --benchmark-group-by=param:batch
 
-Same model, prompts and providers as ``safekern bench`` (``safekern/bench.py``); compare the
+Same model, prompts and providers as ``safekern bench`` (``safekern/evaluation/bench.py``); compare the
 saved JSON between runs with ``pytest-benchmark compare``.
 """
 import pytest
@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("pytest_benchmark")
 pytest.importorskip("transformers")
 
-from safekern.bench import _hf_generate, build, make_prompts, schedules  # noqa: E402
-from safekern.engine import Engine  # noqa: E402
+from safekern.evaluation.bench import _hf_generate, build, make_prompts, schedules  # noqa: E402
+from safekern.runtime.engine import Engine  # noqa: E402
 
 NEW_TOKENS = 32
 PROVIDERS = ["off", *schedules(), "transformers"]

@@ -1,4 +1,4 @@
-"""Train an ESS model with ``safekern.train.EssTrainer`` (docs/TRAINING.md).
+"""Train an ESS model with ``safekern.training.trainer.EssTrainer`` (docs/TRAINING.md).
 
     python examples/train_ess.py --tiny --max-steps 20 --out /tmp/ess_tiny      # CPU smoke run
     python examples/train_ess.py --model /models/Llama-2-7b-chat-hf --data rows.jsonl --bf16
@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 import safekern
 from safekern.data import corpus, load_split
 from safekern.integrations.hf import apply_safekern
-from safekern.tiny import build_tokenizer, tiny_llama_config
-from safekern.train import EssCollator, EssForTraining, EssTrainer, save_tiny
+from safekern.models.tiny import build_tokenizer, tiny_llama_config
+from safekern.training.trainer import EssCollator, EssForTraining, EssTrainer, save_tiny
 
 
 def load_base(args):

@@ -6,13 +6,13 @@
 from .ops import ess_attention, ess_attention_varlen, head_sample
 from .reference.controller import plan_step
 from .spec import EssConfig, EssState, SamplingParams
-from ._info import info
+from .ops.info import info
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Model-level API, imported lazily so ``import safekern`` does not import transformers.
-_LAZY = {"attach": "model", "save_safety": "model", "load_safety": "model",
-         "generate": "engine", "Engine": "engine"}
+_LAZY = {"attach": "safety", "save_safety": "safety", "load_safety": "safety",
+         "generate": "runtime", "Engine": "runtime"}
 
 
 _SUBMODULES = ("models",)        # ``safekern.models.load(...)`` after a bare ``import safekern``

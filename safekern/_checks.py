@@ -84,3 +84,25 @@ def check_finite(name: str, x: torch.Tensor):
 def check_choice(name: str, value, choices: Sequence):
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def deprecated_alias(name: str, targets, new: str):
+    """``(__getattr__, __dir__)`` for a module kept at an old path for one release: warns once
+    at import (DeprecationWarning naming ``new``) and forwards every attribute to ``targets``."""
+    import importlib
+    import warnings
+
+    warnings.warn(f"{name} is deprecated: import from {new} instead (this alias is kept for one "
+                  f"release)", DeprecationWarning, stacklevel=3)
+    mods = [importlib.import_module(t) for t in targets]
+
+    def __getattr__(attr):
+        for m in mods:
+            if hasattr(m, attr):
+                return getattr(m, attr)
+        raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+
+    def __dir__():
+        return sorted({a for m in mods for a in dir(m)})
+
+    return __getattr__, __dir__

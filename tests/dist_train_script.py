@@ -31,7 +31,7 @@ def main():
     from transformers import TrainerCallback, TrainingArguments
 
     from safekern.data import load_split
-    from safekern.train import EssCollator, EssForTraining, EssTrainer
+    from safekern.training.trainer import EssCollator, EssForTraining, EssTrainer
     from tiny_ess import make_tiny_ess_model  # beside this script
 
     model, tok = make_tiny_ess_model(seed=0)
@@ -84,7 +84,7 @@ def train_fsdp(model, tok, rows, args):
     from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.tensor import DTensor
 
-    from safekern.train import EssCollator, EssForTraining, compute_loss
+    from safekern.training.trainer import EssCollator, EssForTraining, compute_loss
 
     torch.manual_seed(0)
     dist.init_process_group("gloo")

@@ -1,4 +1,4 @@
-"""The [CLS] adapter (safekern.adapter): the recipe's [CLS] rows are the engine's evaluations
+"""The [CLS] adapter (safekern.safety.adapter): the recipe's [CLS] rows are the engine's evaluations
 with the adapter on every path, token rows stay the base model's bit for bit, and the delta
 format (version 2) round-trips and refuses what it cannot describe."""
 import json
@@ -9,11 +9,12 @@ import torch
 
 import safekern
 from safekern import EssConfig, SamplingParams
-from safekern.adapter import AdaptedLinears, ClsAdapter
-from safekern.ops import cpu_linear as cpu_linear_op
-from safekern.engine import Engine
-from safekern.model import add_adapter, encode_for_model
-from safekern.recipe import Window, _Layers, gather_windows
+from safekern.safety.adapter import AdaptedLinears, ClsAdapter
+from safekern.ops.cpu import linear as cpu_linear_op
+from safekern.runtime.engine import Engine
+from safekern.safety.attach import add_adapter
+from safekern.safety.prompts import encode_for_model
+from safekern.training.frozen import Window, _Layers, gather_windows
 from tests.tiny_ess import make_tiny_ess_model
 
 
@@ -271,7 +272,7 @@ def test_adapter_refusals(tiny):
 
 def test_attn_implementation_integration_refuses_an_adapter(tiny):
     from safekern.integrations.hf import apply_safekern
-    from safekern.train import EssForTraining
+    from safekern.training.trainer import EssForTraining
 
     model, _ = tiny
     with pytest.raises(ValueError, match="adapter"):

@@ -1,11 +1,11 @@
-"""The [CLS]-adapter recipe (safekern.adapter_recipe): it trains what the engine evaluates."""
+"""The [CLS]-adapter recipe (safekern.training.adapter): it trains what the engine evaluates."""
 import pytest
 import torch
 
 import safekern
 from safekern import EssConfig
-from safekern.adapter_recipe import AdapterRecipe, split_by_prompt, train_adapter
-from safekern.recipe import example_windows
+from safekern.training.adapter import AdapterRecipe, split_by_prompt, train_adapter
+from safekern.training.frozen import example_windows
 from tests.tiny_ess import make_tiny_ess_model
 
 
@@ -79,7 +79,7 @@ def test_recipe_validates():
 def test_chunks_group_rows_of_similar_length():
     """One padded K/V forward per chunk: rows are grouped by length, every row exactly once."""
     import random
-    from safekern.adapter_recipe import _Trainer
+    from safekern.training.adapter import _Trainer
     model, tok = make_tiny_ess_model(seed=5)
     model.eval()
     model.safekern.response_sees_cls = False

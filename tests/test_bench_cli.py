@@ -54,7 +54,7 @@ def test_bench_quick_writes_table_csv_and_plot(tmp_path, capsys):
 ])
 def test_p1_verdict_is_inconclusive_only_when_the_miss_is_within_the_noise(ratio, impl, noise,
                                                                            verdict):
-    from safekern.bench import p1_verdict, verdict_text
+    from safekern.evaluation.bench import p1_verdict, verdict_text
 
     assert p1_verdict(ratio, impl, noise, target=1.15) == verdict
     if verdict == "inconclusive":
@@ -63,7 +63,7 @@ def test_p1_verdict_is_inconclusive_only_when_the_miss_is_within_the_noise(ratio
 
 
 def test_ratio_noise_is_half_the_p20_p80_spread_of_paired_ratios():
-    from safekern.bench import ratio_noise
+    from safekern.evaluation.bench import ratio_noise
 
     assert ratio_noise([1.0, 1.1, 1.2, 1.3, 1.4], [1.0] * 5) == pytest.approx(0.12)
     assert ratio_noise([2.0, 4.0], [2.0, 4.0]) == 0                # load moved both: no noise

@@ -1,4 +1,4 @@
-"""Operating-point calibration (safekern.calibration): the replayed controller on fixed answers is
+"""Operating-point calibration (safekern.training.calibration): the replayed controller on fixed answers is
 the engine's, evaluation for evaluation, so a grid over (threshold, tau) needs one pass."""
 import warnings
 
@@ -7,7 +7,7 @@ import torch
 
 import safekern
 from safekern import EssConfig
-from safekern.calibration import calibrate, choose, evaluations, grid, window_traces
+from safekern.training.calibration import calibrate, choose, evaluations, grid, window_traces
 from tests.test_adapter import PROMPTS, _adapted
 
 PREFILLS = ["", "Sure, here is"]
@@ -88,8 +88,8 @@ def test_calibrate_validates(tiny):
 def test_degenerate_operating_point_warns(tiny, monkeypatch):
     """A delta whose best point still flags most benign validation rows (the Qwen2.5-Coder run
     of BENCHMARKS.md) is reported loudly, and recorded as degenerate; a separating one is not."""
-    import safekern.calibration as cal
-    from safekern.recipe import calibrate_operating_point
+    import safekern.training.calibration as cal
+    from safekern.training.real import calibrate_operating_point
 
     model, tok = tiny
     for false, warns in ((1.0, True), (0.1, False)):

@@ -9,7 +9,7 @@ import torch
 import safekern
 from safekern import EssConfig
 from safekern.ops import dispatch, head_sample
-from safekern.probe import SafetyProbe, probe_of, set_probe
+from safekern.safety.probe import SafetyProbe, probe_of, set_probe
 from safekern.reference.controller import escalate, forced_tokens, plan_step, update_state
 from safekern.reference.sampling import probe_score_ref, safety_score_ref
 from safekern.spec import BENIGN, NEVER, SUSPECT, EssState
@@ -153,7 +153,7 @@ def test_engine_cascade_traces_follow_the_probe(tiny, cpu_controller):
     """With benign verdicts only, a never-flagging probe gives `first`'s traces, an
     always-flagging one `each`'s, and a real probe evaluates exactly at the step after each
     flag, both with the fused CPU controller and the reference."""
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     model, tok = tiny
     eng = Engine(model, tok, ignore_eos=True, cpu_controller=cpu_controller)
@@ -171,8 +171,10 @@ def test_engine_cascade_traces_follow_the_probe(tiny, cpu_controller):
         assert a.trace == b.trace and a.trace.eval_steps == list(range(n))
     probe = _with_probe(model, seed=5, scale=2.0, threshold=0.5)
     out = eng.generate(PROMPTS, max_new_tokens=n, safety=EssConfig(schedule="cascade"))
-    enc = safekern.model.encode_for_model(model, tok, PROMPTS)
-    from safekern.recipe import _Layers
+    from safekern.safety.prompts import encode_for_model
+    from safekern.training.frozen import _Layers
+
+    enc = encode_for_model(model, tok, PROMPTS)
 
     layers, moved = _Layers(model), 0
     for b, r in enumerate(out):
@@ -191,7 +193,7 @@ def test_engine_cascade_traces_follow_the_probe(tiny, cpu_controller):
 
 
 def test_cascade_net_adds_annealing_points(tiny):
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     model, tok = tiny
     _with_probe(model, bias=-1e4)
@@ -260,7 +262,7 @@ def test_delta_round_trip_and_errors(tiny, tmp_path):
 
 # ------------------------------------------------------------------ fitting the probe
 def test_screening_threshold_and_window_maxima():
-    from safekern.probe_fit import screening_threshold, window_maxima
+    from safekern.training.probe_fit import screening_threshold, window_maxima
 
     q = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.05, 0.6])
     seqs = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -277,7 +279,7 @@ def test_screening_threshold_and_window_maxima():
 def test_fit_probe_on_a_tiny_model(tiny):
     """Features are one per response position; the fitted probe is attached, its threshold
     flags >= 99% of the harmful validation windows it reports, and it separates the labels."""
-    from safekern.probe_fit import fit_probe, token_features
+    from safekern.training.probe_fit import fit_probe, token_features
 
     model, tok = tiny
     set_probe(model, None)

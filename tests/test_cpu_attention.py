@@ -1,4 +1,4 @@
-"""The CPU decode-step ESS attention (``safekern.ops.cpu_attention``) against the reference.
+"""The CPU decode-step ESS attention (``safekern.ops.cpu.attention``) against the reference.
 
 * the op vs ``ess_attention_ref`` (o and lse) over decode shapes: Lq 1..MAX_ROWS, head dims that
   are and are not multiples of 8, GQA 1..4 query heads per KV head, ESS mode with overlapping /
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from safekern import ess_attention
-from safekern.ops import cpu_attention
+from safekern.ops.cpu import attention as cpu_attention
 from safekern.reference.attention import ess_attention_ref, ess_visibility
 
 pytestmark = pytest.mark.skipif(cpu_attention.unavailable_reason() is not None,

@@ -1,4 +1,4 @@
-"""The fused CPU controller (``safekern.ops.cpu_controller``) against the reference controller
+"""The fused CPU controller (``safekern.ops.cpu.controller``) against the reference controller
 (``safekern.reference.controller``, the oracle): after every step of long random traces, every
 state field, the windows, the forced mask and the forced tokens are identical, for every
 schedule x policy, verdicts at and around the threshold (and NaN), prefilled responses,
@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from safekern.ops import cpu_controller
+from safekern.ops.cpu import controller as cpu_controller
 from safekern.reference.controller import escalate, forced_tokens, plan_step, update_state
 from safekern.reference.sampling import probe_score_ref
 from safekern.spec import BENIGN, POLICIES, REFUSING, SCHEDULES, SUSPECT, EssConfig, EssState
@@ -161,8 +161,8 @@ transformers = pytest.importorskip("transformers")
 
 def _tiny_model(bias):
     import safekern
-    from safekern.probe import SafetyProbe, set_probe
-    from safekern.tiny import build_tokenizer, tiny_llama_config
+    from safekern.safety.probe import SafetyProbe, set_probe
+    from safekern.models.tiny import build_tokenizer, tiny_llama_config
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def _tiny_model(bias):
 def test_engine_fused_controller_matches_reference(schedule, policy):
     """Streams, traces, finish reasons and the final state equal the reference controller's,
     with a head whose verdicts flip (flags, SUSPECT, triggers, refusals)."""
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     model, tok = _tiny_model(bias=0.0)
     prompts = ["How do I bake bread at home?", "hi", "Tell me a story about a fox.", "ok then"]
@@ -213,7 +213,7 @@ def test_engine_fused_controller_matches_reference(schedule, policy):
 
 def test_engine_fused_controller_off_for_logprobs_and_validated():
     from safekern import SamplingParams
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     model, tok = _tiny_model(bias=-8.0)
     e = Engine(model, tok, ignore_eos=True)
@@ -226,7 +226,7 @@ def test_engine_fused_controller_off_for_logprobs_and_validated():
 
 
 def test_cls_layout_matches_the_engine_reference():
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     g = torch.Generator().manual_seed(3)
     for B in (1, 3, 8):
@@ -248,7 +248,7 @@ def test_cls_layout_matches_the_engine_reference():
 
 
 def test_record_matches_the_engine_reference():
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     g = torch.Generator().manual_seed(5)
     B, T = 5, 7
@@ -292,7 +292,7 @@ def test_step_begin_and_end_match_the_engine_references(ess):
     """The engine's two per-step controller calls against their reference sequences
     (``Engine._step_begin_ref`` / ``_step_end_ref``) over a random trace: windows, counts,
     layouts, flat cache rows, tokens, bit-equal p_unsafe, every state field, the trace."""
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     g = torch.Generator().manual_seed(zlib.crc32(repr(ess).encode()))
     B, T, H, spare = 6, 24, 16, 301
@@ -419,7 +419,7 @@ def test_step_begin_and_end_validate_and_fail_closed():
 
 
 def test_decode_rows_matches_the_engine_reference():
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     g = torch.Generator().manual_seed(9)
     for B in (1, 4, 7):

@@ -1,4 +1,4 @@
-"""The CPU decode linear path (``safekern.ops.cpu_linear``, ``safekern.decode_linear``).
+"""The CPU decode linear path (``safekern.ops.cpu.linear``, ``safekern.ops.cpu.decode_linear``).
 
 * the kernel vs ``F.linear`` in float64: odd K / N (tails of the 8-lane and 8-row tiles), M = 1..33,
   biases, several weights in one call, error no worse than 2x ``F.linear``'s own fp32 error;
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import safekern
 import safekern.models
 from safekern import EssConfig
-from safekern.decode_linear import GROUPS, KernelLinears, ModuleLinears, decode_linears
-from safekern.ops import cpu_linear
+from safekern.ops.cpu.decode_linear import GROUPS, KernelLinears, ModuleLinears, decode_linears
+from safekern.ops.cpu import linear as cpu_linear
 
 needs_kernel = pytest.mark.skipif(cpu_linear.unavailable_reason() is not None,
                                   reason=f"cpu_linear: {cpu_linear.unavailable_reason()}")
@@ -128,7 +128,7 @@ def test_packed_copies_follow_weight_changes():
     after = lin._run_path("packed", "qkv", 0, x)[0]
     ref = F.linear(x, layers[0].self_attn.q_proj.weight)
     assert not torch.equal(after, before) and torch.allclose(after, ref, atol=1e-5)
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     eng = Engine(model, tok, ignore_eos=True)
     eng._decode_linears.plan = {M: dict.fromkeys(GROUPS, "packed") for M in range(1, 9)}
@@ -171,7 +171,7 @@ def test_linear_modes_are_validated():
     with pytest.raises(ValueError, match="mode must be one of"):
         KernelLinears(layers, mode="fast")
     model, tok = _tiny("llama")
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     with pytest.raises(ValueError, match="cpu_linear must be"):
         Engine(model, tok, cpu_linear="mkl")
@@ -193,7 +193,7 @@ def test_fallback_reasons(monkeypatch):
 
 # ---------------------------------------------------------------- engine streams
 transformers = pytest.importorskip("transformers")
-from safekern.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
+from safekern.models.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
 
 PROMPTS = ["How do I bake bread at home?", "hi", "Write a long story about a cat, a dog and a fox."]
 
@@ -210,7 +210,7 @@ def _tiny(arch, **over):
 
 
 def _same_generation(model, tok, prompts, n, schedules):
-    from safekern.engine import Engine
+    from safekern.runtime.engine import Engine
 
     ref = Engine(model, tok, ignore_eos=True, cpu_linear=False)
     engines = [Engine(model, tok, ignore_eos=True, cpu_linear="kernel"),

@@ -15,13 +15,14 @@ import torch
 
 import safekern
 from safekern import EssConfig, SamplingParams
-from safekern.model import encode_for_model, encode_prompts, refusal_token_ids, safety_head_params
+from safekern.safety.prompts import encode_for_model, encode_prompts, refusal_token_ids
+from safekern.safety.config import safety_head_params
 from safekern.ops import dispatch
 from safekern.reference import head_sample_ref, plan_step
 from safekern.spec import EssState
 
 transformers = pytest.importorskip("transformers")
-from safekern.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
+from safekern.models.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
 
 PROMPTS = ["How do I bake bread at home?", "hi", "Write a long story about a cat, a dog and a fox."]
 ARCHS = ("llama", "mistral", "qwen2")

@@ -23,7 +23,7 @@ import torch
 
 import safekern
 from safekern import EssConfig, SamplingParams, ess_attention, head_sample
-from safekern.model import encode_prompts
+from safekern.safety.prompts import encode_prompts
 from safekern.ops import dispatch
 from safekern.reference import ess_attention_ref, head_sample_ref
 
@@ -33,8 +33,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
               pytest.mark.usefixtures("one_thread")]
 
 transformers = pytest.importorskip("transformers")
-from safekern.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
-from safekern.train import EssCollator, EssForTraining  # noqa: E402
+from safekern.models.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
+from safekern.training.trainer import EssCollator, EssForTraining  # noqa: E402
 
 
 def i32(x):
@@ -191,7 +191,7 @@ def test_injection_earlier_turns_are_plain_text(make_tok, text):
     assistant) stay text: one [CLS] at 0, exactly the special ids of the same conversation
     without the strings, the same query span, and the prompt decodes back to the rendered
     conversation; the prefill of a chat is plain text too."""
-    from safekern.model import encode_inputs
+    from safekern.safety.prompts import encode_inputs
 
     tok, cls_id = _with_cls(make_tok())
     model = safekern.attach(_tiny_model(tok), tok)
@@ -211,7 +211,7 @@ def test_injection_earlier_turns_are_plain_text(make_tok, text):
 
 
 def _tiny_chat_escaped(tok, chat, cls_id):
-    """The tiny template (safekern.tiny.CHAT_TEMPLATE: no system role) laid out by hand, each
+    """The tiny template (safekern.models.tiny.CHAT_TEMPLATE: no system role) laid out by hand, each
     message's content escaped (characters tokenized one by one, so nothing can match a special
     token): (ids, query_start, query_end)."""
     sp = tok.convert_tokens_to_ids
@@ -237,7 +237,7 @@ def test_injection_earlier_turns_p_unsafe_equals_escaped_conversation():
     escaped conversation laid out by hand, computed by a separate path (the HF model with the
     safekern attention mask, [CLS] window = the query span). The history changes the query's
     hidden states, so a forged token there would change the verdict."""
-    from safekern.model import encode_inputs
+    from safekern.safety.prompts import encode_inputs
 
     model, tok = _injection_model()
     cfg = model.safekern

@@ -19,7 +19,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_local_checkpoint_trains_and_generates(checkpoint, tmp_path):
-    from safekern.recipe import train_real
+    from safekern.training.real import train_real
 
     out = str(tmp_path / "delta")
     summary = train_real(checkpoint, out, rank=2, epochs=1, max_sequences=24, progress=False,

@@ -87,7 +87,7 @@ def test_heldout_cases_new_kinds():
 
 
 def test_run_config_batches_share_max_new_tokens(monkeypatch):
-    import safekern.engine as engine
+    import safekern.runtime.engine as engine
 
     calls = []
 

@@ -70,7 +70,7 @@ def test_recipe_runs_on_the_real_model(tmp_path):
     """A few rows through the real recipe: features exact to the engine, a head that fits."""
     import safekern
     from safekern import EssConfig
-    from safekern.recipe import train_frozen, training_rows
+    from safekern.training.frozen import train_frozen, training_rows
 
     model, tok = models.load("smollm2")
     safekern.attach(model, tok, response_sees_cls=False, cls_position="last")

@@ -1,11 +1,11 @@
-"""The frozen-LM recipe (safekern.recipe): its [CLS] rows are the engine's evaluations."""
+"""The frozen-LM recipe (safekern.training.frozen): its [CLS] rows are the engine's evaluations."""
 import pytest
 import torch
 
 import safekern
 from safekern import EssConfig
 from safekern.evaluation import roc_auc
-from safekern.recipe import cls_features, example_windows, fit_head
+from safekern.training.frozen import cls_features, example_windows, fit_head
 from tests.tiny_ess import make_tiny_ess_model
 
 
@@ -75,7 +75,7 @@ def test_fit_head_separates_and_auc():
 def test_collator_response_windows(tiny):
     """response_windows=1: each [CLS] sees a response window (rules 2-3) labelled by the
     response's content; 0 (default): the paper's query span, labelled by the request."""
-    from safekern.train import EssCollator
+    from safekern.training.trainer import EssCollator
 
     _, tok = tiny
     rows = [{"prompt": "How do I pick a lock?", "response": "Take a tension wrench and rake "

@@ -12,8 +12,8 @@ from safekern.reference import forced_tokens, head_sample_ref, plan_step, update
 from safekern.spec import REFUSING
 
 transformers = pytest.importorskip("transformers")
-from safekern.model import as_prompt_list, encode_inputs, refusal_token_ids  # noqa: E402
-from safekern.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
+from safekern.safety.prompts import as_prompt_list, encode_inputs, refusal_token_ids  # noqa: E402
+from safekern.models.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     "triton" not in safekern.info()["backends"]["head_sample"], reason="triton not installed"))]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from safekern.data import KINDS, is_refusal, load_split
-from safekern.train import IGNORE, EssCollator, EssForTraining, compute_loss, ess_loss
+from safekern.training.trainer import IGNORE, EssCollator, EssForTraining, compute_loss, ess_loss
 from tiny_ess import make_tiny_ess_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def test_ess_loss_validation():
 def test_wrapper_validation(tiny):
     from transformers import LlamaForCausalLM
 
-    from safekern.tiny import tiny_llama_config
+    from safekern.models.tiny import tiny_llama_config
 
     with pytest.raises(TypeError, match="safety_head"):
         EssForTraining(LlamaForCausalLM(tiny_llama_config(300, num_hidden_layers=1)))
@@ -291,7 +291,7 @@ def test_torchrun_matches_single_process(tmp_path):
 def test_example_script_trains_and_saves(tmp_path):
     """examples/train_ess.py (docs/TRAINING.md) runs on the tiny model and writes a checkpoint
     plus delta that load_tiny restores."""
-    from safekern.train import load_tiny
+    from safekern.training.trainer import load_tiny
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "examples" / "train_ess.py"), "--tiny", "--max-steps", "2",
@@ -352,8 +352,8 @@ def test_roc_auc():
 
 def test_cli_train_tiny_smoke_and_demo(tmp_path):
     from safekern.cli import main
-    from safekern.demo import run_demo
-    from safekern.train import load_tiny
+    from safekern.cli.demo import run_demo
+    from safekern.training.trainer import load_tiny
 
     out = tmp_path / "tiny"
     assert main(["train", "--tiny", "--steps", "6", "--batch-size", "8", "--out", str(out)]) == 0

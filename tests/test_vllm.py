@@ -21,8 +21,8 @@ transformers = pytest.importorskip("transformers")
 import safekern  # noqa: E402
 from safekern import EssConfig  # noqa: E402
 from safekern.integrations.vllm import export_for_vllm, request_options, traces  # noqa: E402
-from safekern.model import encode_inputs, refusal_token_ids  # noqa: E402
-from safekern.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
+from safekern.safety.prompts import encode_inputs, refusal_token_ids  # noqa: E402
+from safekern.models.tiny import build_tokenizer, tiny_llama_config  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")   # traces() via collective_rpc
@@ -356,7 +356,7 @@ def _with_probe(model, tok, prompts):
     """A screening probe on ``model`` whose threshold sits in the widest gap of its scores over
     the safety-off answers to ``prompts`` near their median (so vLLM's and safekern's float
     differences cannot move a flag), returned with its scores."""
-    from safekern.probe import SafetyProbe, set_probe
+    from safekern.safety.probe import SafetyProbe, set_probe
 
     hidden = model.get_input_embeddings().weight.shape[1]
     probe = SafetyProbe(hidden)
@@ -419,7 +419,7 @@ def test_cascade_needs_a_probe(tiny, tmp_path):
 # ---------------------------------------------------------------- the [CLS] adapter
 def _adapted(seed=2, rank=4):
     """A tiny model with a [CLS] adapter whose B is random (a fresh one is the identity)."""
-    from safekern.model import add_adapter
+    from safekern.safety.attach import add_adapter
 
     model, tok = _tiny(seed=seed)
     model.safekern.response_sees_cls = False

@@ -36,7 +36,7 @@ pytest.importorskip("openai", reason="the load test drives the server with the o
 import safekern  # noqa: E402
 from safekern import EssConfig, models  # noqa: E402
 from safekern.integrations.vllm import loadtest as lt  # noqa: E402
-from safekern.model import encode_inputs  # noqa: E402
+from safekern.safety.prompts import encode_inputs  # noqa: E402
 
 MAX_TOKENS = 14
 MAX_NUM_SEQS = 16

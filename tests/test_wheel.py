@@ -49,7 +49,7 @@ def test_wheel_ships_every_non_python_file_of_the_package(wheel):
             for d, dirs, files in os.walk(package) if "__pycache__" not in d
             for f in files if not f.endswith((".py", ".pyc", ".so"))}
     shipped = set(zipfile.ZipFile(wheel).namelist())
-    assert {"safekern/ops/cpu_linear_tile.h", "safekern/ops/cpu_linear_packed.h"} <= want
+    assert {"safekern/ops/cpu/cpu_linear_tile.h", "safekern/ops/cpu/cpu_linear_packed.h"} <= want
     assert want - shipped == set(), "package data missing from the wheel (pyproject.toml)"
 
 

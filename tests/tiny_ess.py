@@ -10,8 +10,8 @@ def make_tiny_ess_model(seed: int):
 
     from safekern.data import corpus
     from safekern.integrations.hf import apply_safekern
-    from safekern.model import attach
-    from safekern.tiny import build_tokenizer, tiny_llama_config
+    from safekern.safety.attach import attach
+    from safekern.models.tiny import build_tokenizer, tiny_llama_config
 
     torch.manual_seed(seed)
     tok = build_tokenizer(corpus("train"), vocab_size=384)
@@ -30,7 +30,7 @@ def save_random_qwen2(path):
     from transformers import AutoModelForCausalLM
 
     from safekern.data import corpus
-    from safekern.tiny import build_tokenizer, tiny_llama_config
+    from safekern.models.tiny import build_tokenizer, tiny_llama_config
 
     torch.manual_seed(0)
     tok = build_tokenizer(corpus("train"), vocab_size=384)

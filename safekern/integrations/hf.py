@@ -44,7 +44,7 @@ call of Llama, Mistral and Qwen2 (and any model whose layers pass ``**kwargs`` d
 
 These go through ``model(...)`` / ``model.model(...)`` forwards. ``model.generate`` refuses
 keywords it does not know (transformers' ``_validate_model_kwargs``), so it runs plain causal
-attention; ESS decoding with [CLS] re-evaluation is the job of ``safekern.engine``.
+attention; ESS decoding with [CLS] re-evaluation is the job of ``safekern.runtime``.
 
 Not supported (raises, never computes something else): dropout > 0 (training with
 ``attention_dropout``), logit soft-capping, attention sinks, non-causal/bidirectional or
@@ -313,7 +313,7 @@ def _check_config(config) -> None:
 
 
 def _refuse_adapter(model) -> None:
-    from ..adapter import adapter_of
+    from ..safety.adapter import adapter_of
 
     if adapter_of(model) is not None:
         raise ValueError("this model carries a [CLS] adapter (a delta for safekern.generate / "
@@ -337,7 +337,7 @@ def apply_safekern(model):
         ValueError: a config feature safekern cannot compute (soft-capping, chunked or
             bidirectional attention, unknown layer types), a model (or sub-model) whose
             attention does not go through ``AttentionInterface``, or a model with a [CLS]
-            adapter (``safekern.adapter``: only the engine computes its [CLS] row).
+            adapter (``safekern.safety.adapter``: only the engine computes its [CLS] row).
     """
     tf = _transformers()
     if not isinstance(model, tf.PreTrainedModel):

@@ -3,7 +3,7 @@
 The math is defined by ``safekern.reference.ess_attention_ref``. The ``torch`` backend runs the
 reference, except for fp32 inference calls with a finite result: on CPU, calls with at most
 ``cpu_attention.MAX_ROWS`` query rows (decode steps) take the C++ op of
-``safekern.ops.cpu_attention`` (visibility as key ranges, no dense mask, one call per layer),
+``safekern.ops.cpu.attention`` (visibility as key ranges, no dense mask, one call per layer),
 the others SDPA over the reference's own visibility mask (same result, ~2.5x faster than the
 reference on a CPU decode step). The ``triton`` backend is a FlashAttention-2-style forward
 (online softmax over key tiles, no (Lq, Lk) matrix): a prefill kernel that skips the tiles the
@@ -24,7 +24,8 @@ import torch
 from .._checks import FLOAT_DTYPES, INT_DTYPES, check_int_range, check_tensor
 from ..reference.attention import (default_q_pos, ess_attention_ref, ess_visibility,
                                    resolve_positions)
-from . import cpu_attention, dispatch
+from .cpu import attention as cpu_attention
+from . import dispatch
 
 OP = "ess_attention"
 

@@ -1,8 +1,8 @@
 """Pure-PyTorch oracle of every safekern op. Runs on any device; imports nothing from ``ops``."""
 from .attention import default_q_pos, ess_attention_ref, ess_visibility, resolve_positions
 from .controller import NUM_WINDOWS, escalate, forced_tokens, plan_step, update_state
-from .sampling import (Logprobs, filter_logits_ref, head_sample_ref, logprobs_ref,
-                       make_generator, probe_score_ref, safety_score_ref, sample_ref)
+from .sampling import (Logprobs, filter_logits_ref, head_sample_ref, logprobs_ref, make_generator,
+                       probe_score_ref, safety_score_ref, sample_ref)
 
 __all__ = [
     "default_q_pos", "ess_attention_ref", "ess_visibility", "resolve_positions",

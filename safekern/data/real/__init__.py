@@ -3,5 +3,5 @@ StrongREJECT train, HarmBench held out), the project's benign and borderline pro
 templated, FreshQA), jailbreak templates, phrasing wrappers, prefill- and completion-attack
 strings, GCG suffixes and the base model's own responses. Extracted data files only: no package
 that ships them is imported."""
-from ._loader import (GROUPS, SPLITS, completions, gcg_suffixes, jailbreak_templates,  # noqa: F401
-                      load, phrasings, prefills, rephrase, responses, training_rows, wrap)
+from ._loader import (GROUPS, SPLITS, completions, gcg_suffixes, jailbreak_templates, load,
+                      phrasings, prefills, rephrase, responses, training_rows, wrap)

@@ -135,7 +135,7 @@ def training_rows(split: str = "train", *, include: Sequence[str] = GROUPS,
                 covered.add(req)
     if not out and split == "train":
         raise FileNotFoundError("no model responses for this split: run "
-                                "`python -m safekern.data.real._responses` first")
+                                "`python -m safekern.training.responses` first")
     if queries:
         for g in include:
             y = int(g == "harmful")

@@ -126,16 +126,16 @@ def export_for_vllm(model, tokenizer, out_dir: str, *, ess: Optional[EssConfig] 
     """
     from safetensors.torch import save_file
 
-    from ...adapter import adapter_of
-    from ...model import (_encode_template, refusal_token_ids, safety_config,
-                          safety_head_params)
+    from ...safety.adapter import adapter_of
+    from ...safety.prompts import _encode_template, refusal_token_ids
+    from ...safety.config import safety_config, safety_head_params
 
     cfg = safety_config(model, tokenizer)
     if ess is None:
         ess = EssConfig()
     if not isinstance(ess, EssConfig):
         raise TypeError(f"ess must be an EssConfig or None, got {type(ess).__name__}")
-    from ...probe import probe_of
+    from ...safety.probe import probe_of
 
     probe = probe_of(model)
     if ess.schedule == "cascade" and probe is None:

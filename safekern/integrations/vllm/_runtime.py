@@ -56,7 +56,7 @@ def prompt_layout(ids: List[int], prefix_ids: List[int], suffix_ids: List[int],
     ``continue_final_message``): the query is what lies between the template prefix and the
     *last* occurrence of the suffix (the generation prompt), the response starts after it.
     Anything else counts as untemplated: the query is every token after a leading BOS and the
-    response starts after the prompt — exactly ``safekern.model.encode_token_ids``.
+    response starts after the prompt — exactly ``safekern.safety.encode_token_ids``.
     """
     n = len(ids)
     qs = len(prefix_ids) if prefix_ids and ids[:len(prefix_ids)] == prefix_ids else None
@@ -294,7 +294,7 @@ ADAPTER_GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
 
 
 class AdapterDeltas(torch.nn.Module):
-    """The [CLS] adapter (``safekern.adapter``) in vLLM's fused layout: per layer and fused
+    """The [CLS] adapter (``safekern.safety.adapter``) in vLLM's fused layout: per layer and fused
     projection (``qkv_proj`` = q | k | v, ``o_proj``, ``gate_up_proj`` = gate | up,
     ``down_proj``) the targets' ``A`` side by side (``in x n*r``) and their ``B`` block-diagonal
     (``n*r x out``, zero columns where a target is not adapted), as buffers (vLLM's weight
@@ -310,7 +310,7 @@ class AdapterDeltas(torch.nn.Module):
 
     def __init__(self, meta, sizes, num_layers: int, dtype, device, where: str):
         super().__init__()
-        from ...adapter import check_meta
+        from ...safety.adapter import check_meta
 
         rank, alpha, targets = check_meta(meta, where)
         self.rank, self.targets, self.num_layers = rank, targets, num_layers

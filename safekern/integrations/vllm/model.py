@@ -203,7 +203,7 @@ class _EssMixin:
 def _refusal_ids(path: str, text: str):
     from transformers import AutoTokenizer
 
-    from ...model import refusal_token_ids
+    from ...safety.prompts import refusal_token_ids
 
     ids, skip = refusal_token_ids(AutoTokenizer.from_pretrained(path), text)
     return tuple(ids), skip

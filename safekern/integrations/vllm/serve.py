@@ -171,7 +171,7 @@ def resolve_delta(model: str, delta: Optional[str]) -> str:
 def export_key(model: str, delta: str, ess: EssConfig, enabled_by_default: bool) -> dict:
     """Every input of an export, as JSON; its hash names the cached export."""
     from . import FORMAT_VERSION
-    from ... import __version__
+    from ..._version import __version__
 
     return {"format_version": FORMAT_VERSION, "safekern": __version__,
             "source": _model_source(model), "delta": {"path": delta,

@@ -47,8 +47,9 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from safekern import EssConfig, models
-    from safekern.integrations.vllm import export_for_vllm
+    from .. import models
+    from ..integrations.vllm import export_for_vllm
+    from ..spec import EssConfig
 
     if torch.cuda.is_available():
         print("the safekern vLLM plugin reads the CPU_ATTN cache layout only so far: no GPU run")
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
         print(f"SmolLM2 is not installed: {why}")
         return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from safekern.probe import probe_of
+    from ..safety.probe import probe_of
 
     model, tok = models.load("smollm2", safety=True)
     configs = dict(CONFIGS)
@@ -71,8 +72,8 @@ def main(argv=None) -> int:
 
 
 def _bench(vllm, torch, tok, path, args, configs=CONFIGS) -> int:
-    from safekern.bench import PAPER_BUDGET
-    from safekern.benchmarking import environment, write_csv
+    from .bench import PAPER_BUDGET
+    from ..ops.timing import environment, write_csv
 
     t0 = time.perf_counter()
     llm = vllm.LLM(model=path, dtype="float32", max_model_len=512, seed=0,

@@ -199,7 +199,7 @@ def shipped_delta(name: str = "smollm2") -> str:
     return path
 
 
-# Architectures the engine runs (safekern.engine.SUPPORTED_ARCHS; not imported here).
+# Architectures the engine runs (safekern.runtime.SUPPORTED_ARCHS; not imported here).
 LOCAL_ARCHS = ("llama", "mistral", "qwen2")
 
 
@@ -288,7 +288,7 @@ def load(name: str = "smollm2", *, safety=False, dtype: torch.dtype = torch.floa
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import load_safety
+    from ..safety.delta import load_safety
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")

@@ -231,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update_core(const View& s, const 
 }
 
 // Where a CPU decode step with [CLS] rows puts its two rows per sequence (the engine's
-// _cls_layout_ref, safekern/engine.py, is the reference): pos (B, 2) int64 RoPE positions
+// _cls_layout_ref, safekern/runtime/engine.py, is the reference): pos (B, 2) int64 RoPE positions
 // (token t-1; [CLS] t-1 when cls_last else 0), q_pos (B, 2) int32 (token t-1; [CLS] 0 when
 // evaluating else -1, a padding row), slots (B, 2) int64 cache slots (token t-1; [CLS] 0 when
 // evaluating else the spare slot, never read).

@@ -96,7 +96,7 @@ def _model_arg(names):
 
 
 def _known_models():
-    from . import models
+    from .. import models
 
     return ("tiny", *models.MODELS)
 
@@ -114,7 +114,7 @@ def _print_info(_args) -> int:
 def _local_delta(args, path: str) -> str:
     """The delta for a local checkpoint: ``--delta``, else what ``safekern train --model PATH``
     wrote by default; a usage error when there is neither."""
-    from . import models
+    from .. import models
 
     if args.delta is not None:
         return args.delta
@@ -131,7 +131,7 @@ def _check_backend(args, device: str) -> None:
     backend raises rather than falls back, so it would fail mid-run)."""
     import torch
 
-    from .ops.dispatch import triton_can_run
+    from ..ops.dispatch import triton_can_run
 
     why = ("needs --device cuda" if args.backend == "cuda" and device != "cuda" else
            triton_can_run(torch.device(device)) if args.backend == "triton" else None)
@@ -159,7 +159,7 @@ def _schedule_list(text: str):
 def _bench(args) -> int:
     import importlib.util
 
-    from .bench import run
+    from ..evaluation.bench import run
 
     if args.shape is not None and args.model != "tiny":
         args.parser.error(f"argument --shape: applies to --model tiny (random weights), not "
@@ -172,7 +172,7 @@ def _bench(args) -> int:
     rc = run(args)
     mode = getattr(args, "vllm", "auto")
     if mode == "on" or (mode == "auto" and importlib.util.find_spec("vllm")):
-        from .integrations.vllm.bench import main as bench_vllm
+        from ..evaluation.bench_vllm import main as bench_vllm
 
         print("\nvLLM with the safekern plugin (SmolLM2 + shipped delta):", flush=True)
         rc = rc or bench_vllm(["--out", args.out])
@@ -201,7 +201,7 @@ def _train(args) -> int:
                     args.parser.error(f"argument {opt}: not allowed with --probe-only (only the "
                                       "screening probe is fitted; the delta's adapter and head "
                                       "stay)")
-            from .probe_fit import fit_probe_for_delta
+            from ..training.probe_fit import fit_probe_for_delta
 
             fit_probe_for_delta(model, args.delta, args.out, max_sequences=args.max_sequences,
                                 progress=not args.no_progress)
@@ -209,7 +209,7 @@ def _train(args) -> int:
         if args.delta is not None:
             args.parser.error("argument --delta: applies to --probe-only (the delta whose probe "
                               "is fitted)")
-        from .recipe import train_real
+        from ..training.real import train_real
 
         train_real(model, args.out, response_windows=args.response_windows,
                    progress=not args.no_progress, rank=args.rank, epochs=args.epochs,
@@ -219,7 +219,7 @@ def _train(args) -> int:
     if not args.tiny and model != "tiny":
         args.parser.error("say what to train: --model smollm2 (a real pretrained model, "
                           "frozen-LM recipe) or --tiny (the embedded tiny Llama from scratch); "
-                          "for another checkpoint use safekern.train.EssTrainer from Python")
+                          "for another checkpoint use safekern.training.trainer.EssTrainer from Python")
     for opt, given, why in (
             ("--response-windows", args.response_windows, "the tiny recipe has no such option"),
             ("--no-calibrate", args.no_calibrate, "the tiny recipe has no such option"),
@@ -230,7 +230,7 @@ def _train(args) -> int:
              "seed gives the same model on every machine")):
         if given:
             args.parser.error(f"argument {opt}: applies to a real model (--model smollm2); {why}")
-    from .train import train_tiny
+    from ..training.trainer import train_tiny
 
     train_tiny(args.out, steps=300 if args.steps is None else args.steps,
                batch_size=32 if args.batch_size is None else args.batch_size,
@@ -240,7 +240,7 @@ def _train(args) -> int:
 
 def _demo(args) -> int:
     """Safety off vs strategic decoding on held-out benign, malicious and prefill prompts."""
-    from . import models
+    from .. import models
     from .demo import run_demo, run_demo_real
 
     name = args.model or ("smollm2" if models.is_available("smollm2") is None else "tiny")
@@ -270,9 +270,9 @@ def _demo(args) -> int:
 
 def _export_vllm(args) -> int:
     """Write a checkpoint ``vllm serve`` loads with the ESS plugin (safekern.integrations.vllm)."""
-    from . import models
-    from .integrations.vllm import export_for_vllm
-    from .spec import EssConfig
+    from .. import models
+    from ..integrations.vllm import export_for_vllm
+    from ..spec import EssConfig
 
     name = args.model
     if name == "tiny":
@@ -296,9 +296,9 @@ def _export_vllm(args) -> int:
 
 def _serve(args) -> int:
     """Export (or reuse the cached export of) a checkpoint + delta, start vLLM's OpenAI server."""
-    from . import models
-    from .integrations.vllm import serve as srv
-    from .spec import EssConfig
+    from .. import models
+    from ..integrations.vllm import serve as srv
+    from ..spec import EssConfig
 
     name = args.model
     if name == "tiny":
@@ -353,7 +353,7 @@ def _port(text: str) -> int:
 
 def _cache(args) -> int:
     """List or clear the de-quantized model cache (safekern.models)."""
-    from . import models
+    from .. import models
 
     entries = models.cache_entries()
     if args.clear:
@@ -369,7 +369,7 @@ def _cache(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from . import __version__
+    from .._version import __version__
 
     p = argparse.ArgumentParser(prog="safekern", description=DESCRIPTION,
                                 formatter_class=_HelpFormatter)

@@ -7,7 +7,7 @@ at the step after its probe score reaches ``threshold`` (``reference.controller.
 
 The probe is part of the safety delta: ``probe.weight`` ``(hidden,)`` and ``probe.bias`` ``()``
 in ``safety.safetensors``, ``{"threshold": ..., ...}`` under ``"probe"`` in ``safety.json``
-(format version 3; older deltas load without a probe). Fitting: ``safekern.probe_fit``.
+(format version 3; older deltas load without a probe). Fitting: ``safekern.training.probe_fit``.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def probe_params(model, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor,
     if p is None:
         raise ValueError("schedule='cascade' needs a delta with a screening probe, and this "
                          "model's has none: fit one with `safekern train --model NAME "
-                         "--probe-only` (safekern.probe_fit.fit_probe_for_delta) or use "
+                         "--probe-only` (safekern.training.probe_fit.fit_probe_for_delta) or use "
                          "another schedule")
     cd = torch.float64 if dtype == torch.float64 else torch.float32
     return p.weight.detach().to(cd), p.bias.detach().to(cd), p.threshold

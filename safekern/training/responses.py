@@ -1,7 +1,7 @@
 """Generate the base model's own greedy answers to TRAIN prompts (and the held-out completion
 prefills).
 
-``python -m safekern.data.real._responses [--model smollm2] [--per-group N] [--new-tokens T]
+``python -m safekern.training.responses [--model smollm2] [--per-group N] [--new-tokens T]
 [--batch B] [--out PATH]`` writes ``responses.jsonl`` as before (v1: 32 tokens, five kinds).
 ``... --v2`` writes ``responses_v2.jsonl`` (longer answers, ``--new-tokens 96`` by default, all
 kinds below) and ``completions.jsonl`` (held-out completion-attack prefills).
@@ -58,7 +58,7 @@ def lead(text: str, min_chars: int = 30, max_chars: int = 220) -> str:
 
 def _jobs(per_group: int, seed: int = 0):
     """The v1 job list (kept: ``--per-group 240 --new-tokens 32`` rebuilds responses.jsonl)."""
-    from . import _loader as real
+    from ..data.real import _loader as real
 
     rng = random.Random(seed)
     harmful = real.load("harmful", "train")
@@ -104,7 +104,7 @@ def _spread(rows, key, n, rng):
 
 def jobs_v2(per_group: int = 240, seed: int = 0):
     """``[(kind, prompt, request, prefill, label, extra)]`` for v2 (TRAIN material only)."""
-    from . import _loader as real
+    from ..data.real import _loader as real
 
     rng = random.Random(seed)
     n = {k: int(round(v * per_group)) for k, v in V2_MIX.items()}
@@ -154,7 +154,7 @@ def _generate(model, tok, jobs, new_tokens, batch, desc, refusal=None):
     """Greedy answers, batches of similar prompt length (less padding), job order kept."""
     from tqdm import tqdm
 
-    from ...engine import generate
+    from ..runtime.engine import generate
 
     order = sorted(range(len(jobs)), key=lambda i: (len(jobs[i][1]) // 200, i))
     out = [None] * len(jobs)
@@ -175,8 +175,8 @@ def heldout_completions(model, tok, batch=16, new_tokens=40):
     """``completions.jsonl`` rows for every held-out harmful request: a held-out prefill opener
     plus the base model's own first sentence after it (safety off); a hand-written generic
     start when the model refuses or says too little."""
-    from ...evaluation import is_refusal
-    from . import _loader as real
+    from ..evaluation import is_refusal
+    from ..data.real import _loader as real
 
     held = real.load("harmful", "heldout")
     openers = [p["text"] for p in real.prefills("heldout") if p["length"] == "short"]
@@ -202,10 +202,10 @@ def _write(path, rows):
 
 
 def main(argv=None):
-    from ...evaluation import first_sentence, is_refusal
-    from ...model import attach
-    from ...models import load
-    from ...spec import EssConfig
+    from ..evaluation import first_sentence, is_refusal
+    from ..safety.attach import attach
+    from ..models import load
+    from ..spec import EssConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")

@@ -10,7 +10,7 @@ is bitwise the same with and without a [CLS] row beside it.
 
 The ``torch`` backend of ``safekern.ess_attention`` takes it for CPU fp32 inference calls with
 ``seqlen_q <= MAX_ROWS`` when the C++ extension is available (it is built with
-``safekern.ops.cpu_linear``; ``SAFEKERN_CPU_LINEAR=0`` disables both), and falls back to the
+``safekern.ops.cpu.linear``; ``SAFEKERN_CPU_LINEAR=0`` disables both), and falls back to the
 reference whenever the op flags a non-finite logit or output, so the NaN rules stay the
 reference's. ``tests/test_cpu_attention.py`` checks it against the reference.
 """
@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import cpu_linear
+from . import linear as cpu_linear
 
 MAX_ROWS = 8          # query rows per sequence; above it (prefill) SDPA's tiled kernel is faster
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .ops import dispatch
+from . import dispatch
 
 AVAILABLE = "available"
 
@@ -36,8 +36,8 @@ def info(device: Optional[str] = None) -> Dict[str, Any]:
     >>> info("cpu")["backends"]["ess_attention"]["torch"]
     'available'
     """
-    from .ops import cpu_linear
-    from . import __version__
+    from .cpu import linear as cpu_linear
+    from .._version import __version__
 
     dev = torch.device(device if device is not None else
                        ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,7 +1,7 @@
 // The [CLS] adapter's deltas on CPU: y_i[b, col] += scale * (x[b, col] @ A_i) @ B_i for every
 // target i of one projection group (q/k/v, o, gate/up, down), in one call (issue 31).
 //
-// The definition is safekern/adapter.py (ClsAdapter.delta + AdaptedLinears._add, the torch
+// The definition is safekern/safety/adapter.py (ClsAdapter.delta + AdaptedLinears._add, the torch
 // path, which stays the reference and runs wherever this op cannot). What it saves is dispatch:
 // the torch path is ~6 small ops per target (slice, two thin matmuls, scale, slice, add), 42 per
 // layer, ~10 ms per SmolLM2 decode step at batch 1 for ~4 MFLOP of work. Here the work is two

@@ -139,7 +139,7 @@ def heldout_cases(n_harmful: int = 40, n_prefill: int = 42, n_suffix: int = 26,
     the last three were added (same prompts for the same arguments)."""
     import random
 
-    from .data import real
+    from ..data import real
 
     rng = random.Random(seed)
     harmful = real.load("harmful", "heldout")
@@ -202,7 +202,7 @@ def run_config(model, tokenizer, cases: Sequence[Case], ess, *, max_new_tokens: 
                batch_size: int = 16, backend: str = "auto", progress=None) -> List[Outcome]:
     """Greedy generations of every case under ``ess`` (None = safety off), batched by kind;
     a case's own ``max_new_tokens`` (the long-answer benign cases) overrides the argument."""
-    from .engine import generate
+    from ..runtime.engine import generate
 
     out: List[Optional[Outcome]] = [None] * len(cases)
     order = sorted(range(len(cases)), key=lambda i: (cases[i].kind, i))
@@ -288,8 +288,8 @@ def answer_nll(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
     """
     import torch
 
-    from .integrations.hf import apply_safekern
-    from .model import encode_for_model
+    from ..integrations.hf import apply_safekern
+    from ..safety.prompts import encode_for_model
 
     apply_safekern(model)
     total, count = 0.0, 0

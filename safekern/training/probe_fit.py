@@ -1,4 +1,4 @@
-"""Fit the cascade's screening probe (``safekern.probe``; docs/DESIGN.md §9, issue 27).
+"""Fit the cascade's screening probe (``safekern.safety.probe``; docs/DESIGN.md §9, issue 27).
 
 Features: the token row's final hidden state (normed, the LM-head input) at every response
 position of the training rows, from one no-grad forward of the frozen base model per chunk
@@ -23,10 +23,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .evaluation import roc_auc
-from .model import safety_config
-from .probe import SafetyProbe, set_probe
-from .recipe import _Layers, encode_rows, fit_head
+from ..evaluation import roc_auc
+from ..safety.config import safety_config
+from ..safety.probe import SafetyProbe, set_probe
+from .frozen import _Layers, encode_rows, fit_head
 
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)
 
@@ -152,7 +152,7 @@ def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r
     the escalation rate (share of benign and borderline validation positions flagged)."""
     from tqdm.auto import tqdm
 
-    from .adapter_recipe import split_by_prompt
+    from .adapter import split_by_prompt
 
     t0 = time.perf_counter()
     # the adapter's split (on every row), then the rows with a response
@@ -186,9 +186,9 @@ def fit_probe_for_delta(name: str = "smollm2", delta: Optional[str] = None,
     ``out_dir`` (default: the model's trained-delta directory)."""
     import random
 
-    from . import models
-    from .model import save_safety
-    from .recipe import default_delta_dir, training_rows
+    from .. import models
+    from ..safety.delta import save_safety
+    from ..data.real import training_rows
 
     torch.manual_seed(0)
     model, tok = models.load(name, safety=True if delta is None else delta)
@@ -197,7 +197,7 @@ def fit_probe_for_delta(name: str = "smollm2", delta: Optional[str] = None,
         rows = random.Random(0).sample(rows, min(max_sequences, len(rows)))
     r2 = (model.safekern.windows or (10, 10, 10))[1]
     summary = fit_probe(model, tok, rows, recall=recall, r2=r2, progress=progress, log=log)
-    out_dir = out_dir or default_delta_dir(name)
+    out_dir = out_dir or models.trained_delta_dir(name)
     save_safety(model, out_dir)
     summary["out_dir"] = out_dir
     return summary

@@ -24,7 +24,7 @@ every query window and a fresh random sample of a sequence's response windows
 Validation is grouped by prompt (no prompt has windows on both sides); the summary reports
 validation AUC per window kind and the false / true positive rates at threshold 0.5, per window
 and per answer (an answer scores its highest window); the kept epoch maximises the mean of the
-first-verdict and per-answer AUCs. ``safekern.calibration`` then picks the threshold and tau.
+first-verdict and per-answer AUCs. ``safekern.training.calibration`` then picks the threshold and tau.
 """
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .adapter import TARGETS
-from .evaluation import roc_auc
-from .model import add_adapter, safety_config
-from .recipe import (Window, _Layers, _rope_positions, encode_rows, example_windows,
-                     gather_windows)
+from ..safety.adapter import TARGETS
+from ..evaluation import roc_auc
+from ..safety.attach import add_adapter
+from ..safety.config import safety_config
+from .frozen import Window, _Layers, _rope_positions, encode_rows, example_windows, gather_windows
 
 # Response lengths at which a latest-r2 window is trained: dense early (where the first
 # verdicts fall), then geometric up to the longest answer (every length `each` reaches is

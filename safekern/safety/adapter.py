@@ -8,7 +8,7 @@ embeddings it is also the LM head's [CLS] row, which every token row's softmax r
 model's values bit for bit whether the adapter is there or not (tested); the [CLS] row becomes a
 small classifier that reads every layer's K/V through its own adapted projections.
 
-``AdaptedLinears`` wraps the linears of one forward (``safekern.decode_linear``: the model's
+``AdaptedLinears`` wraps the linears of one forward (``safekern.ops.cpu.decode_linear``: the model's
 modules or the CPU kernels) and adds the deltas to one column of ``(B, L, .)`` inputs — the
 [CLS] column of a prefill (0) or a fused decode step (1) — or to every row (the training
 recipe's [CLS]-only forward). The base projections run as before, for all rows together, so a
@@ -19,7 +19,7 @@ torch path is its reference and runs everywhere else.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -188,7 +188,7 @@ class AdaptedLinears:
                 x.dim() != 3 or x.stride(-1) != 1:
             return False
         if self._cpp is None:
-            from .ops import cpu_linear
+            from ..ops.cpu import linear as cpu_linear
             self._cpp = cpu_linear.unavailable_reason() is None
         return self._cpp
 

@@ -8,7 +8,7 @@ not another pass over the weights (``benchmarks/bench_cpu_linear.py``). Several 
 share ``x`` (q/k/v, gate/up) run in one call and one parallel loop over the torch threads,
 without concatenated copies of the weights. ``pack`` + ``packed_linear`` are the packed-panel
 variant (``cpu_linear_packed.h``: an outer product over ``(N/P, K, P)`` weight copies, no
-horizontal sums; faster when K is small and the weights sit in cache). ``safekern.decode_linear``
+horizontal sums; faster when K is small and the weights sit in cache). ``safekern.ops.cpu.decode_linear``
 decides per M which of these or MKL runs.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (g++, ~20 s once, cached
@@ -29,11 +29,11 @@ import torch
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_linear.cpp")
 HEADER = os.path.join(os.path.dirname(SOURCE), "cpu_linear_tile.h")
 PACKED = os.path.join(os.path.dirname(SOURCE), "cpu_linear_packed.h")
-# The fused CPU ESS controller (safekern.ops.cpu_controller) is built into the same extension.
+# The fused CPU ESS controller (safekern.ops.cpu.controller) is built into the same extension.
 CONTROLLER = os.path.join(os.path.dirname(SOURCE), "cpu_controller.cpp")
-# So is the decode-step ESS attention (safekern.ops.cpu_attention).
+# So is the decode-step ESS attention (safekern.ops.cpu.attention).
 ATTENTION = os.path.join(os.path.dirname(SOURCE), "cpu_attention.cpp")
-# And the [CLS] adapter's deltas (safekern.adapter).
+# And the [CLS] adapter's deltas (safekern.safety.adapter).
 ADAPTER = os.path.join(os.path.dirname(SOURCE), "cpu_adapter.cpp")
 # -fopenmp: without it ATen's at::parallel_for compiles to a serial loop in an extension (its
 # OpenMP path is header code guarded by _OPENMP), and the kernel would ignore the torch threads.

@@ -60,7 +60,7 @@ def schedules(cascade: bool = False):
     """The ESS configurations compared with safety off (the paper's ablation), and with
     ``cascade`` (a delta with a screening probe) the cascade (issue 27): its evaluations are
     those the delta's probe asks for on the generated text."""
-    from .spec import EssConfig
+    from ..spec import EssConfig
 
     out = {"each": EssConfig(schedule="each"), "periodic(10)": EssConfig(schedule="periodic"),
            "annealing": EssConfig(schedule="annealing"), "first": EssConfig(schedule="first")}
@@ -82,8 +82,8 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
     """The embedded default tokenizer and a random-weight Llama of ``shape``, attached."""
     import transformers
 
-    from .model import attach
-    from .tiny import build_tokenizer, tiny_llama_config
+    from ..safety.attach import attach
+    from ..models.tiny import build_tokenizer, tiny_llama_config
 
     tok = build_tokenizer()
     over = dict(SHAPES[shape])
@@ -103,8 +103,8 @@ def build_real(name: str, device: torch.device, dtype: torch.dtype):
     so its [CLS] adapter is timed, and a benign-leaning head (a verdict that triggers would stop a
     sequence's evaluations and understate every schedule's cost). Without a delta: a fresh
     [CLS] and head (no adapter)."""
-    from . import models
-    from .model import attach
+    from .. import models
+    from ..safety.attach import attach
 
     if not models.is_local(name):
         why = models.is_available(name)
@@ -188,7 +188,7 @@ def status(message: str) -> None:
 
 
 def _hf_generate(model, tok, prompts, new_tokens, cache):
-    from .model import encode_prompts
+    from ..safety.prompts import encode_prompts
 
     enc = encode_prompts(tok, prompts)
     L = min(enc.lengths)           # equal lengths: transformers would need left padding
@@ -207,7 +207,7 @@ def bare_steps(engine, prompts, new_tokens: int):
     Both run the engine's own forward (same linear path and attention backend as ``generate``)
     + final norm + LM head + argmax on the token row; ``token+cls`` adds the [CLS] row at
     ``q_pos = 0`` over a rule-2 window and its safety score. No controller, no bookkeeping."""
-    from .reference.sampling import safety_score_ref
+    from ..reference.sampling import safety_score_ref
 
     e = engine
     e.generate(prompts, max_new_tokens=new_tokens, safety=schedules()[P1_SCHEDULE])
@@ -270,10 +270,10 @@ def run(args) -> int:
     """Entry point of ``safekern bench`` (see ``safekern.cli``)."""
     from tqdm import tqdm
 
-    from .benchmarking import environment, format_table, write_csv
-    from .engine import Engine
-    from .model import encode_prompts
-    from .ops import cpu_linear
+    from ..ops.timing import environment, format_table, write_csv
+    from ..runtime.engine import Engine
+    from ..safety.prompts import encode_prompts
+    from ..ops.cpu import linear as cpu_linear
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -308,7 +308,7 @@ def run(args) -> int:
     need = max(encode_prompts(tok, make_prompts(tok, 1, prompt_tokens)).lengths) + 1 + new_tokens
     engine = Engine(model, tok, backend=args.backend, max_cache_len=need + 8,
                     cuda_graph=device.type == "cuda", ignore_eos=True)
-    from .probe import probe_of
+    from ..safety.probe import probe_of
 
     ess = schedules(cascade=probe_of(model) is not None)
     wanted = getattr(args, "schedules", None)

@@ -2,7 +2,7 @@
 
 ``ModuleLinears`` calls the model's own modules (prefill, GPU, anything unusual).
 ``KernelLinears`` runs a CPU decode step's projections and MLP through
-``safekern.ops.cpu_linear`` (reads each weight once for all rows, so the [CLS] row costs FMAs
+``safekern.ops.cpu.linear`` (reads each weight once for all rows, so the [CLS] row costs FMAs
 rather than a second pass over the weights; q/k/v and gate/up each run as one call over the
 module weights, no concatenated copies), through its packed-panel variant (small models: copies
 of the weights as panels, no horizontal sums) or through MKL, per number of rows and group,
@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .benchmarking import interleaved_medians
-from .ops import cpu_linear
+from ..timing import interleaved_medians
+from . import linear as cpu_linear
 
 
 class ModuleLinears:

@@ -48,7 +48,7 @@ def _show_groups(model, tokenizer, groups, ess, *, max_new_tokens, width, backen
                  judge=None) -> List[dict]:
     """For each ``(kind, title, prompts, prefills)`` group: safety off vs ``ess`` side by side,
     the p_unsafe trace (and ``judge(text)`` of the ESS answer when given); returns the rows."""
-    from .engine import generate
+    from ..runtime.engine import generate
 
     out = []
     for kind, title, prompts, prefill in groups:
@@ -77,9 +77,9 @@ def run_demo_real(name: str = "smollm2", *, delta: Optional[str] = None, per_kin
                   ess=None, print_fn=print) -> List[dict]:
     """The demo on a real pretrained model (``safekern.models``) with a trained ESS delta (on the
     caller's torch threads: ``safekern demo --threads``, default 1)."""
-    from . import models
-    from .evaluation import heldout_cases, judge
-    from .spec import EssConfig
+    from .. import models
+    from ..evaluation import heldout_cases, judge
+    from ..spec import EssConfig
 
     local = models.is_local(name)
     if local and delta is None:
@@ -118,9 +118,9 @@ def run_demo(model_dir: Optional[str] = None, *, per_kind: int = 3, max_new_toke
             trained first (a few CPU minutes) when missing and ``train_if_missing``.
         per_kind: prompts per group (benign, malicious, prefill attack).
     """
-    from .data import load_split
-    from .spec import EssConfig
-    from .train import default_cache_dir, load_tiny, train_tiny
+    from ..data import load_split
+    from ..spec import EssConfig
+    from ..training.trainer import default_cache_dir, load_tiny, train_tiny
 
     model_dir = model_dir or default_cache_dir()
     try:

@@ -5,7 +5,7 @@
 // some M on this kind of CPU (M = 4-8 cost ~1.6-2x M = 1 here). Here each tile of NB weight
 // rows is loaded from memory once and multiplied by every activation row while it sits in L1:
 // the cost of extra rows is FMAs, not DRAM traffic. (Which path wins at which M is measured
-// by safekern.decode_linear on first use, not assumed.)
+// by safekern.ops.cpu.decode_linear on first use, not assumed.)
 //
 // Layout: W_i (N_i, K) row-major (nn.Linear's own weight, no copy, no prepacking), x (M, K)
 // with unit stride in K, y_i (M, N_i) fresh. Several weights sharing x (q/k/v, gate/up) run in

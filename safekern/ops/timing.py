@@ -60,7 +60,7 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> Dict[str, str]:
-    from . import __version__
+    from .._version import __version__
     try:
         import triton
         tv = triton.__version__

@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..spec import EssConfig, EssState
-from . import cpu_linear
+from ...spec import EssConfig, EssState
+from . import linear as cpu_linear
 
 SCHEDULE_IDS = {"first": 0, "each": 1, "periodic": 2, "annealing": 3, "cascade": 4}
 _CASCADE_NET = 5        # cascade with annealing's points as a safety net (cpu_controller.cpp)

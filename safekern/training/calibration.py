@@ -21,9 +21,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .adapter import adapter_of
-from .model import safety_config
-from .recipe import Window, _Layers, _rope_positions, encode_rows, gather_windows
+from ..safety.adapter import adapter_of
+from ..safety.config import safety_config
+from .frozen import Window, _Layers, _rope_positions, encode_rows, gather_windows
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 TAUS = (1, 2, 3, 5, 8)
