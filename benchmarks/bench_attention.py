@@ -36,7 +36,7 @@ if not torch.cuda.is_available():  # before safekern defines its kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from safekern.ops.attention import _attention_triton, _ess_attention_fwd_op  # noqa: E402
+from safekern.ops.attention_triton import _attention_triton, _ess_attention_fwd_op  # noqa: E402
 from safekern.ops.timing import environment, format_table, time_fn, write_csv  # noqa: E402
 from safekern.reference import ess_attention_ref  # noqa: E402
 

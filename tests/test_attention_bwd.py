@@ -320,7 +320,7 @@ def test_backward_kernels_compile_for_h100():
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) outputs vs real ones (shapes, strides), autograd registration and
     AOT dispatch of the two custom ops, on strided (B, H, S, D) views."""
-    from safekern.ops.attention import _ess_attention_bwd_op, _ess_attention_fwd_op
+    from safekern.ops.attention_triton import _ess_attention_bwd_op, _ess_attention_fwd_op
 
     g = torch.Generator().manual_seed(14)
     q = torch.randn(1, 4, 19, 32, generator=g).transpose(1, 2).requires_grad_()

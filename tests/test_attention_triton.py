@@ -10,7 +10,7 @@ import torch
 
 from safekern import ess_attention
 from safekern.ops import dispatch
-from safekern.ops.attention import _attention_triton
+from safekern.ops.attention_triton import _attention_triton
 from safekern.reference import default_q_pos, ess_attention_ref
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -170,7 +170,7 @@ def test_head_dims(device, D):
 def test_tiles_the_mask_empties_are_never_read(device):
     """Key tiles past the causal range of every normal row, and tiles between the [CLS] row's
     windows, are skipped: K/V there are NaN (a tile read even fully masked gives 0 * NaN)."""
-    from safekern.ops.attention import _prefill_config
+    from safekern.ops.attention_triton import _prefill_config
 
     D = 64
     BN = _prefill_config(D, torch.float32, torch.device(device))[1]
@@ -237,7 +237,7 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
-import safekern.ops.attention as A
+import safekern.ops.attention_triton as A
 
 PTRS = dict(LSE="*fp32", QPOS="*i32", SEQLENS="*i32", RSTART="*i32", CW="*i32", KB="*fp32",
             OPART="*fp32", LPART="*fp32", Q="*bf16", K="*bf16", V="*bf16", O="*bf16")

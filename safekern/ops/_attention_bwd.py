@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import torch
 
+from ._attention_common import _LOG2E
+
 try:
     import triton
     import triton.language as tl
-except ImportError:  # attention.py never routes a backward here without triton
+except ImportError:  # attention_triton.py never routes a backward here without triton
     triton = None
 
-_LOG2E = 1.4426950408889634
-
 if triton is not None:
-    from .attention import (_cls_key_end, _cls_keys, _mma, _narrow, _row_key_end, _row_kinds,
-                            _row_positions)
+    from ._attention_common import (_cls_key_end, _cls_keys, _mma, _narrow, _row_key_end,
+                                    _row_kinds, _row_positions)
 
     @triton.jit
     def _visible(pos, normal, is_cls, offs_n, seqlen, rs, cw_ptr, W,
