@@ -14,7 +14,7 @@ import torch
 
 from safekern import EssConfig, EssState, SamplingParams, head_sample
 from safekern.ops import dispatch
-from safekern.ops.head_sample import head_sample_triton
+from safekern.ops.head_sample_triton import head_sample_triton
 from safekern.reference import (escalate, filter_logits_ref, forced_tokens, head_sample_ref,
                                 plan_step, probe_score_ref, safety_score_ref, update_state)
 from safekern.spec import BENIGN, REFUSING, SCHEDULES, SUSPECT
@@ -279,7 +279,7 @@ def test_gpu_block_shapes_in_the_interpreter(monkeypatch):
     by the interpreter: greedy, forced tokens, scores without a state, and filter supports."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the GPU runs these shapes in the cuda cases")
-    hs = importlib.import_module("safekern.ops.head_sample")
+    hs = importlib.import_module("safekern.ops.head_sample_triton")
     monkeypatch.setattr(hs, "_triton_blocks", lambda B, V, gpu: (16, 128, 64, 1))
     h, W, h_cls, g = safety_case("cpu", B=5, V=300)
     sw = torch.randn(h.shape[1], generator=g) * 0.2
@@ -375,7 +375,7 @@ import importlib
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-hs = importlib.import_module("safekern.ops.head_sample")
+hs = importlib.import_module("safekern.ops.head_sample_triton")
 
 def build(fn, types, constexprs):
     sig = {n: "constexpr" if n in constexprs else types.get(n, "*fp32" if n.endswith("_ptr")
