@@ -21,23 +21,25 @@ from safekern.evaluation.bench import build, build_real, make_prompts, schedules
 from safekern.ops.timing import format_table
 from safekern.runtime.engine import Engine
 
-# component -> (module file suffix, function name); cumulative time of that function.
+# component -> (module path suffix, "/"-separated, function name); cumulative time of that
+# function.
 COMPONENTS = {
-    "decode step (all)": ("engine.py", "_decode_step"),
-    "forward: layers (all)": ("engine.py", "_forward"),
-    "linear: cpu_linear kernel": ("cpu_linear.py", "linear"),
-    "linear: nn.Linear (modules)": ("linear.py", "forward"),
-    "attention (torch backend)": ("attention.py", "_sdpa_masked"),
-    "attention: mask build": ("attention.py", "_sdpa_mask"),
-    "head_sample (LM head + controller)": ("head_sample.py", "_torch_backend"),
-    "controller: plan_step": ("controller.py", "plan_step"),
-    "controller: update_state": ("controller.py", "update_state"),
-    "controller: forced_tokens": ("controller.py", "forced_tokens"),
-    "fused controller: plan_step": ("cpu_controller.py", "plan_step"),
-    "fused controller: update": ("cpu_controller.py", "update"),
-    "_sample_fused (score + LM head + fused update)": ("engine.py", "_sample_fused"),
-    "safety score": ("sampling.py", "safety_score_ref"),
-    "bookkeeping (_sample)": ("engine.py", "_sample"),
+    "decode step (all)": ("safekern/runtime/forward.py", "decode_step"),
+    "forward: layers (all)": ("safekern/runtime/forward.py", "forward"),
+    "linear: cpu_linear kernel": ("safekern/ops/cpu/linear.py", "linear"),
+    "linear: nn.Linear (modules)": ("torch/nn/modules/linear.py", "forward"),
+    "attention (torch backend)": ("safekern/ops/attention.py", "_sdpa_masked"),
+    "attention: mask build": ("safekern/ops/attention.py", "_sdpa_mask"),
+    "head_sample (LM head + controller)": ("safekern/ops/head_sample.py", "_torch_backend"),
+    "controller: plan_step": ("safekern/reference/controller.py", "plan_step"),
+    "controller: update_state": ("safekern/reference/controller.py", "update_state"),
+    "controller: forced_tokens": ("safekern/reference/controller.py", "forced_tokens"),
+    "fused controller: plan_step": ("safekern/ops/cpu/controller.py", "plan_step"),
+    "fused controller: update": ("safekern/ops/cpu/controller.py", "update"),
+    "_sample_fused (score + LM head + fused update)": ("safekern/runtime/controller.py",
+                                                       "sample_fused"),
+    "safety score": ("safekern/reference/sampling.py", "safety_score_ref"),
+    "bookkeeping (_sample)": ("safekern/runtime/controller.py", "sample"),
 }
 
 
@@ -51,7 +53,7 @@ def profile(fn, runs):
     out = {}
     for name, (suffix, func) in COMPONENTS.items():
         out[name] = sum(v[3] for (f, _, fn_name), v in stats.items()
-                        if f.endswith(suffix) and fn_name == func)
+                        if f.replace(os.sep, "/").endswith(suffix) and fn_name == func)
     return out
 
 

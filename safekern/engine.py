@@ -3,4 +3,7 @@ strategic-decoding engine). Every name is forwarded, with a DeprecationWarning, 
 """
 from ._checks import deprecated_alias
 
-__getattr__, __dir__ = deprecated_alias(__name__, ("safekern.runtime.engine",), "safekern.runtime")
+__getattr__, __dir__ = deprecated_alias(
+    __name__, ("safekern.runtime.engine", "safekern.runtime.arch", "safekern.runtime.cache",
+               "safekern.runtime.forward", "safekern.runtime.controller",
+               "safekern.runtime.graph", "safekern.runtime.results"), "safekern.runtime")

@@ -101,12 +101,12 @@ def example_windows(P: int, q_span: Tuple[int, int], n_resp: int, y: int, z: int
 # ----------------------------------------------------------------------------- the forward
 
 class _Layers:
-    """The decoder modules of a Llama-family model (the engine's ``_Arch`` view)."""
+    """The decoder modules of a Llama-family model (the engine's ``Arch`` view)."""
 
     def __init__(self, model):
-        from ..runtime.engine import _Arch
+        from ..runtime.arch import Arch
 
-        self.arch = _Arch(model)
+        self.arch = Arch(model)
 
     @torch.no_grad()
     def sequence_kv(self, ids: torch.Tensor, lengths: torch.Tensor):

@@ -7,11 +7,11 @@ the scores and the draw (mask the scores to evaluating rows, raise on a NaN verd
 (``tests/test_cpu_controller.py`` compares every state field after every step, every
 schedule x policy); each is one pass over the batch instead of ~60 small torch ops.
 ``cls_layout`` and ``record`` fuse the engine's per-step [CLS] row placement and trace record
-(their references are ``Engine._cls_layout_ref`` / ``Engine._record_ref``); ``step_begin`` and
-``step_end`` are what the engine calls: everything the controller does before a step's forward
-(seq_len, plan, layout, cache rows) and after its draw (score, update, record), one call each
-(``Engine._step_begin_ref`` / ``Engine._step_end_ref``); ``decode_rows`` is ``step_begin``
-for a step without ESS (``Engine._decode_rows_ref``).
+(their references are ``cls_layout_ref`` / ``record_ref`` in ``safekern.runtime.controller``);
+``step_begin`` and ``step_end`` are what the engine calls: everything the controller does
+before a step's forward (seq_len, plan, layout, cache rows) and after its draw (score, update,
+record), one call each (``step_begin_ref`` / ``step_end_ref``); ``decode_rows`` is
+``step_begin`` for a step without ESS (``decode_rows_ref``).
 CPU tensors only; built into the ``cpu_linear`` extension, so ``unavailable_reason()`` is that
 extension's (the engine then runs the reference path).
 """
@@ -121,7 +121,7 @@ def escalate(state: EssState, ess: EssConfig, h_tok: torch.Tensor, weight: torch
 def cls_layout(t_prev: torch.Tensor, evaluating: torch.Tensor, cls_last: bool,
                spare_slot: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where a decode step with [CLS] rows puts its two rows per sequence, in one call (the
-    engine's ``_cls_layout_ref`` is the reference).
+    engine's ``safekern.runtime.controller.cls_layout_ref`` is the reference).
 
     Args:
         t_prev: ``(B,)`` int32, the token row's position ``t - 1``.
@@ -144,7 +144,7 @@ def cls_layout(t_prev: torch.Tensor, evaluating: torch.Tensor, cls_last: bool,
 def record(state: EssState, p: torch.Tensor, emit: torch.Tensor, col: torch.Tensor,
            out_p: torch.Tensor, out_ev: torch.Tensor, out_t: torch.Tensor,
            reason_refusal: torch.Tensor) -> None:
-    """The engine's per-step trace record in one call (``Engine._record_ref`` is the
+    """The engine's per-step trace record in one call (``runtime.controller.record_ref`` is the
     reference): at column ``col`` (one-element int64 tensor) of the ``(B, T)`` buffers,
     ``out_p = p``, ``out_ev = state.evaluating & emit``, ``out_t = state.seq_len``; and
     ``reason_refusal |= emit & state.finished`` (all in place)."""
@@ -156,8 +156,8 @@ def record(state: EssState, p: torch.Tensor, emit: torch.Tensor, col: torch.Tens
 
 def step_begin(state: EssState, ess: EssConfig, lengths: torch.Tensor, step_idx: torch.Tensor,
                row_base: torch.Tensor, cls_last: bool, spare_slot: int, skip_idle: bool):
-    """A CPU decode step's controller prologue in one call (``Engine._step_begin_ref`` is the
-    reference): ``state.seq_len = lengths + step_idx``, ``plan``, the token and [CLS] rows'
+    """A CPU decode step's controller prologue in one call (``runtime.controller.step_begin_ref``
+    is the reference): ``state.seq_len = lengths + step_idx``, ``plan``, the token and [CLS] rows'
     RoPE positions, query positions and flat cache rows (``row_base + slot``).
 
     Args:
@@ -181,8 +181,8 @@ def step_begin(state: EssState, ess: EssConfig, lengths: torch.Tensor, step_idx:
 
 
 def decode_rows(lengths: torch.Tensor, step_idx: torch.Tensor, row_base: torch.Tensor):
-    """The rows of a decode step without ESS in one call (``Engine._decode_rows_ref`` is the
-    reference): ``t_prev = lengths + step_idx - 1``; returns ``pos (B, 1) int64, q_pos (B, 1)
+    """The rows of a decode step without ESS in one call (``runtime.controller.decode_rows_ref``
+    is the reference): ``t_prev = lengths + step_idx - 1``; returns ``pos (B, 1) int64, q_pos (B, 1)
     int32, flat (B,) int64 = row_base + t_prev, seqlens_k (B,) int32 = t_prev + 1``."""
     if not cpu_linear._loaded and unavailable_reason() is not None:
         raise RuntimeError(f"the fused CPU controller cannot run: {unavailable_reason()}")

@@ -231,9 +231,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> update_core(const View& s, const 
 }
 
 // Where a CPU decode step with [CLS] rows puts its two rows per sequence (the engine's
-// _cls_layout_ref, safekern/runtime/engine.py, is the reference): pos (B, 2) int64 RoPE positions
-// (token t-1; [CLS] t-1 when cls_last else 0), q_pos (B, 2) int32 (token t-1; [CLS] 0 when
-// evaluating else -1, a padding row), slots (B, 2) int64 cache slots (token t-1; [CLS] 0 when
+// cls_layout_ref, safekern/runtime/controller.py, is the reference): pos (B, 2) int64 RoPE
+// positions (token t-1; [CLS] t-1 when cls_last else 0), q_pos (B, 2) int32 (token t-1; [CLS] 0
+// when evaluating else -1, a padding row), slots (B, 2) int64 cache slots (token t-1; [CLS] 0 when
 // evaluating else the spare slot, never read).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cls_layout(const at::Tensor& t_prev,
                                                           const at::Tensor& evaluating,
@@ -264,9 +264,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cls_layout(const at::Tensor& t_pr
   return {pos, q_pos, slots};
 }
 
-// The engine's per-step trace record (engine.py, Engine._record_ref, is the reference), in
-// place at column col[0]: out_p = p, out_ev = evaluating & emit, out_t = seq_len, and
-// reason_refusal |= emit & finished.
+// The engine's per-step trace record (safekern/runtime/controller.py, record_ref, is the
+// reference), in place at column col[0]: out_p = p, out_ev = evaluating & emit, out_t = seq_len,
+// and reason_refusal |= emit & finished.
 void record(const at::Tensor& evaluating, const at::Tensor& seq_len, const at::Tensor& finished,
             const at::Tensor& p, const at::Tensor& emit, const at::Tensor& col,
             const at::Tensor& out_p, const at::Tensor& out_ev, const at::Tensor& out_t,
@@ -315,10 +315,10 @@ void record(const at::Tensor& evaluating, const at::Tensor& seq_len, const at::T
 }
 
 // A CPU decode step's controller prologue in one call. The engine's reference sequence
-// (Engine._step_begin_ref): t_prev = lengths + step_idx - 1; state.seq_len = t_prev + 1;
-// plan_step; _cls_layout_ref; cache rows flat = row_base + slots. Returns (windows (B, 2, 2)
-// int32, n_ev, pos int64, q_pos int32, flat int64): (B, 2), (B, 2), (2B,) for the token and
-// [CLS] rows; with skip_idle and no evaluating row, the token rows' alone: (B, 1), (B, 1), (B,).
+// (step_begin_ref, safekern/runtime/controller.py): t_prev = lengths + step_idx - 1;
+// state.seq_len = t_prev + 1; plan_step; cls_layout_ref; cache rows flat = row_base + slots.
+// Returns (windows (B, 2, 2) int32, n_ev, pos int64, q_pos int32, flat int64): (B, 2), (B, 2),
+// (2B,) for the token and [CLS] rows; with skip_idle and no evaluating row, the token rows' alone: (B, 1), (B, 1), (B,).
 std::tuple<at::Tensor, int64_t, at::Tensor, at::Tensor, at::Tensor> step_begin(
     at::TensorList state, const at::Tensor& lengths, const at::Tensor& step_idx,
     const at::Tensor& row_base, int64_t first_at, int64_t r1, int64_t r2, int64_t r3,
@@ -363,10 +363,10 @@ std::tuple<at::Tensor, int64_t, at::Tensor, at::Tensor, at::Tensor> step_begin(
   return {win, n_ev, pos, q_pos, flat};
 }
 
-// The rows of a decode step without ESS (the engine's Engine._decode_rows_ref is the
-// reference): t_prev = lengths + step_idx - 1 (int32 as torch), pos = t_prev (B, 1) int64,
-// q_pos = t_prev (B, 1) int32, flat cache rows row_base + t_prev (B,) int64, seqlens_k =
-// t_prev + 1 (B,) int32.
+// The rows of a decode step without ESS (the engine's decode_rows_ref,
+// safekern/runtime/controller.py, is the reference): t_prev = lengths + step_idx - 1 (int32 as
+// torch), pos = t_prev (B, 1) int64, q_pos = t_prev (B, 1) int32, flat cache rows row_base + t_prev
+// (B,) int64, seqlens_k = t_prev + 1 (B,) int32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_rows(
     const at::Tensor& lengths, const at::Tensor& step_idx, const at::Tensor& row_base) {
   const int64_t B = lengths.numel();
