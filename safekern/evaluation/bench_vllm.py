@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
 
 def _bench(vllm, torch, tok, path, args, configs=CONFIGS) -> int:
-    from .bench import PAPER_BUDGET
+    from .bench_report import PAPER_BUDGET
     from ..ops.timing import environment, write_csv
 
     t0 = time.perf_counter()

@@ -1,5 +1,6 @@
-"""Training the safety delta: ``trainer`` (the full-model recipe on the HF Trainer: collator,
-phase masks, joint loss), ``frozen`` (the frozen-LM recipe: windows, sequence K/V, the [CLS]-row
+"""Training the safety delta: ``trainer`` (the full-model recipe on the HF Trainer: joint loss,
+``EssTrainer``, the tiny default model), ``collate`` (its collator: training rows and the phase
+masks' metadata), ``frozen`` (the frozen-LM recipe: windows, sequence K/V, the [CLS]-row
 forward, the linear head), ``adapter`` (the [CLS] adapter recipe), ``probe_fit`` (the cascade's
 screening probe), ``calibration`` (replaying the controller to pick threshold and tau),
 ``responses`` (the base model's own answers as training data) and ``real`` (``safekern train
