@@ -123,7 +123,7 @@ def test_export_has_no_cls_token(tiny):
 def test_cpu_cache_layout_matches_vllm_writer():
     from vllm import _custom_ops as ops
 
-    from safekern.integrations.vllm._runtime import read_kv
+    from safekern.integrations.vllm._cls_forward import read_kv
 
     nb, h, bs, d = 3, 2, 32, 64
     for isa in ("vec", "vec16"):
@@ -542,7 +542,7 @@ def test_adapter_load_errors_name_the_tensor(adapted):
     tensor."""
     from safetensors.torch import load_file
 
-    from safekern.integrations.vllm._runtime import AdapterDeltas
+    from safekern.integrations.vllm._cls_forward import AdapterDeltas
 
     model, tok, path = adapted
     cfg = model.config

@@ -98,8 +98,9 @@ def gcg_suffixes() -> List[str]:
 
 
 def responses(files: Sequence[str] = ("responses.jsonl", "responses_v2.jsonl")) -> Dict[str, Dict]:
-    """The base model's own greedy responses, keyed by ``key`` (see ``_responses.py``); a later
-    file's row replaces an earlier one with the same key (v2's longer answer replaces v1's)."""
+    """The base model's own greedy responses, keyed by ``key`` (see
+    ``safekern.training.responses``); a later file's row replaces an earlier one with the same
+    key (v2's longer answer replaces v1's)."""
     out = {}
     for name in files:
         for r in _jsonl(name, missing_ok=True):
@@ -118,7 +119,7 @@ def training_rows(split: str = "train", *, include: Sequence[str] = GROUPS,
       (``request``, else ``prompt``: a jailbreak-wrapped or rephrased row keeps its plain request
       there) is in ``split``: benign / borderline answers, harmful answers direct, behind a
       prefill, inside a jailbreak template or a phrasing wrapper, completion attacks and forced
-      refusals continued (labels by content, see ``_responses.py``);
+      refusals continued (labels by content, see ``safekern.training.responses``);
     * with ``queries`` (default), one query-only row (``response=""``, kind ``<group>_query``)
       for every other request of ``split``, so every prompt of the data set is seen.
 

@@ -260,9 +260,9 @@ def _save_tokenizer_without(tokenizer, token: str, token_id: int, out_dir: str):
 
 
 def _read_traces(worker=None, ids=None):
-    from . import _runtime
+    from . import _batch
 
-    t = _runtime.BATCH.traces
+    t = _batch.BATCH.traces
     return {k: v for k, v in t.items() if ids is None or k in ids}
 
 

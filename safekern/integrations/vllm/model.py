@@ -15,7 +15,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
-from . import _runtime, request_options
+from . import _batch, _cls_forward, _controller, request_options
 
 _WEIGHTS = ("ess_cls_embedding", "ess_head_weight", "ess_head_bias")
 _PROBE = ("ess_probe_weight", "ess_probe_bias")   # the cascade's screening probe (version 3)
@@ -88,7 +88,7 @@ class _EssMixin:
             sizes = {"q_proj": (H, at.q_size), "k_proj": (H, at.kv_size),
                      "v_proj": (H, at.kv_size), "o_proj": (at.q_size, H),
                      "gate_proj": (H, inter), "up_proj": (H, inter), "down_proj": (inter, H)}
-            self.ess_adapter = _runtime.AdapterDeltas(
+            self.ess_adapter = _cls_forward.AdapterDeltas(
                 meta["adapter"], sizes, len(self.model.layers), mc.dtype,
                 self.ess_cls_embedding.device, os.path.join(mc.model, "safety.json"))
         self._ess_default = {"ess": meta["ess"],
@@ -99,29 +99,29 @@ class _EssMixin:
         if mode not in ("fused", "two-pass"):
             raise ValueError(f"SAFEKERN_VLLM_CLS must be 'fused' or 'two-pass', got {mode!r}")
         self._ess_fused = mode == "fused"
-        _runtime.MODEL = self
+        _batch.MODEL = self
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
         self._ess_plan = None
-        rows = _runtime.BATCH.rows
-        md = _runtime.forward_metadata(self) if rows else None
+        rows = _batch.BATCH.rows
+        md = _cls_forward.forward_metadata(self) if rows else None
         if md is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
                                    **kwargs)
         seq_lens, block_table = md
         with torch.no_grad():
-            pl = _runtime.plan(rows, seq_lens)
+            pl = _controller.plan(rows, seq_lens)
             p = None
             if pl and self._ess_fused and not kwargs:
-                out, p = _runtime.fused_forward(self, input_ids, positions, inputs_embeds, pl,
-                                                block_table)
+                out, p = _cls_forward.fused_forward(self, input_ids, positions, inputs_embeds,
+                                                    pl, block_table)
             else:
                 out = super().forward(input_ids, positions, intermediate_tensors,
                                       inputs_embeds, **kwargs)
                 if pl:
-                    p = _runtime.cls_pass(self, pl, block_table)
-            _runtime.commit(pl, p)
+                    p = _cls_forward.cls_pass(self, pl, block_table)
+            _controller.commit(pl, p)
             self._ess_plan = pl if pl.cascade else None
         return out
 
@@ -131,8 +131,8 @@ class _EssMixin:
         pl, self._ess_plan = self._ess_plan, None
         if pl is not None and self.ess_probe is not None:
             with torch.no_grad():
-                _runtime.escalate(pl, hidden_states, self.ess_probe_weight,
-                                  self.ess_probe_bias[0], self.ess_probe)
+                _controller.escalate(pl, hidden_states, self.ess_probe_weight,
+                                     self.ess_probe_bias[0], self.ess_probe)
         return super().compute_logits(hidden_states, *args, **kwargs)
 
     def load_weights(self, weights):
@@ -176,7 +176,7 @@ class _EssMixin:
 
     # -- per request
     def ess_request(self, params, prompt_ids, output_ids):
-        """The ``_runtime.Request`` of a request joining the batch, or None (plain vLLM)."""
+        """The ``_batch.Request`` of a request joining the batch, or None (plain vLLM)."""
         ess, trace_id = request_options(params.extra_args, self._ess_default)
         if ess is None:
             return None
@@ -189,12 +189,12 @@ class _EssMixin:
         ids = list(prompt_ids or [])
         if not ids:
             raise ValueError("safekern: a request with ESS on needs prompt token ids")
-        layout = _runtime.prompt_layout(ids, meta["template_prefix_ids"],
+        layout = _batch.prompt_layout(ids, meta["template_prefix_ids"],
                                         meta["template_suffix_ids"], meta["bos_id"])
         ref = meta["refusal"]
         refusal, skip = ((ref["ids"], ref["skip"]) if ess.refusal_text == ref["text"] else
                          _refusal_ids(self._ess_path, ess.refusal_text))
-        return _runtime.Request(ess=ess, layout=layout, n_prompt=len(ids), output=output_ids,
+        return _batch.Request(ess=ess, layout=layout, n_prompt=len(ids), output=output_ids,
                                 refusal_ids=list(refusal), refusal_skip=int(skip),
                                 eos_id=meta["eos_id"], trace_id=trace_id)
 

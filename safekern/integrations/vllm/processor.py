@@ -4,14 +4,15 @@ vLLM builds it in every worker (entry point ``vllm.logits_processors``, installe
 safekern). For a model that is not an ESS checkpoint it does nothing. For an ESS model it
 tracks which request sits in which row of the persistent batch (``update_state``), and forces
 the token the ESS step chose (``apply``); the step itself runs in the model's forward
-(``_runtime.plan`` / ``commit`` around the [CLS] rows), because only there are the hidden states and the KV cache at hand.
+(``_controller.plan`` / ``commit`` around the [CLS] rows, ``_cls_forward``), because only there
+are the hidden states and the KV cache at hand.
 """
 from __future__ import annotations
 
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from . import _runtime, request_options
+from . import _batch, request_options
 
 
 class EssLogitsProcessor(LogitsProcessor):
@@ -22,14 +23,14 @@ class EssLogitsProcessor(LogitsProcessor):
         request_options(sampling_params.extra_args, None)   # raises ValueError on bad keys
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        self.batch = _runtime.BATCH
+        self.batch = _batch.BATCH
         self.batch.rows.clear()
 
     def is_argmax_invariant(self) -> bool:
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        model = _runtime.MODEL
+        model = _batch.MODEL
         if batch_update is None or model is None:
             return
         b = self.batch
