@@ -46,8 +46,8 @@ def server(tmp_path_factory):
         pytest.skip(why)
     model, tok = models.load("smollm2", safety=True)
     path = str(tmp_path_factory.mktemp("smollm2_ess"))
-    # The delta's measured operating point (BENCHMARKS.md, issue 10): one verdict, at prefill;
-    # `each` over-refuses benign answers with this frozen-LM head.
+    # `safekern serve`'s default export schedule: one verdict, at prefill (BENCHMARKS.md, "The
+    # shipped operating point"; the delta itself records `each` + `high`).
     export_for_vllm(model, tok, path, ess=EssConfig(schedule="first"))
     del model
     traces = str(tmp_path_factory.mktemp("traces"))

@@ -52,7 +52,8 @@ RESPONSE_ENDS = (1, 2, 3, 4, 6, 8, 10, 12, 14, 17, 20, 24, 28, 32, 40, 48, 56, 6
 
 @dataclass
 class AdapterRecipe:
-    """Hyper-parameters of ``train_adapter`` (defaults: the measured choice, BENCHMARKS.md)."""
+    """Hyper-parameters of ``train_adapter`` (defaults: the measured choice, BENCHMARKS.md, "The
+    [CLS] adapter")."""
 
     rank: int = 16
     alpha: float = 32.0

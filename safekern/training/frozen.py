@@ -21,9 +21,9 @@ response label ``z`` (harmful continuation 1; benign answer or refusal 0):
 * response windows of the latest ``r2`` tokens ending at several points, and ``r2 + r3`` long
   SUSPECT-style windows (rules 2-3) -> ``z``, only with ``response_windows=True`` (beyond the
   paper; measured worse on the held-out first verdict with a linear head, AUC 0.79 vs 0.92, so
-  the default is the paper's query windows: BENCHMARKS.md). Harmful continuations shorter than
-  ``min_harmful_window`` tokens carry too little evidence and are skipped, so very short windows
-  are learnt as benign (the tau rule catches a harmful answer a few tokens later).
+  the default is the paper's query windows: docs/BENCHMARKS_HISTORY.md). Harmful continuations
+  shorter than ``min_harmful_window`` tokens carry too little evidence and are skipped, so very
+  short windows are learnt as benign (the tau rule catches a harmful answer a few tokens later).
 """
 from __future__ import annotations
 
