@@ -116,7 +116,7 @@ def check_grads(q, k, v, do, *, key_bias=None, bias_grad=False, with_lse=False, 
 
 
 def ess_kw(B, L, device, phase):
-    """Right-padded rows, positions with padding rows (-1) and the phase masks of train.py."""
+    """Right-padded rows, positions with padding rows (-1) and the phase masks of the training collator."""
     seqlens = i32([L, L - 13, L - 40][:B], device)
     i = torch.arange(L, dtype=torch.int32, device=device)[None].expand(B, L)
     kw = dict(seqlens_k=seqlens, q_pos=torch.where(i < seqlens[:, None], i, torch.full_like(i, -1)))

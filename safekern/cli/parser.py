@@ -110,9 +110,9 @@ def _ess_defaults(x) -> None:
     """The default EssConfig options of an exported checkpoint (export-vllm, serve)."""
     x.add_argument("--schedule", default="first",
                    choices=["first", "each", "periodic", "annealing", "cascade"],
-                   help="default re-evaluation schedule of requests (first: the shipped "
-                   "delta's measured operating point; cascade: needs a delta with a screening "
-                   "probe)")
+                   help="default re-evaluation schedule of requests (first: the export's default, "
+                   "the prompt only; the shipped delta's measured operating point is each with "
+                   "--policy high, BENCHMARKS.md; cascade: needs a delta with a screening probe)")
     x.add_argument("--policy", default="medium", choices=["low", "medium", "high"],
                    help="default policy")
     x.add_argument("--threshold", type=_probability, default=0.5,

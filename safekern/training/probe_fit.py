@@ -10,7 +10,7 @@ only at the prefill step, where the first [CLS] evaluation happens anyway, so th
 the probe's capacity on the request classification the [CLS] verdict already does.
 
 The probe is a class-balanced L2 logistic regression (``recipe.fit_head``), its weight decay
-picked on a validation split grouped by prompt (``adapter_recipe.split_by_prompt``: the same
+picked on a validation split grouped by prompt (``training.adapter.split_by_prompt``: the same
 split as the adapter's). The screening threshold is the highest one with ``recall`` (default
 0.99) of the harmful validation *windows*: a window is a harmful answer's latest ``r2`` tokens
 at a response length the controller evaluates (rule 2), and it is caught when the probe flags
