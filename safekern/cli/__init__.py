@@ -5,7 +5,8 @@ is what --help says.
 
 Every argument is checked here, by argparse (types, ranges, choices, paths that must exist): a bad
 value ends in a usage error (exit 2) that names the option, before anything loads or trains, and a
-value the user gave is used as given or refused, never replaced by a default."""
+value the user gave is used as given or refused, never replaced by a default. The top layer: may
+import anything in safekern; nothing imports it."""
 from __future__ import annotations
 
 import sys

@@ -9,7 +9,8 @@ Each example is a dict::
 prefill attack, empty otherwise; it is part of the response span but never an LM target);
 ``response`` is the target continuation; ``label`` 1 = malicious. Splits: ``"train"`` and
 ``"heldout"`` (disjoint topics and phrasing templates). Regenerate with
-``python -m safekern.data._generate``.
+``python -m safekern.data._generate``. Data files and the scripts that build them import nothing
+else of safekern (the bottom layer, docs/DESIGN.md §6).
 
 >>> from safekern.data import load_split
 >>> len(load_split("heldout", kinds=("prefill",))) > 0

@@ -4,6 +4,7 @@
 verdict's AUC, answer NLL); ``bench`` and ``bench_report`` (``safekern bench``: timing, then
 targets, verdicts, table and plot) and ``bench_vllm`` (vLLM with the plugin). The judge's and
 the held-out set's names are re-exported here (``from safekern.evaluation import judge``).
+May import ``spec`` … ``integrations`` and ``data``; never ``training`` or ``cli``.
 """
 from .heldout import (BENIGN_KINDS, HARMFUL_KINDS, Case, Outcome, answer_nll,
                       first_verdict_auc, heldout_cases, run_config, summarize)

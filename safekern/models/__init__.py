@@ -17,6 +17,9 @@ content (its size and a hash of its first, middle and last MiB) and on the cache
 second load takes a few seconds, a different GGUF never reuses a stale copy, and every virtual
 environment of a user shares one copy (517 MB for SmolLM2). ``cache_entries()`` /
 ``clear_cache()`` (``safekern cache --list`` / ``--clear``) show and remove the copies.
+
+Rank 4 (docs/DESIGN.md §6): may import ``spec`` … ``safety``; ``tiny`` builds the embedded
+default's tokenizer and configs. Never the engine or anything above it.
 """
 from __future__ import annotations
 

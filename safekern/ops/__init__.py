@@ -1,6 +1,7 @@
 """Fast kernels, one op per file: jit kernels -> launcher -> public function.
 
-Importing this package registers every backend that ships with safekern.
+Importing this package registers every backend that ships with safekern. May import ``spec``,
+``_checks`` and ``reference`` (each kernel's twin); never transformers or anything above.
 """
 from . import dispatch
 from .attention import ess_attention

@@ -1,4 +1,5 @@
-"""Pure-PyTorch oracle of every safekern op. Runs on any device; imports nothing from ``ops``."""
+"""Pure-PyTorch oracle of every safekern op. Runs on any device. May import ``spec`` and
+``_checks`` only: nothing from ``ops`` or above (docs/DESIGN.md §6)."""
 from .attention import default_q_pos, ess_attention_ref, ess_visibility, resolve_positions
 from .controller import NUM_WINDOWS, escalate, forced_tokens, plan_step, update_state
 from .sampling import (Logprobs, filter_logits_ref, head_sample_ref, logprobs_ref, make_generator,
