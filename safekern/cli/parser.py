@@ -112,7 +112,7 @@ def _ess_defaults(x) -> None:
                    choices=["first", "each", "periodic", "annealing", "cascade"],
                    help="default re-evaluation schedule of requests (first: the export's default, "
                    "the prompt only; the shipped delta's measured operating point is each with "
-                   "--policy high, BENCHMARKS.md; cascade: needs a delta with a screening probe)")
+                   "--policy high; cascade: needs a delta with a screening probe)")
     x.add_argument("--policy", default="medium", choices=["low", "medium", "high"],
                    help="default policy")
     x.add_argument("--threshold", type=_probability, default=0.5,
