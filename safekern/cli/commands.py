@@ -163,16 +163,23 @@ def _demo(args) -> int:
     return 0
 
 
+def _pretrained(args, verb: str) -> str:
+    """``--model``, which must name a pretrained model or a local checkpoint (not tiny)."""
+    from .. import models
+
+    if args.model == "tiny":
+        args.parser.error(f"argument --model: {verb} a pretrained model "
+                          f"({', '.join(models.MODELS)} or a local checkpoint), not tiny")
+    return args.model
+
+
 def _export_vllm(args) -> int:
     """Write a checkpoint ``vllm serve`` loads with the ESS plugin (safekern.integrations.vllm)."""
     from .. import models
     from ..integrations.vllm import export_for_vllm
     from ..spec import EssConfig
 
-    name = args.model
-    if name == "tiny":
-        args.parser.error(f"argument --model: export-vllm writes a pretrained model "
-                          f"({', '.join(models.MODELS)} or a local checkpoint), not tiny")
+    name = _pretrained(args, "export-vllm writes")
     delta = args.delta or (True if name in models.MODELS else _local_delta(args, name))
     _set_threads(args.threads)
     model, tok = models.load(name, safety=delta)
@@ -195,10 +202,7 @@ def _serve(args) -> int:
     from ..integrations.vllm import serve as srv
     from ..spec import EssConfig
 
-    name = args.model
-    if name == "tiny":
-        args.parser.error(f"argument --model: serve takes a pretrained model "
-                          f"({', '.join(models.MODELS)} or a local checkpoint), not tiny")
+    name = _pretrained(args, "serve takes")
     delta = args.delta if (args.delta or name in models.MODELS) else _local_delta(args, name)
     for opt in srv.OWN_OPTIONS:
         if srv._given(args.vllm_args, opt):
