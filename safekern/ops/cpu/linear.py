@@ -19,9 +19,11 @@ callers then use ``F.linear``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -69,6 +71,33 @@ def _build_name() -> str:
     return f"safekern_cpu_linear_{h.hexdigest()[:10]}"
 
 
+@contextlib.contextmanager
+def _build_guard(name: str):
+    """Hold an OS lock on the extension's build directory while torch builds or loads it, and
+    remove torch's own ``lock`` file there when it is stale.
+
+    torch's ``FileBaton`` is a bare file that records no owner: a build killed mid-way (Ctrl-C,
+    a timeout) leaves it behind, and every later ``load`` of that name waits on it forever at
+    0% CPU. Our ``flock`` is released by the OS when its process dies, so once we hold it no
+    other safekern process is building this name: a ``lock`` file still there is stale."""
+    try:
+        import fcntl
+        from torch.utils.cpp_extension import _get_build_directory
+        build_dir = _get_build_directory(name, verbose=False)
+        guard = open(os.path.join(build_dir, "safekern.lock"), "a")
+    except Exception:              # no fcntl (Windows), a torch without the helper: no guard
+        yield
+        return
+    with guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)          # waits for a live build in another process
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            warnings.warn(f"removing a stale build lock left by an interrupted build: {stale}",
+                          RuntimeWarning, stacklevel=4)
+            os.remove(stale)
+        yield                                      # the flock goes with the file's close
+
+
 def _choose_isa() -> Optional[str]:
     """Pick the instruction set (``SAFEKERN_CPU_LINEAR_ISA`` or the widest the CPU has);
     None, or why the requested one cannot run."""
@@ -94,10 +123,11 @@ def unavailable_reason() -> Optional[str]:
         try:
             from torch.utils.cpp_extension import load
 
-            load(name=_build_name(), sources=[SOURCE, CONTROLLER, ATTENTION, ADAPTER],
-                 is_python_module=False,
-                 extra_cflags=list(CFLAGS), extra_include_paths=[os.path.dirname(SOURCE)],
-                 verbose=False)
+            name = _build_name()
+            with _build_guard(name):
+                load(name=name, sources=[SOURCE, CONTROLLER, ATTENTION, ADAPTER],
+                     is_python_module=False, extra_cflags=list(CFLAGS),
+                     extra_include_paths=[os.path.dirname(SOURCE)], verbose=False)
         except Exception as e:  # no compiler, no ninja, a build error: fall back, say why
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             _reason = f"building the C++ kernel failed ({first[:200]})"
