@@ -306,3 +306,45 @@ def test_fit_probe_on_a_tiny_model(tiny):
     with pytest.raises(ValueError, match="batch_size must be"):
         token_features(model, tok, rows, batch_size=0)
     set_probe(model, None)
+
+
+@pytest.mark.parametrize("adapter,cpu_controller", [(False, True), (True, True), (True, False)])
+def test_compact_step_equals_the_full_step(adapter, cpu_controller, monkeypatch):
+    """A step where some sequences evaluate runs their [CLS] rows after the token rows
+    (``forward._compact_step``, M = B + n rows); it gives the full (B, 2) step's tokens and
+    traces bit for bit, with and without a [CLS] adapter (the kernels' rows are independent)."""
+    from safekern.ops.cpu import linear as cpu_linear_op
+    from safekern.runtime import forward as fwd
+    from safekern.runtime.engine import Engine
+
+    if cpu_linear_op.unavailable_reason() is not None:
+        pytest.skip(cpu_linear_op.unavailable_reason())
+    if adapter:
+        from tests.test_adapter import _adapted
+        model, tok = _adapted(seed=4)
+    else:
+        model, tok = make_tiny_ess_model(seed=4)
+        model.eval()
+        model.safekern.response_sees_cls = False
+    _with_probe(model, seed=5, scale=2.0, threshold=0.5)
+    prompts = PROMPTS + ["What is 2 + 2?", "Name three colours of the rainbow, please."]
+    ess = EssConfig(schedule="cascade", threshold=1.0)
+    eng = Engine(model, tok, ignore_eos=True, cpu_linear="kernel",
+                 cpu_controller=cpu_controller)
+    sizes = []
+    real = fwd._compact_step
+    monkeypatch.setattr(fwd, "_compact_step", lambda e, n_ev, *a: (sizes.append(n_ev),
+                                                                   real(e, n_ev, *a))[1])
+    compact = eng.generate(prompts, max_new_tokens=14, safety=ess)
+    assert sizes and min(sizes) >= 1, sizes                 # the compact step ran
+    assert any(fwd.compact_rows(n) > n for n in sizes) or len(set(sizes)) > 1, sizes
+    monkeypatch.setattr(fwd, "compact_rows", lambda n: 1 << 30)   # always the full step
+    full = eng.generate(prompts, max_new_tokens=14, safety=ess)
+    for a, b in zip(compact, full):
+        assert a.token_ids == b.token_ids
+        assert a.trace == b.trace
+
+
+def test_compact_rows_buckets():
+    from safekern.runtime.forward import compact_rows
+    assert [compact_rows(n) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]

@@ -24,10 +24,15 @@ from ..safety.adapter import AdaptedLinears
 from .controller import decode_rows_ref, sample, step_begin_ref
 
 
-def forward(eng, ids, pos, q_pos, kv_len, write, attn, ess_kw, linears):
+def forward(eng, ids, pos, q_pos, kv_len, write, attn, ess_kw, linears, rows=None):
     """Run the decoder on ``ids (B, L)`` at ``pos (B, L)``; ``write(layer, k, v)`` stores
     this pass's K/V in the cache before ``attn`` reads ``cache[:, :kv_len]``; ``linears``
-    runs the projections and MLPs (``safekern.ops.cpu.decode_linear``)."""
+    runs the projections and MLPs (``safekern.ops.cpu.decode_linear``).
+
+    ``rows = (idx, qbuf)``: the compact decode step. ``ids``/``pos`` are ``(M, 1)`` rows that
+    sit at flat positions ``idx (M,)`` of the attention's ``(Bc, 2)`` layout (``qbuf (Bc, 2,
+    H, D)``, ``q_pos (Bc, 2)``): each layer scatters its queries there and gathers the
+    attention output back, so the linears run on M rows only."""
     a = eng.arch
     B, L = ids.shape
     kw = {"response_start": None, "cls_windows": None, "key_bias": None, **ess_kw}
@@ -47,9 +52,17 @@ def forward(eng, ids, pos, q_pos, kv_len, write, attn, ess_kw, linears):
             q = q * cos + q.roll(half, -1) * sin
             k = k * cos + k.roll(half, -1) * sin
             write(i, k, v)
+            if rows is not None:
+                idx, qbuf = rows
+                qbuf.view(-1, a.n_heads, a.head_dim).index_copy_(0, idx, q.view(B, a.n_heads,
+                                                                                a.head_dim))
+                q = qbuf
             o = attn(q, cache.k[i, :, :kv_len], cache.v[i, :, :kv_len],
                      softmax_scale=a.scale, causal=True, q_pos=q_pos, return_lse=False, **kw)
-            x = x + linears.o(i, o.reshape(B, L, a.n_heads * a.head_dim))
+            o = o.reshape(-1, a.n_heads * a.head_dim)
+            if rows is not None:
+                o = o.index_select(0, rows[0])
+            x = x + linears.o(i, o.view(B, L, a.n_heads * a.head_dim))
             x = x + linears.mlp(i, layer.post_attention_layernorm(x))
     return x
 
@@ -123,6 +136,8 @@ def decode_step(eng, kv_len: int, host_skip: bool = False):
         return
     ess_kw = dict(seqlens_k=st.seq_len, response_start=eng._cls_visible_from,
                   cls_windows=windows, key_bias=key_bias(eng, kv_len))
+    if n_ev is not None and eng._compact and compact_rows(n_ev) < eng.B:
+        return _compact_step(eng, n_ev, pos, q_pos, flat, kv_len, ess_kw)
     x = forward(eng, eng._ids2, pos, q_pos, kv_len, write, eng._attn_fns[2], ess_kw,
                 eng._step_linears)
     h = eng._norm(x)
@@ -130,4 +145,30 @@ def decode_step(eng, kv_len: int, host_skip: bool = False):
     sample(eng, h[:, 0], h if eng._fused_ctl else h[:, 1])
 
 
-__all__ = ["forward", "key_bias", "prefill", "decode_step"]
+
+def compact_rows(n_ev: int) -> int:
+    """The [CLS] rows a compact step runs for ``n_ev`` evaluating sequences: the next power of
+    two (the linears calibrate per row count M, ``KernelLinears``; buckets keep that to a few
+    M per batch size). The extra rows are non-evaluating [CLS] rows (``q_pos = -1``)."""
+    return 1 << max(n_ev - 1, 0).bit_length()
+
+
+def _compact_step(eng, n_ev, pos, q_pos, flat, kv_len, ess_kw):
+    """A decode step where only some sequences evaluate (CPU, ``host_skip``): the B token rows
+    and ``compact_rows(n_ev)`` [CLS] rows run the linears, M = B + n instead of 2B (at batch
+    16 with one escalation: 17 rows, not 32). Attention keeps the ``(B, 2)`` layout, where a
+    non-evaluating [CLS] row (``q_pos = -1``) costs nothing. Same values as the full step:
+    the kernels' rows are independent of each other (``safekern.ops.cpu.linear``)."""
+    B, n = eng.B, compact_rows(n_ev)
+    cls = q_pos[:, 1] >= 0
+    pick = torch.cat([cls.nonzero()[:, 0], (~cls).nonzero()[:n - n_ev, 0]])
+    idx = torch.cat([eng._cache.bidx * 2, pick * 2 + 1])        # flat rows of the (B, 2) layout
+    x = forward(eng, eng._ids2.view(-1)[idx][:, None], pos.view(-1)[idx][:, None], q_pos,
+                kv_len, eng._cache.flat_writer(flat[idx]), eng._attn_fns[2], ess_kw,
+                eng._compact_linears, rows=(idx, eng._qbuf))
+    h2 = eng._h2
+    h2.view(-1, h2.shape[-1]).index_copy_(0, idx, eng._norm(x[:, 0]))
+    sample(eng, h2[:, 0], h2 if eng._fused_ctl else h2[:, 1])
+
+
+__all__ = ["forward", "key_bias", "prefill", "decode_step", "compact_rows"]

@@ -154,21 +154,23 @@ class ClsAdapter(nn.Module):
 
 class AdaptedLinears:
     """``linears`` (``ModuleLinears`` / ``KernelLinears``) plus the adapter's deltas on the
-    [CLS] rows: column ``col`` of ``(B, L, .)`` inputs, or every row when ``col`` is None.
+    [CLS] rows: column ``col`` of ``(B, L, .)`` inputs from row ``row0`` on (the compact decode
+    step puts the [CLS] rows after the B token rows: ``col=0, row0=B``), or every row when
+    ``col`` is None.
 
     Token rows go through ``linears`` untouched (the delta is added to a copy-free slice of
     the [CLS] column only), so their values are bitwise those of ``linears`` alone.
     """
 
-    def __init__(self, linears, adapter: ClsAdapter, col: Optional[int]):
-        self.base, self.adapter, self.col = linears, adapter, col
+    def __init__(self, linears, adapter: ClsAdapter, col: Optional[int], row0: int = 0):
+        self.base, self.adapter, self.col, self.row0 = linears, adapter, col, row0
         self._cpp: Optional[bool] = None            # the C++ op is available (on first use)
         self._lists: Dict[tuple, tuple] = {}         # (layer, targets) -> adapted factors
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, L, Dm)`` (the embedded ids) with the adapter's [CLS] embedding in the [CLS]
         column, in place."""
-        x[:, self.col] = self.adapter.embedding.to(x.dtype)
+        x[self.row0:, self.col] = self.adapter.embedding.to(x.dtype)
         return x
 
     def _add(self, i: int, target: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -176,9 +178,9 @@ class AdaptedLinears:
         if self.col is None:
             d = self.adapter.delta(i, target, x)
             return y if d is None else y + d
-        d = self.adapter.delta(i, target, x[:, self.col])
+        d = self.adapter.delta(i, target, x[self.row0:, self.col])
         if d is not None:
-            y[:, self.col] += d
+            y[self.row0:, self.col] += d
         return y
 
     def _fast(self, x: torch.Tensor) -> bool:
@@ -219,6 +221,8 @@ class AdaptedLinears:
                 x.requires_grad or any(t.requires_grad for t in As + Bs))):
             out = [ys[j] for j in pos]
             if all(y.stride(-1) == 1 and y.dim() == 3 for y in out):
+                if self.row0:
+                    x, out = x[self.row0:], [y[self.row0:] for y in out]
                 torch.ops.safekern_cpu.adapter_add(x, self.col, out, As, Bs, self.adapter.scale)
                 return ys
         return [self._add(i, t, x, y) for t, y in zip(targets, ys)]
@@ -241,11 +245,11 @@ def adapter_of(model) -> Optional[ClsAdapter]:
     return a if isinstance(a, ClsAdapter) else None
 
 
-def with_adapter(model, linears, col: Optional[int]):
-    """``linears`` wrapped with the model's adapter for [CLS] column ``col``; unchanged when
-    the model has none."""
+def with_adapter(model, linears, col: Optional[int], row0: int = 0):
+    """``linears`` wrapped with the model's adapter for [CLS] column ``col`` (from row
+    ``row0``); unchanged when the model has none."""
     a = adapter_of(model)
-    return linears if a is None else AdaptedLinears(linears, a, col)
+    return linears if a is None else AdaptedLinears(linears, a, col, row0)
 
 
 __all__ = ["TARGETS", "ClsAdapter", "AdaptedLinears", "adapter_of", "adapter_shapes",
