@@ -10,6 +10,9 @@ Per decode step and sequence, two query rows share one forward pass (Lq = 2):
   cache slot 0 *before* that layer's attention, so the token row of the same step already sees
   the refreshed [CLS] (docs/DESIGN.md §3, KV-cache semantics).
 
+On a CPU a step where only some sequences evaluate is compact (``_compact_step``): the
+linears run on the token rows plus a few [CLS] rows, not 2B rows.
+
 Prompts of different lengths are right-padded (never left-padded): padding rows get
 ``q_pos = -1`` and ``seqlens_k`` hides padding keys, so RoPE positions equal indices.
 """
@@ -158,8 +161,9 @@ def _compact_step(eng, n_ev, pos, q_pos, flat, kv_len, ess_kw):
     and ``compact_rows(n_ev)`` [CLS] rows run the linears, M = B + n instead of 2B (at batch
     16 with one escalation: 17 rows, not 32). Attention keeps the ``(B, 2)`` layout, where a
     non-evaluating [CLS] row (``q_pos = -1``) costs nothing. Same values as the full step:
-    the kernels' rows are independent of each other (``safekern.ops.cpu.linear``)."""
-    B, n = eng.B, compact_rows(n_ev)
+    bitwise where the linears run the C++ kernels (rows independent of each other,
+    ``safekern.ops.cpu.linear``), within float32 rounding where MKL runs."""
+    n = compact_rows(n_ev)
     cls = q_pos[:, 1] >= 0
     pick = torch.cat([cls.nonzero()[:, 0], (~cls).nonzero()[:n - n_ev, 0]])
     idx = torch.cat([eng._cache.bidx * 2, pick * 2 + 1])        # flat rows of the (B, 2) layout
