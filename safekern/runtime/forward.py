@@ -170,9 +170,10 @@ def _compact_step(eng, n_ev, pos, q_pos, flat, kv_len, ess_kw):
     x = forward(eng, eng._ids2.view(-1)[idx][:, None], pos.view(-1)[idx][:, None], q_pos,
                 kv_len, eng._cache.flat_writer(flat[idx]), eng._attn_fns[2], ess_kw,
                 eng._compact_linears, rows=(idx, eng._qbuf))
-    h2 = eng._h2
-    h2.view(-1, h2.shape[-1]).index_copy_(0, idx, eng._norm(x[:, 0]))
-    sample(eng, h2[:, 0], h2 if eng._fused_ctl else h2[:, 1])
+    h, h2 = eng._norm(x[:, 0]), eng._h2
+    h2.view(-1, h2.shape[-1]).index_copy_(0, idx, h)   # the [CLS] rows where the controller reads
+    # the token rows as a contiguous (B, D) block: the LM head's GEMM is slower on a strided one
+    sample(eng, h[:eng.B], h2 if eng._fused_ctl else h2[:, 1])
 
 
 __all__ = ["forward", "key_bias", "prefill", "decode_step", "compact_rows"]

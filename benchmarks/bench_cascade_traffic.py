@@ -1,0 +1,85 @@
+"""What does the cascade cost on requests like production traffic? (issue 27)
+
+``safekern bench`` times every schedule on one synthetic prompt (a pangram, rotated). For
+``each`` or ``annealing`` the text does not matter: they evaluate on fixed steps. The cascade
+evaluates where its probe flags, so its cost depends on the text: on the pangram the shipped
+probe flags about a quarter of the row-tokens. This script times safety off, ``each`` and
+``cascade`` on held-out benign requests (``safekern.evaluation.heldout_cases``: ``benign`` and
+``benign_long`` by default, the same prompts as the safety table; ``--kinds`` adds e.g.
+``borderline``), A/B interleaved in one process, with the same model set-up as ``safekern bench``
+(the shipped delta, a benign-leaning head so that no row stops evaluating).
+
+Usage: ``python benchmarks/bench_cascade_traffic.py [--batch 1 4 16] [--new-tokens 64] [--reps 3]
+[--threads 2] [--kinds benign,benign_long] [--out bench_out]``. ~6 min at the defaults on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+
+import torch
+
+from safekern import EssConfig
+from safekern.evaluation import heldout_cases
+from safekern.evaluation.bench import _evals_per_step, build_real
+from safekern.ops.timing import environment, format_table, write_csv
+from safekern.runtime.engine import Engine
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kinds", default="benign,benign_long")
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args(argv)
+    if args.new_tokens < 2 or args.reps < 1 or min(args.batch) < 1 or args.threads < 1:
+        ap.error("--new-tokens must be >= 2, --reps, --batch and --threads >= 1")
+    kinds = args.kinds.split(",")
+    torch.set_num_threads(args.threads)
+    model, tok = build_real(args.model, torch.device("cpu"), torch.float32)
+    prompts = [c.prompt for c in heldout_cases() if c.kind in kinds]
+    if len(prompts) < max(args.batch):
+        ap.error(f"--kinds {args.kinds} has {len(prompts)} prompts, fewer than the batch")
+    random.Random(0).shuffle(prompts)
+    eng = Engine(model, tok, ignore_eos=True)
+    configs = {"off": None, "each": EssConfig(schedule="each"),
+               "cascade": EssConfig(schedule="cascade")}
+    N, rows = args.new_tokens, []
+    load0 = os.getloadavg()[0]
+    for B in args.batch:
+        ps = prompts[:B]
+        fns = {k: (lambda c: lambda: eng.generate(ps, max_new_tokens=N, safety=c))(c)
+               for k, c in configs.items()}
+        checks = {k: _evals_per_step(fns[k](), N) for k in ("each", "cascade")}   # + warm-up
+        fns["off"]()
+        wall = {k: [] for k in fns}
+        for _ in range(args.reps):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                wall[k].append(time.perf_counter() - t0)
+        off = statistics.median(wall["off"])
+        for k in fns:
+            med = statistics.median(wall[k])
+            rows.append({"batch": B, "provider": k, "ms/token": round(med / N * 1e3, 1),
+                         "time vs safety off": round(med / off, 3),
+                         "[CLS] checks per row-token": "" if k == "off" else
+                         round(checks[k], 3)})
+    env = environment(torch.device("cpu"))
+    print(f"model {args.model} | held-out {args.kinds} requests | {args.threads} thread(s) | "
+          f"{N} new tokens | median of {args.reps} | load average {load0:.1f} -> "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(format_table(rows, list(rows[0])))
+    print("csv:", write_csv(os.path.join(args.out, "cascade_traffic.csv"), rows, env))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
