@@ -12,10 +12,53 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <cstdint>
 #include <vector>
 
 namespace {
+
+// u[b] = x[b] @ A for RB rows at once, A's rank r = 8 * RV: the RB * RV accumulators stay in
+// registers, so the rows' FMA chains over k run side by side instead of one row after the
+// other (each chain is latency-bound: K dependent FMAs). Every u[b][j] is the same sequence of
+// fused multiply-adds over k = 0..K-1 as the scalar loop below, so the bits are the same.
+template <int RV, int RB>
+inline void xa_rows(const float* const* xr, const float* __restrict ap, int64_t K, float* u) {
+  __m256 acc[RB][RV];
+  for (int b = 0; b < RB; ++b)
+    for (int v = 0; v < RV; ++v) acc[b][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 a[RV];
+    for (int v = 0; v < RV; ++v) a[v] = _mm256_loadu_ps(ap + (k * RV + v) * 8);
+    for (int b = 0; b < RB; ++b) {
+      const __m256 xv = _mm256_set1_ps(xr[b][k]);
+      for (int v = 0; v < RV; ++v) acc[b][v] = _mm256_fmadd_ps(xv, a[v], acc[b][v]);
+    }
+  }
+  for (int b = 0; b < RB; ++b)
+    for (int v = 0; v < RV; ++v) _mm256_storeu_ps(u + b * RV * 8 + v * 8, acc[b][v]);
+}
+
+// Rows [0, B) of u = X @ A in blocks of RB (then single rows).
+template <int RV, int RB>
+void xa_all(const float* const* xr, int64_t B, const float* ap, int64_t K, float* u) {
+  int64_t b = 0;
+  for (; b + RB <= B; b += RB) xa_rows<RV, RB>(xr + b, ap, K, u + b * RV * 8);
+  for (; b < B; ++b) xa_rows<RV, 1>(xr + b, ap, K, u + b * RV * 8);
+}
+
+// u = X @ A through the register-blocked path; false when the rank has none (r not 8/16/32/64).
+bool xa_fast(const float* const* xr, int64_t B, const float* ap, int64_t K, int64_t r,
+             float* u) {
+  switch (r) {
+    case 8: xa_all<1, 4>(xr, B, ap, K, u); return true;
+    case 16: xa_all<2, 4>(xr, B, ap, K, u); return true;
+    case 32: xa_all<4, 2>(xr, B, ap, K, u); return true;
+    case 64: xa_all<8, 1>(xr, B, ap, K, u); return true;
+    default: return false;
+  }
+}
 
 void adapter_add(const at::Tensor& x, int64_t col, at::TensorList ys, at::TensorList As,
                  at::TensorList Bs, double scale) {
@@ -29,6 +72,8 @@ void adapter_add(const at::Tensor& x, int64_t col, at::TensorList ys, at::Tensor
   const float s = static_cast<float>(scale);
   const float* xp = x.data_ptr<float>();
   std::vector<float> u;
+  std::vector<const float*> xr(B);                 // the [CLS] row of each batch row
+  for (int64_t b = 0; b < B; ++b) xr[b] = xp + b * x.stride(0) + col * x.stride(1);
   for (size_t i = 0; i < ys.size(); ++i) {
     const at::Tensor &y = ys[i], &A = As[i], &Bm = Bs[i];
     TORCH_CHECK(A.dim() == 2 && A.size(0) == K && A.scalar_type() == at::kFloat &&
@@ -46,16 +91,19 @@ void adapter_add(const at::Tensor& x, int64_t col, at::TensorList ys, at::Tensor
     const float* __restrict ap = A.data_ptr<float>();
     const float* __restrict bp = Bm.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    u.assign(r, 0.f);
-    float* __restrict up = u.data();
-    for (int64_t b = 0; b < B; ++b) {
-      const float* __restrict xr = xp + b * x.stride(0) + col * x.stride(1);
-      std::fill(u.begin(), u.end(), 0.f);
-      for (int64_t k = 0; k < K; ++k) {          // u = x_row @ A (over r: vectorised)
-        const float xv = xr[k];
-        const float* __restrict ak = ap + k * r;
-        for (int64_t j = 0; j < r; ++j) up[j] += xv * ak[j];
+    u.assign(B * r, 0.f);
+    if (!xa_fast(xr.data(), B, ap, K, r, u.data())) {
+      for (int64_t b = 0; b < B; ++b) {
+        float* __restrict up = u.data() + b * r;
+        for (int64_t k = 0; k < K; ++k) {        // u = x_row @ A (over r: vectorised)
+          const float xv = xr[b][k];
+          const float* __restrict ak = ap + k * r;
+          for (int64_t j = 0; j < r; ++j) up[j] += xv * ak[j];
+        }
       }
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const float* __restrict up = u.data() + b * r;
       float* __restrict yr = yp + b * y.stride(0) + col * y.stride(1);
       for (int64_t j = 0; j < r; ++j) {          // y_row += (s * u) @ B (over N: vectorised)
         const float uj = s * up[j];
