@@ -5,7 +5,8 @@
 // path, which stays the reference and runs wherever this op cannot). What it saves is dispatch:
 // the torch path is ~6 small ops per target (slice, two thin matmuls, scale, slice, add), 42 per
 // layer, ~10 ms per SmolLM2 decode step at batch 1 for ~4 MFLOP of work. Here the work is two
-// plain loops per row and target (rank r is small: 8-64), vectorised by the compiler.
+// loops per target (rank r is small: 8-64): u = x @ A, for ranks 8/16/32/64 in register blocks
+// of rows (xa_rows), and y += (s * u) @ B, vectorised by the compiler.
 //
 // Only the [CLS] column `col` of each output is written; every other row of every output is left
 // untouched, so token rows stay bitwise the base projection's.
