@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
-import time
 
 import torch
 
 from safekern import EssConfig
 from safekern.evaluation import heldout_cases
 from safekern.evaluation.bench import _evals_per_step, build_real
-from safekern.ops.timing import environment, format_table, write_csv
+from safekern.ops.timing import environment, format_table, interleaved_medians, write_csv
 from safekern.runtime.engine import Engine
 
 
@@ -59,17 +57,11 @@ def main(argv=None) -> int:
                for k, c in configs.items()}
         checks = {k: _evals_per_step(fns[k](), N) for k in ("each", "cascade")}   # + warm-up
         fns["off"]()
-        wall = {k: [] for k in fns}
-        for _ in range(args.reps):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                wall[k].append(time.perf_counter() - t0)
-        off = statistics.median(wall["off"])
+        med = interleaved_medians(fns, reps=args.reps, warmup=0)
+        off = med["off"]
         for k in fns:
-            med = statistics.median(wall[k])
-            rows.append({"batch": B, "provider": k, "ms/token": round(med / N * 1e3, 1),
-                         "time vs safety off": round(med / off, 3),
+            rows.append({"batch": B, "provider": k, "ms/token": round(med[k] / N * 1e3, 1),
+                         "time vs safety off": round(med[k] / off, 3),
                          "[CLS] checks per row-token": "" if k == "off" else
                          round(checks[k], 3)})
     env = environment(torch.device("cpu"))
