@@ -139,7 +139,7 @@ def decode_step(eng, kv_len: int, host_skip: bool = False):
         return
     ess_kw = dict(seqlens_k=st.seq_len, response_start=eng._cls_visible_from,
                   cls_windows=windows, key_bias=key_bias(eng, kv_len))
-    if n_ev is not None and eng._compact and compact_rows(n_ev) < eng.B:
+    if n_ev is not None and compact_rows(n_ev) < eng.B:
         return _compact_step(eng, n_ev, pos, q_pos, flat, kv_len, ess_kw)
     x = forward(eng, eng._ids2, pos, q_pos, kv_len, write, eng._attn_fns[2], ess_kw,
                 eng._step_linears)
