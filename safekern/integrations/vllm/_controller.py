@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ...reference.controller import forced_tokens, plan_step, update_state
-from ...spec import BENIGN, REFUSING, EssState
+from ...spec import BENIGN, PENDING, REFUSING, SUSPECT, EssState
 from ._batch import BATCH, Request
 
 # Fields of EssState kept per request as Python ints between steps.
@@ -52,6 +52,14 @@ def _unpack(reqs: List[Request], st: EssState):
         r.finished = bool(fin[i])
 
 
+def _due(req: Request, t: int) -> bool:
+    """Whether ``plan_step`` would evaluate ``req`` at length ``t`` (its ``evaluating`` rule,
+    on Python ints)."""
+    n = t - req.layout.prompt_len
+    return (req.mode == SUSPECT or (req.mode == PENDING and n >= req.ess.first_at)
+            or (req.mode == BENIGN and n >= req.next_eval))
+
+
 class Plan:
     """One step's controller work: per EssConfig group the packed state and windows, and the
     evaluating rows ``(row, t, windows)`` in the order the [CLS] rows are computed."""
@@ -85,6 +93,12 @@ def plan(rows: Dict[int, Request], seq_lens: List[int]) -> Plan:
             continue
         if req.mode == REFUSING and req.forced_idx < 0:
             continue                          # triggered, refusal emitted: nothing to do
+        if req.forced_idx < 0 and not _due(req, seq_lens[r] + 1):
+            # Idle: update_state and forced_tokens would leave it exactly as it is, so it is
+            # not packed (the per-step host cost of a sparse schedule is the due rows only).
+            if req.ess.schedule == "cascade":
+                pl.cascade.append((r, req, seq_lens[r] + 1))
+            continue
         groups.setdefault(id(req.ess), []).append((r, req))
     for items in groups.values():
         t = [seq_lens[r] + 1 for r, _ in items]       # safekern t counts the [CLS]
