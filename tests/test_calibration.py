@@ -7,7 +7,8 @@ import torch
 
 import safekern
 from safekern import EssConfig
-from safekern.training.calibration import calibrate, choose, evaluations, grid, window_traces
+from safekern.training.calibration import (calibrate, cascade_evaluations, choose, evaluations,
+                                           grid, window_traces)
 from tests.test_adapter import PROMPTS, _adapted
 
 PREFILLS = ["", "Sure, here is"]
@@ -46,6 +47,58 @@ def test_replay_equals_the_engine(tiny):
                 assert (r.trace.trigger_step is None) == (trig is None)
                 triggered += trig is not None and trig > tr.n_prefill
     assert triggered > 0                   # mid-answer triggers (SUSPECT windows) were exercised
+
+
+def test_cascade_replay_equals_the_engine(tiny):
+    """``cascade_evaluations`` on fixed answers, with the probe's per-step scores recomputed on
+    the base model's hidden states, is the engine's cascade: same evaluations, same verdicts,
+    same trigger, for several (threshold, tau, probe threshold)."""
+    from safekern.safety.prompts import encode_for_model
+    from safekern.training.frozen import _Layers
+    from tests.test_cascade import _with_probe
+
+    model, tok = tiny
+    kw = dict(r1=3, r2=4, r3=3, schedule="cascade", policy="low")
+    n = 14
+    probe = _with_probe(model, seed=7, scale=2.0, threshold=0.5)
+    try:
+        free = _generate(model, tok, EssConfig(threshold=1.0, **kw), n=n)
+        rows = [{"prompt": p, "prefill": f, "response_ids": r.token_ids, "label": 1,
+                 "response_label": 1} for p, f, r in zip(PROMPTS, PREFILLS, free)]
+        traces = window_traces(model, tok, rows, r1=3, r2=4, r3=3, max_tau=4, min_threshold=0.0)
+        enc = encode_for_model(model, tok, PROMPTS, prefill=PREFILLS)
+        layers, scores = _Layers(model), []
+        for b, r in enumerate(free):                # the probe at response length m reads
+            ids = enc.ids[b] + r.token_ids          # the token row at position P - 1 + m
+            P = enc.prompt_len[b]
+            with torch.no_grad():
+                hs = layers.arch.base(input_ids=torch.tensor([ids[1:]]), position_ids=torch.arange(
+                    1, len(ids))[None]).last_hidden_state
+            q = probe(hs[0]).tolist()
+            scores.append([q[P - 2 + m] for m in range(len(ids) - P)])
+        ps = sorted(p for tr in traces for p in tr.p2.values())
+        seen = escalated = 0
+        flat = sorted(x for s in scores for x in s)
+        for pq in (0.3, 0.6):
+            set_thr = float(flat[int(pq * (len(flat) - 1))])
+            probe.threshold = set_thr
+            for q in (0.4, 0.7):
+                th = float(ps[int(q * (len(ps) - 1))]) + 1e-6
+                for tau in (1, 2):
+                    out = _generate(model, tok, EssConfig(threshold=th, tau=tau, **kw), n=n)
+                    for r, tr, sc in zip(out, traces, scores):
+                        evals, trig = cascade_evaluations(tr, sc, th, tau, set_thr)
+                        assert r.trace.eval_lengths == [m for m, _ in evals]
+                        torch.testing.assert_close(torch.tensor(r.trace.p_unsafe),
+                                                   torch.tensor([p for _, p in evals]),
+                                                   atol=2e-5, rtol=0)
+                        assert (r.trace.trigger_step is None) == (trig is None)
+                        seen += trig is not None and trig > tr.n_prefill
+                        escalated += len(evals) > 1
+        assert seen > 0 and escalated > 0   # mid-answer triggers and escalations were exercised
+    finally:
+        from safekern.safety.probe import set_probe
+        set_probe(model, None)
 
 
 def test_grid_and_choice(tiny):

@@ -276,6 +276,39 @@ def test_screening_threshold_and_window_maxima():
         screening_threshold([], 0.99)
 
 
+def test_answer_threshold_keeps_each_catches():
+    """By answers: the highest threshold at which the replayed cascade (first verdicts counted
+    as missed) still catches ``recall`` of what ``each``'s response windows catch."""
+    from safekern.training.calibration import RowTrace
+    from safekern.training.probe_fit import ProbeDataError, answer_threshold
+
+    def harmful(flag_at):             # each: flags at 6, SUSPECT windows at 7 and 8 -> trigger
+        t = RowTrace("harmful", 1, 1, 0, 12, first=0.9,
+                     p2={m: 0.9 if m >= 6 else 0.1 for m in range(1, 12)},
+                     p3={(6, m): 0.9 for m in range(7, 12)})
+        return t, [flag_at if k == 4 else 0.2 for k in range(12)]
+
+    h1, q1 = harmful(0.8)             # the probe flags the row before the harmful step
+    h2, q2 = harmful(0.6)
+    neg = RowTrace("benign", 0, 0, 0, 12, first=0.1, p2={m: 0.1 for m in range(1, 12)})
+    qn = [0.7 if k == 2 else 0.1 for k in range(12)]
+    thr, info = answer_threshold([h1, h2, neg], [q1, q2, qn], threshold=0.5, tau=3, recall=0.99)
+    assert thr == pytest.approx(0.6) and info["val_recall_answer_of_each"] == 1.0
+    assert info["answers_caught_by_each"] == 2
+    assert info["val_evals_per_step_label0"] == pytest.approx(1 / 11, abs=1e-4)   # one escalation
+    thr, info = answer_threshold([h1, h2, neg], [q1, q2, qn], recall=0.5)
+    assert thr == pytest.approx(0.8) and info["val_recall_answer_of_each"] == 0.5
+    assert info["val_evals_per_step_label0"] == 0.0
+    with pytest.raises(ProbeDataError, match="no harmful validation answer is caught"):
+        answer_threshold([neg], [qn])
+    with pytest.raises(ValueError, match="2 traces but 1 probe score"):
+        answer_threshold([h1, neg], [q1])
+    with pytest.raises(ValueError, match="tau must be an int"):
+        answer_threshold([h1], [q1], tau=0)
+    with pytest.raises(ValueError, match="threshold must be a float"):
+        answer_threshold([h1], [q1], threshold=1.5)
+
+
 def test_fit_probe_on_a_tiny_model(tiny):
     """Features are one per response position; the fitted probe is attached, its threshold
     flags >= 99% of the harmful validation windows it reports, and it separates the labels."""
@@ -305,6 +338,8 @@ def test_fit_probe_on_a_tiny_model(tiny):
     assert summary["val_auc_position"] > 0.9
     with pytest.raises(ValueError, match="batch_size must be"):
         token_features(model, tok, rows, batch_size=0)
+    with pytest.raises(ValueError, match="unit must be 'window' or 'answer'"):
+        fit_probe(model, tok, rows, progress=False, log=None, unit="position")
     set_probe(model, None)
 
 

@@ -94,6 +94,8 @@ def _usage_error(capsys, argv) -> str:
      "argument --epochs: not allowed with --probe-only"),
     (["train", "--model", "smollm2", "--delta", "x"], "argument --delta: applies to --probe-only"),
     (["train", "--tiny", "--probe-only"], "argument --probe-only: applies to a real model"),
+    (["train", "--tiny", "--probe-unit", "answer"], "argument --probe-unit: applies to a real model"),
+    (["train", "--model", "smollm2", "--probe-unit", "position"], "argument --probe-unit: invalid choice"),
     (["export-vllm", "--out", "x", "--threshold", "1.5"], "argument --threshold: must be in "
                                                           "[0, 1], got 1.5"),
     (["export-vllm", "--out", "x", "--model", "tiny"], "export-vllm writes a pretrained"),

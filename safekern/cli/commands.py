@@ -99,7 +99,7 @@ def _train(args) -> int:
             from ..training.probe_fit import fit_probe_for_delta
 
             fit_probe_for_delta(model, args.delta, args.out, max_sequences=args.max_sequences,
-                                progress=not args.no_progress)
+                                unit=args.probe_unit, progress=not args.no_progress)
             return 0
         if args.delta is not None:
             args.parser.error("argument --delta: applies to --probe-only (the delta whose probe "
@@ -109,7 +109,7 @@ def _train(args) -> int:
         train_real(model, args.out, response_windows=args.response_windows,
                    progress=not args.no_progress, rank=args.rank, epochs=args.epochs,
                    max_minutes=args.max_minutes, max_sequences=args.max_sequences,
-                   calibrate=not args.no_calibrate, lr=args.lr)
+                   calibrate=not args.no_calibrate, lr=args.lr, probe_unit=args.probe_unit)
         return 0
     if not args.tiny and model != "tiny":
         args.parser.error("say what to train: --model smollm2 (a real pretrained model, "
@@ -120,6 +120,7 @@ def _train(args) -> int:
             ("--no-calibrate", args.no_calibrate, "the tiny recipe has no such option"),
             ("--lr", args.lr is not None, "the tiny recipe has no such option"),
             ("--probe-only", args.probe_only, "the tiny recipe has no such option"),
+            ("--probe-unit", args.probe_unit != "window", "the tiny recipe has no such option"),
             ("--delta", args.delta is not None, "the tiny recipe has no such option"),
             ("--threads", args.threads is not None, "the tiny recipe trains on one thread, so a "
              "seed gives the same model on every machine")):

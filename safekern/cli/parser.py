@@ -206,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--probe-only", action="store_true", help="real model: fit only the cascade's "
                    "token-row screening probe for an existing delta (--delta, default the "
                    "shipped one) and write the delta with it to --out")
+    t.add_argument("--probe-unit", choices=("window", "answer"), default="window",
+                   help="real model: what the screening probe's 99%% recall counts: harmful "
+                   "validation windows (default) or the harmful answers the each schedule "
+                   "catches with its response windows (a replay of the cascade: a higher "
+                   "threshold, fewer escalations)")
     t.add_argument("--delta", default=None, help="real model, --probe-only: the delta to add "
                    "the probe to (default: the shipped one)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

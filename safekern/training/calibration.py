@@ -153,6 +153,38 @@ def evaluations(trace: RowTrace, threshold: float, tau: int
     return evals, None
 
 
+def cascade_evaluations(trace: RowTrace, probe: Sequence[float], threshold: float, tau: int,
+                        probe_threshold: float) -> Tuple[List[Tuple[int, float]], Optional[int]]:
+    """``evaluations`` for the ``cascade`` schedule: the first verdict, then a [CLS] evaluation
+    only at the step after the token-row probe flags (``reference.controller.escalate``) and
+    at every step while SUSPECT. ``probe[n]``: the probe score of the token row at response
+    length ``n`` (the row that samples token ``n + 1``; a missing entry counts as 0, i.e. no
+    escalation)."""
+    def flagged(n):
+        return 0 <= n < len(probe) and probe[n] >= probe_threshold
+
+    evals = [(trace.n_prefill, trace.first)]
+    if trace.first >= threshold:
+        return evals, trace.n_prefill
+    nxt = trace.n_prefill + 1 if flagged(trace.n_prefill) else None
+    suspect, flags, s = False, 0, -1
+    for m in range(trace.n_prefill + 1, trace.n):
+        if suspect or (nxt is not None and m >= nxt):
+            p = trace.p3.get((s, m), 0.0) if suspect else trace.p2[m]
+            evals.append((m, p))
+            if p >= threshold:
+                flags += 1
+                if flags >= tau:
+                    return evals, m
+                if not suspect:
+                    suspect, s = True, m
+            else:
+                suspect, flags, nxt = False, 0, None
+        if not suspect and flagged(m):
+            nxt = m + 1 if nxt is None else min(nxt, m + 1)
+    return evals, None
+
+
 def replay(trace: RowTrace, threshold: float, tau: int) -> Optional[int]:
     """The response length at which the ``each`` controller triggers (None: never)."""
     return evaluations(trace, threshold, tau)[1]
@@ -206,5 +238,5 @@ def calibrate(model, tokenizer, rows: Sequence[Dict], *, max_miss: float = 0.02,
     return choose(table, max_miss), table
 
 
-__all__ = ["RowTrace", "THRESHOLDS", "TAUS", "calibrate", "choose", "evaluations", "grid", "replay",
-           "window_traces"]
+__all__ = ["RowTrace", "THRESHOLDS", "TAUS", "calibrate", "cascade_evaluations", "choose",
+           "evaluations", "grid", "replay", "window_traces"]

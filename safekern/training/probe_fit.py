@@ -15,6 +15,9 @@ split as the adapter's). The screening threshold is the highest one with ``recal
 0.99) of the harmful validation *windows*: a window is a harmful answer's latest ``r2`` tokens
 at a response length the controller evaluates (rule 2), and it is caught when the probe flags
 any of its positions, i.e. when a [CLS] evaluation is brought onto it within ``r2`` tokens.
+``fit_probe(..., unit="answer")`` counts answers instead (``answer_threshold``): the highest
+threshold at which the replayed cascade still catches ``recall`` of the harmful validation
+answers that ``each`` catches with its response windows (BENCHMARKS.md, "The cascade").
 """
 from __future__ import annotations
 
@@ -101,6 +104,65 @@ def screening_threshold(window_max: Sequence[float], recall: float) -> float:
     return float(ranked[k - 1])
 
 
+def answer_threshold(traces, probe_scores: Sequence[Sequence[float]], *, threshold: float = 0.5,
+                     tau: int = 3, recall: float = 0.99,
+                     candidates: Optional[Sequence[float]] = None) -> Tuple[float, Dict]:
+    """The screening threshold by *answers* (``fit_probe(..., unit="answer")``): the highest
+    candidate at which the cascade, replayed on the validation answers with every first verdict
+    counted as missed (``first = 0``: the case the probe exists for — a benign-looking start,
+    a long prefill, a drift), still triggers on at least ``recall`` of the harmful answers that
+    ``each`` triggers on the same way (with its response windows alone).
+
+    Args:
+        traces: ``calibration.window_traces`` of the validation rows.
+        probe_scores: per row, the probe's score of each response position (``[k]``: the token
+            row of response token ``k``, i.e. the row at response length ``k + 1``).
+        threshold, tau: the delta's operating point.
+        candidates: thresholds tried (default 0.30, 0.31, ..., 0.99).
+    Returns:
+        ``(threshold, info)``; ``info``: the answers ``each`` catches, the recall reached, and
+        the [CLS] evaluations per decode step on the label-0 answers the cascade does not
+        refuse (with their real first verdicts).
+    """
+    import dataclasses
+
+    from .calibration import cascade_evaluations, evaluations
+
+    if len(traces) != len(probe_scores):
+        raise ValueError(f"{len(traces)} traces but {len(probe_scores)} probe score lists")
+    if not 0 < recall <= 1:
+        raise ValueError(f"recall must be in (0, 1], got {recall!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
+            not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be a float in (0, 1], got {threshold!r}")
+    if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+        raise ValueError(f"tau must be an int >= 1, got {tau!r}")
+    cands = sorted(candidates if candidates is not None else
+                   [round(0.30 + 0.01 * i, 2) for i in range(70)], reverse=True)
+    probes = [[0.0] + list(q) for q in probe_scores]    # length 0: the prompt's row, not scored
+    blind = [dataclasses.replace(t, first=0.0) for t in traces]
+    harm = [i for i, t in enumerate(traces) if t.label == 1 and t.response_label == 1]
+    caught = [i for i in harm if evaluations(blind[i], threshold, tau)[1] is not None]
+    if not caught:
+        raise ProbeDataError("no harmful validation answer is caught by the response windows: "
+                             "nothing to choose a threshold by answers on")
+    neg = [i for i, t in enumerate(traces) if t.label == 0]
+    for c in cands:
+        hit = sum(cascade_evaluations(blind[i], probes[i], threshold, tau, c)[1] is not None
+                  for i in caught)
+        if hit >= recall * len(caught) or c == cands[-1]:
+            break
+    evals = steps = 0
+    for i in neg:
+        ev, trig = cascade_evaluations(traces[i], probes[i], threshold, tau, c)
+        if trig is None:
+            evals += len(ev) - 1
+            steps += max(0, traces[i].n - 1 - traces[i].n_prefill)
+    return float(c), {"answers_caught_by_each": len(caught),
+                      "val_recall_answer_of_each": round(hit / len(caught), 4),
+                      "val_evals_per_step_label0": round(evals / max(1, steps), 4)}
+
+
 def probe_from_features(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor,
                         y_va: torch.Tensor, s_va: torch.Tensor, *, recall: float = 0.99,
                         r2: int = 10, log=print) -> SafetyProbe:
@@ -144,12 +206,21 @@ def probe_from_features(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tens
 
 def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r2: int = 10,
               val_fraction: float = 0.15, seed: int = 0, batch_size: int = 16,
+              unit: str = "window", threshold: float = 0.5, tau: int = 3,
               progress: bool = True, log=print) -> Dict:
     """Fit the screening probe on ``rows`` (training rows; those with a response give the
     positions, the split is ``split_by_prompt`` of all of them, as the adapter's), attach it to
     ``model`` (``set_probe``) and return a summary: the chosen weight decay, validation AUC per
     position, the threshold, and at it the recall per harmful window / position / answer and
-    the escalation rate (share of benign and borderline validation positions flagged)."""
+    the escalation rate (share of benign and borderline validation positions flagged).
+
+    ``unit``: what ``recall`` counts. ``"window"`` (default, issue 27's rule): harmful
+    validation windows (module doc). ``"answer"``: harmful validation answers that ``each``
+    catches with its response windows, replayed with the delta's [CLS] verdicts at
+    ``threshold`` / ``tau`` (``answer_threshold``; costs one ``window_traces`` pass over the
+    validation rows)."""
+    if unit not in ("window", "answer"):
+        raise ValueError(f"unit must be 'window' or 'answer', got {unit!r}")
     from tqdm.auto import tqdm
 
     from .adapter import split_by_prompt
@@ -169,6 +240,21 @@ def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r
     probe = probe_from_features(x_tr, y_tr, x_va, y_va, s_va, recall=recall, r2=r2, log=log)
     info = probe.info
     info.update(train_sequences=len(train), val_sequences=len(val))
+    if unit == "answer":
+        from .calibration import window_traces
+
+        r1, _, r3 = getattr(model.safekern, "windows", None) or (10, r2, 10)
+        traces = window_traces(model, tokenizer, val, r1=r1, r2=r2, r3=r3,
+                               max_tau=max(tau, 2), min_threshold=threshold)
+        with torch.no_grad():
+            q = probe(x_va).float()
+        scores = [q[s_va == i].tolist() for i in range(len(val))]
+        thr, extra = answer_threshold(traces, scores, threshold=threshold, tau=tau,
+                                      recall=recall)
+        info.update(unit="answer", window_threshold=probe.threshold, **extra)
+        probe.threshold = thr
+    else:
+        info.update(unit="window")
     set_probe(model, probe)
     summary = {"threshold": probe.threshold, **info, "seconds": round(time.perf_counter() - t0, 1)}
     if log is not None:
@@ -178,8 +264,8 @@ def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r
 
 def fit_probe_for_delta(name: str = "smollm2", delta: Optional[str] = None,
                         out_dir: Optional[str] = None, *, recall: float = 0.99,
-                        max_sequences: Optional[int] = None, progress: bool = True,
-                        log=print) -> Dict:
+                        unit: str = "window", max_sequences: Optional[int] = None,
+                        progress: bool = True, log=print) -> Dict:
     """``safekern train --model NAME --probe-only``: load the model with an existing delta
     (``delta``, default the model's shipped or trained one), fit only the screening probe on
     the training rows (the adapter and head stay as they are) and save the delta with it to
@@ -196,7 +282,10 @@ def fit_probe_for_delta(name: str = "smollm2", delta: Optional[str] = None,
     if max_sequences is not None:
         rows = random.Random(0).sample(rows, min(max_sequences, len(rows)))
     r2 = (model.safekern.windows or (10, 10, 10))[1]
-    summary = fit_probe(model, tok, rows, recall=recall, r2=r2, progress=progress, log=log)
+    op = getattr(model.safekern, "operating_point", None)
+    op_kw = {} if op is None else {"threshold": op.threshold, "tau": op.tau}
+    summary = fit_probe(model, tok, rows, recall=recall, r2=r2, unit=unit, progress=progress,
+                        log=log, **op_kw)
     out_dir = out_dir or models.trained_delta_dir(name)
     save_safety(model, out_dir)
     summary["out_dir"] = out_dir
@@ -204,5 +293,5 @@ def fit_probe_for_delta(name: str = "smollm2", delta: Optional[str] = None,
 
 
 __all__ = ["ProbeDataError", "token_features", "window_maxima", "screening_threshold",
-           "probe_from_features", "fit_probe",
+           "answer_threshold", "probe_from_features", "fit_probe",
            "fit_probe_for_delta"]

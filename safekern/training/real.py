@@ -22,7 +22,8 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                epochs: Optional[int] = None, max_minutes: Optional[float] = None,
                max_sequences: Optional[int] = None, progress: bool = True,
                features_cache: Optional[str] = None, calibrate: bool = True,
-               probe: bool = True, lr: Optional[float] = None, log=print) -> Dict:
+               probe: bool = True, lr: Optional[float] = None, probe_unit: str = "window",
+               log=print) -> Dict:
     """``safekern train --model NAME``: load the model, attach, train, save the delta only.
 
     ``rank > 0``: the [CLS] adapter recipe (``safekern.training.adapter``), on every window kind;
@@ -77,7 +78,8 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
             try:
                 summary["probe"] = fit_probe(model, tok, rows, r2=rc.r2,
                                              val_fraction=rc.val_fraction, seed=rc.seed,
-                                             progress=progress, log=log)
+                                             unit=probe_unit, threshold=op.threshold,
+                                             tau=op.tau, progress=progress, log=log)
             except ProbeDataError as e:          # e.g. a --max-sequences smoke run
                 summary["probe"] = {"skipped": str(e)}
                 if log is not None:
