@@ -163,6 +163,20 @@ def answer_threshold(traces, probe_scores: Sequence[Sequence[float]], *, thresho
                       "val_evals_per_step_label0": round(evals / max(1, steps), 4)}
 
 
+def _window_stats(q: torch.Tensor, y: torch.Tensor, seqs: torch.Tensor, thr: float,
+                  r2: int) -> Dict:
+    """At screening threshold ``thr``, on validation scores ``q`` per position: the recall of
+    harmful windows / positions / answers and the escalation rate (label-0 positions flagged)."""
+    harm = y > 0.5
+    wmax, _ = window_maxima(q[harm], seqs[harm], r2)
+    flag = q >= thr
+    answers_hit = {int(s) for s in seqs[harm & flag].tolist()}
+    return {"val_recall_window": round(sum(m >= thr for m in wmax) / len(wmax), 4),
+            "val_recall_position": round(float(flag[harm].float().mean()), 4),
+            "val_recall_answer": round(len(answers_hit) / len(set(seqs[harm].tolist())), 4),
+            "val_escalation_rate": round(float(flag[~harm].float().mean()), 4)}
+
+
 def probe_from_features(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor,
                         y_va: torch.Tensor, s_va: torch.Tensor, *, recall: float = 0.99,
                         r2: int = 10, log=print) -> SafetyProbe:
@@ -186,17 +200,9 @@ def probe_from_features(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tens
     harm = y_va > 0.5
     wmax, _ = window_maxima(q[harm], s_va[harm], r2)
     thr = screening_threshold(wmax, recall)
-    flag = q >= thr
-    answers_hit = {int(s) for s in s_va[harm & flag].tolist()}
-    info = {
-        "recall_target": recall, "r2": r2, "weight_decay": wd,
-        "val_auc_position": round(auc, 4),
-        "val_recall_window": round(sum(m >= thr for m in wmax) / len(wmax), 4),
-        "val_recall_position": round(float(flag[harm].float().mean()), 4),
-        "val_recall_answer": round(len(answers_hit) / len(set(s_va[harm].tolist())), 4),
-        "val_escalation_rate": round(float(flag[~harm].float().mean()), 4),
-        "train_positions": int(len(y_tr)), "val_positions": int(len(y_va)),
-    }
+    info = {"recall_target": recall, "r2": r2, "weight_decay": wd,
+            "val_auc_position": round(auc, 4), **_window_stats(q, y_va, s_va, thr, r2),
+            "train_positions": int(len(y_tr)), "val_positions": int(len(y_va))}
     probe = SafetyProbe(head.weight.shape[1], thr, info)
     with torch.no_grad():
         probe.weight.copy_(head.weight[0])
@@ -251,7 +257,8 @@ def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r
         scores = [q[s_va == i].tolist() for i in range(len(val))]
         thr, extra = answer_threshold(traces, scores, threshold=threshold, tau=tau,
                                       recall=recall)
-        info.update(unit="answer", window_threshold=probe.threshold, **extra)
+        info.update(unit="answer", window_threshold=probe.threshold, **extra,
+                    **_window_stats(q, y_va, s_va, thr, r2))   # the window stats at thr
         probe.threshold = thr
     else:
         info.update(unit="window")
