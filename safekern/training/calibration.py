@@ -131,42 +131,22 @@ def _cls_row(model, cfg):
     return model.get_input_embeddings().weight[cfg.cls_id]
 
 
-def evaluations(trace: RowTrace, threshold: float, tau: int
+def evaluations(trace: RowTrace, threshold: float, tau: int,
+                probe: Optional[Sequence[float]] = None, probe_threshold: float = 1.0
                 ) -> Tuple[List[Tuple[int, float]], Optional[int]]:
     """``([(response length, p_unsafe)] of every evaluation, trigger length or None)``: the
-    ``each`` controller of ``reference.controller.update_state`` replayed on ``trace``."""
+    ``each`` controller of ``reference.controller.update_state`` replayed on ``trace``; with
+    ``probe``, the ``cascade`` (``cascade_evaluations``)."""
+    cascade = probe is not None
+
+    def flagged(n):
+        return cascade and 0 <= n < len(probe) and probe[n] >= probe_threshold
+
     evals = [(trace.n_prefill, trace.first)]
     if trace.first >= threshold:                  # a flagged first verdict triggers at once
         return evals, trace.n_prefill
-    suspect, flags, s = False, 0, -1
-    for m in range(trace.n_prefill + 1, trace.n):
-        p = trace.p3.get((s, m), 0.0) if suspect else trace.p2[m]
-        evals.append((m, p))
-        if p >= threshold:
-            flags += 1
-            if flags >= tau:
-                return evals, m
-            if not suspect:
-                suspect, s = True, m
-        else:
-            suspect, flags = False, 0
-    return evals, None
-
-
-def cascade_evaluations(trace: RowTrace, probe: Sequence[float], threshold: float, tau: int,
-                        probe_threshold: float) -> Tuple[List[Tuple[int, float]], Optional[int]]:
-    """``evaluations`` for the ``cascade`` schedule: the first verdict, then a [CLS] evaluation
-    only at the step after the token-row probe flags (``reference.controller.escalate``) and
-    at every step while SUSPECT. ``probe[n]``: the probe score of the token row at response
-    length ``n`` (the row that samples token ``n + 1``; a missing entry counts as 0, i.e. no
-    escalation)."""
-    def flagged(n):
-        return 0 <= n < len(probe) and probe[n] >= probe_threshold
-
-    evals = [(trace.n_prefill, trace.first)]
-    if trace.first >= threshold:
-        return evals, trace.n_prefill
-    nxt = trace.n_prefill + 1 if flagged(trace.n_prefill) else None
+    # the next BENIGN evaluation (None: not before the probe flags)
+    nxt = trace.n_prefill + 1 if not cascade or flagged(trace.n_prefill) else None
     suspect, flags, s = False, 0, -1
     for m in range(trace.n_prefill + 1, trace.n):
         if suspect or (nxt is not None and m >= nxt):
@@ -179,10 +159,20 @@ def cascade_evaluations(trace: RowTrace, probe: Sequence[float], threshold: floa
                 if not suspect:
                     suspect, s = True, m
             else:
-                suspect, flags, nxt = False, 0, None
+                suspect, flags, nxt = False, 0, None if cascade else m + 1
         if not suspect and flagged(m):
             nxt = m + 1 if nxt is None else min(nxt, m + 1)
     return evals, None
+
+
+def cascade_evaluations(trace: RowTrace, probe: Sequence[float], threshold: float, tau: int,
+                        probe_threshold: float) -> Tuple[List[Tuple[int, float]], Optional[int]]:
+    """``evaluations`` for the ``cascade`` schedule: the first verdict, then a [CLS] evaluation
+    only at the step after the token-row probe flags (``reference.controller.escalate``) and
+    at every step while SUSPECT. ``probe[n]``: the probe score of the token row at response
+    length ``n`` (the row that samples token ``n + 1``; a missing entry counts as 0, i.e. no
+    escalation)."""
+    return evaluations(trace, threshold, tau, probe, probe_threshold)
 
 
 def replay(trace: RowTrace, threshold: float, tau: int) -> Optional[int]:
