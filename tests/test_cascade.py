@@ -309,6 +309,17 @@ def test_answer_threshold_keeps_each_catches():
         answer_threshold([h1], [q1], threshold=1.5)
 
 
+def test_train_real_checks_probe_unit_before_loading():
+    from safekern.training.real import train_real
+
+    with pytest.raises(ValueError, match="probe_unit must be 'window' or 'answer'"):
+        train_real("smollm2", probe_unit="position")
+    with pytest.raises(ValueError, match="probe_unit applies to the screening probe"):
+        train_real("smollm2", rank=0, probe_unit="answer")
+    with pytest.raises(ValueError, match="probe_unit applies to the screening probe"):
+        train_real("smollm2", probe=False, probe_unit="answer")
+
+
 def test_fit_probe_on_a_tiny_model(tiny):
     """Features are one per response position; the fitted probe is attached, its threshold
     flags >= 99% of the harmful validation windows it reports, and it separates the labels."""

@@ -47,6 +47,11 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                            or not lr > 0):
         raise ValueError(f"lr must be a positive number and needs rank > 0 (the adapter "
                          f"recipe), got lr={lr!r}, rank={rank}")
+    if probe_unit not in ("window", "answer"):
+        raise ValueError(f"probe_unit must be 'window' or 'answer', got {probe_unit!r}")
+    if probe_unit != "window" and (rank == 0 or not probe):
+        raise ValueError("probe_unit applies to the screening probe, which the adapter recipe "
+                         f"(rank > 0, probe=True) fits; got rank={rank}, probe={probe}")
     torch.manual_seed(0)
     model, tok = models.load(name)
     attach(model, tok, response_sees_cls=False, cls_position=cls_position)
