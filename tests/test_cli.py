@@ -96,6 +96,8 @@ def _usage_error(capsys, argv) -> str:
     (["train", "--tiny", "--probe-only"], "argument --probe-only: applies to a real model"),
     (["train", "--tiny", "--probe-unit", "answer"], "argument --probe-unit: applies to a real model"),
     (["train", "--model", "smollm2", "--probe-unit", "position"], "argument --probe-unit: invalid choice"),
+    (["train", "--model", "smollm2", "--rank", "0", "--probe-unit", "answer"],
+     "argument --probe-unit: the screening probe is fitted with the adapter recipe"),
     (["export-vllm", "--out", "x", "--threshold", "1.5"], "argument --threshold: must be in "
                                                           "[0, 1], got 1.5"),
     (["export-vllm", "--out", "x", "--model", "tiny"], "export-vllm writes a pretrained"),

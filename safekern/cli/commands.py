@@ -104,6 +104,9 @@ def _train(args) -> int:
         if args.delta is not None:
             args.parser.error("argument --delta: applies to --probe-only (the delta whose probe "
                               "is fitted)")
+        if args.probe_unit != "window" and args.rank == 0:
+            args.parser.error("argument --probe-unit: the screening probe is fitted with the "
+                              "adapter recipe (--rank > 0) or with --probe-only")
         from ..training.real import train_real
 
         train_real(model, args.out, response_windows=args.response_windows,
