@@ -58,12 +58,13 @@ def setup_safety(eng, enc, ess, lengths, max_new_tokens):
                       f"{(ess.r1, ess.r2, ess.r3)}: its verdicts are out of the "
                       "distribution it was trained on", stacklevel=5)
     # The compact decode step (forward._compact_step; it runs where the step counts on the
-    # host how many rows evaluate, ``host_skip``): [CLS] rows after the B token rows, and
-    # buffers in the (B, 2) layout of its attention and controller.
-    a = eng.arch
-    eng._compact_linears = with_adapter(eng.model, eng._decode_linears, 0, B)
-    eng._qbuf = torch.zeros(B, 2, a.n_heads, a.head_dim, device=dev, dtype=eng.dtype)
-    eng._h2 = torch.zeros(B, 2, eng._lm_w.shape[1], device=dev, dtype=eng.dtype)
+    # host how many rows evaluate, ``host_skip``, i.e. off CUDA): [CLS] rows after the B token
+    # rows, and buffers in the (B, 2) layout of its attention and controller.
+    if dev.type != "cuda":
+        a = eng.arch
+        eng._compact_linears = with_adapter(eng.model, eng._decode_linears, 0, B)
+        eng._qbuf = torch.zeros(B, 2, a.n_heads, a.head_dim, device=dev, dtype=eng.dtype)
+        eng._h2 = torch.zeros(B, 2, eng._lm_w.shape[1], device=dev, dtype=eng.dtype)
     eng._sw, eng._sb = safety_head_params(eng.model)
     # The cascade's screening probe (docs/DESIGN.md §4): (w, b, threshold), or None.
     eng._probe = probe_params(eng.model, eng.dtype) \
