@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     from safekern.safety.probe import probe_of
 
     probe = probe_of(model)
+    if probe is None:
+        ap.error(f"--model {args.model}: its delta has no screening probe, so no cascade to time "
+                 "(safekern train --model NAME --probe-only adds one)")
     shipped = probe.threshold
     cascade = EssConfig(schedule="cascade")
     configs = {"off": None, "each": EssConfig(schedule="each"), "cascade": cascade}

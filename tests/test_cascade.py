@@ -351,6 +351,8 @@ def test_fit_probe_on_a_tiny_model(tiny):
         token_features(model, tok, rows, batch_size=0)
     with pytest.raises(ValueError, match="unit must be 'window' or 'answer'"):
         fit_probe(model, tok, rows, progress=False, log=None, unit="position")
+    with pytest.raises(ValueError, match="tau must be an int"):
+        fit_probe(model, tok, rows, progress=False, log=None, unit="answer", tau=0)
     set_probe(model, None)
 
 

@@ -104,6 +104,14 @@ def screening_threshold(window_max: Sequence[float], recall: float) -> float:
     return float(ranked[k - 1])
 
 
+def _check_operating_point(threshold, tau) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
+            not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be a float in (0, 1], got {threshold!r}")
+    if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+        raise ValueError(f"tau must be an int >= 1, got {tau!r}")
+
+
 def answer_threshold(traces, probe_scores: Sequence[Sequence[float]], *, threshold: float = 0.5,
                      tau: int = 3, recall: float = 0.99,
                      candidates: Optional[Sequence[float]] = None) -> Tuple[float, Dict]:
@@ -132,11 +140,7 @@ def answer_threshold(traces, probe_scores: Sequence[Sequence[float]], *, thresho
         raise ValueError(f"{len(traces)} traces but {len(probe_scores)} probe score lists")
     if not 0 < recall <= 1:
         raise ValueError(f"recall must be in (0, 1], got {recall!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or \
-            not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be a float in (0, 1], got {threshold!r}")
-    if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
-        raise ValueError(f"tau must be an int >= 1, got {tau!r}")
+    _check_operating_point(threshold, tau)
     cands = sorted(candidates if candidates is not None else
                    [round(0.30 + 0.01 * i, 2) for i in range(70)], reverse=True)
     probes = [[0.0] + list(q) for q in probe_scores]    # length 0: the prompt's row, not scored
@@ -227,6 +231,8 @@ def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r
     validation rows)."""
     if unit not in ("window", "answer"):
         raise ValueError(f"unit must be 'window' or 'answer', got {unit!r}")
+    if unit == "answer":                  # before the feature pass, not after it
+        _check_operating_point(threshold, tau)
     from tqdm.auto import tqdm
 
     from .adapter import split_by_prompt
