@@ -40,7 +40,7 @@ from safekern.safety.prompts import encode_inputs  # noqa: E402
 
 MAX_TOKENS = 14
 MAX_NUM_SEQS = 16
-MAX_MODEL_LEN = 1024
+MAX_MODEL_LEN = 2048
 NAME = "smollm2-ess"
 
 
@@ -186,7 +186,31 @@ FAULTS = [  # (key, vllm_xargs, what the 400 must say)
      "cls_bias_scale must be 0 in vLLM"),
     ("bad-switch", {"safekern": "maybe"}, "must be 'on' or 'off'"),
 ]
-HANGUPS = 4            # clients that close their stream after 2 tokens of a 900-token answer
+HANGUPS = 4            # clients that close their stream after 2 tokens of a long answer
+HANGUP_TOKENS = MAX_MODEL_LEN - 128    # the answer a hung-up client asked for
+
+
+def _check_hangups(base, before, results, hung, wall):
+    """Every hung-up request was aborted by the server. Left running, each would decode its
+    HANGUP_TOKENS tokens (~40 ms a step at batch 4 on 2 cores: over a minute after the round):
+    the server would not be idle within 10 s and would count ~HANGUPS * HANGUP_TOKENS more output
+    tokens than the clients received. (vLLM counts no aborted request in ``request_success``.)"""
+    def state():
+        m = lt.server_metrics(base)
+        fin = {k[len("finished_"):]: m[k] - before.get(k, 0.0) for k in m
+               if k.startswith("finished_") and m[k] != before.get(k, 0.0)}
+        when = [(r.key, round(r.ttft or -1, 2), round(r.duration or -1, 2)) for r in hung]
+        return m, (f"round wall {wall:.1f} s; finished in the round by reason {fin}; hung-up "
+                   f"(key, s to first token, s to hang-up) {when}; server now "
+                   f"running {m.get('running')} waiting {m.get('waiting')}")
+
+    try:
+        _idle(base, timeout=10)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; {state()[1]}") from None
+    m, diag = state()
+    extra = m["generated"] - before["generated"] - sum(len(r.token_ids) for r in results)
+    assert 0 <= extra <= 40 * HANGUPS, f"{extra:.0f} tokens nobody received; {diag}"
 
 
 def _fault_requests():
@@ -195,7 +219,7 @@ def _fault_requests():
     for j in range(HANGUPS):
         reqs.append(lt.LoadRequest(f"hangup-{j}", "Write a long story about a dragon.",
                                    xargs={"safekern": "on", "safekern_schedule": "each"}
-                                   if j % 2 else None, max_tokens=900))
+                                   if j % 2 else None, max_tokens=HANGUP_TOKENS))
     return reqs
 
 
@@ -268,7 +292,7 @@ def test_load_three_rounds_with_faults(server, offline, capsys):
         if tag == "r2":                                 # the faults, concurrent with the others
             reqs += _fault_requests()
             hang = {f"hangup-{j}": 2 for j in range(HANGUPS)}
-            generated = lt.server_metrics(base)["generated"]
+            before = lt.server_metrics(base)
         results, wall, peaks = lt.run_round(base, NAME, reqs, timeout=240, deadline=400,
                                             disconnect=hang)
         rounds[tag] = (results, wall, peaks)
@@ -279,16 +303,10 @@ def test_load_three_rounds_with_faults(server, offline, capsys):
                 assert r.status == 400 and says in r.error, (key, r.status, r.error)
             r = by_key.pop("too-long")
             assert r.status == 400 and "maximum context length" in r.error, (r.status, r.error)
-            for j in range(HANGUPS):
-                r = by_key.pop(f"hangup-{j}")
+            hung = [by_key.pop(f"hangup-{j}") for j in range(HANGUPS)]
+            for r in hung:
                 assert r.error.startswith("disconnected after") and len(r.token_ids) >= 2, r
-            # A hung-up request is aborted: left running, each would decode its 900 tokens
-            # (~40 ms a step at batch 4 here: > 30 s after the round), not stop within 10 s,
-            # and the server would count ~3600 more output tokens than the clients received.
-            _idle(base, timeout=10)
-            extra = lt.server_metrics(base)["generated"] - generated - sum(
-                len(r.token_ids) for r in results)
-            assert 0 <= extra <= 40 * HANGUPS, extra
+            _check_hangups(base, before, results, hung, wall)
         assert proc.poll() is None, "the server died"
         _check_round(list(by_key.values()), offline, traces, tag)
         assert peaks["waiting"] > 0, f"round {tag}: nothing queued ({peaks})"  # a real burst
