@@ -4,7 +4,7 @@ import torch
 
 import safekern
 from safekern import EssConfig
-from safekern.training.adapter import AdapterRecipe, split_by_prompt, train_adapter
+from safekern.training.adapter import AdapterRecipe, split_by_prompt, split_rows, train_adapter
 from safekern.training.frozen import example_windows
 from tests.tiny_ess import make_tiny_ess_model
 
@@ -38,6 +38,40 @@ def test_split_by_prompt_is_grouped_and_stratified():
     train, val = split_by_prompt(rows, 0.2, seed=0)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
     assert {r["label"] for r in val} == {0, 1}
+
+
+def test_split_rows_by_pattern_holds_out_whole_patterns_and_requests():
+    rows = []
+    for g in range(10):                            # 10 benign topics x 4 prompts, 2 rows each
+        for j in range(4):
+            p = f"benign question {g}.{j}"
+            rows += [dict(prompt=p, request=p, group=f"benign:t{g}", label=0, response=x)
+                     for x in ("", "An answer.")]
+    for g in range(5):                             # 5 borderline patterns x 6 prompts
+        for j in range(6):
+            p = f"edgy question {g}.{j}"
+            rows.append(dict(prompt=p, request=p, group=f"borderline:p{g}", label=0))
+    for j in range(20):                            # harmful requests, each also jailbreak-wrapped
+        q = f"harmful request {j}"
+        rows += [dict(prompt=q, request=q, group="harmful:x", label=1),
+                 dict(prompt=f"[DAN] {q} [/DAN]", request=q, group="harmful:x", label=1)]
+    train, val = split_rows(rows, 0.2, seed=0, by="pattern")
+    assert len(train) + len(val) == len(rows)
+    for key in ("group", "request"):               # label 0 by pattern, label 1 by request
+        side = [r for r in rows if (r["label"] == 0) == (key == "group")]
+        tr = {r[key] for r in train if r in side}
+        va = {r[key] for r in val if r in side}
+        assert va and tr and not tr & va, key
+    assert {g.split(":")[0] for g in {r["group"] for r in val if r["label"] == 0}} == {
+        "benign", "borderline"}                    # each data set gives patterns to validation
+    assert split_rows(rows, 0.2, seed=0, by="pattern") == (train, val)     # seeded
+    assert split_rows(rows, 0.2, 0, by="prompt") == split_by_prompt(rows, 0.2, 0)
+    with pytest.raises(ValueError, match="by must be one of"):
+        split_rows(rows, 0.2, 0, by="topic")
+    with pytest.raises(ValueError, match="needs 'group' and 'request' on every row"):
+        split_rows(_rows(), 0.2, 0, by="pattern")
+    with pytest.raises(ValueError, match="val_split must be one of"):
+        AdapterRecipe(val_split="topic")
 
 
 def test_train_adapter_learns_and_the_engine_reads_it(tmp_path):

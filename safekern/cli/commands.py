@@ -91,7 +91,8 @@ def _train(args) -> int:
                                ("--rank", args.rank != 16), ("--epochs", args.epochs is not None),
                                ("--max-minutes", args.max_minutes is not None),
                                ("--no-calibrate", args.no_calibrate),
-                               ("--lr", args.lr is not None)):
+                               ("--lr", args.lr is not None),
+                               ("--val-split", args.val_split != "prompt")):
                 if given:
                     args.parser.error(f"argument {opt}: not allowed with --probe-only (only the "
                                       "screening probe is fitted; the delta's adapter and head "
@@ -107,12 +108,15 @@ def _train(args) -> int:
         if args.probe_unit != "window" and args.rank == 0:
             args.parser.error("argument --probe-unit: the screening probe is fitted with the "
                               "adapter recipe (--rank > 0) or with --probe-only")
+        if args.val_split != "prompt" and args.rank == 0:
+            args.parser.error("argument --val-split: applies to the adapter recipe (--rank > 0)")
         from ..training.real import train_real
 
         train_real(model, args.out, response_windows=args.response_windows,
                    progress=not args.no_progress, rank=args.rank, epochs=args.epochs,
                    max_minutes=args.max_minutes, max_sequences=args.max_sequences,
-                   calibrate=not args.no_calibrate, lr=args.lr, probe_unit=args.probe_unit)
+                   calibrate=not args.no_calibrate, lr=args.lr, probe_unit=args.probe_unit,
+                   val_split=args.val_split)
         return 0
     if not args.tiny and model != "tiny":
         args.parser.error("say what to train: --model smollm2 (a real pretrained model, "
@@ -124,6 +128,7 @@ def _train(args) -> int:
             ("--lr", args.lr is not None, "the tiny recipe has no such option"),
             ("--probe-only", args.probe_only, "the tiny recipe has no such option"),
             ("--probe-unit", args.probe_unit != "window", "the tiny recipe has no such option"),
+            ("--val-split", args.val_split != "prompt", "the tiny recipe has no such option"),
             ("--delta", args.delta is not None, "the tiny recipe has no such option"),
             ("--threads", args.threads is not None, "the tiny recipe trains on one thread, so a "
              "seed gives the same model on every machine")):

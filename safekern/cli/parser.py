@@ -211,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "validation windows (default) or the harmful answers the each schedule "
                    "catches with its response windows (a replay of the cascade: a higher "
                    "threshold, fewer escalations)")
+    t.add_argument("--val-split", choices=("prompt", "pattern"), default="prompt",
+                   help="real model, rank > 0: the validation split (the kept epoch, the "
+                   "calibrated threshold / tau, the probe's threshold): whole prompts (default) "
+                   "or whole benign / borderline patterns, which is what the held-out split "
+                   "tests (over-refusal on patterns never trained on)")
     t.add_argument("--delta", default=None, help="real model, --probe-only: the delta to add "
                    "the probe to (default: the shipped one)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -72,6 +72,7 @@ class AdapterRecipe:
     r3: int = 10
     tau: int = 3
     val_fraction: float = 0.15
+    val_split: str = "prompt"    # or "pattern": whole label-0 patterns held out (split_rows)
     seed: int = 0
     max_seconds: Optional[float] = None
 
@@ -87,6 +88,8 @@ class AdapterRecipe:
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         if not 0 <= self.weight_decay < 1 or not 0 < self.val_fraction < 0.5:
             raise ValueError("weight_decay must be in [0, 1) and val_fraction in (0, 0.5)")
+        if self.val_split not in VAL_SPLITS:
+            raise ValueError(f"val_split must be one of {VAL_SPLITS}, got {self.val_split!r}")
 
 
 def split_by_prompt(rows: Sequence[Dict], fraction: float, seed: int) -> Tuple[list, list]:
@@ -100,6 +103,53 @@ def split_by_prompt(rows: Sequence[Dict], fraction: float, seed: int) -> Tuple[l
     train = [r for r in rows if r["prompt"] not in val_prompts]
     val = [r for r in rows if r["prompt"] in val_prompts]
     return train, val
+
+
+VAL_SPLITS = ("prompt", "pattern")
+
+
+def split_rows(rows: Sequence[Dict], fraction: float, seed: int,
+               by: str = "prompt") -> Tuple[list, list]:
+    """``(train, val)`` by ``split_by_prompt`` (``by="prompt"``) or by pattern: label-0 rows
+    hold out whole patterns (``row["group"]``, e.g. ``"borderline:safe_targets"``; per data set,
+    patterns until ``fraction`` of its prompts), so validation asks what the held-out split
+    asks, over-refusal on patterns never trained on; label-1 rows hold out whole requests
+    (``row["request"]``: a jailbreak-wrapped or rephrased prompt goes with its request)."""
+    if by == "prompt":
+        return split_by_prompt(rows, fraction, seed)
+    if by != "pattern":
+        raise ValueError(f"by must be one of {VAL_SPLITS}, got {by!r}")
+    missing = [r.get("prompt", "")[:40] for r in rows if "group" not in r or "request" not in r]
+    if missing:
+        raise ValueError(f"a pattern split needs 'group' and 'request' on every row "
+                         f"(safekern.data.real.training_rows); {len(missing)} rows lack them, "
+                         f"e.g. {missing[0]!r}")
+    rng = random.Random(seed)
+    held = set()
+    requests = sorted({r["request"] for r in rows if r["label"] == 1})
+    rng.shuffle(requests)
+    held.update(("request", q) for q in requests[:max(1, int(len(requests) * fraction))])
+    by_set: Dict[str, Dict[str, set]] = {}
+    for r in rows:
+        if r["label"] == 0:
+            name, _, _ = r["group"].partition(":")
+            by_set.setdefault(name, {}).setdefault(r["group"], set()).add(r["request"])
+    for name in sorted(by_set):
+        groups = sorted(by_set[name])
+        rng.shuffle(groups)
+        total, taken = sum(len(v) for v in by_set[name].values()), 0
+        for g in groups:
+            if taken >= fraction * total:
+                break
+            if len(groups) > 1 and taken + len(by_set[name][g]) > 2 * fraction * total:
+                continue                      # a pattern larger than the share: keep it in train
+            held.add(("group", g))
+            taken += len(by_set[name][g])
+
+    def is_val(r):
+        return ("request", r["request"]) in held if r["label"] == 1 else ("group", r["group"]) in held
+
+    return [r for r in rows if not is_val(r)], [r for r in rows if is_val(r)]
 
 
 def _windows(tokenizer, rows, cls_id, rc: AdapterRecipe, rng: Optional[random.Random]):
@@ -311,7 +361,7 @@ def train_adapter(model, tokenizer, rows: Sequence[Dict], recipe: AdapterRecipe 
     rc = recipe or AdapterRecipe()
     t0 = time.perf_counter()
     torch.manual_seed(rc.seed)
-    train, val = split_by_prompt(rows, rc.val_fraction, rc.seed)
+    train, val = split_rows(rows, rc.val_fraction, rc.seed, rc.val_split)
     tr = _Trainer(model, tokenizer, rc)
     rng = random.Random(rc.seed)
     labels = [w.label for w in _windows(tokenizer, train, tr.cfg.cls_id, rc, rng)[1]]
@@ -344,4 +394,5 @@ def train_adapter(model, tokenizer, rows: Sequence[Dict], recipe: AdapterRecipe 
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-__all__ = ["AdapterRecipe", "RESPONSE_ENDS", "split_by_prompt", "train_adapter"]
+__all__ = ["AdapterRecipe", "RESPONSE_ENDS", "VAL_SPLITS", "split_by_prompt", "split_rows",
+           "train_adapter"]

@@ -217,9 +217,10 @@ def probe_from_features(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tens
 def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r2: int = 10,
               val_fraction: float = 0.15, seed: int = 0, batch_size: int = 16,
               unit: str = "window", threshold: float = 0.5, tau: int = 3,
-              progress: bool = True, log=print) -> Dict:
+              val_split: str = "prompt", progress: bool = True, log=print) -> Dict:
     """Fit the screening probe on ``rows`` (training rows; those with a response give the
-    positions, the split is ``split_by_prompt`` of all of them, as the adapter's), attach it to
+    positions, the split is ``split_rows(..., by=val_split)`` of all of them, as the
+    adapter's), attach it to
     ``model`` (``set_probe``) and return a summary: the chosen weight decay, validation AUC per
     position, the threshold, and at it the recall per harmful window / position / answer and
     the escalation rate (share of benign and borderline validation positions flagged).
@@ -235,13 +236,13 @@ def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r
         _check_operating_point(threshold, tau)
     from tqdm.auto import tqdm
 
-    from .adapter import split_by_prompt
+    from .adapter import split_rows
 
     t0 = time.perf_counter()
     # the adapter's split (on every row), then the rows with a response
     train, val = (
         [r for r in part if r.get("response")]
-        for part in split_by_prompt(rows, val_fraction, seed))
+        for part in split_rows(rows, val_fraction, seed, val_split))
     rows = train + val
     with tqdm(total=len(rows), desc="safekern train: probe features", unit="seq",
               disable=not progress) as bar:

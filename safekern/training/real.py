@@ -23,7 +23,7 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                max_sequences: Optional[int] = None, progress: bool = True,
                features_cache: Optional[str] = None, calibrate: bool = True,
                probe: bool = True, lr: Optional[float] = None, probe_unit: str = "window",
-               log=print) -> Dict:
+               val_split: str = "prompt", log=print) -> Dict:
     """``safekern train --model NAME``: load the model, attach, train, save the delta only.
 
     ``rank > 0``: the [CLS] adapter recipe (``safekern.training.adapter``), on every window kind;
@@ -36,7 +36,9 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
     depend on the adapter).
     ``name``: a ``safekern.models`` key or a local checkpoint (directory or ``.gguf``);
     ``max_sequences``: train on a seeded sample of this many sequences (smoke runs);
-    ``lr``: the adapter's learning rate (the head's is ``3 * lr``; default the recipe's).
+    ``lr``: the adapter's learning rate (the head's is ``3 * lr``; default the recipe's);
+    ``val_split``: the validation split of the adapter, its calibration and the probe
+    (``safekern.training.adapter.split_rows``: ``"prompt"`` or ``"pattern"``).
     """
     from .. import models
     from ..safety.attach import attach
@@ -49,6 +51,9 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                          f"recipe), got lr={lr!r}, rank={rank}")
     if probe_unit not in ("window", "answer"):
         raise ValueError(f"probe_unit must be 'window' or 'answer', got {probe_unit!r}")
+    if val_split != "prompt" and rank == 0:
+        raise ValueError(f"val_split applies to the adapter recipe (rank > 0), got "
+                         f"val_split={val_split!r}, rank=0")
     if probe_unit != "window" and (rank == 0 or not probe):
         raise ValueError("probe_unit applies to the screening probe, which the adapter recipe "
                          f"(rank > 0, probe=True) fits; got rank={rank}, probe={probe}")
@@ -64,18 +69,19 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
         summary = train_frozen(model, tok, rows, response_windows=response_windows,
                                progress=progress, features_cache=features_cache, log=log)
     else:
-        from .adapter import AdapterRecipe, split_by_prompt, train_adapter
+        from .adapter import AdapterRecipe, split_rows, train_adapter
 
         kw = {} if epochs is None else {"epochs": epochs}
         if lr is not None:
             kw.update(lr=float(lr), head_lr=3.0 * float(lr))
-        rc = AdapterRecipe(rank=rank, alpha=2.0 * rank, max_seconds=(
+        rc = AdapterRecipe(rank=rank, alpha=2.0 * rank, val_split=val_split, max_seconds=(
             None if max_minutes is None else 60.0 * max_minutes), **kw)
         summary = train_adapter(model, tok, rows, rc, progress=progress, log=log)
         op = DEFAULT_OPERATING_POINT
         if calibrate:
             op, summary["calibration"] = calibrate_operating_point(
-                model, tok, split_by_prompt(rows, rc.val_fraction, rc.seed)[1], rc, log=log)
+                model, tok, split_rows(rows, rc.val_fraction, rc.seed, rc.val_split)[1], rc,
+                log=log)
         model.safekern.operating_point = op
         if probe:
             from .probe_fit import ProbeDataError, fit_probe
@@ -84,7 +90,8 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                 summary["probe"] = fit_probe(model, tok, rows, r2=rc.r2,
                                              val_fraction=rc.val_fraction, seed=rc.seed,
                                              unit=probe_unit, threshold=op.threshold,
-                                             tau=op.tau, progress=progress, log=log)
+                                             tau=op.tau, val_split=rc.val_split,
+                                             progress=progress, log=log)
             except ProbeDataError as e:          # e.g. a --max-sequences smoke run
                 summary["probe"] = {"skipped": str(e)}
                 if log is not None:

@@ -108,12 +108,22 @@ def responses(files: Sequence[str] = ("responses.jsonl", "responses_v2.jsonl")) 
     return out
 
 
-ROW_KEYS = ("prompt", "prefill", "response", "label", "response_label", "kind")
+ROW_KEYS = ("prompt", "prefill", "response", "label", "response_label", "kind", "request",
+            "group")
+
+
+def _group_of(group: str, row: Dict) -> str:
+    """``"<group>:<pattern, topic or category>"`` of a request row (e.g.
+    ``"borderline:safe_targets"``, ``"benign:cooking"``); the pattern-grouped validation split
+    (``safekern.training.adapter.split_rows``) holds out whole label-0 patterns by it."""
+    return f"{group}:{row.get('pattern') or row.get('topic') or row.get('category') or group}"
 
 
 def training_rows(split: str = "train", *, include: Sequence[str] = GROUPS,
                   queries: bool = True) -> List[Dict]:
-    """Training rows ``{prompt, prefill, response, label, response_label, kind}``.
+    """Training rows ``{prompt, prefill, response, label, response_label, kind, request,
+    group}`` (``request``: the plain request a wrapped or rephrased prompt holds; ``group``: its
+    data set and pattern / topic / category, ``_group_of``).
 
     * every model-response row (``responses.jsonl``, ``responses_v2.jsonl``) whose request
       (``request``, else ``prompt``: a jailbreak-wrapped or rephrased row keeps its plain request
@@ -126,12 +136,13 @@ def training_rows(split: str = "train", *, include: Sequence[str] = GROUPS,
     Harmful requests of ``EXCLUDED_TRAIN_CATEGORIES`` are left out either way."""
     rows = {g: [r for r in load(g, split) if r.get("category") not in EXCLUDED_TRAIN_CATEGORIES]
             for g in include}
-    allowed = {r["prompt"] for g in include for r in rows[g]}
+    allowed = {r["prompt"]: _group_of(g, r) for g in include for r in rows[g]}
     out, covered = [], set()
     for r in responses().values():
         req = r.get("request", r["prompt"])
         if req in allowed:
-            out.append({k: r[k] for k in ROW_KEYS})
+            out.append({**{k: r[k] for k in ROW_KEYS[:6]}, "request": req,
+                        "group": allowed[req]})
             if r["prompt"] == req and not r.get("prefill"):
                 covered.add(req)
     if not out and split == "train":
@@ -143,6 +154,7 @@ def training_rows(split: str = "train", *, include: Sequence[str] = GROUPS,
             for r in rows[g]:
                 if r["prompt"] not in covered:
                     out.append({"prompt": r["prompt"], "prefill": "", "response": "", "label": y,
-                                "response_label": y, "kind": f"{g}_query"})
+                                "response_label": y, "kind": f"{g}_query",
+                                "request": r["prompt"], "group": _group_of(g, r)})
                     covered.add(r["prompt"])
     return out
