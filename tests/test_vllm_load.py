@@ -40,7 +40,7 @@ from safekern.safety.prompts import encode_inputs  # noqa: E402
 
 MAX_TOKENS = 14
 MAX_NUM_SEQS = 16
-MAX_MODEL_LEN = 2048
+MAX_MODEL_LEN = 4096
 NAME = "smollm2-ess"
 
 
