@@ -108,8 +108,9 @@ def responses(files: Sequence[str] = ("responses.jsonl", "responses_v2.jsonl")) 
     return out
 
 
-ROW_KEYS = ("prompt", "prefill", "response", "label", "response_label", "kind", "request",
-            "group")
+# what a response row of responses*.jsonl gives a training row; training_rows adds the rest
+_RESPONSE_KEYS = ("prompt", "prefill", "response", "label", "response_label", "kind")
+ROW_KEYS = _RESPONSE_KEYS + ("request", "group")
 
 
 def _group_of(group: str, row: Dict) -> str:
@@ -141,7 +142,7 @@ def training_rows(split: str = "train", *, include: Sequence[str] = GROUPS,
     for r in responses().values():
         req = r.get("request", r["prompt"])
         if req in allowed:
-            out.append({**{k: r[k] for k in ROW_KEYS[:6]}, "request": req,
+            out.append({**{k: r[k] for k in _RESPONSE_KEYS}, "request": req,
                         "group": allowed[req]})
             if r["prompt"] == req and not r.get("prefill"):
                 covered.add(req)
