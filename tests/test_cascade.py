@@ -318,7 +318,7 @@ def test_train_real_checks_probe_unit_before_loading():
         train_real("smollm2", rank=0, probe_unit="answer")
     with pytest.raises(ValueError, match="probe_unit applies to the screening probe"):
         train_real("smollm2", probe=False, probe_unit="answer")
-    with pytest.raises(ValueError, match="val_split must be 'prompt' or 'pattern'"):
+    with pytest.raises(ValueError, match="val_split must be one of"):
         train_real("smollm2", val_split="topic")
     with pytest.raises(ValueError, match="val_split applies to the adapter recipe"):
         train_real("smollm2", rank=0, val_split="pattern")

@@ -146,10 +146,11 @@ def split_rows(rows: Sequence[Dict], fraction: float, seed: int,
             held.add(("group", g))
             taken += len(by_set[name][g])
 
-    def is_val(r):
-        return ("request", r["request"]) in held if r["label"] == 1 else ("group", r["group"]) in held
-
-    return [r for r in rows if not is_val(r)], [r for r in rows if is_val(r)]
+    train, val = [], []
+    for r in rows:
+        key = ("request", r["request"]) if r["label"] == 1 else ("group", r["group"])
+        (val if key in held else train).append(r)
+    return train, val
 
 
 def _windows(tokenizer, rows, cls_id, rc: AdapterRecipe, rng: Optional[random.Random]):

@@ -14,6 +14,7 @@ import torch
 from ..data.real import training_rows
 from ..safety.delta import save_safety
 from ..spec import EssConfig
+from .adapter import VAL_SPLITS
 from .frozen import train_frozen
 
 
@@ -51,8 +52,8 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                          f"recipe), got lr={lr!r}, rank={rank}")
     if probe_unit not in ("window", "answer"):
         raise ValueError(f"probe_unit must be 'window' or 'answer', got {probe_unit!r}")
-    if val_split not in ("prompt", "pattern"):
-        raise ValueError(f"val_split must be 'prompt' or 'pattern', got {val_split!r}")
+    if val_split not in VAL_SPLITS:
+        raise ValueError(f"val_split must be one of {VAL_SPLITS}, got {val_split!r}")
     if val_split != "prompt" and rank == 0:
         raise ValueError(f"val_split applies to the adapter recipe (rank > 0), got "
                          f"val_split={val_split!r}, rank=0")
