@@ -67,3 +67,13 @@ def test_ratio_noise_is_half_the_p20_p80_spread_of_paired_ratios():
 
     assert ratio_noise([1.0, 1.1, 1.2, 1.3, 1.4], [1.0] * 5) == pytest.approx(0.12)
     assert ratio_noise([2.0, 4.0], [2.0, 4.0]) == 0                # load moved both: no noise
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_bench_vllm_refuses_a_probe_threshold_outside_0_1(value, capsys):
+    from safekern.evaluation import bench_vllm
+
+    with pytest.raises(SystemExit) as e:              # before vLLM is even imported
+        bench_vllm.main(["--probe-threshold", value])
+    assert e.value.code == 2
+    assert "--probe-threshold must be in [0, 1]" in capsys.readouterr().err
