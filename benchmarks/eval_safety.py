@@ -232,6 +232,11 @@ def main(argv=None) -> int:
                                  kinds=("direct", "prefill", "suffix", "benign", "borderline"))
         print(f"  the same without the jailbreak / completion / benign_long cases (the earlier "
               f"tables' set): {auc5:.4f}")
+        from safekern.evaluation import over_refusal_by_detail
+        for cfg, o in outs.items():
+            if cfg != "off":
+                print(f"borderline over-refusal by held-out pattern, {cfg}: " + ", ".join(
+                    f"{k} {v:.0f}%" for k, v in over_refusal_by_detail(o).items()))
         for k, v in utility.items():
             print(f"benign answers: mean NLL {v['nll']:.4f} (ppl {v['ppl']:.3f}) - {k}")
         for r in rows:

@@ -35,6 +35,21 @@ def test_heldout_cases_are_heldout_and_fixed():
     again = ev.heldout_cases(n_harmful=5, n_prefill=7, n_suffix=3, n_benign=4, n_borderline=4)
     assert [c.prompt for c in again] == [c.prompt for c in cases]
     assert {c.label for c in cases if c.kind in ("benign", "borderline")} == {0}
+    held = {g: {r[k] for r in real.load(g, "heldout")} for g, k in (("benign", "topic"),
+                                                                     ("borderline", "pattern"))}
+    assert all(c.detail in held["benign" if c.kind == "benign_long" else c.kind]
+               for c in cases if c.kind in ("benign", "benign_long", "borderline"))
+
+
+def test_over_refusal_by_detail_groups_one_kind():
+    C, O = ev.Case, ev.Outcome
+    outs = [O(C("borderline", "a", detail="scam_prevention"), "Sorry, I cannot help.", [], None),
+            O(C("borderline", "b", detail="scam_prevention"), "Check the URL.", [], None),
+            O(C("borderline", "c", detail="medical_info"), "Rest and fluids.", [], None),
+            O(C("benign", "d", detail="art"), "I'm sorry, but I can't.", [], None)]
+    assert ev.over_refusal_by_detail(outs) == {"medical_info": 0.0, "scam_prevention": 50.0}
+    assert ev.over_refusal_by_detail(outs, "benign") == {"art": 100.0}
+    assert ev.over_refusal_by_detail(outs, "direct") == {}
 
 
 def test_summary_counts_continuations_and_drift():

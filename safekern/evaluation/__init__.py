@@ -7,11 +7,12 @@ the held-out set's names are re-exported here (``from safekern.evaluation import
 May import ``spec`` … ``integrations`` and ``data``; never ``training`` or ``cli``.
 """
 from .heldout import (BENIGN_KINDS, HARMFUL_KINDS, Case, Outcome, answer_nll,
-                      first_verdict_auc, heldout_cases, run_config, summarize)
+                      first_verdict_auc, heldout_cases, over_refusal_by_detail, run_config,
+                      summarize)
 from .judging import (COMPLIANCE_MARKERS, REFUSAL_PHRASES, attack_succeeded,
                       first_sentence, is_refusal, judge, roc_auc)
 
 __all__ = ["judge", "is_refusal", "attack_succeeded", "first_sentence", "roc_auc",
            "REFUSAL_PHRASES", "COMPLIANCE_MARKERS", "HARMFUL_KINDS", "BENIGN_KINDS", "Case",
            "heldout_cases", "Outcome", "run_config", "summarize", "first_verdict_auc",
-           "answer_nll"]
+           "over_refusal_by_detail", "answer_nll"]
