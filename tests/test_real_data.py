@@ -118,3 +118,24 @@ def test_summary_has_the_new_rows():
     row = ev.summarize("x", outs, off)
     assert row["jailbreak_asr_%"] == 50.0 and row["completion_asr_%"] == 0.0
     assert row["benign_long_over_refusal_%"] == 0.0 and row["benign_long_unchanged_%"] == 100.0
+
+
+def test_responses_missing_jobs_and_data_dir():
+    # `python -m safekern.training.responses --v2 --missing borderline` appends answers for the
+    # train prompts without one; its default paths are the data files the loader reads
+    import os
+
+    from safekern.training import responses as gen
+
+    assert os.path.exists(os.path.join(gen.HERE, "responses_v2.jsonl"))
+    train = real.load("borderline", "train")
+    have = {f"borderline:{r['prompt']}" for r in train[::2]}
+    jobs = gen.jobs_missing("borderline", have)
+    assert len(jobs) == len(train) - len(have)
+    assert all(j[0] == "borderline" and f"borderline:{j[1]}" not in have and j[4] == 0
+               for j in jobs)
+    few = gen.jobs_missing("borderline", have, limit=12)
+    pattern = {r["prompt"]: r["pattern"] for r in train}
+    assert len(few) == 12 and len({pattern[j[1]] for j in few}) >= 6   # spread over patterns
+    with pytest.raises(ValueError, match="benign or borderline"):
+        gen.jobs_missing("harmful", set())

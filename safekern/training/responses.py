@@ -4,7 +4,10 @@ prefills).
 ``python -m safekern.training.responses [--model smollm2] [--per-group N] [--new-tokens T]
 [--batch B] [--out PATH]`` writes ``responses.jsonl`` as before (v1: 32 tokens, five kinds).
 ``... --v2`` writes ``responses_v2.jsonl`` (longer answers, ``--new-tokens 96`` by default, all
-kinds below) and ``completions.jsonl`` (held-out completion-attack prefills).
+kinds below) and ``completions.jsonl`` (held-out completion-attack prefills). ``... --v2 --missing borderline
+[--limit N]`` appends to ``responses_v2.jsonl`` the answers to train prompts of that data set
+(``benign`` / ``borderline``) that have no answer there yet (rows added to the data later), up to
+``N`` of them spread over patterns / topics, and leaves every existing row as it is.
 
 Rows (one per generation): ``key``, ``kind``, ``prompt`` (what the model is asked, wrapped or
 not), ``request`` (the plain request, v2), ``prefill``, ``response``, ``label`` (the request: 1 =
@@ -38,7 +41,8 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# the data files live beside the loader (safekern/data/real), not beside this module
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "real")
 _END = re.compile(r"[.!?](?=\s|$)|\n")
 
 
@@ -150,6 +154,20 @@ def jobs_v2(per_group: int = 240, seed: int = 0):
     return jobs
 
 
+def jobs_missing(group: str, have, limit=None, seed: int = 0):
+    """``[(kind, prompt, request, prefill, label, extra)]``: the TRAIN prompts of ``group``
+    (``benign`` / ``borderline``) whose ``"<group>:<prompt>"`` key is not in ``have``, spread
+    over their patterns / topics, at most ``limit``."""
+    from ..data.real import _loader as real
+
+    if group not in ("benign", "borderline"):
+        raise ValueError(f"--missing takes benign or borderline, got {group!r}")
+    rows = [r for r in real.load(group, "train") if f"{group}:{r['prompt']}" not in have]
+    key = "pattern" if group == "borderline" else "topic"
+    rows = _spread(rows, key, len(rows) if limit is None else limit, random.Random(seed))
+    return [(group, r["prompt"], r["prompt"], "", 0, {}) for r in rows]
+
+
 def _generate(model, tok, jobs, new_tokens, batch, desc, refusal=None):
     """Greedy answers, batches of similar prompt length (less padding), job order kept."""
     from tqdm import tqdm
@@ -216,17 +234,31 @@ def main(argv=None):
     p.add_argument("--v2", action="store_true", help="longer answers and every kind "
                    "(responses_v2.jsonl) plus the held-out completion prefills")
     p.add_argument("--no-completions", action="store_true")
+    p.add_argument("--missing", choices=("benign", "borderline"), default=None,
+                   help="with --v2: append answers to the train prompts of this data set that "
+                   "have none yet (existing rows untouched; no held-out completions)")
+    p.add_argument("--limit", type=int, default=None, help="with --missing: at most this many")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     new_tokens = args.new_tokens or (96 if args.v2 else 32)
     out = args.out or os.path.join(HERE, "responses_v2.jsonl" if args.v2 else "responses.jsonl")
+    if args.missing and not args.v2:
+        p.error("--missing needs --v2")
+    if args.limit is not None and (args.missing is None or args.limit < 1):
+        p.error("--limit needs --missing and a value >= 1")
+    old = []
+    if args.missing:
+        with open(out, encoding="utf-8") as f:
+            old = [json.loads(line) for line in f if line.strip()]
 
     model, tok = load(args.model)
     attach(model, tok)
     refusal = EssConfig().refusal_text
-    if args.v2:
+    if args.missing:
+        jobs = jobs_missing(args.missing, {r["key"] for r in old}, args.limit)
+    elif args.v2:
         jobs = jobs_v2(args.per_group)
     else:
         jobs = [(k, q, q, pf, y, {}) for k, q, pf, y in _jobs(args.per_group)]
@@ -251,9 +283,9 @@ def main(argv=None):
                              "prefill": first, "response": rest, "label": 1,
                              "response_label": 0 if is_refusal(rest) else 1, "request": req,
                              "new_tokens": new_tokens})
-    _write(out, rows)
-    print(f"wrote {len(rows)} rows to {out} ({time.perf_counter() - t0:.0f} s)")
-    if args.v2 and not args.no_completions:
+    _write(out, old + rows)
+    print(f"wrote {len(rows)} rows to {out} ({len(old)} kept; {time.perf_counter() - t0:.0f} s)")
+    if args.v2 and not args.no_completions and not args.missing:
         comp = heldout_completions(model, tok, batch=args.batch)
         _write(os.path.join(HERE, "completions.jsonl"), comp)
         print(f"wrote {len(comp)} held-out completion prefills "
