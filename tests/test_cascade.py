@@ -322,6 +322,10 @@ def test_train_real_checks_probe_unit_before_loading():
         train_real("smollm2", val_split="topic")
     with pytest.raises(ValueError, match="val_split applies to the adapter recipe"):
         train_real("smollm2", rank=0, val_split="pattern")
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        train_real("smollm2", seed=-1)
+    with pytest.raises(ValueError, match="seed applies to the adapter recipe"):
+        train_real("smollm2", rank=0, seed=1)
 
 
 def test_fit_probe_on_a_tiny_model(tiny):

@@ -80,8 +80,7 @@ def _train(args) -> int:
     if args.tiny and model not in (None, "tiny"):
         args.parser.error(f"argument --tiny: not allowed with --model {model}")
     if model not in (None, "tiny"):
-        for opt, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
-                           ("--seed", args.seed)):
+        for opt, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
             if value is not None:
                 args.parser.error(f"argument {opt}: applies to the tiny recipe (--tiny), not "
                                   f"--model {model}")
@@ -92,7 +91,8 @@ def _train(args) -> int:
                                ("--max-minutes", args.max_minutes is not None),
                                ("--no-calibrate", args.no_calibrate),
                                ("--lr", args.lr is not None),
-                               ("--val-split", args.val_split != "prompt")):
+                               ("--val-split", args.val_split != "prompt"),
+                               ("--seed", args.seed is not None)):
                 if given:
                     args.parser.error(f"argument {opt}: not allowed with --probe-only (only the "
                                       "screening probe is fitted; the delta's adapter and head "
@@ -110,13 +110,16 @@ def _train(args) -> int:
                               "adapter recipe (--rank > 0) or with --probe-only")
         if args.val_split != "prompt" and args.rank == 0:
             args.parser.error("argument --val-split: applies to the adapter recipe (--rank > 0)")
+        if args.seed is not None and args.rank == 0:
+            args.parser.error("argument --seed: applies to the adapter recipe (--rank > 0) or "
+                              "the tiny recipe")
         from ..training.real import train_real
 
         train_real(model, args.out, response_windows=args.response_windows,
                    progress=not args.no_progress, rank=args.rank, epochs=args.epochs,
                    max_minutes=args.max_minutes, max_sequences=args.max_sequences,
                    calibrate=not args.no_calibrate, lr=args.lr, probe_unit=args.probe_unit,
-                   val_split=args.val_split)
+                   val_split=args.val_split, seed=args.seed or 0)
         return 0
     if not args.tiny and model != "tiny":
         args.parser.error("say what to train: --model smollm2 (a real pretrained model, "

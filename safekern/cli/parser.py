@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_int_at_least(1), help="tiny recipe: rows per step "
                    "(default: 32)")
     t.add_argument("--seed", type=_int_at_least(0), help="tiny recipe: seed of the weights and "
-                   "data order (default: 0)")
+                   "data order; real model, rank > 0: seed of the adapter's initialisation, "
+                   "window sampling and validation split (default: 0)")
     t.add_argument("--threads", type=_int_at_least(0), default=None,
                    help=THREADS_HELP + "; real model only (default: torch's)")
     t.set_defaults(fn=_train, parser=t)

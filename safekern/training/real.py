@@ -24,7 +24,7 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
                max_sequences: Optional[int] = None, progress: bool = True,
                features_cache: Optional[str] = None, calibrate: bool = True,
                probe: bool = True, lr: Optional[float] = None, probe_unit: str = "window",
-               val_split: str = "prompt", log=print) -> Dict:
+               val_split: str = "prompt", seed: int = 0, log=print) -> Dict:
     """``safekern train --model NAME``: load the model, attach, train, save the delta only.
 
     ``rank > 0``: the [CLS] adapter recipe (``safekern.training.adapter``), on every window kind;
@@ -39,7 +39,9 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
     ``max_sequences``: train on a seeded sample of this many sequences (smoke runs);
     ``lr``: the adapter's learning rate (the head's is ``3 * lr``; default the recipe's);
     ``val_split``: the validation split of the adapter, its calibration and the probe
-    (``safekern.training.adapter.split_rows``: ``"prompt"`` or ``"pattern"``).
+    (``safekern.training.adapter.split_rows``: ``"prompt"`` or ``"pattern"``);
+    ``seed``: the adapter recipe's seed (initialisation, window sampling and order, and which
+    prompts the validation split holds); 0 is the shipped recipe's.
     """
     from .. import models
     from ..safety.attach import attach
@@ -54,13 +56,18 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
         raise ValueError(f"probe_unit must be 'window' or 'answer', got {probe_unit!r}")
     if val_split not in VAL_SPLITS:
         raise ValueError(f"val_split must be one of {VAL_SPLITS}, got {val_split!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if seed != 0 and rank == 0:
+        raise ValueError(f"seed applies to the adapter recipe (rank > 0), got seed={seed}, "
+                         "rank=0")
     if val_split != "prompt" and rank == 0:
         raise ValueError(f"val_split applies to the adapter recipe (rank > 0), got "
                          f"val_split={val_split!r}, rank=0")
     if probe_unit != "window" and (rank == 0 or not probe):
         raise ValueError("probe_unit applies to the screening probe, which the adapter recipe "
                          f"(rank > 0, probe=True) fits; got rank={rank}, probe={probe}")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model, tok = models.load(name)
     attach(model, tok, response_sees_cls=False, cls_position=cls_position)
     rows = training_rows("train")
@@ -77,7 +84,8 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
         kw = {} if epochs is None else {"epochs": epochs}
         if lr is not None:
             kw.update(lr=float(lr), head_lr=3.0 * float(lr))
-        rc = AdapterRecipe(rank=rank, alpha=2.0 * rank, val_split=val_split, max_seconds=(
+        rc = AdapterRecipe(rank=rank, alpha=2.0 * rank, val_split=val_split, seed=seed,
+                           max_seconds=(
             None if max_minutes is None else 60.0 * max_minutes), **kw)
         summary = train_adapter(model, tok, rows, rc, progress=progress, log=log)
         op = DEFAULT_OPERATING_POINT
