@@ -84,9 +84,9 @@ def train_real(name: str = "smollm2", out_dir: Optional[str] = None, *,
         kw = {} if epochs is None else {"epochs": epochs}
         if lr is not None:
             kw.update(lr=float(lr), head_lr=3.0 * float(lr))
+        max_seconds = None if max_minutes is None else 60.0 * max_minutes
         rc = AdapterRecipe(rank=rank, alpha=2.0 * rank, val_split=val_split, seed=seed,
-                           max_seconds=(
-            None if max_minutes is None else 60.0 * max_minutes), **kw)
+                           max_seconds=max_seconds, **kw)
         summary = train_adapter(model, tok, rows, rc, progress=progress, log=log)
         op = DEFAULT_OPERATING_POINT
         if calibrate:

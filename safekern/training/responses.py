@@ -4,10 +4,10 @@ prefills).
 ``python -m safekern.training.responses [--model smollm2] [--per-group N] [--new-tokens T]
 [--batch B] [--out PATH]`` writes ``responses.jsonl`` as before (v1: 32 tokens, five kinds).
 ``... --v2`` writes ``responses_v2.jsonl`` (longer answers, ``--new-tokens 96`` by default, all
-kinds below) and ``completions.jsonl`` (held-out completion-attack prefills). ``... --v2 --missing borderline
-[--limit N]`` appends to ``responses_v2.jsonl`` the answers to train prompts of that data set
-(``benign`` / ``borderline``) that have no answer there yet (rows added to the data later), up to
-``N`` of them spread over patterns / topics, and leaves every existing row as it is.
+kinds below) and ``completions.jsonl`` (held-out completion-attack prefills).
+``... --v2 --missing borderline [--limit N]`` appends to ``responses_v2.jsonl`` the answers to
+the train prompts of that data set (``benign`` / ``borderline``) that have none there yet (rows
+added to the data later), at most ``N`` spread over patterns / topics; existing rows stay.
 
 Rows (one per generation): ``key``, ``kind``, ``prompt`` (what the model is asked, wrapped or
 not), ``request`` (the plain request, v2), ``prefill``, ``response``, ``label`` (the request: 1 =
@@ -250,6 +250,8 @@ def main(argv=None):
         p.error("--limit needs --missing and a value >= 1")
     old = []
     if args.missing:
+        if not os.path.exists(out):
+            p.error(f"--missing appends to {out}, which does not exist")
         with open(out, encoding="utf-8") as f:
             old = [json.loads(line) for line in f if line.strip()]
 
