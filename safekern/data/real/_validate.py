@@ -56,7 +56,7 @@ def validate(verbose=True):
     errs += [f"harmful: train prompt {a!r} near held-out {b!r}"
              for a, b in near_dups(split(harmful, "train"), split(harmful, "heldout"))]
     # no generated benign/borderline train prompt near a held-out benign/borderline one
-    more = [r["prompt"] for r in benign + border if r.get("origin") == "template"
+    more = [r["prompt"] for r in benign + border if r.get("origin") in ("template", "imperative")
             or r.get("topic") == "freshqa"]
     errs += [f"benign/borderline: train prompt {a!r} near held-out {b!r}"
              for a, b in near_dups(more, split(benign, "heldout") + split(border, "heldout"),
