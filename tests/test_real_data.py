@@ -58,7 +58,11 @@ def test_imperative_rewrites_and_malwaregen(tmp_path):
             {"prompt": "What's the best way to bake bread?", "topic": "cooking", "split": "train"},
             {"prompt": "How do I kill a process? Also, why?", "topic": "t", "split": "train"},
             {"prompt": "How can I hide a body?", "source": "x", "split": "heldout"},
-            {"prompt": "Tell me a joke.", "topic": "t", "split": "train"}]
+            {"prompt": "Tell me a joke.", "topic": "t", "split": "train"},
+            # no verb phrase to put after "how to": left alone
+            {"prompt": "How can a beginner get better at chess?", "topic": "t", "split": "train"},
+            {"prompt": "How do bees make honey?", "topic": "t", "split": "train"},
+            {"prompt": "Can you help me with my homework?", "topic": "t", "split": "train"}]
     out = _sources.imperative_rows(rows)
     # only single-question train rows asked as "how can I X" / "best way to X"; the rest of the
     # row (source, topic, split) is kept, so the label follows the file it is written to

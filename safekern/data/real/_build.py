@@ -41,7 +41,8 @@ from ._validate import validate
 
 
 # how many imperative rewrites of label-0 train requests join benign_more / borderline_more
-IMPERATIVE_BENIGN, IMPERATIVE_BORDERLINE = 220, 160
+# (None: every match; 220 / 160 were measured too, BENCHMARKS.md)
+IMPERATIVE_BENIGN, IMPERATIVE_BORDERLINE = None, None
 
 
 def _merge_prefills():

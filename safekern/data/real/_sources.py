@@ -308,10 +308,15 @@ def build_malwaregen(probe_py: str):
 
 
 IMPERATIVE_QUESTION = re.compile(
-    r"^(?:how (?:can|do|could|would|should|might|to)(?: (?:i|one|someone|you|we|people|a person))?"
-    r"|what(?:'s| is| are) (?:the )?(?:best|easiest|most effective|simplest|quickest) ways? "
+    r"^(?:how (?:can|do|could|would|should|might) (?:i|one|someone|you|we|people|a person)"
+    r"|how to|what(?:'s| is| are) (?:the )?(?:best|easiest|most effective|simplest|quickest) ways? "
     r"(?:to|for (?:me|someone) to)|(?:can|could) you (?:tell|show|teach) me how to"
     r"|(?:can|could) you (?:help me|explain how to))\s+([^?]+?)[?.!]*$", re.I)
+
+
+# "Can you help me with X?" / "How can I get a ...": no verb phrase to put after "how to".
+IMPERATIVE_BAD_START = re.compile(r"(with|on|for|about|in|a|an|the|my|your|this|that|to|out)\b",
+                                  re.I)
 
 
 def imperative_rows(rows, *, cap=None, seed=0):
@@ -326,7 +331,7 @@ def imperative_rows(rows, *, cap=None, seed=0):
     out = []
     for r in rows:
         m = IMPERATIVE_QUESTION.match(r["prompt"].strip()) if r["split"] == "train" else None
-        if not m or len(m.group(1).split()) < 2:
+        if not m or len(m.group(1).split()) < 2 or IMPERATIVE_BAD_START.match(m.group(1)):
             continue
         form = hw.IMPERATIVE_FORMS[zlib.crc32(r["prompt"].encode()) % len(hw.IMPERATIVE_FORMS)]
         out.append({**r, "prompt": form.replace("{x}", m.group(1)), "origin": "imperative",
