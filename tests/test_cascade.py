@@ -404,3 +404,15 @@ def test_compact_step_equals_the_full_step(adapter, cpu_controller, monkeypatch)
 def test_compact_rows_buckets():
     from safekern.runtime.forward import compact_rows
     assert [compact_rows(n) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+
+
+def test_fit_probe_without_responses_in_a_split_is_a_probe_data_error():
+    """A smoke run's sample can leave a split with no response row: ProbeDataError (train_real
+    then saves the delta without a probe), raised before any feature pass."""
+    from safekern.training.probe_fit import ProbeDataError, fit_probe
+
+    rows = [{"prompt": f"q{i}", "prefill": "", "response": "a" if i == 0 else "", "label": i % 2,
+             "response_label": i % 2, "kind": "x", "request": f"q{i}", "group": "g"}
+            for i in range(8)]
+    with pytest.raises(ProbeDataError, match="both splits"):
+        fit_probe(None, None, rows, progress=False, log=None)

@@ -244,6 +244,9 @@ def fit_probe(model, tokenizer, rows: Sequence[Dict], *, recall: float = 0.99, r
         [r for r in part if r.get("response")]
         for part in split_rows(rows, val_fraction, seed, val_split))
     rows = train + val
+    if not train or not val:          # e.g. a --max-sequences smoke run: say so before the pass
+        raise ProbeDataError(f"the probe needs rows with a response in both splits, got "
+                             f"{len(train)} train and {len(val)} validation")
     with tqdm(total=len(rows), desc="safekern train: probe features", unit="seq",
               disable=not progress) as bar:
         x_tr, y_tr, _ = token_features(model, tokenizer, train, batch_size=batch_size,
