@@ -10,15 +10,24 @@ probe flags about a quarter of the row-tokens. This script times safety off, ``e
 (the shipped delta, a benign-leaning head so that no row stops evaluating).
 
 Usage: ``python benchmarks/bench_cascade_traffic.py [--batch 1 4 16] [--new-tokens 64] [--reps 3]
-[--threads 2] [--kinds benign,benign_long] [--probe-thresholds 0.75 ...] [--out bench_out]``
+[--threads 2] [--kinds benign,benign_long] [--probe-thresholds 0.75 ...] [--steps] [--out bench_out]``
 (``cascade@T``: the cascade with the probe's screening threshold set to ``T`` instead of the
 delta's). ~6 min at the defaults on 2 cores.
+
+``--steps``: also time every decode step of the timed rounds and print, per batch and config,
+the median step and forward time per step kind: ``token`` (the token rows alone), ``compact n``
+(the token rows plus ``n`` [CLS] rows, ``safekern.runtime.forward._compact_step``) and ``full``
+(all ``2B`` rows). Where a cascade's time goes: its compact steps, or the token-only steps
+around them (BENCHMARKS.md, "What bounds the cascade's cost").
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import statistics
+import time
+from collections import defaultdict
 
 import torch
 
@@ -26,7 +35,60 @@ from safekern import EssConfig
 from safekern.evaluation import heldout_cases
 from safekern.evaluation.bench import _evals_per_step, build_real
 from safekern.ops.timing import environment, format_table, interleaved_medians, write_csv
+from safekern.runtime import forward as fw
 from safekern.runtime.engine import Engine
+
+
+class StepClock:
+    """Per decode step of ``eng``: its kind and wall time, and its forward's time (``--steps``).
+
+    Wraps the engine's ``_decode_step`` (on the instance) and ``forward.forward`` (the module
+    global ``decode_step`` calls) while installed; ``record`` says which config is running."""
+
+    def __init__(self, eng):
+        self.eng, self.current, self._fwd = eng, None, []
+        self.steps = defaultdict(list)          # (config, kind) -> [(step s, forward s)]
+        self._orig_forward = fw.forward
+
+    def _forward(self, eng, ids, *args, rows=None, **kw):
+        t0 = time.perf_counter()
+        x = self._orig_forward(eng, ids, *args, rows=rows, **kw)
+        B = self.eng.B
+        if ids.shape[1] == 2:
+            kind = "full"
+        elif rows is not None:
+            kind = f"compact {ids.shape[0] - B}"
+        else:
+            kind = "token" if ids.shape[0] == B else "prefill"
+        self._fwd.append((kind, time.perf_counter() - t0))
+        return x
+
+    def _step(self, *args, **kw):
+        self._fwd.clear()
+        t0 = time.perf_counter()
+        out = Engine._decode_step(self.eng, *args, **kw)
+        dt = time.perf_counter() - t0
+        if self.current is not None and self._fwd:
+            kind, ft = self._fwd[-1]
+            self.steps[(self.current, kind)].append((dt, ft))
+        return out
+
+    def install(self):
+        fw.forward = self._forward
+        self.eng._decode_step = self._step
+
+    def uninstall(self):
+        fw.forward = self._orig_forward
+        del self.eng._decode_step
+
+    def rows(self, batch):
+        out = []
+        for (cfg, kind), v in sorted(self.steps.items()):
+            out.append({"batch": batch, "provider": cfg, "step kind": kind, "steps": len(v),
+                        "step ms": round(statistics.median(d for d, _ in v) * 1e3, 2),
+                        "forward ms": round(statistics.median(f for _, f in v) * 1e3, 2)})
+        self.steps.clear()
+        return out
 
 
 def main(argv=None) -> int:
@@ -39,6 +101,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="benign,benign_long")
     ap.add_argument("--probe-thresholds", type=float, nargs="*", default=[],
                     help="also time the cascade with the probe's threshold set to each of these")
+    ap.add_argument("--steps", action="store_true",
+                    help="also print the median time per decode-step kind (token / compact n / "
+                         "full) of every config")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
     if args.new_tokens < 2 or args.reps < 1 or min(args.batch) < 1 or args.threads < 1:
@@ -65,19 +130,29 @@ def main(argv=None) -> int:
     # (config, probe threshold): the engine reads the probe's threshold at every generate
     runs = {k: (c, shipped) for k, c in configs.items()}
     runs.update({f"cascade@{t:g}": (cascade, t) for t in args.probe_thresholds})
-    N, rows = args.new_tokens, []
+    N, rows, step_rows = args.new_tokens, [], []
+    clock = StepClock(eng) if args.steps else None
     load0 = os.getloadavg()[0]
     for B in args.batch:
         ps = prompts[:B]
-        def run(c, t):
+        def run(k, c, t):
             def f():
                 probe.threshold = t
+                if clock is not None:
+                    clock.current = k
                 return eng.generate(ps, max_new_tokens=N, safety=c)
             return f
-        fns = {k: run(c, t) for k, (c, t) in runs.items()}
+        fns = {k: run(k, c, t) for k, (c, t) in runs.items()}
         checks = {k: _evals_per_step(fns[k](), N) for k in fns if k != "off"}   # + warm-up
         fns["off"]()
-        med = interleaved_medians(fns, reps=args.reps, warmup=0)
+        if clock is not None:
+            clock.install()
+        try:
+            med = interleaved_medians(fns, reps=args.reps, warmup=0)
+        finally:
+            if clock is not None:
+                clock.uninstall()
+                step_rows += clock.rows(B)
         off = med["off"]
         for k in fns:
             rows.append({"batch": B, "provider": k, "ms/token": round(med[k] / N * 1e3, 1),
@@ -91,6 +166,12 @@ def main(argv=None) -> int:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(format_table(rows, list(rows[0])))
     print("csv:", write_csv(os.path.join(args.out, "cascade_traffic.csv"), rows, env))
+    if step_rows:
+        print("\nper decode step (median over the timed rounds; the step includes the LM head "
+              "and sampling, the forward does not):")
+        print(format_table(step_rows, list(step_rows[0])))
+        print("csv:", write_csv(os.path.join(args.out, "cascade_traffic_steps.csv"), step_rows,
+                                env))
     return 0
 
 

@@ -19,6 +19,7 @@ Prints ms per GEMM (median), the ratio to the same candidate at M = 1, and the m
 float64 relative to F.linear's; writes ``bench_out/cpu_linear.csv``.
 
     python benchmarks/bench_cpu_linear.py [--threads 2] [--reps 15] [--quick] [--layers]
+        [--rows 1 4 16 17 ...]
 
 ``--layers``: instead, a whole decode step's projections over 30 layers per M, as the engine
 calls them (the numbers behind ``safekern.ops.cpu.decode_linear``'s per-M choice).
@@ -146,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true",
                    help="with --layers: the tiny model's layer shapes (4 layers by default)")
     p.add_argument("--quick", action="store_true", help="M = 1, 2, 8 and 5 reps")
+    p.add_argument("--rows", type=int, nargs="+", default=None,
+                   help=f"the row counts M to time (default {' '.join(map(str, ROWS))})")
     p.add_argument("--cpu-time", action="store_true",
                    help="time in process CPU time (steadier on a loaded machine; 1 thread)")
     p.add_argument("--out", default="bench_out")
@@ -154,9 +157,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.copies is None:
         args.copies = 4 if args.tiny else 30
+    if args.rows is not None and (args.quick or min(args.rows) < 1):
+        p.error("--rows takes row counts >= 1 and does not combine with --quick")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows_m = (1, 2, 8) if args.quick else ROWS
+    rows_m = (1, 2, 8) if args.quick else tuple(args.rows or ROWS)
     reps = 5 if args.quick else args.reps
     clock = time.process_time if args.cpu_time else time.perf_counter
     load = os.getloadavg()[0]
