@@ -43,7 +43,7 @@ class StepClock:
     """Per decode step of ``eng``: its kind and wall time, and its forward's time (``--steps``).
 
     Wraps the engine's ``_decode_step`` (on the instance) and ``forward.forward`` (the module
-    global ``decode_step`` calls) while installed; ``record`` says which config is running."""
+    global ``decode_step`` calls) while installed; ``current`` names the config that runs."""
 
     def __init__(self, eng):
         self.eng, self.current, self._fwd = eng, None, []

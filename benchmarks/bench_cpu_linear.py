@@ -148,7 +148,8 @@ def main(argv=None) -> int:
                    help="with --layers: the tiny model's layer shapes (4 layers by default)")
     p.add_argument("--quick", action="store_true", help="M = 1, 2, 8 and 5 reps")
     p.add_argument("--rows", type=int, nargs="+", default=None,
-                   help=f"the row counts M to time (default {' '.join(map(str, ROWS))})")
+                   help=f"the row counts M to time (default {' '.join(map(str, ROWS))}); "
+                        "vs_M1 is then the ratio to the smallest")
     p.add_argument("--cpu-time", action="store_true",
                    help="time in process CPU time (steadier on a loaded machine; 1 thread)")
     p.add_argument("--out", default="bench_out")
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
         p.error("--rows takes row counts >= 1 and does not combine with --quick")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows_m = (1, 2, 8) if args.quick else tuple(args.rows or ROWS)
+    rows_m = (1, 2, 8) if args.quick else tuple(sorted(set(args.rows or ROWS)))
     reps = 5 if args.quick else args.reps
     clock = time.process_time if args.cpu_time else time.perf_counter
     load = os.getloadavg()[0]
