@@ -46,30 +46,24 @@ class StepClock:
     global ``decode_step`` calls) while installed; ``current`` names the config that runs."""
 
     def __init__(self, eng):
-        self.eng, self.current, self._fwd = eng, None, []
+        self.eng, self.current, self._last = eng, None, None
         self.steps = defaultdict(list)          # (config, kind) -> [(step s, forward s)]
         self._orig_forward = fw.forward
 
     def _forward(self, eng, ids, *args, rows=None, **kw):
         t0 = time.perf_counter()
         x = self._orig_forward(eng, ids, *args, rows=rows, **kw)
-        B = self.eng.B
-        if ids.shape[1] == 2:
-            kind = "full"
-        elif rows is not None:
-            kind = f"compact {ids.shape[0] - B}"
-        else:
-            kind = "token" if ids.shape[0] == B else "prefill"
-        self._fwd.append((kind, time.perf_counter() - t0))
+        self._last = (ids.shape, rows is not None, time.perf_counter() - t0)
         return x
 
     def _step(self, *args, **kw):
-        self._fwd.clear()
+        self._last = None
         t0 = time.perf_counter()
         out = Engine._decode_step(self.eng, *args, **kw)
         dt = time.perf_counter() - t0
-        if self.current is not None and self._fwd:
-            kind, ft = self._fwd[-1]
+        if self.current is not None and self._last is not None:
+            (n, width), compact, ft = self._last         # a decode step runs one forward
+            kind = "full" if width == 2 else f"compact {n - self.eng.B}" if compact else "token"
             self.steps[(self.current, kind)].append((dt, ft))
         return out
 
